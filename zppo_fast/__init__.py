@@ -1,0 +1,1 @@
+"""zppo_fast: a lean RL post-training trainer for ZPPO."""
