@@ -1,0 +1,24 @@
+"""zppo_fast.kernels - fused RL post-training ops. Depends on torch (and, optionally, triton).
+
+Ops (each file: Triton kernel(s) + launcher + autograd.Function + PyTorch reference):
+    policy_loss               policy_loss.py               clipped surrogate on given log-probs
+    normalize_advantages      advantages.py                group / batch advantage normalisation
+    linear_logprobs           linear_logprobs.py           lm_head log-probs (+ entropy), no [N, V]
+    fused_linear_policy_loss  fused_linear_policy_loss.py  lm_head + policy loss, no [N, V]
+Dispatch: Triton on CUDA; chunked PyTorch on CPU (``backend="triton"`` on CPU runs Triton's
+interpreter, for tests).
+"""
+from ._triton_utils import HAVE_TRITON
+from .advantages import MODES as ADVANTAGE_MODES
+from .advantages import advantages_reference, normalize_advantages
+from .fused_linear_policy_loss import fused_linear_policy_loss, fused_linear_policy_loss_reference
+from .linear_logprobs import linear_logprobs, linear_logprobs_reference
+from .policy_loss import STAT_NAMES, policy_loss, policy_loss_reference
+
+__all__ = [
+    "policy_loss", "policy_loss_reference", "STAT_NAMES",
+    "normalize_advantages", "advantages_reference", "ADVANTAGE_MODES",
+    "linear_logprobs", "linear_logprobs_reference",
+    "fused_linear_policy_loss", "fused_linear_policy_loss_reference",
+    "HAVE_TRITON",
+]

@@ -1,0 +1,64 @@
+"""Lazy Triton access and backend dispatch shared by every op in this package.
+
+Why lazy: this package must import (and its PyTorch paths must work) on machines where
+``import triton`` fails, and Triton decides at *decoration* time whether a kernel is
+compiled or interpreted (TRITON_INTERPRET). We therefore keep kernels as plain Python
+functions and wrap them on first launch: ``JITFunction`` for CUDA tensors,
+``InterpretedFunction`` for CPU tensors (the only way Triton runs on a CPU). Tests still
+set TRITON_INTERPRET=1 for clarity, but nothing depends on import order.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+
+try:  # pragma: no cover - exercised implicitly
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAVE_TRITON = True
+    _TRITON_ERROR: Optional[BaseException] = None
+except Exception as _e:  # ImportError, or a broken install raising anything else
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAVE_TRITON = False
+    _TRITON_ERROR = _e
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA (when Triton imports), else 'torch'.
+
+    'triton' on a CPU tensor runs the kernels in Triton's interpreter (slow; tests only).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and HAVE_TRITON) else "torch"
+    if backend == "triton" and not HAVE_TRITON:
+        raise RuntimeError(f"backend='triton' requested but triton failed to import: {_TRITON_ERROR!r}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _wrap(fn: Callable, interpreted: bool):
+    if interpreted:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(fn)
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(fn)
+
+
+def kernel(fn: Callable, device: torch.device):
+    """The launchable Triton kernel for ``fn`` on ``device`` (compiled on CUDA, else interpreted)."""
+    return _wrap(fn, device.type != "cuda")
+
+
+def constexpr_annotation():
+    """``tl.constexpr`` when Triton is present; a harmless placeholder otherwise."""
+    return tl.constexpr if HAVE_TRITON else object

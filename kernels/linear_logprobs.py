@@ -1,0 +1,384 @@
+"""Per-token log-probs (and entropy) of an lm_head without ever holding the [N, V] logits.
+
+    logits = hidden @ weight.T / temperature       hidden [N, H], weight [V, H]
+    logp_i = logits[i, target_i] - logsumexp(logits[i])
+    H_i    = -sum_j p_ij log p_ij                   (entropy, optional)
+
+How: rows are processed in chunks of ``chunk`` rows, chosen so that chunk * V stays under a
+fixed element budget (so peak extra memory is independent of N). Per chunk, the GEMM is left to
+cuBLAS / MKL (fp32 output), and everything after it is one streaming pass over the chunk's
+logits (Triton on CUDA: online log-sum-exp with the running max initialised to -inf, fp32
+accumulation). The backward recomputes the chunk's logits, turns them *in place* into
+d loss / d logits = (g_logp * (onehot - p) + g_ent * dH/dz) / temperature with the saved
+log-sum-exp, then does dX = dZ @ W and dW += dZ^T @ X (dW accumulated in fp32).
+
+The same chunk machinery serves ``fused_linear_policy_loss`` (its backward is this backward
+with g_logp = d loss / d logp folded in).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ._triton_utils import HAVE_TRITON, kernel, resolve_backend, tl
+
+# Element budget of one [chunk, V] fp32 buffer. CPU: 16 MiB; CUDA: 1 GiB (big GEMMs).
+CHUNK_ELEMS_CPU = 1 << 22
+CHUNK_ELEMS_CUDA = 1 << 28
+
+
+# ----------------------------------------------------------------------------- reference
+def linear_logprobs_reference(hidden, weight, target_ids, *, temperature=1.0, return_entropy=False):
+    """Float64 reference that materialises the logits. Differentiable w.r.t. hidden and weight."""
+    logits = hidden.double() @ weight.double().T / temperature
+    logsm = torch.log_softmax(logits, dim=-1)
+    logp = logsm.gather(-1, target_ids.long().reshape(-1, 1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    ent = -(logsm.exp() * logsm).sum(-1)
+    return logp, ent
+
+
+# ----------------------------------------------------------------------------- helpers
+def choose_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_rows: Optional[int] = None) -> int:
+    """Rows per chunk: chunk * V <= budget (at least 1 row, at most N)."""
+    if chunk_rows is not None:
+        return max(1, min(int(chunk_rows), max(n_rows, 1)))
+    budget = CHUNK_ELEMS_CUDA if device.type == "cuda" else CHUNK_ELEMS_CPU
+    rows = max(1, budget // max(vocab, 1))
+    if rows >= 64:
+        rows -= rows % 64  # GEMM-friendly multiple
+    return max(1, min(rows, max(n_rows, 1)))
+
+
+def _logits_f32(h_c: torch.Tensor, weight: torch.Tensor, weight_f32: Optional[torch.Tensor]) -> torch.Tensor:
+    """[c, H] x [V, H]^T -> [c, V] fp32 (fp32 accumulation and output, whatever the input dtype)."""
+    if h_c.dtype == torch.float32:
+        return h_c @ weight.t()
+    if h_c.is_cuda:
+        try:  # bf16/fp16 tensor cores with an fp32 result (torch >= 2.8)
+            return torch.mm(h_c, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            return torch.mm(h_c, weight.t()).float()
+    return h_c.float() @ weight_f32.t()
+
+
+def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> None:
+    """dw [V, H] fp32 += dz^T [V, c] @ h_c [c, H]."""
+    if dz.dtype == torch.float32:
+        dw.addmm_(dz.t(), h_c if h_c.dtype == torch.float32 else h_c.float())
+        return
+    try:  # low-precision GEMM accumulating into the fp32 buffer
+        torch.addmm(dw, dz.t(), h_c, out_dtype=torch.float32, out=dw)
+    except (RuntimeError, TypeError):
+        dw.add_(torch.mm(dz.t(), h_c).float())
+
+
+# ----------------------------------------------------------------------------- epilogues (torch)
+def _fwd_epilogue_torch(z, tgt, inv_temp, want_ent):
+    """z [c, V] fp32 raw logits -> (lse [c], logp [c], ent [c] or None), all fp32."""
+    z = z * inv_temp
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(1, tgt.reshape(-1, 1)).squeeze(1) - lse
+    ent = None
+    if want_ent:
+        logsm = z - lse[:, None]
+        ent = -(logsm.exp() * logsm).sum(-1)  # uses log-probs, stable for |logits| ~ 1e4
+    return lse, logp, ent
+
+
+def _bwd_epilogue_torch(z, tgt, inv_temp, lse, g, g_ent, ent, out_dtype):
+    """z [c, V] fp32 raw logits -> d/dlogits [c, V] (in place where possible)."""
+    z.mul_(inv_temp).sub_(lse[:, None])  # log p
+    logsm = z
+    if g_ent is not None:
+        # dH/dz_j = -p_j (log p_j + H)
+        coef_ent = (logsm + ent[:, None]).mul_(g_ent[:, None])
+        p = logsm.exp_()
+        dz = p.mul_(-(g[:, None] + coef_ent))
+    else:
+        dz = logsm.exp_().mul_(-g[:, None])
+    dz.scatter_add_(1, tgt.reshape(-1, 1), g.reshape(-1, 1))
+    dz.mul_(inv_temp)
+    return dz if out_dtype == torch.float32 else dz.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- epilogues (triton)
+if HAVE_TRITON:
+
+    def _lse_fwd_kernel(
+        # pointers
+        Z, TGT, LSE, LOGP, ENT,
+        # shapes
+        n_rows, V,
+        # strides
+        stride_z,
+        # scalars
+        inv_temp,
+        # meta
+        HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """BLOCK_M rows per program; stream V in BLOCK_V tiles with an online log-sum-exp."""
+        pid = tl.program_id(0).to(tl.int64)  # rows on grid axis 0: no 65,535 limit
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        rmask = rows < n_rows
+        row_ptr = Z + rows[:, None] * stride_z  # int64: chunk * V can exceed 2**31
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max
+        s = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(z - m)
+        u = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(z - m) * (z - m), for entropy
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            valid = rmask[:, None] & (cols < V)[None, :]
+            z = tl.load(row_ptr + cols[None, :], mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            # rows past the end stay at -inf; use 0 as their shift so no (-inf) - (-inf) = NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(z - m_safe[:, None])
+            if HAS_ENT:
+                # rescale u from shift m to shift m_new: u' = alpha * (u + s * (m - m_new))
+                shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+                u = alpha * (u + s * shift) + tl.sum(tl.where(valid, p * (z - m_safe[:, None]), 0.0), axis=1)
+            s = s * alpha + tl.sum(p, axis=1)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        lse = m_safe + tl.log(s)
+        tgt = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
+        zt = tl.load(Z + rows * stride_z + tgt, mask=rmask, other=0.0).to(tl.float32) * inv_temp
+        tl.store(LSE + rows, lse, mask=rmask)
+        tl.store(LOGP + rows, zt - lse, mask=rmask)
+        if HAS_ENT:
+            tl.store(ENT + rows, tl.log(s) - u / s, mask=rmask)
+
+    def _lse_bwd_kernel(
+        # pointers
+        Z, DZ, TGT, LSE, G, GE, ENT,
+        # shapes
+        n_rows, V,
+        # strides
+        stride_z, stride_dz,
+        # scalars
+        inv_temp,
+        # meta
+        HAS_ENT_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """dZ = (g (onehot - p) - g_ent p (log p + H)) / T on one [BLOCK_M, BLOCK_V] tile.
+
+        Z and DZ may alias (in-place): each element is read, then written, by one program.
+        """
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_v = tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        rmask = rows < n_rows
+        valid = rmask[:, None] & (cols < V)[None, :]
+        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        g = tl.load(G + rows, mask=rmask, other=0.0)
+        tgt = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
+        logsm = z * inv_temp - lse[:, None]
+        p = tl.exp(logsm)
+        dz = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - p * g[:, None]
+        if HAS_ENT_GRAD:
+            ge = tl.load(GE + rows, mask=rmask, other=0.0)
+            ent = tl.load(ENT + rows, mask=rmask, other=0.0)
+            dz -= p * (logsm + ent[:, None]) * ge[:, None]
+        dz = dz * inv_temp
+        tl.store(DZ + rows[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _tile(rows: int, vocab: int, device: torch.device) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_V): one row x up-to-4096 columns per program on CUDA (long V rows);
+    bigger tiles under the interpreter, where numpy vectorises a tile and programs run serially."""
+    budget = 4096 if device.type == "cuda" else 1 << 16
+    block_v = min(_next_pow2(vocab), budget)
+    block_m = 1 if device.type == "cuda" else max(1, min(_next_pow2(rows), budget // block_v))
+    return block_m, block_v
+
+
+def _fwd_epilogue_triton(z, tgt, inv_temp, want_ent):
+    c, V = z.shape
+    lse = torch.empty(c, dtype=torch.float32, device=z.device)
+    logp = torch.empty_like(lse)
+    ent = torch.empty_like(lse) if want_ent else lse
+    block_m, block_v = _tile(c, V, z.device)
+    kernel(_lse_fwd_kernel, z.device)[(triton_cdiv(c, block_m),)](
+        z, tgt, lse, logp, ent, c, V, z.stride(0), float(inv_temp),
+        HAS_ENT=want_ent, BLOCK_M=block_m, BLOCK_V=block_v)
+    return lse, logp, (ent if want_ent else None)
+
+
+def _bwd_epilogue_triton(z, tgt, inv_temp, lse, g, g_ent, ent, out_dtype):
+    c, V = z.shape
+    dz = z if out_dtype == torch.float32 else torch.empty((c, V), dtype=out_dtype, device=z.device)
+    block_m, block_v = _tile(c, V, z.device)
+    has_ent = g_ent is not None
+    kernel(_lse_bwd_kernel, z.device)[(triton_cdiv(c, block_m), triton_cdiv(V, block_v))](
+        z, dz, tgt, lse, g, g_ent if has_ent else g, ent if has_ent else g,
+        c, V, z.stride(0), dz.stride(0), float(inv_temp),
+        HAS_ENT_GRAD=has_ent, BLOCK_M=block_m, BLOCK_V=block_v)
+    return dz
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ----------------------------------------------------------------------------- chunk drivers
+def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows=None):
+    """Chunked forward. hidden [N, H], weight [V, H], tgt [N] int64 in [0, V).
+
+    Returns (logp [N], lse [N], ent [N] or None), fp32. Peak extra memory ~ chunk * V * 4 bytes.
+    """
+    n, _ = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if want_ent else None
+    weight_f32 = weight.float() if (not hidden.is_cuda and weight.dtype != torch.float32) else None
+    epi = _fwd_epilogue_triton if backend == "triton" else _fwd_epilogue_torch
+    chunk = choose_chunk_rows(n, V, dev, chunk_rows)
+    inv_temp = 1.0 / temperature
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        z = _logits_f32(hidden[s:e], weight, weight_f32)
+        l_c, lp_c, ent_c = epi(z, tgt[s:e], inv_temp, want_ent)
+        lse[s:e] = l_c
+        logp[s:e] = lp_c
+        if want_ent:
+            ent[s:e] = ent_c
+        del z
+    return logp, lse, ent
+
+
+def lm_head_backward(hidden, weight, tgt, temperature, lse, g, g_ent, ent, need_dx, need_dw, backend,
+                     chunk_rows=None):
+    """Chunked backward: recompute logits per chunk, fold g (= dL/dlogp [N] fp32) and optional
+    g_ent (= dL/dentropy [N]) into d logits, then dX = dZ @ W, dW += dZ^T @ X (fp32 accumulator)."""
+    n, _ = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    dx = torch.empty_like(hidden) if need_dx else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_dw else None
+    weight_f32 = weight.float() if (not hidden.is_cuda and weight.dtype != torch.float32) else None
+    # CUDA low precision: dZ stored in the input dtype so dX / dW run on tensor cores.
+    dz_dtype = hidden.dtype if hidden.is_cuda else torch.float32
+    epi = _bwd_epilogue_triton if backend == "triton" else _bwd_epilogue_torch
+    chunk = choose_chunk_rows(n, V, dev, chunk_rows)
+    inv_temp = 1.0 / temperature
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        h_c = hidden[s:e]
+        z = _logits_f32(h_c, weight, weight_f32)
+        dz = epi(z, tgt[s:e], inv_temp, lse[s:e], g[s:e], None if g_ent is None else g_ent[s:e],
+                 None if ent is None else ent[s:e], dz_dtype)
+        del z
+        if need_dx:
+            w = weight if dz.dtype == weight.dtype else (weight_f32 if weight_f32 is not None else weight.to(dz.dtype))
+            dx[s:e] = (dz @ w).to(hidden.dtype)
+        if need_dw:
+            _accumulate_dw(dw, dz, h_c)
+        del dz
+    return dx, (dw.to(weight.dtype) if need_dw else None)
+
+
+# ----------------------------------------------------------------------------- validation
+def check_lm_head_args(hidden, weight, target_ids, temperature, extra=()):
+    """Shared argument checks; returns (hidden2d, target1d int64). ``extra``: [(name, tensor)] per-token."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating tensor, got {getattr(hidden, 'dtype', type(hidden).__name__)}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden has H={hidden.shape[-1]} but weight has H={weight.shape[1]}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if not isinstance(target_ids, torch.Tensor) or target_ids.is_floating_point() or target_ids.dtype == torch.bool:
+        raise TypeError(f"target_ids must be an integer tensor, got "
+                        f"{getattr(target_ids, 'dtype', type(target_ids).__name__)}")
+    if target_ids.device != hidden.device:
+        raise ValueError(f"target_ids is on {target_ids.device} but hidden is on {hidden.device}")
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if target_ids.numel() != h2.shape[0]:
+        raise ValueError(f"target_ids has {target_ids.numel()} tokens but hidden has {h2.shape[0]} rows")
+    for name, t in extra:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+        if t.numel() != h2.shape[0]:
+            raise ValueError(f"{name} has {t.numel()} tokens but hidden has {h2.shape[0]} rows")
+    if isinstance(temperature, torch.Tensor):
+        temperature = float(temperature)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    return h2, target_ids.reshape(-1).long()
+
+
+def check_targets(tgt: torch.Tensor, vocab: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Raise if a (valid) target is outside [0, V); one host sync. Returns tgt clamped into range
+    (entries that are not ``valid`` - padding - are don't-cares and may hold e.g. -100)."""
+    bad = (tgt < 0) | (tgt >= vocab)
+    if valid is not None:
+        bad = bad & valid
+    if tgt.numel() and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target_ids[{i}] = {int(tgt[i])} is outside [0, V={vocab})")
+    return tgt.clamp(0, vocab - 1) if valid is not None else tgt
+
+
+# ----------------------------------------------------------------------------- autograd + op
+class LinearLogprobsFunction(torch.autograd.Function):
+    """Saves hidden, weight, targets, lse [N] (and entropy [N]); never the logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tgt, temperature, want_ent, backend, chunk_rows):
+        logp, lse, ent = lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows)
+        ctx.save_for_backward(hidden, weight, tgt, lse, ent)
+        ctx.cfg = (temperature, backend, chunk_rows)
+        if want_ent:
+            return logp, ent
+        return logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        hidden, weight, tgt, lse, ent = ctx.saved_tensors
+        temperature, backend, chunk_rows = ctx.cfg
+        n = hidden.shape[0]
+        g = torch.zeros(n, dtype=torch.float32, device=hidden.device) if g_logp is None else g_logp.float().contiguous()
+        ge = None if g_ent is None else g_ent.float().contiguous()
+        dx, dw = lm_head_backward(hidden, weight, tgt, temperature, lse, g, ge, ent,
+                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], backend, chunk_rows)
+        return dx, dw, None, None, None, None, None
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
+                    temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto",
+                    chunk_rows: Optional[int] = None
+                    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """log_softmax(hidden @ weight.T / temperature)[target] without materialising [N, V].
+
+    Args:
+        hidden: [N, H] (or [..., H], flattened) float; weight: [V, H] same dtype/device.
+        target_ids: [N] integers in [0, V).
+        return_entropy: also return the per-token entropy of the tempered distribution.
+        backend: "auto" | "torch" | "triton"; chunk_rows: override the rows per chunk.
+    Returns:
+        logp [N] fp32 (and entropy [N] fp32), differentiable w.r.t. hidden and weight.
+    """
+    h2, tgt = check_lm_head_args(hidden, weight, target_ids, temperature)
+    tgt = check_targets(tgt, weight.shape[0])
+    backend = resolve_backend(backend, h2.device)
+    out = LinearLogprobsFunction.apply(h2.contiguous(), weight.contiguous(), tgt.contiguous(), float(temperature),
+                                       bool(return_entropy), backend, chunk_rows)
+    return out
