@@ -131,5 +131,145 @@ def normalize_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, mode
     return out.reshape(shape)
 
 
-def _advantages_triton(r, g, mode, eps):  # replaced below when Triton is present
-    raise RuntimeError("triton unavailable")
+# ----------------------------------------------------------------------------- triton path
+if HAVE_TRITON:
+
+    def _advantages_kernel(
+        # pointers: inputs, output
+        R, GID, OUT,
+        # pointers: scratch (uninitialised; phase 0 initialises it, so this is the only launch)
+        KEYS, STATS, SLOT,
+        # shapes
+        n, table_size,
+        # scalars
+        eps, empty_key,
+        # meta
+        MODE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Single program. STATS rows: 0 sum r, 1 count, 2 min r, 3 max r, 4 sum (r - mean)^2.
+
+        Phase boundaries are CTA barriers; reads of values produced by other threads' atomics
+        use cache_modifier=".cg" (L2) so a stale L1 line can never be seen.
+        """
+        lanes = tl.arange(0, BLOCK).to(tl.int64)
+        tmask_all = table_size - 1
+        # ---- phase 0: empty hash table
+        for t0 in range(0, table_size, BLOCK):
+            offs = t0 + lanes
+            tl.store(KEYS + offs, tl.full([BLOCK], 0, tl.int64) + empty_key)
+            tl.store(STATS + offs, tl.zeros([BLOCK], tl.float32))
+            tl.store(STATS + table_size + offs, tl.zeros([BLOCK], tl.float32))
+            tl.store(STATS + 2 * table_size + offs, tl.full([BLOCK], float("inf"), tl.float32))
+            tl.store(STATS + 3 * table_size + offs, tl.full([BLOCK], float("-inf"), tl.float32))
+            tl.store(STATS + 4 * table_size + offs, tl.zeros([BLOCK], tl.float32))
+        # a private dummy key per lane, for lanes that are done probing (atomic_cas has no mask)
+        tl.store(KEYS + table_size + lanes, tl.full([BLOCK], 0, tl.int64) + empty_key)
+        tl.debug_barrier()
+        # ---- phase 1: group id -> slot (open addressing, linear probing), per-slot sums
+        for i0 in range(0, n, BLOCK):
+            offs = i0 + lanes
+            inb = offs < n
+            gid = tl.load(GID + offs, mask=inb, other=0)
+            r = tl.load(R + offs, mask=inb, other=0.0).to(tl.float32)
+            h = gid * -7046029254386353131  # Fibonacci hashing (wraps mod 2**64 on purpose)
+            slot = (h ^ (h >> 29)) & tmask_all
+            empty = tl.full([BLOCK], 0, tl.int64) + empty_key
+            pending = inb
+            n_pending = tl.sum(pending.to(tl.int32), axis=0)
+            while n_pending > 0:
+                ptr = tl.where(pending, KEYS + slot, KEYS + table_size + lanes)
+                prev = tl.atomic_cas(ptr, empty, tl.where(pending, gid, empty))
+                hit = pending & ((prev == empty) | (prev == gid))
+                pending = pending & (~hit)
+                slot = tl.where(pending, (slot + 1) & tmask_all, slot)
+                n_pending = tl.sum(pending.to(tl.int32), axis=0)
+            tl.store(SLOT + offs, slot.to(tl.int32), mask=inb)
+            tl.atomic_add(STATS + slot, r, mask=inb)
+            tl.atomic_add(STATS + table_size + slot, tl.full([BLOCK], 1.0, tl.float32), mask=inb)
+            tl.atomic_min(STATS + 2 * table_size + slot, r, mask=inb)
+            tl.atomic_max(STATS + 3 * table_size + slot, r, mask=inb)
+        tl.debug_barrier()
+        # ---- phase 2: A' per rollout; per-group squared deviations; batch sums over S
+        acc1 = tl.zeros([BLOCK], tl.float32)
+        acc_n = tl.zeros([BLOCK], tl.float32)
+        for i0 in range(0, n, BLOCK):
+            offs = i0 + lanes
+            inb = offs < n
+            slot = tl.load(SLOT + offs, mask=inb, other=0).to(tl.int64)
+            r = tl.load(R + offs, mask=inb, other=0.0).to(tl.float32)
+            s1 = tl.load(STATS + slot, mask=inb, other=0.0, cache_modifier=".cg")
+            cnt = tl.load(STATS + table_size + slot, mask=inb, other=1.0, cache_modifier=".cg")
+            mn = tl.load(STATS + 2 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+            mx = tl.load(STATS + 3 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+            dev = r - s1 / cnt
+            trivial = mn == mx
+            a1 = tl.where(trivial, 0.0, dev)
+            if MODE == 3:
+                tl.atomic_add(STATS + 4 * table_size + slot, dev * dev, mask=inb)
+            if MODE == 0:
+                in_s = inb & (~trivial)
+            else:
+                in_s = inb
+            acc1 += tl.where(in_s, a1, 0.0)
+            acc_n += tl.where(in_s, 1.0, 0.0)
+            tl.store(OUT + offs, a1, mask=inb)
+        tl.debug_barrier()
+        n_s = tl.maximum(tl.sum(acc_n, axis=0), 1.0)
+        mu = tl.sum(acc1, axis=0) / n_s
+        # ---- phase 3 (batch modes): two-pass variance over S, more accurate than E[x^2]-mu^2
+        sigma = 0.0
+        if MODE <= 1:
+            acc2 = tl.zeros([BLOCK], tl.float32)
+            for i0 in range(0, n, BLOCK):
+                offs = i0 + lanes
+                inb = offs < n
+                a1 = tl.load(OUT + offs, mask=inb, other=0.0)
+                if MODE == 0:
+                    slot = tl.load(SLOT + offs, mask=inb, other=0).to(tl.int64)
+                    mn = tl.load(STATS + 2 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                    mx = tl.load(STATS + 3 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                    in_s = inb & (mn != mx)
+                else:
+                    in_s = inb
+                d = a1 - mu
+                acc2 += tl.where(in_s, d * d, 0.0)
+            sigma = tl.sqrt(tl.sum(acc2, axis=0) / n_s)
+        tl.debug_barrier()
+        # ---- phase 4: final advantages
+        if MODE != 2:
+            for i0 in range(0, n, BLOCK):
+                offs = i0 + lanes
+                inb = offs < n
+                a1 = tl.load(OUT + offs, mask=inb, other=0.0)
+                slot = tl.load(SLOT + offs, mask=inb, other=0).to(tl.int64)
+                mn = tl.load(STATS + 2 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                mx = tl.load(STATS + 3 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                trivial = mn == mx
+                if MODE == 3:
+                    sq = tl.load(STATS + 4 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                    cnt = tl.load(STATS + table_size + slot, mask=inb, other=1.0, cache_modifier=".cg")
+                    a = a1 / (tl.sqrt(sq / cnt) + eps)
+                else:
+                    a = (a1 - mu) / (sigma + eps)
+                tl.store(OUT + offs, tl.where(trivial, 0.0, a), mask=inb)
+
+
+def _advantages_triton(r, g, mode, eps):
+    """One launch, one program. Scratch ~ 28 bytes x 2R (hash table at most half full)."""
+    n = r.numel()
+    on_gpu = r.device.type == "cuda"
+    block = 4096 if on_gpu else 1024
+    table = max(_next_pow2(2 * n), block)
+    keys = torch.empty(table + block, dtype=torch.int64, device=r.device)
+    stats = torch.empty((5, table), dtype=torch.float32, device=r.device)
+    slot = torch.empty(n, dtype=torch.int32, device=r.device)
+    out = torch.empty(n, dtype=torch.float32, device=r.device)
+    extra = {"num_warps": 16} if on_gpu else {}
+    kernel(_advantages_kernel, r.device)[(1,)](
+        r, g, out, keys, stats, slot, n, table, float(eps), _EMPTY,
+        MODE=_MODE_ID[mode], BLOCK=block, **extra)
+    return out
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
