@@ -4,8 +4,9 @@ Why lazy: this package must import (and its PyTorch paths must work) on machines
 ``import triton`` fails, and Triton decides at *decoration* time whether a kernel is
 compiled or interpreted (TRITON_INTERPRET). We therefore keep kernels as plain Python
 functions and wrap them on first launch: ``JITFunction`` for CUDA tensors,
-``InterpretedFunction`` for CPU tensors (the only way Triton runs on a CPU). Tests still
-set TRITON_INTERPRET=1 for clarity, but nothing depends on import order.
+``InterpretedFunction`` under TRITON_INTERPRET=1 (the only way Triton runs on a CPU).
+Note the interpreter also needs Triton's own ``tl.*`` helpers interpreted, which Triton
+decides when it is first imported: set TRITON_INTERPRET=1 before importing triton.
 """
 from __future__ import annotations
 
@@ -38,9 +39,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if (device.type == "cuda" and HAVE_TRITON) else "torch"
-    if backend == "triton" and not HAVE_TRITON:
-        raise RuntimeError(f"backend='triton' requested but triton failed to import: {_TRITON_ERROR!r}")
+    if backend == "triton":
+        if not HAVE_TRITON:
+            raise RuntimeError(f"backend='triton' requested but triton failed to import: {_TRITON_ERROR!r}")
+        if device.type != "cuda" and not interpreter_active():
+            raise RuntimeError("backend='triton' on a CPU tensor needs Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before triton is first imported")
     return backend
+
+
+def interpreter_active() -> bool:
+    """True when Triton was imported with TRITON_INTERPRET=1 (its own tl.* helpers are then
+    interpreted, which is what lets our kernels run on CPU tensors)."""
+    if not HAVE_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +71,7 @@ def _wrap(fn: Callable, interpreted: bool):
 
 def kernel(fn: Callable, device: torch.device):
     """The launchable Triton kernel for ``fn`` on ``device`` (compiled on CUDA, else interpreted)."""
-    return _wrap(fn, device.type != "cuda")
+    return _wrap(fn, device.type != "cuda" or interpreter_active())
 
 
 def constexpr_annotation():

@@ -1,0 +1,124 @@
+"""normalize_advantages: PyTorch path and the one-launch Triton kernel vs a float64 Python reference."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():  # Triton on CPU = its interpreter; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import zppo_fast.kernels as K
+except ImportError:  # package not installed: load the folder under its package name
+    _root = Path(__file__).resolve().parents[1] / "kernels"
+    _spec = importlib.util.spec_from_file_location("zppo_fast.kernels", _root / "__init__.py",
+                                                   submodule_search_locations=[str(_root)])
+    K = importlib.util.module_from_spec(_spec)
+    sys.modules["zppo_fast.kernels"] = K
+    _spec.loader.exec_module(K)
+from zppo_fast.kernels._triton_utils import interpreter_active  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = [
+    pytest.param("cpu", "torch", id="cpu-torch"),
+    pytest.param("cpu", "triton", id="cpu-triton-interp",
+                 marks=pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
+]
+MODES = K.ADVANTAGE_MODES
+
+
+def random_batch(n_groups, gen, binary=True, max_size=9, shuffle=True):
+    sizes = torch.randint(1, max_size + 1, (n_groups,), generator=gen)
+    ids = torch.randint(-(2 ** 62), 2 ** 62, (n_groups,), generator=gen)  # arbitrary int64 values
+    gid = torch.repeat_interleave(ids, sizes)
+    n = gid.numel()
+    rewards = torch.randint(0, 2, (n,), generator=gen).float() if binary else torch.randn(n, generator=gen)
+    if shuffle:
+        perm = torch.randperm(n, generator=gen)
+        gid, rewards = gid[perm], rewards[perm]
+    return rewards, gid
+
+
+def check(rewards, gid, mode, device, backend, atol=2e-5):
+    out = K.normalize_advantages(rewards.to(device), gid.to(device), mode=mode, backend=backend)
+    ref = K.advantages_reference(rewards, gid, mode=mode)
+    assert out.dtype == torch.float32 and out.shape == rewards.shape and out.device.type == device
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=atol)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n_groups,binary", [(1, True), (7, True), (60, True), (60, False), (700, True)])
+def test_matches_reference(device, backend, mode, n_groups, binary):
+    gen = torch.Generator().manual_seed(n_groups * 31 + binary)
+    rewards, gid = random_batch(n_groups, gen, binary=binary)
+    out = check(rewards, gid, mode, device, backend)
+    if mode in ("batch_wo_zero", "batch_w_zero", "group", "none"):
+        # trivial groups get exactly 0
+        for g in gid.unique():
+            sel = gid == g
+            if (rewards[sel] == rewards[sel][0]).all():
+                assert (out[sel] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_all_trivial_and_single_rollouts(device, backend, mode):
+    gid = torch.tensor([5, 5, 5, -1, -1, 9], dtype=torch.int64)
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.3])
+    out = check(rewards, gid, mode, device, backend)
+    assert (out == 0).all()
+    out = check(torch.tensor([0.7]), torch.tensor([3]), mode, device, backend)
+    assert (out == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_batch_wo_zero_is_standardised_over_nontrivial(device, backend):
+    gen = torch.Generator().manual_seed(2)
+    rewards, gid = random_batch(200, gen)
+    out = check(rewards, gid, "batch_wo_zero", device, backend)
+    nz = out != 0
+    assert abs(out[nz].mean().item()) < 1e-4 and abs(out[nz].std(unbiased=False).item() - 1) < 1e-3
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_many_rollouts(device, backend):
+    """65,536+ rollouts, contiguous equal groups of 8 (the common layout) and shuffled."""
+    gen = torch.Generator().manual_seed(4)
+    n = 70_000
+    gid = torch.arange(n) // 8
+    rewards = torch.randint(0, 2, (n,), generator=gen).float()
+    for mode in ("batch_wo_zero", "group"):
+        check(rewards, gid, mode, device, backend)
+    perm = torch.randperm(n, generator=gen)
+    check(rewards[perm], gid[perm] * 7919 - 3, "batch_wo_zero", device, backend)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.sampled_from([0.0, 1.0, 0.5, -2.0])), min_size=1, max_size=40),
+       st.sampled_from(MODES))
+def test_property_torch(pairs, mode):
+    gid = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+    rewards = torch.tensor([p[1] for p in pairs])
+    check(rewards, gid, mode, "cpu", "torch")
+
+
+def test_bad_inputs():
+    r = torch.rand(4)
+    g = torch.arange(4)
+    with pytest.raises(ValueError, match="mode"):
+        K.normalize_advantages(r, g, mode="batch")
+    with pytest.raises(ValueError, match="group_ids"):
+        K.normalize_advantages(r, torch.arange(5))
+    with pytest.raises(TypeError, match="group_ids"):
+        K.normalize_advantages(r, g.float())
+    with pytest.raises(TypeError, match="rewards"):
+        K.normalize_advantages(g, g)
+    assert K.normalize_advantages(torch.empty(0), torch.empty(0, dtype=torch.int64)).numel() == 0

@@ -1,0 +1,214 @@
+"""policy_loss: PyTorch path, Triton kernel (interpreter on CPU, compiled on CUDA) vs a float64 reference."""
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton on CPU = its interpreter; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import zppo_fast.kernels as K
+except ImportError:  # package not installed: load the folder under its package name
+    _root = Path(__file__).resolve().parents[1] / "kernels"
+    _spec = importlib.util.spec_from_file_location("zppo_fast.kernels", _root / "__init__.py",
+                                                   submodule_search_locations=[str(_root)])
+    K = importlib.util.module_from_spec(_spec)
+    sys.modules["zppo_fast.kernels"] = K
+    _spec.loader.exec_module(K)
+from zppo_fast.kernels._triton_utils import interpreter_active  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_CPU = interpreter_active()
+# (device, backend) pairs: the CPU PyTorch path, Triton on CPU through the interpreter, and on
+# CUDA the compiled Triton kernel (skipped cleanly without a GPU).
+BACKENDS = [
+    pytest.param("cpu", "torch", id="cpu-torch"),
+    pytest.param("cpu", "triton", id="cpu-triton-interp",
+                 marks=pytest.mark.skipif(not TRITON_CPU, reason="needs TRITON_INTERPRET=1 before triton import")),
+    pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
+    pytest.param("cuda", "torch", id="cuda-torch", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
+]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-3)}
+
+
+def make_inputs(n, dtype, device, gen, spread=0.3, mask_p=0.7):
+    logp = (-torch.rand(n, generator=gen) * 5).to(dtype)
+    old = (logp.float() + spread * torch.randn(n, generator=gen)).to(dtype)
+    adv = torch.randn(n, generator=gen)
+    mask = torch.rand(n, generator=gen) < mask_p
+    return [t.to(device) for t in (logp, old, adv, mask)]
+
+
+def run_both(logp, old, adv, mask, backend, **kw):
+    x = logp.detach().clone().requires_grad_(True)
+    loss, stats = K.policy_loss(x, old, adv, mask, backend=backend, **kw)
+    loss.backward()
+    xr = logp.detach().cpu().double().requires_grad_(True)
+    ref_kw = dict(kw)
+    if isinstance(ref_kw.get("normalizer"), torch.Tensor):
+        ref_kw["normalizer"] = ref_kw["normalizer"].cpu().double()
+    loss_r, stats_r = K.policy_loss_reference(xr, old.cpu(), adv.cpu(), mask.cpu(), **ref_kw)
+    loss_r.backward()
+    return (loss, stats, x.grad), (loss_r, stats_r, xr.grad)
+
+
+def check(out, ref, dtype):
+    (loss, stats, grad), (loss_r, stats_r, grad_r) = out, ref
+    tol = TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.cpu().double(), loss_r.detach(), **tol)
+    assert grad.dtype == dtype
+    scale = grad_r.abs().max().item() + 1e-30
+    torch.testing.assert_close(grad.cpu().double(), grad_r, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0))
+    assert set(stats) == set(K.STAT_NAMES)
+    for k in K.STAT_NAMES:
+        assert stats[k].dtype == torch.float32 and not stats[k].requires_grad
+        torch.testing.assert_close(stats[k].cpu().double(), stats_r[k], rtol=1e-4, atol=1e-3, msg=k)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 300, 5000])
+def test_matches_reference(device, backend, dtype, n):
+    gen = torch.Generator().manual_seed(1000 + n)
+    inputs = make_inputs(n, dtype, device, gen)
+    check(*run_both(*inputs, backend), dtype)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_clips_are_exercised_and_counted(device, backend):
+    gen = torch.Generator().manual_seed(7)
+    n = 2000
+    logp, old, adv, mask = make_inputs(n, torch.float32, device, gen, spread=1.5, mask_p=0.8)
+    (loss, stats, grad), ref = run_both(logp, old, adv, mask, backend, eps_low=0.2, eps_high=0.28, dual_clip=3.0)
+    for k in ("clip_low", "clip_high", "dual_clip"):
+        assert stats[k].item() > 10, k  # every branch is hit, so the test can fail on any of them
+    check((loss, stats, grad), ref, torch.float32)
+    # a clipped token has exactly zero gradient
+    r = torch.exp(logp.cpu() - old.cpu())
+    clipped = ((adv.cpu() > 0) & (r > 1.28)) | ((adv.cpu() < 0) & ((r < 0.8) | (r > 3.0)))
+    assert (grad.cpu()[clipped & mask.cpu()] == 0).all()
+    assert (grad.cpu()[~mask.cpu()] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_ratios_far_outside_clip_range(device, backend):
+    gen = torch.Generator().manual_seed(3)
+    n = 257
+    logp, old, adv, mask = make_inputs(n, torch.float32, device, gen)
+    old = logp + torch.linspace(-80, 80, n, device=device)  # log-ratios of +-80 -> clamped at +-20
+    out, ref = run_both(logp, old, adv, mask, backend)
+    check(out, ref, torch.float32)
+    assert all(math.isfinite(v.item()) for v in out[1].values())
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_all_masked_and_zero_advantages(device, backend):
+    gen = torch.Generator().manual_seed(5)
+    logp, old, adv, mask = make_inputs(33, torch.float32, device, gen)
+    out, ref = run_both(logp, old, adv, torch.zeros_like(mask), backend)
+    assert out[0].item() == 0.0 and (out[2] == 0).all() and out[1]["tokens"].item() == 0
+    check(out, ref, torch.float32)
+    out, ref = run_both(logp, old, torch.zeros_like(adv), mask, backend)
+    assert out[0].item() == 0.0 and (out[2] == 0).all()
+    assert out[1]["clip_low"].item() == out[1]["clip_high"].item() == out[1]["dual_clip"].item() == 0
+    check(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_float_mask_and_leading_shape(device, backend):
+    gen = torch.Generator().manual_seed(9)
+    logp, old, adv, mask = make_inputs(4 * 37, torch.float32, device, gen)
+    shp = (4, 37)
+    x = logp.reshape(shp).clone().requires_grad_(True)
+    loss, _ = K.policy_loss(x, old.reshape(shp), adv.reshape(shp), mask.reshape(shp).float(), backend=backend)
+    loss.backward()
+    (loss1, _, g1), _ = run_both(logp, old, adv, mask, backend)
+    torch.testing.assert_close(loss, loss1)
+    assert x.grad.shape == shp
+    torch.testing.assert_close(x.grad.reshape(-1), g1)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_microbatch_invariance(device, backend):
+    """Splitting a step into micro-batches with the global token count as normalizer gives the
+    same loss and gradient as one batch."""
+    gen = torch.Generator().manual_seed(11)
+    logp, old, adv, mask = make_inputs(301, torch.float32, device, gen)
+    total = mask.sum()
+    x = logp.clone().requires_grad_(True)
+    full, stats_full = K.policy_loss(x, old, adv, mask, backend=backend)
+    full.backward()
+    y = logp.clone().requires_grad_(True)
+    parts, acc = 0.0, {k: 0.0 for k in K.STAT_NAMES}
+    for sl in (slice(0, 100), slice(100, 101), slice(101, 301)):
+        loss, st = K.policy_loss(y[sl], old[sl], adv[sl], mask[sl], backend=backend, normalizer=total)
+        loss.backward()
+        parts = parts + loss.detach()
+        for k in acc:
+            acc[k] = acc[k] + st[k]
+    torch.testing.assert_close(parts, full.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-6, atol=1e-9)
+    for k in acc:
+        torch.testing.assert_close(acc[k], stats_full[k], rtol=1e-5, atol=1e-4)
+    # a float normalizer works the same
+    z = logp.clone().requires_grad_(True)
+    l2, _ = K.policy_loss(z, old, adv, mask, backend=backend, normalizer=float(total))
+    torch.testing.assert_close(l2, full.detach())
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nan_propagates_from_valid_tokens_only(device, backend):
+    gen = torch.Generator().manual_seed(13)
+    logp, old, adv, mask = make_inputs(50, torch.float32, device, gen)
+    mask[3] = True
+    mask[4] = False
+    for which in range(3):
+        ins = [logp.clone(), old.clone(), adv.clone()]
+        ins[which][3] = float("nan")
+        loss, _ = K.policy_loss(*ins, mask, backend=backend)
+        assert torch.isnan(loss), f"NaN in input {which} did not reach the loss"
+        ins = [logp.clone(), old.clone(), adv.clone()]
+        ins[which][4] = float("nan")  # padding may hold anything
+        loss, _ = K.policy_loss(*ins, mask, backend=backend)
+        assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_many_tokens(device, backend):
+    """N > 65,535: more blocks than a y/z grid axis may hold; int64 offsets."""
+    gen = torch.Generator().manual_seed(17)
+    out, ref = run_both(*make_inputs(70_001, torch.float32, device, gen), backend)
+    check(out, ref, torch.float32)
+
+
+def test_bad_inputs():
+    x = torch.randn(5)
+    m = torch.ones(5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        K.policy_loss(x, torch.randn(6), x, m)
+    with pytest.raises(ValueError, match="loss_mask"):
+        K.policy_loss(x, x, x, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="logprobs"):
+        K.policy_loss(torch.ones(5, dtype=torch.int64), x, x, m)
+    with pytest.raises(ValueError, match="eps_low"):
+        K.policy_loss(x, x, x, m, eps_low=1.5)
+    with pytest.raises(ValueError, match="dual_clip"):
+        K.policy_loss(x, x, x, m, dual_clip=0.5)
+    with pytest.raises(ValueError, match="normalizer"):
+        K.policy_loss(x, x, x, m, normalizer=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        K.policy_loss(x, x, x, m, backend="cuda")
+
+
+def test_dual_clip_none_matches_reference():
+    gen = torch.Generator().manual_seed(19)
+    logp, old, adv, mask = make_inputs(400, torch.float32, "cpu", gen, spread=2.0)
+    out, ref = run_both(logp, old, adv, mask, "torch", dual_clip=None)
+    check(out, ref, torch.float32)
+    assert out[1]["dual_clip"].item() == 0
