@@ -1,0 +1,276 @@
+"""linear_logprobs and fused_linear_policy_loss vs float64 references (materialised logits).
+
+Shape x dtype matrix with odd sizes on the chunked PyTorch path; a smaller fp32 matrix through
+Triton's interpreter (its tl.dot is not used: GEMMs stay in torch, the kernels are the
+streaming epilogues); on CUDA both run compiled (skipped cleanly without a GPU).
+"""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton on CPU = its interpreter; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import zppo_fast.kernels as K
+except ImportError:  # package not installed: load the folder under its package name
+    _root = Path(__file__).resolve().parents[1] / "kernels"
+    _spec = importlib.util.spec_from_file_location("zppo_fast.kernels", _root / "__init__.py",
+                                                   submodule_search_locations=[str(_root)])
+    K = importlib.util.module_from_spec(_spec)
+    sys.modules["zppo_fast.kernels"] = K
+    _spec.loader.exec_module(K)
+from zppo_fast.kernels._triton_utils import interpreter_active  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERP = pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1 before triton import")
+CUDA = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+# bf16: inputs are rounded to bf16 and the reference uses those same rounded values in float64,
+# so the tolerance covers only our arithmetic (fp32 logits; bf16 outputs / bf16 dZ on CUDA).
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def make(n, h, v, dtype, device, seed, logit_scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * (logit_scale / h ** 0.5)
+    tgt = torch.randint(0, v, (n,), generator=gen)
+    return hidden.to(device, dtype), weight.to(device, dtype), tgt.to(device), gen
+
+
+def close(actual, expected, tol, what):
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(),
+                               rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{what}: {m}")
+
+
+def check_linear(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=None, seed=0, logit_scale=3.0,
+                 tol=None):
+    hidden, weight, tgt, gen = make(n, h, v, dtype, device, seed, logit_scale)
+    tol = tol or TOL[dtype]
+    x = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    logp, ent = K.linear_logprobs(x, w, tgt, temperature=temperature, return_entropy=True, backend=backend,
+                                  chunk_rows=chunk_rows)
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == (n,)
+    g1 = torch.randn(n, generator=gen)
+    g2 = torch.randn(n, generator=gen)
+    (logp * g1.to(device)).sum().add((ent * g2.to(device)).sum()).backward()
+    xr = hidden.cpu().double().requires_grad_(True)
+    wr = weight.cpu().double().requires_grad_(True)
+    logp_r, ent_r = K.linear_logprobs_reference(xr, wr, tgt.cpu(), temperature=temperature, return_entropy=True)
+    (logp_r * g1.double()).sum().add((ent_r * g2.double()).sum()).backward()
+    close(logp, logp_r, tol, "logp")
+    close(ent, ent_r, tol, "entropy")
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    close(x.grad, xr.grad, tol, "d hidden")
+    close(w.grad, wr.grad, tol, "d weight")
+
+
+def check_fused(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=None, seed=0, normalizer=None,
+                logit_scale=3.0, tol=None, adv_zero=False, mask_none=False, spread=0.3):
+    hidden, weight, tgt, gen = make(n, h, v, dtype, device, seed, logit_scale)
+    tol = tol or TOL[dtype]
+    with torch.no_grad():
+        logp0 = K.linear_logprobs_reference(hidden.cpu().double(), weight.cpu().double(), tgt.cpu(),
+                                            temperature=temperature).float()
+    old = (logp0 + spread * torch.randn(n, generator=gen)).to(device)
+    adv = torch.zeros(n) if adv_zero else torch.randn(n, generator=gen)
+    mask = torch.zeros(n, dtype=torch.bool) if mask_none else torch.rand(n, generator=gen) < 0.8
+    tgt = torch.where(mask.to(device), tgt, torch.full_like(tgt, -100))  # padding targets are don't-cares
+    adv, mask = adv.to(device), mask.to(device)
+    x = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    loss, stats = K.fused_linear_policy_loss(x, w, tgt, old, adv, mask, temperature=temperature,
+                                             normalizer=normalizer, backend=backend, chunk_rows=chunk_rows)
+    loss.backward()
+    xr = hidden.cpu().double().requires_grad_(True)
+    wr = weight.cpu().double().requires_grad_(True)
+    loss_r, stats_r = K.fused_linear_policy_loss_reference(xr, wr, tgt.cpu(), old.cpu(), adv.cpu(), mask.cpu(),
+                                                           temperature=temperature, normalizer=normalizer)
+    loss_r.backward()
+    close(loss, loss_r, tol, "loss")
+    close(x.grad, xr.grad, tol, "d hidden")
+    close(w.grad, wr.grad, tol, "d weight")
+    for k, vr in stats_r.items():
+        assert not stats[k].requires_grad
+        if k in ("clip_low", "clip_high", "dual_clip") and dtype == torch.bfloat16:
+            assert abs(stats[k].item() - vr.item()) <= 2 + 0.02 * n, k  # borderline tokens may flip
+        else:
+            close(stats[k], vr, dict(rtol=tol["rtol"] * 10, atol=tol["atol"] * 10), k)
+    return loss, stats, x.grad, w.grad
+
+
+SHAPES = [(n, h, v) for n in (1, 7, 300) for h in (16, 72, 256) for v in (1, 33, 5000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,h,v", SHAPES)
+def test_linear_logprobs_torch(n, h, v, dtype):
+    check_linear(n, h, v, dtype, "cpu", "torch", temperature=0.9, chunk_rows=64 if n == 300 else None, seed=n + h + v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,h,v", SHAPES)
+def test_fused_torch(n, h, v, dtype):
+    check_fused(n, h, v, dtype, "cpu", "torch", temperature=1.1, chunk_rows=64 if n == 300 else None,
+                seed=7 * n + h + v)
+
+
+INTERP_SHAPES = [(1, 16, 33), (7, 72, 1), (7, 72, 5000), (300, 16, 33), (300, 256, 5000)]
+
+
+@INTERP
+@pytest.mark.parametrize("n,h,v", INTERP_SHAPES)
+def test_linear_logprobs_triton_interp(n, h, v):
+    check_linear(n, h, v, torch.float32, "cpu", "triton", temperature=0.9, chunk_rows=128, seed=n + v)
+
+
+@INTERP
+@pytest.mark.parametrize("n,h,v", INTERP_SHAPES)
+def test_fused_triton_interp(n, h, v):
+    check_fused(n, h, v, torch.float32, "cpu", "triton", temperature=1.1, chunk_rows=128, seed=n + v)
+
+
+BACKENDS = [
+    pytest.param("cpu", "torch", id="cpu-torch"),
+    pytest.param("cpu", "triton", id="cpu-triton-interp", marks=INTERP),
+    pytest.param("cuda", "triton", id="cuda-triton", marks=CUDA),
+]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_qwen_vocab_small_n(device, backend):
+    """V = 248,320 (Qwen3.5) at small N."""
+    check_linear(3, 16, 248_320, torch.float32, device, backend, seed=1)
+    check_fused(5, 16, 248_320, torch.float32, device, backend, seed=2, spread=1.0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_logits_of_magnitude_1e4(device, backend):
+    hidden, weight, _, _ = make(9, 16, 77, torch.float32, "cpu", 3, logit_scale=3e3)
+    assert (hidden @ weight.T).abs().max() > 1e4
+    # fp32 logits of size 1e4 carry ~1e-3 absolute rounding (one ulp), so log-probs and ratios
+    # can only be right to ~1e-3; an unshifted exp() would give inf / NaN instead
+    tol = dict(rtol=2e-3, atol=5e-3)
+    check_linear(9, 16, 77, torch.float32, device, backend, seed=3, logit_scale=3e3, tol=tol)
+    check_fused(9, 16, 77, torch.float32, device, backend, seed=3, logit_scale=3e3, tol=tol, spread=0.0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_many_rows(device, backend):
+    """N > 65,535 rows: rows live on grid axis 0 and offsets are int64 (tiny H, V keep it fast)."""
+    check_linear(70_000, 4, 3, torch.float32, device, backend, seed=4)
+    check_fused(70_000, 4, 3, torch.float32, device, backend, seed=5)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_all_masked_and_zero_advantages(device, backend):
+    loss, stats, dx, dw = check_fused(17, 16, 33, torch.float32, device, backend, mask_none=True)
+    assert loss.item() == 0 and (dx == 0).all() and (dw == 0).all() and stats["tokens"].item() == 0
+    loss, stats, dx, dw = check_fused(17, 16, 33, torch.float32, device, backend, adv_zero=True)
+    assert loss.item() == 0 and (dx == 0).all() and (dw == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_ratios_far_outside_clip_range(device, backend):
+    _, stats, _, _ = check_fused(300, 16, 33, torch.float32, device, backend, spread=30.0, seed=8)
+    assert stats["clip_low"].item() > 0 and stats["clip_high"].item() > 0 and stats["dual_clip"].item() > 0
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_fused_microbatch_invariance(device, backend):
+    hidden, weight, tgt, gen = make(301, 16, 40, torch.float32, device, 9)
+    old = -torch.rand(301, generator=gen).to(device) * 4
+    adv = torch.randn(301, generator=gen).to(device)
+    mask = (torch.rand(301, generator=gen) < 0.7).to(device)
+    w1 = weight.clone().requires_grad_(True)
+    x1 = hidden.clone().requires_grad_(True)
+    full, st_full = K.fused_linear_policy_loss(x1, w1, tgt, old, adv, mask, backend=backend)
+    full.backward()
+    w2 = weight.clone().requires_grad_(True)
+    x2 = hidden.clone().requires_grad_(True)
+    total = mask.sum()
+    acc = 0.0
+    for sl in (slice(0, 150), slice(150, 151), slice(151, 301)):
+        loss, _ = K.fused_linear_policy_loss(x2[sl], w2, tgt[sl], old[sl], adv[sl], mask[sl], normalizer=total,
+                                             backend=backend)
+        loss.backward()
+        acc = acc + loss.detach()
+    torch.testing.assert_close(acc, full.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nan_propagates(device, backend):
+    hidden, weight, tgt, gen = make(6, 16, 20, torch.float32, device, 10)
+    hidden[2, 3] = float("nan")
+    logp = K.linear_logprobs(hidden, weight, tgt, backend=backend)
+    assert torch.isnan(logp[2]) and torch.isfinite(logp[[0, 1, 3, 4, 5]]).all()
+    mask = torch.ones(6, dtype=torch.bool, device=device)
+    loss, _ = K.fused_linear_policy_loss(hidden, weight, tgt, torch.zeros(6, device=device),
+                                         torch.ones(6, device=device), mask, backend=backend)
+    assert torch.isnan(loss)
+    w = weight.clone()
+    w[5, 0] = float("nan")
+    loss, _ = K.fused_linear_policy_loss(hidden.nan_to_num(), w, tgt, torch.zeros(6, device=device),
+                                         torch.ones(6, device=device), mask, backend=backend)
+    assert torch.isnan(loss)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("n,h,v", [(1, 16, 33), (7, 72, 5000), (300, 256, 5000), (300, 256, 248_320)])
+def test_cuda_bf16(n, h, v):
+    check_linear(n, h, v, torch.bfloat16, "cuda", "triton", seed=n + v)
+    check_fused(n, h, v, torch.bfloat16, "cuda", "triton", seed=n + v)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("n,h,v", SHAPES)
+def test_cuda_fp32_matrix(n, h, v):
+    check_linear(n, h, v, torch.float32, "cuda", "triton", seed=n + h + v)
+    check_fused(n, h, v, torch.float32, "cuda", "triton", seed=n + h + v)
+
+
+def test_bad_inputs():
+    h = torch.randn(4, 8)
+    w = torch.randn(10, 8)
+    t = torch.tensor([0, 1, 2, 9])
+    v = torch.zeros(4)
+    m = torch.ones(4, dtype=torch.bool)
+    with pytest.raises(TypeError, match="hidden"):
+        K.linear_logprobs(h.long(), w, t)
+    with pytest.raises(TypeError, match="weight"):
+        K.linear_logprobs(h, w.double(), t)
+    with pytest.raises(ValueError, match="weight"):
+        K.linear_logprobs(h, torch.randn(10, 9), t)
+    with pytest.raises(ValueError, match="target_ids"):
+        K.linear_logprobs(h, w, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="target_ids"):
+        K.linear_logprobs(h, w, torch.tensor([0, -1, 2, 3]))
+    with pytest.raises(ValueError, match="target_ids"):
+        K.linear_logprobs(h, w, t[:3])
+    with pytest.raises(TypeError, match="target_ids"):
+        K.linear_logprobs(h, w, t.float())
+    with pytest.raises(ValueError, match="temperature"):
+        K.linear_logprobs(h, w, t, temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        K.fused_linear_policy_loss(h, w, t, v, v, m, temperature=0.0)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        K.fused_linear_policy_loss(h, w, t, torch.zeros(5), v, m)
+    with pytest.raises(ValueError, match="advantages"):
+        K.fused_linear_policy_loss(h, w, t, v, torch.zeros(3), m)
+    with pytest.raises(ValueError, match="target_ids"):  # a *valid* token out of range
+        K.fused_linear_policy_loss(h, w, torch.tensor([0, 1, 2, 10]), v, v, m)
+    # masked-out tokens may carry padding ids such as -100
+    K.fused_linear_policy_loss(h, w, torch.tensor([0, 1, 2, -100]), v, v, torch.tensor([1, 1, 1, 0]))
+    if HAS_CUDA:
+        with pytest.raises(ValueError, match="weight"):
+            K.linear_logprobs(h.cuda(), w, t.cuda())
+        with pytest.raises(ValueError, match="target_ids"):
+            K.linear_logprobs(h, w, t.cuda())
