@@ -1,3 +1,171 @@
+// replay_module.cpp — pybind11 face of the replay ring (zppo_fast._replay). Batch calls take
+// and return numpy arrays and release the GIL while the ring works. Argument checking that
+// needs Python (dtypes, NaN, ranges) lives in zppo_fast/replay.py; this layer converts and
+// maps C++ exceptions (std::invalid_argument -> ValueError, std::logic_error -> RuntimeError).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "replay_bench.hpp"
+#include "replay_ring.hpp"
+
 namespace py = pybind11;
-PYBIND11_MODULE(_replay, m) { m.doc() = "zppo_fast replay ring"; }
+using zppo::EntryState;
+using zppo::Exit;
+using zppo::Record;
+using zppo::ReplayRing;
+
+namespace {
+
+using I64Array = py::array_t<std::int64_t, py::array::c_style>;
+using F64Array = py::array_t<double, py::array::c_style>;
+
+void check_lengths(const I64Array& qids, const F64Array& accs) {
+  if (qids.ndim() != 1 || accs.ndim() != 1)
+    throw py::value_error("question_ids and accuracies must be 1-D");
+  if (qids.shape(0) != accs.shape(0))
+    throw py::value_error("question_ids has " + std::to_string(qids.shape(0)) +
+                          " entries but accuracies has " + std::to_string(accs.shape(0)));
+}
+
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+// Records as a dict of equal-length arrays (the shape the state dict and history use).
+py::dict records_to_dict(const std::vector<Record>& recs) {
+  std::vector<std::int64_t> qid, step_admitted, visits;
+  std::vector<double> acc_admitted, last_acc;
+  for (const Record& r : recs) {
+    qid.push_back(r.qid);
+    step_admitted.push_back(r.step_admitted);
+    acc_admitted.push_back(r.acc_admitted);
+    last_acc.push_back(r.last_acc);
+    visits.push_back(r.visits);
+  }
+  py::dict d;
+  d["qid"] = to_numpy(qid);
+  d["step_admitted"] = to_numpy(step_admitted);
+  d["acc_admitted"] = to_numpy(acc_admitted);
+  d["last_acc"] = to_numpy(last_acc);
+  d["visits"] = to_numpy(visits);
+  return d;
+}
+
+py::dict exits_to_dict(const std::vector<Exit>& exits) {
+  std::vector<Record> recs;
+  std::vector<std::int64_t> exit_step;
+  std::vector<bool> graduated;
+  for (const Exit& e : exits) {
+    recs.push_back(e.record);
+    exit_step.push_back(e.exit_step);
+    graduated.push_back(e.record.state == EntryState::kGraduated);
+  }
+  py::dict d = records_to_dict(recs);
+  d["exit_step"] = to_numpy(exit_step);
+  py::array_t<bool> g(static_cast<py::ssize_t>(graduated.size()));
+  std::copy(graduated.begin(), graduated.end(), g.mutable_data());
+  d["graduated"] = g;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_replay, m) {
+  m.doc() = "Lock-free prompt-replay ring (csrc/replay_ring.hpp). See zppo_fast.replay for the checked Python face.";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::logic_error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  py::class_<ReplayRing>(m, "Ring", R"doc(
+Ring(capacity): the C++ replay ring. Concurrency contract (see replay_ring.hpp):
+admit() and sample() may run from many threads at once; step(), contains(), records() and
+load() belong to one step owner and raise RuntimeError if they overlap any other call.
+)doc")
+      .def(py::init<std::size_t>(), py::arg("capacity"))
+      .def_property_readonly("capacity", &ReplayRing::capacity)
+      .def("__len__", &ReplayRing::size)
+      .def(
+          "admit",
+          [](ReplayRing& r, const I64Array& qids, const F64Array& accs, std::int64_t step) {
+            check_lengths(qids, accs);
+            std::vector<Exit> evicted;
+            {
+              py::gil_scoped_release nogil;
+              r.admit(qids.data(), accs.data(), static_cast<std::size_t>(qids.shape(0)), step, &evicted);
+            }
+            return exits_to_dict(evicted);
+          },
+          py::arg("qids"), py::arg("accs"), py::arg("step"),
+          "Admit (n,) ids with (n,) accuracies at the tail, unchecked (caller guarantees they are "
+          "not live). Returns the records evicted meanwhile as a dict of (e,) arrays.")
+      .def(
+          "sample",
+          [](const ReplayRing& r, std::size_t k, std::uint64_t seed) {
+            std::vector<std::int64_t> out(k);
+            std::size_t got;
+            {
+              py::gil_scoped_release nogil;
+              got = r.sample(k, seed, out.data());
+            }
+            out.resize(got);
+            return to_numpy(out);
+          },
+          py::arg("k"), py::arg("seed"), "(min(k, live),) distinct live ids, uniformly chosen.")
+      .def(
+          "step",
+          [](ReplayRing& r, const I64Array& qids, const F64Array& accs, std::int64_t step, double threshold) {
+            check_lengths(qids, accs);
+            zppo::StepResult res;
+            {
+              py::gil_scoped_release nogil;
+              res = r.step(qids.data(), accs.data(), static_cast<std::size_t>(qids.shape(0)), step, threshold);
+            }
+            return py::make_tuple(to_numpy(res.admitted), exits_to_dict(res.graduated), exits_to_dict(res.evicted));
+          },
+          py::arg("qids"), py::arg("accs"), py::arg("step"), py::arg("threshold"),
+          "One replay step; returns (admitted (a,), graduated exits dict, evicted exits dict).")
+      .def("contains", &ReplayRing::contains, py::arg("qid"))
+      .def(
+          "records", [](const ReplayRing& r) { return records_to_dict(r.records()); },
+          "Live records, oldest first, as a dict of (n,) arrays.")
+      .def(
+          "load",
+          [](ReplayRing& r, const I64Array& qid, const I64Array& step_admitted, const F64Array& acc_admitted,
+             const F64Array& last_acc, const I64Array& visits) {
+            const py::ssize_t n = qid.shape(0);
+            if (step_admitted.shape(0) != n || acc_admitted.shape(0) != n || last_acc.shape(0) != n ||
+                visits.shape(0) != n)
+              throw py::value_error("record arrays have different lengths");
+            std::vector<Record> recs(static_cast<std::size_t>(n));
+            for (py::ssize_t i = 0; i < n; ++i)
+              recs[i] = Record{qid.at(i), step_admitted.at(i), acc_admitted.at(i), last_acc.at(i),
+                               static_cast<std::int32_t>(visits.at(i)), EntryState::kLive};
+            py::gil_scoped_release nogil;
+            r.load(recs);
+          },
+          py::arg("qid"), py::arg("step_admitted"), py::arg("acc_admitted"), py::arg("last_acc"),
+          py::arg("visits"), "Replace the contents with these live records (oldest first).");
+
+  m.def(
+      "bench",
+      [](const std::string& op, std::size_t capacity, std::size_t n, std::size_t threads) {
+        py::gil_scoped_release nogil;
+        return zppo::bench_replay(op, capacity, n, threads);
+      },
+      py::arg("op"), py::arg("capacity"), py::arg("n"), py::arg("threads"),
+      "Pure C++ timing: op in {'admit', 'graduate', 'sample'}; returns entries per second.");
+}

@@ -1,0 +1,79 @@
+// replay_bench.hpp — pure C++ timing loops for the replay ring, exposed through the module
+// (zppo_fast._replay.bench) so bench/bench_replay.py reports C++ and Python numbers side by
+// side from one run.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "replay_ring.hpp"
+
+namespace zppo {
+
+// Entries per second for `op` over about n entries, spread over `threads` threads:
+//   admit     fresh ids through admit() into a full ring (each admission also evicts)
+//   graduate  step() calls that graduate a full ring's worth of entries (owner: 1 thread)
+//   sample    sample(96) calls on a full ring (96 = 0.25 * 384, the paper's replay count)
+inline double bench_replay(const std::string& op, std::size_t capacity, std::size_t n, std::size_t threads) {
+  using Clock = std::chrono::steady_clock;
+  constexpr std::size_t kBatch = 1024;
+  constexpr std::size_t kSample = 96;
+  if (threads == 0) throw std::invalid_argument("threads must be positive");
+  ReplayRing ring(capacity);
+  std::vector<double> low(capacity, 0.0);
+  std::vector<std::int64_t> ids(capacity);
+  auto fill = [&](std::int64_t first) {
+    for (std::size_t i = 0; i < capacity; ++i) ids[i] = first + static_cast<std::int64_t>(i);
+    ring.step(ids.data(), low.data(), capacity, 0, 0.5);
+  };
+
+  if (op == "graduate") {
+    if (threads != 1) throw std::invalid_argument("graduate runs on the step owner only: threads must be 1");
+    std::vector<double> high(capacity, 1.0);
+    double seconds = 0;
+    std::size_t done = 0;
+    for (std::int64_t round = 0; done < n; ++round) {
+      fill(round * static_cast<std::int64_t>(capacity));
+      const auto t0 = Clock::now();
+      ring.step(ids.data(), high.data(), capacity, 1, 0.5);
+      seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+      done += capacity;
+    }
+    return static_cast<double>(done) / seconds;
+  }
+
+  fill(-static_cast<std::int64_t>(capacity));  // start full so admissions also evict
+  const std::size_t per_thread = n / threads;
+  auto work = [&](std::size_t t) {
+    if (op == "admit") {
+      std::vector<std::int64_t> batch(kBatch);
+      std::vector<double> accs(kBatch, 0.0);
+      std::vector<Exit> evicted;
+      evicted.reserve(kBatch);
+      for (std::size_t done = 0; done < per_thread; done += kBatch) {
+        for (std::size_t i = 0; i < kBatch; ++i)
+          batch[i] = static_cast<std::int64_t>(t * per_thread + done + i);
+        evicted.clear();
+        ring.admit(batch.data(), accs.data(), kBatch, 1, &evicted);
+      }
+    } else {
+      std::vector<std::int64_t> out(kSample);
+      for (std::size_t done = 0; done < per_thread; done += kSample)
+        ring.sample(kSample, t * 1000003 + done, out.data());
+    }
+  };
+  if (op != "admit" && op != "sample") throw std::invalid_argument("unknown op '" + op + "'");
+  const auto t0 = Clock::now();
+  std::vector<std::thread> pool;
+  for (std::size_t t = 0; t < threads; ++t) pool.emplace_back(work, t);
+  for (auto& th : pool) th.join();
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  const std::size_t unit = op == "admit" ? kBatch : kSample;
+  return static_cast<double>(threads * ((per_thread + unit - 1) / unit) * unit) / seconds;
+}
+
+}  // namespace zppo

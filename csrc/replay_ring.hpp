@@ -1,0 +1,466 @@
+// replay_ring.hpp — the ZPPO prompt-replay buffer as a bounded FIFO ring of fixed-size
+// question records: lock-free admission from several threads, FIFO eviction of the oldest
+// entry beyond capacity, graduation (removal) and uniform sampling among live entries.
+// Header-only, C++17, torch-free.
+//
+// Shape: a Vyukov bounded MPMC queue. Every admission claims a 64-bit ticket (its
+// position) by CAS on tail_; an eviction claims the oldest ticket by CAS on head_. Each slot
+// carries a sequence number saying which ticket it holds and whether it is published, so
+// admitters, evictors and samplers agree without a mutex.
+//
+// Who may call what at the same time:
+//   admit()                      any number of threads, alongside admit() and sample().
+//                                The caller guarantees that the ids it admits are not live
+//                                and are not being admitted by another thread (reward
+//                                workers own disjoint questions); step() is the checked path.
+//   sample()                     any number of threads, alongside admit() and sample().
+//   step(), contains(), records(), load()
+//                                the single step owner, with no other call in flight.
+//   size(), capacity()           anywhere.
+// An owner call that overlaps any other call throws std::logic_error (AccessGate) instead
+// of corrupting the ring.
+//
+// Invariants (p is a ticket; slot(p) = slots_[p & mask_]; P = slots_.size()):
+//   I1  head_ <= tail_ <= head_ + P: the window [head_, tail_) fits in the slots.
+//   I2  p in [head_, tail_): slot(p).seq == p + 1 once its admitter has published it,
+//       == p while that admitter is still writing the record.
+//   I3  p in [tail_, head_ + P): slot(p).seq == p, free for the admitter that claims p.
+//   I4  Outside an owner call every published entry in the window is live: graduations
+//       leave holes only inside step(), which compacts them away before returning.
+//   I5  Once admitters are quiescent, size() == tail_ - head_ <= capacity and the window
+//       holds the most recently admitted entries in ticket order (exact FIFO).
+//   I6  Seq values of a slot only grow (p, p + 1, p + P, p + P + 1, ...), so a sampler that
+//       reads the same seq before and after reading a qid has read that ticket's qid.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "flat_index.hpp"
+
+namespace zppo {
+
+enum class EntryState : std::uint32_t { kLive = 0, kGraduated = 1, kEvicted = 2 };
+
+// One question's life in the buffer. `visits` counts the steps that evaluated it after the
+// step that admitted it (the graduating step included); `last_acc` is the latest of them.
+struct Record {
+  std::int64_t qid;
+  std::int64_t step_admitted;
+  double acc_admitted;
+  double last_acc;
+  std::int32_t visits;
+  EntryState state;
+};
+
+// A record that left the buffer, at `exit_step`; record.state says how.
+struct Exit {
+  Record record;
+  std::int64_t exit_step;
+};
+
+struct StepResult {
+  std::vector<std::int64_t> admitted;  // in the order given
+  std::vector<Exit> graduated;         // in the order given
+  std::vector<Exit> evicted;           // oldest first
+};
+
+// Detects an owner call overlapping any other call. Dekker-style: both sides publish their
+// presence with a seq_cst RMW/store and then look for the other, so at least one of two
+// overlapping calls sees the other and throws.
+class AccessGate {
+ public:
+  class Shared {
+   public:
+    explicit Shared(const AccessGate& g) : g_(g) {
+      g_.shared_.fetch_add(1, std::memory_order_seq_cst);
+      if (g_.exclusive_.load(std::memory_order_seq_cst)) {
+        g_.shared_.fetch_sub(1, std::memory_order_seq_cst);
+        throw std::logic_error("replay ring: admit/sample overlapped a step-owner call");
+      }
+    }
+    ~Shared() { g_.shared_.fetch_sub(1, std::memory_order_seq_cst); }
+    Shared(const Shared&) = delete;
+    Shared& operator=(const Shared&) = delete;
+
+   private:
+    const AccessGate& g_;
+  };
+
+  class Exclusive {
+   public:
+    explicit Exclusive(const AccessGate& g) : g_(g) {
+      if (g_.exclusive_.exchange(true, std::memory_order_seq_cst))
+        throw std::logic_error("replay ring: two step-owner calls overlapped");
+      if (g_.shared_.load(std::memory_order_seq_cst) != 0) {
+        g_.exclusive_.store(false, std::memory_order_seq_cst);
+        throw std::logic_error("replay ring: a step-owner call overlapped admit/sample");
+      }
+    }
+    ~Exclusive() { g_.exclusive_.store(false, std::memory_order_seq_cst); }
+    Exclusive(const Exclusive&) = delete;
+    Exclusive& operator=(const Exclusive&) = delete;
+
+   private:
+    const AccessGate& g_;
+  };
+
+ private:
+  alignas(64) mutable std::atomic<std::int64_t> shared_{0};
+  alignas(64) mutable std::atomic<bool> exclusive_{false};
+};
+
+// splitmix64: tiny, seedable from one integer, good enough for choosing replayed prompts.
+class SplitMix64 {
+ public:
+  explicit SplitMix64(std::uint64_t seed) : s_(seed) {}
+  std::uint64_t next() {
+    std::uint64_t z = (s_ += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [0, n), unbiased (Lemire's multiply-shift with rejection). n > 0.
+  std::uint64_t below(std::uint64_t n) {
+    unsigned __int128 m = static_cast<unsigned __int128>(next()) * n;
+    std::uint64_t low = static_cast<std::uint64_t>(m);
+    if (low < n) {
+      const std::uint64_t threshold = (0 - n) % n;
+      while (low < threshold) {
+        m = static_cast<unsigned __int128>(next()) * n;
+        low = static_cast<std::uint64_t>(m);
+      }
+    }
+    return static_cast<std::uint64_t>(m >> 64);
+  }
+
+ private:
+  std::uint64_t s_;
+};
+
+class ReplayRing {
+ public:
+  // Admitters beyond this many at once still work; they just spin while the slots are full.
+  static constexpr std::size_t kMaxConcurrentAdmitters = 64;
+
+  explicit ReplayRing(std::size_t capacity) : capacity_(capacity), index_(capacity) {
+    if (capacity == 0) throw std::invalid_argument("capacity must be positive, got 0");
+    // I1 with room for every in-flight admitter: at most capacity published entries plus,
+    // per admitter, one claimed-but-unpublished ticket and one published-not-yet-evicted one.
+    std::size_t n = 2;
+    while (n < capacity + 2 * kMaxConcurrentAdmitters) n <<= 1;
+    slots_ = std::vector<Slot>(n);
+    mask_ = n - 1;
+    reset_slots();
+  }
+
+  std::size_t capacity() const { return capacity_; }
+  // Live entries; exact once admitters are quiescent.
+  std::size_t size() const { return count_.load(std::memory_order_acquire); }
+
+  // Admits n records at the tail in the order given, evicting the oldest entries beyond
+  // capacity (whoever's they are); evicted records are appended to `evicted`.
+  void admit(const std::int64_t* qids, const double* accs, std::size_t n, std::int64_t step,
+             std::vector<Exit>* evicted) {
+    AccessGate::Shared guard(gate_);
+    for (std::size_t i = 0; i < n; ++i) admit_one(qids[i], accs[i], step, evicted);
+  }
+
+  // Writes min(k, live) distinct live ids, uniformly chosen, to out; returns how many.
+  std::size_t sample(std::size_t k, std::uint64_t seed, std::int64_t* out) const {
+    AccessGate::Shared guard(gate_);
+    SplitMix64 rng(seed);
+    const std::uint64_t head = head_.load(std::memory_order_acquire);
+    const std::uint64_t tail = tail_.load(std::memory_order_acquire);
+    const std::uint64_t window = tail - head;  // tail read after head, so tail >= head
+    if (k == 0 || window == 0) return 0;
+    // Rejection over the window is uniform among live entries (each position is equally
+    // likely, dead ones are redrawn); it pays off while k is well below the live count.
+    if (2 * k < size()) {
+      FlatIndex chosen(k);
+      std::size_t got = 0;
+      for (std::size_t tries = 0; got < k && tries < 4 * k + 64; ++tries) {
+        const std::uint64_t p = head + rng.below(window);
+        std::int64_t qid;
+        std::uint64_t unused;
+        if (!read_live_qid(p, qid) || chosen.find(static_cast<std::int64_t>(p), unused)) continue;
+        chosen.insert_or_assign(static_cast<std::int64_t>(p), 0);
+        out[got++] = qid;
+      }
+      if (got == k) return k;
+      // Too many dead draws (heavy concurrent churn): start over with the scan, which is
+      // uniform on its own, so the mixture stays uniform.
+    }
+    std::vector<std::int64_t> live;
+    live.reserve(window);
+    for (std::uint64_t p = head; p != tail; ++p) {
+      std::int64_t qid;
+      if (read_live_qid(p, qid)) live.push_back(qid);
+    }
+    const std::size_t m = k < live.size() ? k : live.size();
+    for (std::size_t i = 0; i < m; ++i) {  // partial Fisher-Yates
+      const std::size_t j = i + static_cast<std::size_t>(rng.below(live.size() - i));
+      std::swap(live[i], live[j]);
+      out[i] = live[i];
+    }
+    return m;
+  }
+
+  // Applies one step's plain-rollout accuracies as one unit, in the paper's order: live
+  // entries with acc >= threshold graduate, live ones below it get a visit, absent ones
+  // below it are admitted at the tail in the order given, then the oldest entries beyond
+  // capacity are evicted. Throws std::invalid_argument (ring unchanged) on duplicate ids.
+  StepResult step(const std::int64_t* qids, const double* accs, std::size_t n, std::int64_t step,
+                  double threshold) {
+    AccessGate::Exclusive guard(gate_);
+    check_distinct(qids, n);
+    catch_up_index();
+    StepResult result;
+    std::vector<std::size_t> to_admit;
+    bool holes = false;
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint64_t p;
+      if (find_live(qids[i], p)) {
+        Slot& s = slot(p);
+        s.visits += 1;
+        s.last_acc = accs[i];
+        if (accs[i] >= threshold) {
+          s.state = EntryState::kGraduated;
+          result.graduated.push_back(Exit{s.record(), step});
+          index_.erase(qids[i]);
+          count_.fetch_sub(1, std::memory_order_relaxed);
+          holes = true;
+        }
+      } else if (accs[i] < threshold) {
+        to_admit.push_back(i);
+      }
+    }
+    if (holes) compact();
+    for (std::size_t i : to_admit) {
+      index_.insert_or_assign(qids[i], tail_.load(std::memory_order_relaxed));
+      result.admitted.push_back(qids[i]);
+      admit_one(qids[i], accs[i], step, &result.evicted);
+    }
+    for (const Exit& e : result.evicted) index_.erase(e.record.qid);
+    indexed_upto_ = tail_.load(std::memory_order_relaxed);
+    return result;
+  }
+
+  bool contains(std::int64_t qid) {
+    AccessGate::Exclusive guard(gate_);
+    catch_up_index();
+    std::uint64_t p;
+    return find_live(qid, p);
+  }
+
+  // Live records, oldest first.
+  std::vector<Record> records() const {
+    AccessGate::Exclusive guard(gate_);
+    std::vector<Record> out;
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
+    for (std::uint64_t p = head_.load(std::memory_order_relaxed); p != tail; ++p)
+      out.push_back(slot(p).record());
+    return out;
+  }
+
+  // Replaces the contents with `records` (oldest first, all live). Throws
+  // std::invalid_argument (ring unchanged) if they exceed capacity or repeat an id.
+  void load(const std::vector<Record>& records) {
+    AccessGate::Exclusive guard(gate_);
+    if (records.size() > capacity_)
+      throw std::invalid_argument("state holds " + std::to_string(records.size()) +
+                                  " entries, more than capacity " + std::to_string(capacity_));
+    std::vector<std::int64_t> qids;
+    for (const Record& r : records) qids.push_back(r.qid);
+    check_distinct(qids.data(), qids.size());
+    reset_slots();
+    for (std::uint64_t p = 0; p < records.size(); ++p) {
+      Slot& s = slot(p);
+      s.set(records[p]);
+      s.state = EntryState::kLive;
+      s.seq.store(p + 1, std::memory_order_relaxed);
+      index_.insert_or_assign(records[p].qid, p);
+    }
+    tail_.store(records.size(), std::memory_order_relaxed);
+    count_.store(records.size(), std::memory_order_relaxed);
+    indexed_upto_ = records.size();
+  }
+
+ private:
+  struct alignas(64) Slot {
+    std::atomic<std::uint64_t> seq{0};
+    // Samplers read qid while a later admitter may rewrite the slot, so it is atomic (stored
+    // with release, loaded with acquire: see read_live_qid). The other fields are only read
+    // by whoever owns the ticket after an acquire of seq, so they are plain.
+    std::atomic<std::int64_t> qid{0};
+    std::int64_t step_admitted = 0;
+    double acc_admitted = 0;
+    double last_acc = 0;
+    std::int32_t visits = 0;
+    EntryState state = EntryState::kLive;
+
+    Record record() const {
+      return Record{qid.load(std::memory_order_relaxed), step_admitted, acc_admitted, last_acc,
+                    visits, state};
+    }
+    void set(const Record& r) {
+      qid.store(r.qid, std::memory_order_release);
+      step_admitted = r.step_admitted;
+      acc_admitted = r.acc_admitted;
+      last_acc = r.last_acc;
+      visits = r.visits;
+      state = r.state;
+    }
+  };
+  static_assert(sizeof(Slot) == 64 && alignof(Slot) == 64, "one record per cache line");
+  static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "seq must be lock-free");
+  static_assert(std::atomic<std::int64_t>::is_always_lock_free, "qid must be lock-free");
+  static_assert(std::is_trivially_copyable_v<Record>, "records are copied as plain bytes");
+
+  Slot& slot(std::uint64_t p) { return slots_[p & mask_]; }
+  const Slot& slot(std::uint64_t p) const { return slots_[p & mask_]; }
+
+  // Vyukov enqueue, then evict if this admission took the ring beyond capacity.
+  void admit_one(std::int64_t qid, double acc, std::int64_t step, std::vector<Exit>* evicted) {
+    std::uint64_t p = tail_.load(std::memory_order_relaxed);
+    for (;;) {
+      const std::uint64_t seq = slot(p).seq.load(std::memory_order_acquire);
+      const auto dif = static_cast<std::int64_t>(seq - p);
+      if (dif == 0) {
+        if (tail_.compare_exchange_weak(p, p + 1, std::memory_order_relaxed)) break;
+      } else if (dif < 0) {
+        // Slot still holds ticket p - P: more admitters in flight than the slack allows;
+        // their evictions free it shortly.
+        std::this_thread::yield();
+        p = tail_.load(std::memory_order_relaxed);
+      } else {
+        p = tail_.load(std::memory_order_relaxed);
+      }
+    }
+    Slot& s = slot(p);
+    s.set(Record{qid, step, acc, acc, 0, EntryState::kLive});
+    s.seq.store(p + 1, std::memory_order_release);  // publish (I2)
+    // Every admission whose increment lands above capacity evicts exactly one entry, so the
+    // count settles at min(admitted, capacity) and the evicted ones are the oldest tickets.
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 > capacity_) {
+      evicted->push_back(Exit{evict_oldest(), step});
+      count_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  // Vyukov dequeue of ticket head_. The head may belong to an admitter still writing
+  // (it claimed an older ticket than ours); wait for its publish rather than skip it.
+  Record evict_oldest() {
+    std::uint64_t p = head_.load(std::memory_order_relaxed);
+    for (;;) {
+      const std::uint64_t seq = slot(p).seq.load(std::memory_order_acquire);
+      const auto dif = static_cast<std::int64_t>(seq - (p + 1));
+      if (dif == 0) {
+        if (head_.compare_exchange_weak(p, p + 1, std::memory_order_relaxed)) break;
+      } else if (dif < 0) {
+        std::this_thread::yield();
+        p = head_.load(std::memory_order_relaxed);
+      } else {
+        p = head_.load(std::memory_order_relaxed);
+      }
+    }
+    Slot& s = slot(p);
+    Record r = s.record();
+    r.state = EntryState::kEvicted;
+    s.seq.store(p + slots_.size(), std::memory_order_release);  // free for lap p + P (I3)
+    return r;
+  }
+
+  // Reads ticket p's qid if p is published and still live; never a torn or recycled value.
+  bool read_live_qid(std::uint64_t p, std::int64_t& qid) const {
+    const Slot& s = slot(p);
+    if (s.seq.load(std::memory_order_acquire) != p + 1) return false;
+    // Acquire pairs with the admitter's release store of qid: if we read a later lap's qid,
+    // the seq load below must see that lap's seq (I6) and we reject.
+    qid = s.qid.load(std::memory_order_acquire);
+    return s.seq.load(std::memory_order_relaxed) == p + 1;
+  }
+
+  // Owner only. Slides live entries toward the tail over the graduation holes, keeping
+  // their order, and gives the freed slots to the next lap (I3, I4).
+  void compact() {
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
+    std::uint64_t dst = tail;
+    for (std::uint64_t p = tail; p-- > head;) {
+      if (slot(p).state != EntryState::kLive) continue;
+      if (--dst != p) {  // dst > p: slot(dst) was already moved or was a hole
+        slot(dst).set(slot(p).record());
+        index_.insert_or_assign(slot(dst).qid.load(std::memory_order_relaxed), dst);
+      }
+    }
+    for (std::uint64_t p = head; p != dst; ++p)
+      slot(p).seq.store(p + slots_.size(), std::memory_order_relaxed);
+    head_.store(dst, std::memory_order_release);
+  }
+
+  // Owner only. Indexes entries that concurrent admit() calls added since the last owner
+  // call; entries they evicted are left stale and dropped when looked up (find_live).
+  void catch_up_index() {
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
+    if (index_.size() > 2 * capacity_ + 1024) {  // too many stale ids: rebuild
+      index_.reset(capacity_);
+      indexed_upto_ = head;
+    }
+    for (std::uint64_t p = indexed_upto_ > head ? indexed_upto_ : head; p < tail; ++p)
+      index_.insert_or_assign(slot(p).qid.load(std::memory_order_relaxed), p);
+    indexed_upto_ = tail;
+  }
+
+  // Owner only: the ticket of qid's live entry, if any.
+  bool find_live(std::int64_t qid, std::uint64_t& p) {
+    if (!index_.find(qid, p)) return false;
+    if (p >= head_.load(std::memory_order_relaxed) && p < tail_.load(std::memory_order_relaxed) &&
+        slot(p).qid.load(std::memory_order_relaxed) == qid)
+      return true;
+    index_.erase(qid);  // evicted by a concurrent admit()
+    return false;
+  }
+
+  void check_distinct(const std::int64_t* qids, std::size_t n) {
+    scratch_.reset(n);
+    std::uint64_t unused;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (scratch_.find(qids[i], unused))
+        throw std::invalid_argument("question_ids contains duplicate id " + std::to_string(qids[i]));
+      scratch_.insert_or_assign(qids[i], i);
+    }
+  }
+
+  void reset_slots() {
+    for (std::size_t i = 0; i < slots_.size(); ++i) slots_[i].seq.store(i, std::memory_order_relaxed);
+    head_.store(0, std::memory_order_relaxed);
+    tail_.store(0, std::memory_order_relaxed);
+    count_.store(0, std::memory_order_relaxed);
+    index_.reset(capacity_);
+    indexed_upto_ = 0;
+  }
+
+  // Written by different threads: one cache line each so they do not false-share.
+  alignas(64) std::atomic<std::uint64_t> head_{0};  // oldest ticket still in the ring
+  alignas(64) std::atomic<std::uint64_t> tail_{0};  // next ticket to claim
+  alignas(64) std::atomic<std::size_t> count_{0};   // live entries (see admit_one)
+  AccessGate gate_;
+
+  // Read-mostly or owner-only state.
+  alignas(64) std::size_t capacity_;
+  std::vector<Slot> slots_;
+  std::uint64_t mask_ = 0;
+  FlatIndex index_;              // qid -> ticket, owner only; may hold stale evicted ids
+  FlatIndex scratch_;            // owner only: duplicate check
+  std::uint64_t indexed_upto_ = 0;
+};
+
+}  // namespace zppo
