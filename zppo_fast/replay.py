@@ -1,0 +1,250 @@
+"""Prompt replay buffer (ZPPO step 11): the hard questions the student has not yet solved.
+
+Plain-rollout accuracy alone decides, once per step, in the paper's order:
+  1. a question in the buffer with accuracy >= threshold (0.5) graduates (is removed);
+  2. one in the buffer still below it stays where it is (visits + 1, last accuracy updated);
+  3. a question not in the buffer below it is admitted at the tail, in the order given;
+  4. the oldest entries are evicted until at most `capacity` remain (so graduations free
+     room first, and a step that admits more than the capacity evicts its own oldest).
+Replayed questions are drawn uniformly without removal (`sample`).
+
+The store is the lock-free C++ ring in csrc/replay_ring.hpp (module zppo_fast._replay);
+this class checks arguments, keeps the sampler's random state and the exit history, and
+saves/restores everything as plain numpy. One step owner calls `update`, `__contains__`,
+`ids`, `state_dict` and `load_state_dict`; `sample` and `len` may also be called from other
+threads, but not while an owner call runs (the ring raises RuntimeError if they overlap).
+Threads that must admit concurrently use the raw ring, `zppo_fast._replay.Ring.admit`.
+
+`visits` counts the steps that evaluated an entry after the one that admitted it, the
+graduating step included.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from zppo_fast import _replay
+
+STATE_FORMAT = "zppo_fast.replay/1"
+
+# One row per exit from the buffer, in exit order (the graduation-dynamics figures read this).
+HISTORY_DTYPE = np.dtype(
+    [
+        ("qid", np.int64),
+        ("step_admitted", np.int64),
+        ("acc_admitted", np.float64),
+        ("exit_step", np.int64),
+        ("graduated", np.bool_),  # False: evicted
+        ("visits", np.int64),
+        ("last_acc", np.float64),
+    ]
+)
+_LIVE_FIELDS = {
+    "qid": np.int64,
+    "step_admitted": np.int64,
+    "acc_admitted": np.float64,
+    "last_acc": np.float64,
+    "visits": np.int64,
+}
+
+
+@dataclass(frozen=True)
+class ReplayUpdate:
+    """What one `update` did: (a,), (g,), (e,) int64 ids."""
+
+    admitted: np.ndarray  # in the order given (includes any evicted again in the same step)
+    graduated: np.ndarray  # in the order given
+    evicted: np.ndarray  # oldest first
+
+
+class PromptReplayBuffer:
+    """FIFO buffer of at most `capacity` hard question ids with the paper's replay rules."""
+
+    def __init__(self, capacity: int = 10_000, seed: int = 0, threshold: float = 0.5):
+        if not _is_int(capacity):
+            raise TypeError(f"capacity must be an integer, got {capacity!r}")
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        if not _is_int(seed):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(threshold, numbers.Real) or not 0.0 < float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+        self.capacity = int(capacity)
+        self.threshold = float(threshold)
+        self._ring = _replay.Ring(self.capacity)
+        self._rng = np.random.Generator(np.random.PCG64(int(seed)))
+        self._history: list[np.ndarray] = []
+
+    # -- the step owner's calls ---------------------------------------------------------
+
+    def update(self, question_ids, accuracies, step: int) -> ReplayUpdate:
+        """Apply one step's plain-rollout accuracies: (n,) distinct int ids, (n,) floats in [0, 1].
+
+        Raises (buffer unchanged) on mismatched lengths, non-integer or duplicate ids,
+        NaN or out-of-range accuracies, or a non-integer step.
+        """
+        ids = _as_ids(question_ids, "question_ids")
+        accs = _as_accuracies(accuracies, "accuracies", ids)
+        if len(ids) != len(accs):
+            raise ValueError(f"question_ids has {len(ids)} entries but accuracies has {len(accs)}")
+        if not _is_int(step):
+            raise TypeError(f"step must be an integer, got {step!r}")
+        admitted, graduated, evicted = self._ring.step(ids, accs, int(step), self.threshold)
+        self._record_exits(graduated)
+        self._record_exits(evicted)
+        return ReplayUpdate(admitted=admitted, graduated=graduated["qid"], evicted=evicted["qid"])
+
+    def __contains__(self, qid) -> bool:
+        if not _is_int(qid):
+            return False
+        if not -(2**63) <= int(qid) < 2**63:
+            return False
+        return self._ring.contains(int(qid))
+
+    def ids(self) -> np.ndarray:
+        """(n,) int64 live ids, oldest first."""
+        return self._ring.records()["qid"]
+
+    def history(self) -> np.ndarray:
+        """(x,) structured array of HISTORY_DTYPE: one row per graduation or eviction, in order."""
+        if len(self._history) != 1:
+            self._history = [np.concatenate(self._history or [np.empty(0, HISTORY_DTYPE)])]
+        return self._history[0].copy()
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: plain ints/floats/strings and numpy arrays."""
+        history = self.history()
+        return {
+            "format": STATE_FORMAT,
+            "capacity": self.capacity,
+            "threshold": self.threshold,
+            "live": dict(self._ring.records()),
+            "history": {name: history[name].copy() for name in HISTORY_DTYPE.names},
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` (numpy arrays, or lists after a JSON round trip).
+
+        Raises ValueError/TypeError naming the bad entry, leaving the buffer unchanged, if the
+        state is for another capacity or threshold or is malformed.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        for key in ("format", "capacity", "threshold", "live", "history", "rng"):
+            if key not in state:
+                raise ValueError(f"state is missing {key!r}")
+        if state["format"] != STATE_FORMAT:
+            raise ValueError(f"state format is {state['format']!r}, expected {STATE_FORMAT!r}")
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"state is for capacity {state['capacity']!r}, this buffer has capacity {self.capacity}")
+        if state["threshold"] != self.threshold:
+            raise ValueError(
+                f"state is for threshold {state['threshold']!r}, this buffer has threshold {self.threshold}"
+            )
+        live = _record_arrays(state["live"], _LIVE_FIELDS, "live")
+        history_fields = {name: HISTORY_DTYPE[name].type for name in HISTORY_DTYPE.names}
+        hist = _record_arrays(state["history"], history_fields, "history")
+        history = np.empty(len(hist["qid"]), HISTORY_DTYPE)
+        for name in HISTORY_DTYPE.names:
+            history[name] = hist[name]
+        rng = np.random.PCG64()
+        try:
+            rng.state = state["rng"]
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"state['rng'] is not a PCG64 state: {err}") from None
+        # The ring checks count and duplicate ids before touching anything.
+        self._ring.load(live["qid"], live["step_admitted"], live["acc_admitted"], live["last_acc"], live["visits"])
+        self._rng = np.random.Generator(rng)
+        self._history = [history]
+
+    # -- callable from other threads too ------------------------------------------------
+
+    def sample(self, k: int) -> np.ndarray:
+        """(min(k, len),) distinct live ids drawn uniformly; they stay in the buffer."""
+        if not _is_int(k) or k < 0:
+            raise ValueError(f"k must be a non-negative integer, got {k!r}")
+        seed = int(self._rng.integers(0, 2**64, dtype=np.uint64))
+        return self._ring.sample(int(k), seed)
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def __repr__(self) -> str:
+        return f"PromptReplayBuffer(len={len(self)}, capacity={self.capacity}, threshold={self.threshold})"
+
+    def _record_exits(self, exits: dict) -> None:
+        if len(exits["qid"]) == 0:
+            return
+        rows = np.empty(len(exits["qid"]), HISTORY_DTYPE)
+        for name in HISTORY_DTYPE.names:
+            rows[name] = exits[name]
+        self._history.append(rows)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_ids(values, name: str) -> np.ndarray:
+    """(n,) int64 from any integer sequence; anything else is a TypeError/ValueError naming `name`."""
+    try:
+        arr = np.asarray(values)
+    except (OverflowError, ValueError) as err:
+        raise ValueError(f"{name} must be a 1-D sequence of int64 ids: {err}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} has id {arr.max()} outside the int64 range")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _as_accuracies(values, name: str, ids: np.ndarray) -> np.ndarray:
+    """(n,) float64 in [0, 1]; NaN or out-of-range values raise ValueError naming the id."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    bad = np.flatnonzero(~((arr >= 0.0) & (arr <= 1.0)))  # catches NaN too
+    if bad.size:
+        i = int(bad[0])
+        which = f" (question id {ids[i]})" if i < len(ids) else ""
+        raise ValueError(f"{name}[{i}] = {arr[i]}{which} is not in [0, 1]")
+    return arr
+
+
+def _record_arrays(table, fields: dict, where: str) -> dict:
+    """Checks a dict of equal-length 1-D arrays from a state dict; returns them converted."""
+    if not isinstance(table, dict):
+        raise ValueError(f"state[{where!r}] must be a dict of arrays, got {type(table).__name__}")
+    out, length = {}, None
+    for name, dtype in fields.items():
+        if name not in table:
+            raise ValueError(f"state[{where!r}] is missing {name!r}")
+        arr = np.asarray(table[name])
+        if arr.ndim != 1:
+            raise ValueError(f"state[{where!r}][{name!r}] must be 1-D, got shape {arr.shape}")
+        if arr.size and (
+            (np.dtype(dtype).kind in "ib" and arr.dtype.kind != np.dtype(dtype).kind)
+            or (np.dtype(dtype).kind == "f" and arr.dtype.kind not in "fiu")
+        ):
+            raise ValueError(f"state[{where!r}][{name!r}] has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+        if np.dtype(dtype).kind == "f" and arr.size and not np.all((arr >= 0.0) & (arr <= 1.0)):
+            raise ValueError(f"state[{where!r}][{name!r}] has accuracies outside [0, 1] (or NaN)")
+        if name == "visits" and arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"state[{where!r}]['visits'] has values outside [0, 2**31)")
+        if length is not None and len(arr) != length:
+            raise ValueError(f"state[{where!r}] arrays have different lengths ({name!r}: {len(arr)} vs {length})")
+        length = len(arr)
+        out[name] = arr
+    return out
