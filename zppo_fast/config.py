@@ -1,0 +1,189 @@
+"""Typed run configuration: one dataclass per component, loaded from TOML, overridden from the CLI.
+
+    cfg = load_config("configs/tiny_cpu.toml", ["--rl.group_size", "8", "--run.steps=20"])
+
+Every key is checked: an unknown section or key is an error that names it and the closest valid
+ones, and values are converted to the field's declared type (so `--rl.lr 3e-3` is a float).
+The defaults are the embedded CPU demo; the paper's Table 8 values live in configs/qwen3_5_*.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a Hugging Face model directory; None builds the tiny model below
+    hidden_size: int = 128
+    num_layers: int = 4  # linear:full attention = 3:1, as in Qwen3.5
+    vocab_size: int = 1024  # of the in-process tokenizer
+    dtype: str = "float32"  # float32 | bfloat16
+
+
+@dataclass
+class TaskConfig:
+    max_operand: int = 20
+    num_terms: int = 2
+    heldout_fraction: float = 0.1
+    num_facts: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class SFTConfig:
+    """The supervised warm-up that gives RL a student which earns some reward."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    cache_dir: str = ".cache/zppo_fast"  # warm-up checkpoints, keyed by a hash of their settings
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "transformers"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 24
+    batch_size: int = 256  # sequences generated together
+
+
+@dataclass
+class RLConfig:
+    algo: str = "grpo"
+    batch_size: int = 16  # B_new: new questions per rollout step
+    group_size: int = 8  # G_S: rollouts per question
+    num_minibatches: int = 4  # I: optimizer steps per rollout step, one pass over the batch
+    micro_batch_size: int = 64  # sequences per forward/backward; does not change the gradient
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float = 10.0
+    advantage_mode: str = "batch_wo_zero"  # batch_wo_zero | batch_w_zero | none | group
+    advantage_eps: float = 1e-6
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    steps: int = 40
+    seed: int = 0
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 10
+    eval_every: int = 10
+    eval_size: int = 128  # held-out questions, greedy, one sample each
+    device: str = "auto"  # auto | cpu | cuda
+    tensorboard: bool = True  # used when the tensorboard package is installed
+    overwrite: bool = False  # replace an existing run folder instead of refusing
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _closest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(sorted(options))})"
+
+
+def _coerce(value: object, kind: object, key: str) -> object:
+    """Convert a TOML or command-line value to the declared field type, or raise naming the key."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"config key '{key}' expects {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: object, origin: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    if section not in sections:
+        raise ConfigError(f"{origin}: unknown config section '{section}'{_closest(section, sections)}")
+    part = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(part)}
+    if key not in fields:
+        dotted = [f"{section}.{k}" for k in fields]
+        raise ConfigError(f"{origin}: unknown config key '{section}.{key}'{_closest(f'{section}.{key}', dotted)}")
+    hints = typing.get_type_hints(type(part))
+    setattr(part, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- TOML file <- `--section.key value` / `--section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key '{section}' must be a [section] table")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, str(path))
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"command line: expected --section.key VALUE, got '{arg}'")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise ConfigError(f"command line: '{arg}' needs a value")
+            value, i = items[i + 1], i + 1
+        section, _, key = name.partition(".")
+        _apply(cfg, section, key, value, "command line")
+        i += 1
+    return cfg

@@ -1,0 +1,67 @@
+"""Questions in, prompts out: the training question stream and the chat-formatted prompt ids.
+
+`QuestionStream` walks the task's training ids in a seeded shuffled order, epoch after epoch; its
+position is two integers, saved in checkpoints so a resumed run sees the same questions.
+"""
+
+from __future__ import annotations
+
+import random
+
+from transformers import PreTrainedTokenizerBase
+
+from zppo_fast import prompts
+from zppo_fast.task import ArithmeticTask
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
+    """Token ids of one user turn with the closing instruction, ending in an open assistant turn."""
+    messages = [{"role": "user", "content": prompts.with_closing(user_text)}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def tokenizer_corpus(task: ArithmeticTask, size: int = 4000, seed: int = 0) -> list[str]:
+    """Text the in-process BPE is trained on: questions, solutions and every prompt template."""
+    rng = random.Random(seed)
+    ids = rng.sample(range(len(task)), min(size, len(task)))
+    corpus = [t for i in ids for t in (task.problem(i).question, task.problem(i).solution)]
+    templates = [prompts.CLOSING_INSTRUCTION, prompts.COMPRESSION_TEMPLATE, prompts.BCQ_INSTRUCTION,
+                 prompts.NCQ_HEADER, "<candidate>\n</candidate>\n<summary>\n</summary>\n<response>\n</response>",
+                 "user\nassistant\nsystem\n"]
+    # Repeating the templates makes BPE merge them into few tokens, keeping BCQ/NCQ prompts short.
+    return corpus + templates * 50
+
+
+class QuestionStream:
+    """Yields batches of training question ids; state is (epoch, index) into a per-epoch shuffle."""
+
+    def __init__(self, ids: list[int], seed: int = 0):
+        if not ids:
+            raise ValueError("the training split is empty: check task.heldout_fraction")
+        self.ids, self.seed = list(ids), seed
+        self.epoch, self.index = 0, 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(self.ids)
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[int]:
+        batch = []
+        while len(batch) < n:
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffle(self.epoch)
+            take = self._order[self.index : self.index + n - len(batch)]
+            batch += take
+            self.index += len(take)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._shuffle(self.epoch)

@@ -1,0 +1,84 @@
+"""The embedded synthetic task: arithmetic word problems with a verifiable \\boxed{} answer.
+
+A question id fully determines its problem, so the replay buffer stores ids only and any rank can
+rebuild the text. Ids index the product space (fact, wording): a *fact* is an expression such as
+`17 - 5`; the held-out split takes whole facts (by a hash), so no held-out fact is ever trained on
+under another wording.
+
+Difficulty knobs: `max_operand` (operands in [0, max_operand]) and `num_terms` (2 or more operands
+joined by + and -, every partial result kept non-negative).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+NAMES = ("Ann", "Bob", "Cai", "Dee", "Eli", "Fay")
+ITEMS = ("pens", "cards", "shells", "coins")
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: int
+    question: str
+    answer: str
+    solution: str  # a worked solution in the format the closing instruction asks for
+
+
+class ArithmeticTask:
+    """Deterministic generator of problems by id; `train_ids()` / `heldout_ids()` split by fact."""
+
+    def __init__(
+        self, max_operand: int = 20, num_terms: int = 2, heldout_fraction: float = 0.1, num_facts: int = 2048, seed: int = 0
+    ):
+        if max_operand < 1 or num_terms < 2 or num_facts < 1 or not 0.0 <= heldout_fraction < 1.0:
+            raise ValueError(
+                f"bad task settings: max_operand={max_operand} (>= 1), num_terms={num_terms} (>= 2), "
+                f"heldout_fraction={heldout_fraction} (in [0, 1)), num_facts={num_facts} (>= 1)"
+            )
+        self.max_operand, self.num_terms, self.seed = max_operand, num_terms, seed
+        self.heldout_fraction = heldout_fraction
+        self._wordings = len(NAMES) * len(ITEMS)
+        # Facts are seeded draws, one per fact index (repeats are harmless: a fact's split is a
+        # function of its content, so a repeat lands in the same split).
+        self.num_facts = num_facts
+        self._facts = [self._make_fact(i) for i in range(self.num_facts)]
+
+    def _make_fact(self, index: int) -> tuple[tuple[str, int], ...]:
+        rng = random.Random(f"{self.seed}:{self.max_operand}:{self.num_terms}:{index}")
+        value = rng.randint(0, self.max_operand)
+        terms: list[tuple[str, int]] = [("", value)]
+        for _ in range(self.num_terms - 1):
+            op = rng.choice("+-")
+            b = rng.randint(0, self.max_operand if op == "+" else min(value, self.max_operand))
+            value = value + b if op == "+" else value - b
+            terms.append((op, b))
+        return tuple(terms)
+
+    def _is_heldout(self, fact: tuple[tuple[str, int], ...]) -> bool:
+        digest = hashlib.sha256(repr(fact).encode()).digest()
+        return int.from_bytes(digest[:8], "little") / 2**64 < self.heldout_fraction
+
+    def train_ids(self) -> list[int]:
+        return [i for i in range(len(self)) if not self._is_heldout(self._facts[i // self._wordings])]
+
+    def heldout_ids(self) -> list[int]:
+        return [i for i in range(len(self)) if self._is_heldout(self._facts[i // self._wordings])]
+
+    def __len__(self) -> int:
+        return self.num_facts * self._wordings
+
+    def problem(self, qid: int) -> Problem:
+        if not 0 <= qid < len(self):
+            raise KeyError(f"question id {qid} is outside the task's range [0, {len(self)})")
+        fact = self._facts[qid // self._wordings]
+        name = NAMES[qid % self._wordings // len(ITEMS)]
+        item = ITEMS[qid % len(ITEMS)]
+        start = fact[0][1]
+        steps = ", ".join(f"gets {b} more" if op == "+" else f"loses {b}" for op, b in fact[1:])
+        question = f"{name} has {start} {item}, {steps}. How many {item} does {name} have now?"
+        expr = f"{start}" + "".join(f"{op}{b}" for op, b in fact[1:])
+        answer = str(eval(expr))  # noqa: S307 - expr is digits and +/- built above
+        return Problem(qid, question, answer, f"<think>{expr}={answer}</think>\n\\boxed{{{answer}}}")
