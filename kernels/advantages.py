@@ -13,10 +13,12 @@ of any int64 value in any order):
 All std are *population* std (divide by the count, not count-1); eps is added to the std,
 outside the square root. Output float32 [R].
 
-Triton: one kernel launch, one program (all phases need the whole batch, and a single
-program makes every phase boundary a cheap CTA barrier instead of a grid sync). Group ids are
-mapped to slots by an open-addressing hash table built with atomic compare-and-swap in a
-scratch buffer, so no sort / unique is needed.
+Triton: one kernel launch. A persistent kernel with one program per SM (all resident) walks
+the rollouts in a grid-stride loop through five phases separated by grid barriers on a
+never-reset counter: (0) clear a hash table, (1) map group ids to slots by open addressing with
+atomic compare-and-swap and accumulate per-group sum / count / min / max with atomics (no sort
+or unique), (2) A' and per-program sums over S, (3) two-pass variance over S, (4) write A.
+Not safe to run concurrently on two CUDA streams (they would share the barrier counter).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Dict
 
 import torch
 
-from ._triton_utils import HAVE_TRITON, kernel, resolve_backend, tl
+from ._triton_utils import HAVE_TRITON, interpreter_active, kernel, resolve_backend, tl, triton
 
 MODES = ("batch_wo_zero", "batch_w_zero", "none", "group")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
@@ -137,138 +139,212 @@ if HAVE_TRITON:
     def _advantages_kernel(
         # pointers: inputs, output
         R, GID, OUT,
-        # pointers: scratch (uninitialised; phase 0 initialises it, so this is the only launch)
-        KEYS, STATS, SLOT,
+        # pointers: scratch (uninitialised: phase 0 initialises it, so no memset launch is needed)
+        KEYS, STATS, SLOT, PART, BAR,
         # shapes
-        n, table_size,
+        n, table_size, n_programs,
         # scalars
         eps, empty_key,
         # meta
-        MODE: tl.constexpr, BLOCK: tl.constexpr,
+        MODE: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr, P_POW2: tl.constexpr,
     ):
-        """Single program. STATS rows: 0 sum r, 1 count, 2 min r, 3 max r, 4 sum (r - mean)^2.
+        """Persistent kernel: ``n_programs`` programs (one per SM, all resident) walk the rollouts
+        in a grid-stride loop; the five phases are separated by grid barriers on the BAR counter.
 
-        Phase boundaries are CTA barriers; reads of values produced by other threads' atomics
-        use cache_modifier=".cg" (L2) so a stale L1 line can never be seen.
+        PHASE = -1: all phases in this one launch (GPU). PHASE = k >= 0: only phase k and no
+        barrier - used to test the multi-program logic in Triton's interpreter, which runs
+        programs one after another and would spin forever in a grid barrier.
+        STATS rows: 0 sum r, 1 count, 2 min r, 3 max r, 4 sum (r - mean)^2.
+        PART [n_programs, 4]: per-program sum A' over S, |S|, sum (A' - mu)^2 over S.
+        Values written by other programs (atomics, PART) are read with cache_modifier=".cg" (L2),
+        so a stale L1 line can never be seen.
         """
+        pid = tl.program_id(0).to(tl.int64)
         lanes = tl.arange(0, BLOCK).to(tl.int64)
         tmask_all = table_size - 1
-        # ---- phase 0: empty hash table
-        for t0 in range(0, table_size, BLOCK):
-            offs = t0 + lanes
-            tl.store(KEYS + offs, tl.full([BLOCK], 0, tl.int64) + empty_key)
-            tl.store(STATS + offs, tl.zeros([BLOCK], tl.float32))
-            tl.store(STATS + table_size + offs, tl.zeros([BLOCK], tl.float32))
-            tl.store(STATS + 2 * table_size + offs, tl.full([BLOCK], float("inf"), tl.float32))
-            tl.store(STATS + 3 * table_size + offs, tl.full([BLOCK], float("-inf"), tl.float32))
-            tl.store(STATS + 4 * table_size + offs, tl.zeros([BLOCK], tl.float32))
-        # a private dummy key per lane, for lanes that are done probing (atomic_cas has no mask)
-        tl.store(KEYS + table_size + lanes, tl.full([BLOCK], 0, tl.int64) + empty_key)
-        tl.debug_barrier()
+        stride = n_programs * BLOCK
+        # ---- phase 0: empty hash table (each program a strided share)
+        if PHASE < 0 or PHASE == 0:
+            for t0 in range(pid * BLOCK, table_size, stride):
+                offs = t0 + lanes
+                tm = offs < table_size
+                tl.store(KEYS + offs, tl.full([BLOCK], 0, tl.int64) + empty_key, mask=tm)
+                tl.store(STATS + offs, tl.zeros([BLOCK], tl.float32), mask=tm)
+                tl.store(STATS + table_size + offs, tl.zeros([BLOCK], tl.float32), mask=tm)
+                tl.store(STATS + 2 * table_size + offs, tl.full([BLOCK], float("inf"), tl.float32), mask=tm)
+                tl.store(STATS + 3 * table_size + offs, tl.full([BLOCK], float("-inf"), tl.float32), mask=tm)
+                tl.store(STATS + 4 * table_size + offs, tl.zeros([BLOCK], tl.float32), mask=tm)
+            # a private dummy key per lane, for lanes that are done probing (atomic_cas has no mask)
+            tl.store(KEYS + table_size + pid * BLOCK + lanes, tl.full([BLOCK], 0, tl.int64) + empty_key)
+        if PHASE < 0:
+            _grid_barrier(BAR, n_programs)
         # ---- phase 1: group id -> slot (open addressing, linear probing), per-slot sums
-        for i0 in range(0, n, BLOCK):
-            offs = i0 + lanes
-            inb = offs < n
-            gid = tl.load(GID + offs, mask=inb, other=0)
-            r = tl.load(R + offs, mask=inb, other=0.0).to(tl.float32)
-            h = gid * -7046029254386353131  # Fibonacci hashing (wraps mod 2**64 on purpose)
-            slot = (h ^ (h >> 29)) & tmask_all
+        if PHASE < 0 or PHASE == 1:
             empty = tl.full([BLOCK], 0, tl.int64) + empty_key
-            pending = inb
-            n_pending = tl.sum(pending.to(tl.int32), axis=0)
-            while n_pending > 0:
-                ptr = tl.where(pending, KEYS + slot, KEYS + table_size + lanes)
-                prev = tl.atomic_cas(ptr, empty, tl.where(pending, gid, empty))
-                hit = pending & ((prev == empty) | (prev == gid))
-                pending = pending & (~hit)
-                slot = tl.where(pending, (slot + 1) & tmask_all, slot)
-                n_pending = tl.sum(pending.to(tl.int32), axis=0)
-            tl.store(SLOT + offs, slot.to(tl.int32), mask=inb)
-            tl.atomic_add(STATS + slot, r, mask=inb)
-            tl.atomic_add(STATS + table_size + slot, tl.full([BLOCK], 1.0, tl.float32), mask=inb)
-            tl.atomic_min(STATS + 2 * table_size + slot, r, mask=inb)
-            tl.atomic_max(STATS + 3 * table_size + slot, r, mask=inb)
-        tl.debug_barrier()
-        # ---- phase 2: A' per rollout; per-group squared deviations; batch sums over S
-        acc1 = tl.zeros([BLOCK], tl.float32)
-        acc_n = tl.zeros([BLOCK], tl.float32)
-        for i0 in range(0, n, BLOCK):
-            offs = i0 + lanes
-            inb = offs < n
-            slot = tl.load(SLOT + offs, mask=inb, other=0).to(tl.int64)
-            r = tl.load(R + offs, mask=inb, other=0.0).to(tl.float32)
-            s1 = tl.load(STATS + slot, mask=inb, other=0.0, cache_modifier=".cg")
-            cnt = tl.load(STATS + table_size + slot, mask=inb, other=1.0, cache_modifier=".cg")
-            mn = tl.load(STATS + 2 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
-            mx = tl.load(STATS + 3 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
-            dev = r - s1 / cnt
-            trivial = mn == mx
-            a1 = tl.where(trivial, 0.0, dev)
-            if MODE == 3:
-                tl.atomic_add(STATS + 4 * table_size + slot, dev * dev, mask=inb)
-            if MODE == 0:
-                in_s = inb & (~trivial)
-            else:
-                in_s = inb
-            acc1 += tl.where(in_s, a1, 0.0)
-            acc_n += tl.where(in_s, 1.0, 0.0)
-            tl.store(OUT + offs, a1, mask=inb)
-        tl.debug_barrier()
-        n_s = tl.maximum(tl.sum(acc_n, axis=0), 1.0)
-        mu = tl.sum(acc1, axis=0) / n_s
-        # ---- phase 3 (batch modes): two-pass variance over S, more accurate than E[x^2]-mu^2
-        sigma = 0.0
-        if MODE <= 1:
-            acc2 = tl.zeros([BLOCK], tl.float32)
-            for i0 in range(0, n, BLOCK):
+            dummy = KEYS + table_size + pid * BLOCK + lanes
+            for i0 in range(pid * BLOCK, n, stride):
                 offs = i0 + lanes
                 inb = offs < n
-                a1 = tl.load(OUT + offs, mask=inb, other=0.0)
+                gid = tl.load(GID + offs, mask=inb, other=0)
+                r = tl.load(R + offs, mask=inb, other=0.0).to(tl.float32)
+                h = gid * -7046029254386353131  # Fibonacci hashing (wraps mod 2**64 on purpose)
+                slot = (h ^ (h >> 29)) & tmask_all
+                pending = inb
+                n_pending = tl.sum(pending.to(tl.int32), axis=0)
+                while n_pending > 0:
+                    ptr = tl.where(pending, KEYS + slot, dummy)
+                    prev = tl.atomic_cas(ptr, empty, tl.where(pending, gid, empty))
+                    hit = pending & ((prev == empty) | (prev == gid))
+                    pending = pending & (~hit)
+                    slot = tl.where(pending, (slot + 1) & tmask_all, slot)
+                    n_pending = tl.sum(pending.to(tl.int32), axis=0)
+                tl.store(SLOT + offs, slot.to(tl.int32), mask=inb)
+                tl.atomic_add(STATS + slot, r, mask=inb)
+                tl.atomic_add(STATS + table_size + slot, tl.full([BLOCK], 1.0, tl.float32), mask=inb)
+                tl.atomic_min(STATS + 2 * table_size + slot, r, mask=inb)
+                tl.atomic_max(STATS + 3 * table_size + slot, r, mask=inb)
+        if PHASE < 0:
+            _grid_barrier(BAR, n_programs)
+        # ---- phase 2: A' per rollout, per-group squared deviations, per-program sums over S
+        if PHASE < 0 or PHASE == 2:
+            acc1 = tl.zeros([BLOCK], tl.float32)
+            acc_n = tl.zeros([BLOCK], tl.float32)
+            for i0 in range(pid * BLOCK, n, stride):
+                offs = i0 + lanes
+                inb = offs < n
+                slot = tl.load(SLOT + offs, mask=inb, other=0).to(tl.int64)
+                r = tl.load(R + offs, mask=inb, other=0.0).to(tl.float32)
+                s1 = tl.load(STATS + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                cnt = tl.load(STATS + table_size + slot, mask=inb, other=1.0, cache_modifier=".cg")
+                mn = tl.load(STATS + 2 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                mx = tl.load(STATS + 3 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                dev = r - s1 / cnt
+                trivial = mn == mx
+                a1 = tl.where(trivial, 0.0, dev)
+                if MODE == 3:
+                    tl.atomic_add(STATS + 4 * table_size + slot, dev * dev, mask=inb)
                 if MODE == 0:
+                    in_s = inb & (~trivial)
+                else:
+                    in_s = inb
+                acc1 += tl.where(in_s, a1, 0.0)
+                acc_n += tl.where(in_s, 1.0, 0.0)
+                tl.store(OUT + offs, a1, mask=inb)
+            tl.store(PART + pid * 4 + 0, tl.sum(acc1, axis=0))
+            tl.store(PART + pid * 4 + 1, tl.sum(acc_n, axis=0))
+        if PHASE < 0:
+            _grid_barrier(BAR, n_programs)
+        # ---- phase 3 (batch modes): two-pass variance over S (more accurate than E[x^2] - mu^2)
+        if MODE <= 1:
+            if PHASE < 0 or PHASE == 3:
+                pp = tl.arange(0, P_POW2)
+                pm = pp < n_programs
+                n_s = tl.maximum(tl.sum(tl.load(PART + pp * 4 + 1, mask=pm, other=0.0, cache_modifier=".cg"), 0), 1.0)
+                mu = tl.sum(tl.load(PART + pp * 4 + 0, mask=pm, other=0.0, cache_modifier=".cg"), 0) / n_s
+                acc2 = tl.zeros([BLOCK], tl.float32)
+                for i0 in range(pid * BLOCK, n, stride):
+                    offs = i0 + lanes
+                    inb = offs < n
+                    a1 = tl.load(OUT + offs, mask=inb, other=0.0)
+                    if MODE == 0:
+                        slot = tl.load(SLOT + offs, mask=inb, other=0).to(tl.int64)
+                        mn = tl.load(STATS + 2 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                        mx = tl.load(STATS + 3 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                        in_s = inb & (mn != mx)
+                    else:
+                        in_s = inb
+                    d = a1 - mu
+                    acc2 += tl.where(in_s, d * d, 0.0)
+                tl.store(PART + pid * 4 + 2, tl.sum(acc2, axis=0))
+            if PHASE < 0:
+                _grid_barrier(BAR, n_programs)
+        # ---- phase 4: final advantages
+        if MODE != 2:
+            if PHASE < 0 or PHASE == 4:
+                pp = tl.arange(0, P_POW2)
+                pm = pp < n_programs
+                n_s = tl.maximum(tl.sum(tl.load(PART + pp * 4 + 1, mask=pm, other=0.0, cache_modifier=".cg"), 0), 1.0)
+                mu = tl.sum(tl.load(PART + pp * 4 + 0, mask=pm, other=0.0, cache_modifier=".cg"), 0) / n_s
+                var = tl.sum(tl.load(PART + pp * 4 + 2, mask=pm, other=0.0, cache_modifier=".cg"), 0) / n_s
+                sigma = tl.sqrt(var)
+                for i0 in range(pid * BLOCK, n, stride):
+                    offs = i0 + lanes
+                    inb = offs < n
+                    a1 = tl.load(OUT + offs, mask=inb, other=0.0)
                     slot = tl.load(SLOT + offs, mask=inb, other=0).to(tl.int64)
                     mn = tl.load(STATS + 2 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
                     mx = tl.load(STATS + 3 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
-                    in_s = inb & (mn != mx)
-                else:
-                    in_s = inb
-                d = a1 - mu
-                acc2 += tl.where(in_s, d * d, 0.0)
-            sigma = tl.sqrt(tl.sum(acc2, axis=0) / n_s)
+                    trivial = mn == mx
+                    if MODE == 3:
+                        sq = tl.load(STATS + 4 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
+                        cnt = tl.load(STATS + table_size + slot, mask=inb, other=1.0, cache_modifier=".cg")
+                        a = a1 / (tl.sqrt(sq / cnt) + eps)
+                    else:
+                        a = (a1 - mu) / (sigma + eps)
+                    tl.store(OUT + offs, tl.where(trivial, 0.0, a), mask=inb)
+
+    @triton.jit
+    def _grid_barrier(BAR, n_programs):
+        """Grid-wide barrier on a monotonically increasing int64 counter (never reset, so no
+        memset launch): each program's arrival ticket says which generation it is in, and it
+        waits until all ``n_programs`` arrivals of that generation are in. Needs all programs
+        resident at once (the launcher uses at most one program per SM) and ``n_programs`` equal
+        for every launch that shares BAR (the launcher caches one counter per device x size)."""
+        tl.debug_barrier()  # this program's stores are done before it arrives
+        ticket = tl.atomic_add(BAR, 1, sem="acq_rel")  # scalar atomic: one thread per program
+        target = (ticket // n_programs + 1) * n_programs
+        seen = tl.atomic_add(BAR, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(BAR, 0, sem="acquire")
         tl.debug_barrier()
-        # ---- phase 4: final advantages
-        if MODE != 2:
-            for i0 in range(0, n, BLOCK):
-                offs = i0 + lanes
-                inb = offs < n
-                a1 = tl.load(OUT + offs, mask=inb, other=0.0)
-                slot = tl.load(SLOT + offs, mask=inb, other=0).to(tl.int64)
-                mn = tl.load(STATS + 2 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
-                mx = tl.load(STATS + 3 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
-                trivial = mn == mx
-                if MODE == 3:
-                    sq = tl.load(STATS + 4 * table_size + slot, mask=inb, other=0.0, cache_modifier=".cg")
-                    cnt = tl.load(STATS + table_size + slot, mask=inb, other=1.0, cache_modifier=".cg")
-                    a = a1 / (tl.sqrt(sq / cnt) + eps)
-                else:
-                    a = (a1 - mu) / (sigma + eps)
-                tl.store(OUT + offs, tl.where(trivial, 0.0, a), mask=inb)
 
 
-def _advantages_triton(r, g, mode, eps):
-    """One launch, one program. Scratch ~ 28 bytes x 2R (hash table at most half full)."""
+_BARRIERS: Dict[tuple, torch.Tensor] = {}
+
+
+def _barrier_counter(device: torch.device, n_programs: int) -> torch.Tensor:
+    """One never-reset int64 counter per (device, program count), zeroed once at creation."""
+    key = (str(device), n_programs)
+    if key not in _BARRIERS:
+        _BARRIERS[key] = torch.zeros(1, dtype=torch.int64, device=device)
+    return _BARRIERS[key]
+
+
+def _advantages_triton(r, g, mode, eps, n_programs=None, phased=None):
+    """One launch of a persistent kernel on CUDA (one program per SM, up to what the batch needs).
+
+    In the interpreter (CPU) the phases run as separate launches over the same program count,
+    because programs run one after another there and cannot meet in a grid barrier.
+    Scratch ~ 28 bytes x 2R (hash table at most half full).
+    """
     n = r.numel()
-    on_gpu = r.device.type == "cuda"
-    block = 4096 if on_gpu else 1024
+    on_gpu = r.device.type == "cuda" and not interpreter_active()
+    block = 512 if on_gpu else 1024
+    if n_programs is None:
+        if on_gpu:
+            sms = torch.cuda.get_device_properties(r.device).multi_processor_count
+            n_programs = max(1, min(sms, triton_cdiv(n, block)))
+        else:
+            n_programs = 1
+    if phased is None:
+        phased = not on_gpu
     table = max(_next_pow2(2 * n), block)
-    keys = torch.empty(table + block, dtype=torch.int64, device=r.device)
+    keys = torch.empty(table + n_programs * block, dtype=torch.int64, device=r.device)
     stats = torch.empty((5, table), dtype=torch.float32, device=r.device)
     slot = torch.empty(n, dtype=torch.int32, device=r.device)
+    part = torch.empty((n_programs, 4), dtype=torch.float32, device=r.device)
     out = torch.empty(n, dtype=torch.float32, device=r.device)
-    extra = {"num_warps": 16} if on_gpu else {}
-    kernel(_advantages_kernel, r.device)[(1,)](
-        r, g, out, keys, stats, slot, n, table, float(eps), _EMPTY,
-        MODE=_MODE_ID[mode], BLOCK=block, **extra)
+    bar = _barrier_counter(r.device, n_programs)
+    extra = {"num_warps": 4} if on_gpu else {}
+    launch = kernel(_advantages_kernel, r.device)[(n_programs,)]
+    for phase in (range(5) if phased else [-1]):
+        launch(r, g, out, keys, stats, slot, part, bar, n, table, n_programs, float(eps), _EMPTY,
+               MODE=_MODE_ID[mode], PHASE=phase, BLOCK=block, P_POW2=_next_pow2(n_programs), **extra)
     return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 def _next_pow2(x: int) -> int:
