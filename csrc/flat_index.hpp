@@ -40,6 +40,20 @@ class FlatIndex {
     }
   }
 
+  // Inserts key -> value unless key is present; returns whether it inserted. One probe run.
+  bool insert_if_absent(std::int64_t key, std::uint64_t value) {
+    if (2 * (size_ + 1) > buckets_.size()) grow();
+    for (std::size_t i = home(key);; i = (i + 1) & mask_) {
+      Bucket& b = buckets_[i];
+      if (b.value_plus1 == 0) {
+        b = Bucket{key, value + 1};
+        ++size_;
+        return true;
+      }
+      if (b.key == key) return false;
+    }
+  }
+
   void insert_or_assign(std::int64_t key, std::uint64_t value) {
     if (2 * (size_ + 1) > buckets_.size()) grow();
     for (std::size_t i = home(key);; i = (i + 1) & mask_) {

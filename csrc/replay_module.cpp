@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -38,40 +39,37 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
   return a;
 }
 
-// Records as a dict of equal-length arrays (the shape the state dict and history use).
-py::dict records_to_dict(const std::vector<Record>& recs) {
-  std::vector<std::int64_t> qid, step_admitted, visits;
-  std::vector<double> acc_admitted, last_acc;
-  for (const Record& r : recs) {
-    qid.push_back(r.qid);
-    step_admitted.push_back(r.step_admitted);
-    acc_admitted.push_back(r.acc_admitted);
-    last_acc.push_back(r.last_acc);
-    visits.push_back(r.visits);
-  }
+// Records (and, for exits, their exit step and kind) as a dict of equal-length arrays, the
+// shape the state dict and history use. Written column by column straight into numpy.
+template <typename T, typename Get>
+py::array_t<T> column(std::size_t n, Get get) {
+  py::array_t<T> a(static_cast<py::ssize_t>(n));
+  T* out = a.mutable_data();
+  for (std::size_t i = 0; i < n; ++i) out[i] = get(i);
+  return a;
+}
+
+template <typename Rec>
+py::dict records_to_dict(const std::vector<Rec>& v, const Record& (*rec)(const Rec&)) {
+  const std::size_t n = v.size();
   py::dict d;
-  d["qid"] = to_numpy(qid);
-  d["step_admitted"] = to_numpy(step_admitted);
-  d["acc_admitted"] = to_numpy(acc_admitted);
-  d["last_acc"] = to_numpy(last_acc);
-  d["visits"] = to_numpy(visits);
+  d["qid"] = column<std::int64_t>(n, [&](std::size_t i) { return rec(v[i]).qid; });
+  d["step_admitted"] = column<std::int64_t>(n, [&](std::size_t i) { return rec(v[i]).step_admitted; });
+  d["acc_admitted"] = column<double>(n, [&](std::size_t i) { return rec(v[i]).acc_admitted; });
+  d["last_acc"] = column<double>(n, [&](std::size_t i) { return rec(v[i]).last_acc; });
+  d["visits"] = column<std::int64_t>(n, [&](std::size_t i) { return std::int64_t{rec(v[i]).visits}; });
   return d;
 }
 
+py::dict records_to_dict(const std::vector<Record>& recs) {
+  return records_to_dict<Record>(recs, [](const Record& r) -> const Record& { return r; });
+}
+
 py::dict exits_to_dict(const std::vector<Exit>& exits) {
-  std::vector<Record> recs;
-  std::vector<std::int64_t> exit_step;
-  std::vector<bool> graduated;
-  for (const Exit& e : exits) {
-    recs.push_back(e.record);
-    exit_step.push_back(e.exit_step);
-    graduated.push_back(e.record.state == EntryState::kGraduated);
-  }
-  py::dict d = records_to_dict(recs);
-  d["exit_step"] = to_numpy(exit_step);
-  py::array_t<bool> g(static_cast<py::ssize_t>(graduated.size()));
-  std::copy(graduated.begin(), graduated.end(), g.mutable_data());
-  d["graduated"] = g;
+  py::dict d = records_to_dict<Exit>(exits, [](const Exit& e) -> const Record& { return e.record; });
+  const std::size_t n = exits.size();
+  d["exit_step"] = column<std::int64_t>(n, [&](std::size_t i) { return exits[i].exit_step; });
+  d["graduated"] = column<bool>(n, [&](std::size_t i) { return exits[i].record.state == EntryState::kGraduated; });
   return d;
 }
 
@@ -95,7 +93,7 @@ Ring(capacity): the C++ replay ring. Concurrency contract (see replay_ring.hpp):
 admit() and sample() may run from many threads at once; step(), contains(), records() and
 load() belong to one step owner and raise RuntimeError if they overlap any other call.
 )doc")
-      .def(py::init<std::size_t>(), py::arg("capacity"))
+      .def(py::init<std::size_t, std::uint64_t>(), py::arg("capacity"), py::arg("seed") = 0)
       .def_property_readonly("capacity", &ReplayRing::capacity)
       .def("__len__", &ReplayRing::size)
       .def(
@@ -103,6 +101,7 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
           [](ReplayRing& r, const I64Array& qids, const F64Array& accs, std::int64_t step) {
             check_lengths(qids, accs);
             std::vector<Exit> evicted;
+            evicted.reserve(static_cast<std::size_t>(qids.shape(0)));  // at most one per admission
             {
               py::gil_scoped_release nogil;
               r.admit(qids.data(), accs.data(), static_cast<std::size_t>(qids.shape(0)), step, &evicted);
@@ -114,17 +113,24 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
           "not live). Returns the records evicted meanwhile as a dict of (e,) arrays.")
       .def(
           "sample",
-          [](const ReplayRing& r, std::size_t k, std::uint64_t seed) {
-            std::vector<std::int64_t> out(k);
+          [](ReplayRing& r, std::size_t k) {
+            py::array_t<std::int64_t> out(static_cast<py::ssize_t>(std::min(k, r.slot_count())));
+            std::int64_t* data = out.mutable_data();
             std::size_t got;
             {
               py::gil_scoped_release nogil;
-              got = r.sample(k, seed, out.data());
+              got = r.sample(k, data);
             }
-            out.resize(got);
-            return to_numpy(out);
+            return got == static_cast<std::size_t>(out.shape(0)) ? out : py::array_t<std::int64_t>(out[py::slice(0, got, 1)]);
           },
-          py::arg("k"), py::arg("seed"), "(min(k, live),) distinct live ids, uniformly chosen.")
+          py::arg("k"), "(min(k, live),) distinct live ids, uniformly chosen; the next call of the sampler stream.")
+      .def(
+          "sampler_state",
+          [](const ReplayRing& r) {
+            const auto st = r.sampler_state();
+            return py::make_tuple(st.key, st.calls);
+          },
+          "(key, calls): the counter-based sampler's whole state.")
       .def(
           "step",
           [](ReplayRing& r, const I64Array& qids, const F64Array& accs, std::int64_t step, double threshold) {
@@ -145,7 +151,7 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
       .def(
           "load",
           [](ReplayRing& r, const I64Array& qid, const I64Array& step_admitted, const F64Array& acc_admitted,
-             const F64Array& last_acc, const I64Array& visits) {
+             const F64Array& last_acc, const I64Array& visits, std::uint64_t sampler_key, std::uint64_t sampler_calls) {
             const py::ssize_t n = qid.shape(0);
             if (step_admitted.shape(0) != n || acc_admitted.shape(0) != n || last_acc.shape(0) != n ||
                 visits.shape(0) != n)
@@ -155,10 +161,11 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
               recs[i] = Record{qid.at(i), step_admitted.at(i), acc_admitted.at(i), last_acc.at(i),
                                static_cast<std::int32_t>(visits.at(i)), EntryState::kLive};
             py::gil_scoped_release nogil;
-            r.load(recs);
+            r.load(recs, ReplayRing::SamplerState{sampler_key, sampler_calls});
           },
           py::arg("qid"), py::arg("step_admitted"), py::arg("acc_admitted"), py::arg("last_acc"),
-          py::arg("visits"), "Replace the contents with these live records (oldest first).");
+          py::arg("visits"), py::arg("sampler_key"), py::arg("sampler_calls"),
+          "Replace the contents with these live records (oldest first) and the sampler state.");
 
   m.def(
       "bench",

@@ -33,6 +33,7 @@
 //       reads the same seq before and after reading a qid has read that ticket's qid.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -116,15 +117,19 @@ class AccessGate {
   alignas(64) mutable std::atomic<bool> exclusive_{false};
 };
 
+// splitmix64's output function: a strong 64-bit bijective mix.
+inline std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
 // splitmix64: tiny, seedable from one integer, good enough for choosing replayed prompts.
 class SplitMix64 {
  public:
   explicit SplitMix64(std::uint64_t seed) : s_(seed) {}
   std::uint64_t next() {
-    std::uint64_t z = (s_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
+    return mix64(s_ += 0x9e3779b97f4a7c15ULL);
   }
   // Uniform in [0, n), unbiased (Lemire's multiply-shift with rejection). n > 0.
   std::uint64_t below(std::uint64_t n) {
@@ -149,7 +154,16 @@ class ReplayRing {
   // Admitters beyond this many at once still work; they just spin while the slots are full.
   static constexpr std::size_t kMaxConcurrentAdmitters = 64;
 
-  explicit ReplayRing(std::size_t capacity) : capacity_(capacity), index_(capacity) {
+  // The sampler is counter-based: call number c of sample() draws from a splitmix stream
+  // seeded with mix64(key ^ mix64(c)), so its whole state is (key, calls), concurrent
+  // samplers never share a stream, and a checkpoint restores it exactly.
+  struct SamplerState {
+    std::uint64_t key;
+    std::uint64_t calls;
+  };
+
+  explicit ReplayRing(std::size_t capacity, std::uint64_t seed = 0)
+      : sampler_key_(mix64(seed)), capacity_(capacity), index_(capacity) {
     if (capacity == 0) throw std::invalid_argument("capacity must be positive, got 0");
     // I1 with room for every in-flight admitter: at most capacity published entries plus,
     // per admitter, one claimed-but-unpublished ticket and one published-not-yet-evicted one.
@@ -161,6 +175,8 @@ class ReplayRing {
   }
 
   std::size_t capacity() const { return capacity_; }
+  // Upper bound on what one sample() can return, even mid-admission (I1).
+  std::size_t slot_count() const { return slots_.size(); }
   // Live entries; exact once admitters are quiescent.
   std::size_t size() const { return count_.load(std::memory_order_acquire); }
 
@@ -172,10 +188,12 @@ class ReplayRing {
     for (std::size_t i = 0; i < n; ++i) admit_one(qids[i], accs[i], step, evicted);
   }
 
-  // Writes min(k, live) distinct live ids, uniformly chosen, to out; returns how many.
-  std::size_t sample(std::size_t k, std::uint64_t seed, std::int64_t* out) const {
+  // Writes min(k, live) distinct live ids, uniformly chosen, to out (room for
+  // min(k, slot_count())); returns how many.
+  std::size_t sample(std::size_t k, std::int64_t* out) {
     AccessGate::Shared guard(gate_);
-    SplitMix64 rng(seed);
+    const std::uint64_t call = sampler_calls_.fetch_add(1, std::memory_order_relaxed);
+    SplitMix64 rng(mix64(sampler_key_ ^ mix64(call)));
     const std::uint64_t head = head_.load(std::memory_order_acquire);
     const std::uint64_t tail = tail_.load(std::memory_order_acquire);
     const std::uint64_t window = tail - head;  // tail read after head, so tail >= head
@@ -183,15 +201,13 @@ class ReplayRing {
     // Rejection over the window is uniform among live entries (each position is equally
     // likely, dead ones are redrawn); it pays off while k is well below the live count.
     if (2 * k < size()) {
-      FlatIndex chosen(k);
+      thread_local FlatIndex chosen;  // reused: no allocation per call
+      chosen.reset(k);
       std::size_t got = 0;
       for (std::size_t tries = 0; got < k && tries < 4 * k + 64; ++tries) {
         const std::uint64_t p = head + rng.below(window);
         std::int64_t qid;
-        std::uint64_t unused;
-        if (!read_live_qid(p, qid) || chosen.find(static_cast<std::int64_t>(p), unused)) continue;
-        chosen.insert_or_assign(static_cast<std::int64_t>(p), 0);
-        out[got++] = qid;
+        if (read_live_qid(p, qid) && chosen.insert_if_absent(static_cast<std::int64_t>(p), 0)) out[got++] = qid;
       }
       if (got == k) return k;
       // Too many dead draws (heavy concurrent churn): start over with the scan, which is
@@ -203,7 +219,7 @@ class ReplayRing {
       std::int64_t qid;
       if (read_live_qid(p, qid)) live.push_back(qid);
     }
-    const std::size_t m = k < live.size() ? k : live.size();
+    const std::size_t m = std::min({k, live.size(), slots_.size()});
     for (std::size_t i = 0; i < m; ++i) {  // partial Fisher-Yates
       const std::size_t j = i + static_cast<std::size_t>(rng.below(live.size() - i));
       std::swap(live[i], live[j]);
@@ -221,8 +237,11 @@ class ReplayRing {
     AccessGate::Exclusive guard(gate_);
     check_distinct(qids, n);
     catch_up_index();
+    // Exact reservations: growing large vectors step by step costs page faults every call.
     StepResult result;
-    std::vector<std::size_t> to_admit;
+    result.admitted.reserve(n);
+    result.graduated.reserve(n);
+    to_admit_.clear();
     bool holes = false;
     for (std::size_t i = 0; i < n; ++i) {
       std::uint64_t p;
@@ -238,14 +257,15 @@ class ReplayRing {
           holes = true;
         }
       } else if (accs[i] < threshold) {
-        to_admit.push_back(i);
+        to_admit_.push_back(i);
       }
     }
     if (holes) compact();
-    for (std::size_t i : to_admit) {
+    result.evicted.reserve(to_admit_.size());
+    for (std::size_t i : to_admit_) {
       index_.insert_or_assign(qids[i], tail_.load(std::memory_order_relaxed));
       result.admitted.push_back(qids[i]);
-      admit_one(qids[i], accs[i], step, &result.evicted);
+      admit_owned(qids[i], accs[i], step, &result.evicted);
     }
     for (const Exit& e : result.evicted) index_.erase(e.record.qid);
     indexed_upto_ = tail_.load(std::memory_order_relaxed);
@@ -262,16 +282,23 @@ class ReplayRing {
   // Live records, oldest first.
   std::vector<Record> records() const {
     AccessGate::Exclusive guard(gate_);
-    std::vector<Record> out;
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
     const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
-    for (std::uint64_t p = head_.load(std::memory_order_relaxed); p != tail; ++p)
+    std::vector<Record> out;
+    out.reserve(tail - head);
+    for (std::uint64_t p = head; p != tail; ++p)
       out.push_back(slot(p).record());
     return out;
   }
 
   // Replaces the contents with `records` (oldest first, all live). Throws
   // std::invalid_argument (ring unchanged) if they exceed capacity or repeat an id.
-  void load(const std::vector<Record>& records) {
+  SamplerState sampler_state() const {
+    AccessGate::Exclusive guard(gate_);
+    return SamplerState{sampler_key_, sampler_calls_.load(std::memory_order_relaxed)};
+  }
+
+  void load(const std::vector<Record>& records, SamplerState sampler) {
     AccessGate::Exclusive guard(gate_);
     if (records.size() > capacity_)
       throw std::invalid_argument("state holds " + std::to_string(records.size()) +
@@ -290,6 +317,8 @@ class ReplayRing {
     tail_.store(records.size(), std::memory_order_relaxed);
     count_.store(records.size(), std::memory_order_relaxed);
     indexed_upto_ = records.size();
+    sampler_key_ = sampler.key;
+    sampler_calls_.store(sampler.calls, std::memory_order_relaxed);
   }
 
  private:
@@ -352,6 +381,28 @@ class ReplayRing {
       evicted->push_back(Exit{evict_oldest(), step});
       count_.fetch_sub(1, std::memory_order_acq_rel);
     }
+  }
+
+  // admit_one for the step owner: the gate keeps everyone else out, so plain loads and
+  // stores do what the CAS loops do, at a fraction of the cost.
+  void admit_owned(std::int64_t qid, double acc, std::int64_t step, std::vector<Exit>* evicted) {
+    const std::uint64_t p = tail_.load(std::memory_order_relaxed);
+    Slot& s = slot(p);
+    s.set(Record{qid, step, acc, acc, 0, EntryState::kLive});
+    s.seq.store(p + 1, std::memory_order_relaxed);
+    tail_.store(p + 1, std::memory_order_relaxed);
+    const std::size_t live = count_.load(std::memory_order_relaxed) + 1;
+    if (live <= capacity_) {
+      count_.store(live, std::memory_order_relaxed);
+      return;
+    }
+    const std::uint64_t h = head_.load(std::memory_order_relaxed);
+    Slot& e = slot(h);
+    Record r = e.record();
+    r.state = EntryState::kEvicted;
+    evicted->push_back(Exit{r, step});
+    e.seq.store(h + slots_.size(), std::memory_order_relaxed);
+    head_.store(h + 1, std::memory_order_relaxed);
   }
 
   // Vyukov dequeue of ticket head_. The head may belong to an admitter still writing
@@ -431,12 +482,9 @@ class ReplayRing {
 
   void check_distinct(const std::int64_t* qids, std::size_t n) {
     scratch_.reset(n);
-    std::uint64_t unused;
-    for (std::size_t i = 0; i < n; ++i) {
-      if (scratch_.find(qids[i], unused))
+    for (std::size_t i = 0; i < n; ++i)
+      if (!scratch_.insert_if_absent(qids[i], i))
         throw std::invalid_argument("question_ids contains duplicate id " + std::to_string(qids[i]));
-      scratch_.insert_or_assign(qids[i], i);
-    }
   }
 
   void reset_slots() {
@@ -452,7 +500,9 @@ class ReplayRing {
   alignas(64) std::atomic<std::uint64_t> head_{0};  // oldest ticket still in the ring
   alignas(64) std::atomic<std::uint64_t> tail_{0};  // next ticket to claim
   alignas(64) std::atomic<std::size_t> count_{0};   // live entries (see admit_one)
+  alignas(64) std::atomic<std::uint64_t> sampler_calls_{0};
   AccessGate gate_;
+  std::uint64_t sampler_key_;
 
   // Read-mostly or owner-only state.
   alignas(64) std::size_t capacity_;
@@ -460,6 +510,7 @@ class ReplayRing {
   std::uint64_t mask_ = 0;
   FlatIndex index_;              // qid -> ticket, owner only; may hold stale evicted ids
   FlatIndex scratch_;            // owner only: duplicate check
+  std::vector<std::size_t> to_admit_;  // owner only: step()'s admissions
   std::uint64_t indexed_upto_ = 0;
 };
 

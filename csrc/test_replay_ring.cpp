@@ -132,7 +132,7 @@ void test_step_matches_model(std::size_t capacity, int steps, std::uint64_t seed
 void test_sample_basics() {
   ReplayRing ring(100);
   std::int64_t out[200];
-  CHECK(ring.sample(5, 1, out) == 0);
+  CHECK(ring.sample(5, out) == 0);
   std::vector<std::int64_t> ids;
   std::vector<double> accs;
   for (std::int64_t i = 0; i < 60; ++i) {
@@ -141,7 +141,7 @@ void test_sample_basics() {
   }
   ring.step(ids.data(), accs.data(), ids.size(), 0, 0.5);
   for (std::size_t k : {1, 10, 29, 30, 59, 60, 61, 200}) {
-    const std::size_t got = ring.sample(k, k, out);
+    const std::size_t got = ring.sample(k, out);
     CHECK(got == std::min<std::size_t>(k, 60));
     std::set<std::int64_t> seen(out, out + got);
     CHECK(seen.size() == got);
@@ -204,7 +204,7 @@ void test_concurrent_stress(std::size_t capacity) {
   std::thread sampler([&] {
     std::vector<std::int64_t> out(64);
     for (std::uint64_t seed = 0; !done.load(std::memory_order_acquire); ++seed) {
-      const std::size_t got = ring.sample(1 + seed % 64, seed, out.data());
+      const std::size_t got = ring.sample(1 + seed % 64, out.data());
       std::set<std::int64_t> seen(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(got));
       CHECK(seen.size() == got);
       for (std::int64_t q : seen) CHECK(q >= 0 && q < kThreads * kPerThread);

@@ -200,6 +200,9 @@ def test_sample_all_when_fewer_and_deterministic():
     for buf_ in (a, b):
         buf_.update(np.arange(10), np.zeros(10), 0)
     assert [a.sample(4).tolist() for _ in range(5)] == [b.sample(4).tolist() for _ in range(5)]
+    c = PromptReplayBuffer(10, seed=8)
+    c.update(np.arange(10), np.zeros(10), 0)
+    assert [a.sample(4).tolist() for _ in range(5)] != [c.sample(4).tolist() for _ in range(5)]
 
 
 # --- checkpoint / resume --------------------------------------------------------------------
@@ -288,7 +291,8 @@ def corrupt(state, path, value):
         (("live", "acc_admitted"), np.full(8, np.nan), "outside"),
         (("live", "qid"), np.zeros(8, dtype=np.int64), "duplicate"),
         (("history", "graduated"), np.zeros(5, dtype=np.int64), "dtype"),
-        (("rng",), {"bit_generator": "PCG64", "state": "garbage"}, "rng"),
+        (("sampler",), {"key": 1, "calls": -1}, "sampler"),
+        (("sampler",), {"key": "x", "calls": 0}, "sampler"),
     ],
 )
 def test_bad_state_dict_raises_and_leaves_buffer_unchanged(path, value, match):
@@ -329,12 +333,10 @@ def test_concurrent_admission_accounts_for_every_id():
             evicted[t].append(ring.admit(ids, np.full(batch, 0.25), t)["qid"])
 
     def sampler():
-        seed = 0
         while not stop.is_set():
-            s = ring.sample(96, seed)
+            s = ring.sample(96)
             assert len(set(s.tolist())) == len(s)
             sampled.append(s)
-            seed += 1
 
     threads = [threading.Thread(target=admitter, args=(t,)) for t in range(4)]
     watcher = threading.Thread(target=sampler)

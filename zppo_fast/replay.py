@@ -9,8 +9,8 @@ Plain-rollout accuracy alone decides, once per step, in the paper's order:
 Replayed questions are drawn uniformly without removal (`sample`).
 
 The store is the lock-free C++ ring in csrc/replay_ring.hpp (module zppo_fast._replay);
-this class checks arguments, keeps the sampler's random state and the exit history, and
-saves/restores everything as plain numpy. One step owner calls `update`, `__contains__`,
+this class checks arguments, keeps the exit history, and saves/restores everything (the
+counter-based sampler's state included) as plain ints and numpy arrays. One step owner calls `update`, `__contains__`,
 `ids`, `state_dict` and `load_state_dict`; `sample` and `len` may also be called from other
 threads, but not while an owner call runs (the ring raises RuntimeError if they overlap).
 Threads that must admit concurrently use the raw ring, `zppo_fast._replay.Ring.admit`.
@@ -74,8 +74,7 @@ class PromptReplayBuffer:
             raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
         self.capacity = int(capacity)
         self.threshold = float(threshold)
-        self._ring = _replay.Ring(self.capacity)
-        self._rng = np.random.Generator(np.random.PCG64(int(seed)))
+        self._ring = _replay.Ring(self.capacity, int(seed) % 2**64)
         self._history: list[np.ndarray] = []
 
     # -- the step owner's calls ---------------------------------------------------------
@@ -123,7 +122,7 @@ class PromptReplayBuffer:
             "threshold": self.threshold,
             "live": dict(self._ring.records()),
             "history": {name: history[name].copy() for name in HISTORY_DTYPE.names},
-            "rng": self._rng.bit_generator.state,
+            "sampler": dict(zip(("key", "calls"), self._ring.sampler_state())),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -134,7 +133,7 @@ class PromptReplayBuffer:
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        for key in ("format", "capacity", "threshold", "live", "history", "rng"):
+        for key in ("format", "capacity", "threshold", "live", "history", "sampler"):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}")
         if state["format"] != STATE_FORMAT:
@@ -151,14 +150,18 @@ class PromptReplayBuffer:
         history = np.empty(len(hist["qid"]), HISTORY_DTYPE)
         for name in HISTORY_DTYPE.names:
             history[name] = hist[name]
-        rng = np.random.PCG64()
-        try:
-            rng.state = state["rng"]
-        except (TypeError, ValueError, KeyError) as err:
-            raise ValueError(f"state['rng'] is not a PCG64 state: {err}") from None
+        sampler = state["sampler"]
+        if not (
+            isinstance(sampler, dict)
+            and sampler.keys() == {"key", "calls"}
+            and all(_is_int(v) and 0 <= v < 2**64 for v in sampler.values())
+        ):
+            raise ValueError(f"state['sampler'] must be {{'key': uint64, 'calls': uint64}}, got {sampler!r}")
         # The ring checks count and duplicate ids before touching anything.
-        self._ring.load(live["qid"], live["step_admitted"], live["acc_admitted"], live["last_acc"], live["visits"])
-        self._rng = np.random.Generator(rng)
+        self._ring.load(
+            live["qid"], live["step_admitted"], live["acc_admitted"], live["last_acc"], live["visits"],
+            int(sampler["key"]), int(sampler["calls"]),
+        )
         self._history = [history]
 
     # -- callable from other threads too ------------------------------------------------
@@ -167,8 +170,7 @@ class PromptReplayBuffer:
         """(min(k, len),) distinct live ids drawn uniformly; they stay in the buffer."""
         if not _is_int(k) or k < 0:
             raise ValueError(f"k must be a non-negative integer, got {k!r}")
-        seed = int(self._rng.integers(0, 2**64, dtype=np.uint64))
-        return self._ring.sample(int(k), seed)
+        return self._ring.sample(k)
 
     def __len__(self) -> int:
         return len(self._ring)

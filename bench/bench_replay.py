@@ -1,0 +1,255 @@
+"""Replay ring throughput: admissions, graduations and samples per second.
+
+Three implementations in the same run, capacity 10,000 (the paper's), batches of 1,024:
+  python  the same rules in plain Python: dict + deque + dense list + threading.Lock
+  ours    zppo_fast.replay / zppo_fast._replay called from Python with numpy batches
+  c++     the ring driven by a C++ loop (zppo_fast._replay.bench), no Python in the loop
+Admissions go into a full buffer, so each one also evicts. Graduations belong to the step
+owner (one thread). Samples are sample(96) calls (96 = 0.25 * 384, the paper's replay count).
+With 4 threads, "ours" admits through the lock-free Ring.admit and samples through
+PromptReplayBuffer.sample, both releasing the GIL.
+
+    python bench/bench_replay.py            # print the table
+    python bench/bench_replay.py --record   # also write the "## Replay ring" section of bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import random
+import re
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from zppo_fast import _replay
+from zppo_fast.replay import PromptReplayBuffer
+
+CAPACITY = 10_000
+BATCH = 1024
+SAMPLE_K = 96
+
+
+class PythonReplayBuffer:
+    """Baseline: the replay rules as one would first write them in Python."""
+
+    def __init__(self, capacity: int, seed: int = 0, threshold: float = 0.5):
+        self.capacity, self.threshold = capacity, threshold
+        self.live = {}  # qid -> [step_admitted, acc_admitted, last_acc, visits, ticket, pos in keys]
+        self.order = deque()  # (qid, ticket) in admission order; stale after graduation
+        self.keys = []  # live ids, dense, for O(k) sampling
+        self.ticket = 0
+        self.lock = threading.Lock()
+        self.rng = random.Random(seed)
+
+    def _remove(self, q):
+        rec = self.live.pop(q)
+        last = self.keys.pop()
+        if last != q:
+            self.keys[rec[5]] = last
+            self.live[last][5] = rec[5]
+        return rec
+
+    def _admit(self, q, a, step):
+        self.live[q] = [step, a, a, 0, self.ticket, len(self.keys)]
+        self.keys.append(q)
+        self.order.append((q, self.ticket))
+        self.ticket += 1
+
+    def _evict(self):
+        evicted = []
+        while len(self.live) > self.capacity:
+            q, t = self.order.popleft()
+            if q in self.live and self.live[q][4] == t:
+                self._remove(q)
+                evicted.append(q)
+        return evicted
+
+    def update(self, ids, accs, step):
+        with self.lock:
+            graduated, admitted = [], []
+            for q, a in zip(ids, accs):
+                rec = self.live.get(q)
+                if rec is not None:
+                    rec[3] += 1
+                    rec[2] = a
+                    if a >= self.threshold:
+                        self._remove(q)
+                        graduated.append(q)
+                elif a < self.threshold:
+                    self._admit(q, a, step)
+                    admitted.append(q)
+            return admitted, graduated, self._evict()
+
+    def admit(self, ids, accs, step):
+        with self.lock:
+            for q, a in zip(ids, accs):
+                self._admit(q, a, step)
+            return self._evict()
+
+    def sample(self, k):
+        with self.lock:
+            return self.rng.sample(self.keys, min(k, len(self.keys)))
+
+
+def rate(fn, entries: int, repeats: int = 3) -> float:
+    """Best-of-`repeats` entries per second of fn()."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return entries / best
+
+
+def in_threads(threads: int, work) -> None:
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+
+
+def full(make):
+    buf = make(CAPACITY)
+    ids = np.arange(-CAPACITY, 0, dtype=np.int64)
+    buf.update(ids if isinstance(buf, PromptReplayBuffer) else ids.tolist(), np.zeros(CAPACITY).tolist(), 0)
+    return buf
+
+
+def bench_admit(kind: str, threads: int, n: int) -> float:
+    batches = n // BATCH // threads
+
+    def ids_for(t, b):  # fresh ids, disjoint across threads
+        start = (t * batches + b) * BATCH
+        return np.arange(start, start + BATCH, dtype=np.int64)
+
+    zeros = np.zeros(BATCH)
+    if kind == "python":
+        buf = full(PythonReplayBuffer)
+        pre = [[ids_for(t, b).tolist() for b in range(batches)] for t in range(threads)]
+        zl = zeros.tolist()
+
+        def work(t):
+            for ids in pre[t]:
+                buf.admit(ids, zl, 1) if threads > 1 else buf.update(ids, zl, 1)
+    elif threads == 1:
+        buf = full(PromptReplayBuffer)
+        pre = [[ids_for(0, b) for b in range(batches)]]
+
+        def work(t):
+            for ids in pre[t]:
+                buf.update(ids, zeros, 1)
+    else:
+        ring = _replay.Ring(CAPACITY)
+        ring.admit(np.arange(-CAPACITY, 0, dtype=np.int64), np.zeros(CAPACITY), 0)
+        pre = [[ids_for(t, b) for b in range(batches)] for t in range(threads)]
+
+        def work(t):
+            for ids in pre[t]:
+                ring.admit(ids, zeros, 1)
+
+    # One pass only: a second would find these ids already in the buffer.
+    return rate(lambda: in_threads(threads, work), batches * BATCH * threads, repeats=1)
+
+
+def bench_graduate(kind: str, n: int) -> float:
+    rounds = max(1, n // CAPACITY)
+    ids = np.arange(CAPACITY, dtype=np.int64)
+    low, high = np.zeros(CAPACITY), np.ones(CAPACITY)
+    total = 0.0
+    buf = PythonReplayBuffer(CAPACITY) if kind == "python" else PromptReplayBuffer(CAPACITY)
+    args = (ids.tolist(), low.tolist(), high.tolist()) if kind == "python" else (ids, low, high)
+    for r in range(rounds):
+        buf.update(args[0], args[1], 2 * r)
+        t0 = time.perf_counter()
+        buf.update(args[0], args[2], 2 * r + 1)
+        total += time.perf_counter() - t0
+    return rounds * CAPACITY / total
+
+
+def bench_sample(kind: str, threads: int, n: int) -> float:
+    calls = n // SAMPLE_K // threads
+    buf = full(PythonReplayBuffer if kind == "python" else PromptReplayBuffer)
+
+    def work(t):
+        for _ in range(calls):
+            buf.sample(SAMPLE_K)
+
+    return rate(lambda: in_threads(threads, work), calls * SAMPLE_K * threads)
+
+
+def measure(n_python: int, n_ours: int, n_cpp: int) -> list[dict]:
+    rows = []
+    for op, threads in [("admit", 1), ("admit", 4), ("graduate", 1), ("sample", 1), ("sample", 4)]:
+        if op == "admit":
+            py, ours = bench_admit("python", threads, n_python), bench_admit("ours", threads, n_ours)
+        elif op == "graduate":
+            py, ours = bench_graduate("python", n_python), bench_graduate("ours", n_ours)
+        else:
+            py, ours = bench_sample("python", threads, n_python), bench_sample("ours", threads, n_ours)
+        cpp = max(_replay.bench(op, CAPACITY, n_cpp, threads) for _ in range(3))
+        rows.append({"op": op, "threads": threads, "python": py, "ours": ours, "cpp": cpp})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| operation | threads | Python dict+deque+lock (entries/s) | zppo_fast from Python (entries/s) | ratio | C++ loop (entries/s) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['threads']} | {r['python']:,.0f} | {r['ours']:,.0f} | {r['ours'] / r['python']:.1f}x"
+            f" | {r['cpp']:,.0f} | {r['cpp'] / r['python']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def record(text: str, path: Path) -> None:
+    """Replace (or append) this benchmark's own section of RESULTS.md, leaving the rest alone."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = "## Replay ring\n\n" + text.strip() + "\n"
+    pattern = re.compile(r"^## Replay ring\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: section + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
+    path.write_text(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--record", action="store_true", help="write the table to bench/RESULTS.md")
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    args = ap.parse_args()
+    scale = 0.05 if args.quick else 1.0
+    rows = measure(int(300_000 * scale), int(3_000_000 * scale), int(20_000_000 * scale))
+    header = (
+        f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only. Date: {datetime.date.today().isoformat()}.\n"
+        f"Command: `python bench/bench_replay.py{' --quick' if args.quick else ''} --record`. Capacity {CAPACITY:,}, "
+        f"batches of {BATCH:,}, sample(k={SAMPLE_K}); best of 3 where repeated.\n"
+        "Ratios are entries per second over the plain-Python implementation measured in the same run\n"
+        "(= how many times lower the per-entry cost is). Admissions enter a full buffer, so each also evicts.\n"
+    )
+    text = header + "\n" + table(rows) + "\n"
+    print(text)
+    if args.record:
+        record(text, Path(__file__).resolve().parent / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
