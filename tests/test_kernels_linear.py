@@ -274,3 +274,18 @@ def test_bad_inputs():
             K.linear_logprobs(h.cuda(), w, t.cuda())
         with pytest.raises(ValueError, match="target_ids"):
             K.linear_logprobs(h, w, t.cuda())
+
+
+def test_dw_accumulation_fallbacks_agree():
+    """_accumulate_dw with a low-precision dZ (the CUDA bf16 layout) must equal the fp32 product,
+    whichever of its GEMM forms the device supports (on CPU: the last-resort form)."""
+    from zppo_fast.kernels.linear_logprobs import _accumulate_dw
+
+    gen = torch.Generator().manual_seed(21)
+    dz = torch.randn(37, 50, generator=gen).bfloat16()
+    h = torch.randn(37, 24, generator=gen).bfloat16()
+    dw = torch.randn(50, 24, generator=gen)
+    expected = dw.double() + dz.double().T @ h.double()
+    _accumulate_dw(dw, dz, h)
+    _accumulate_dw(dw, torch.zeros_like(dz), h)  # second call takes the cached path
+    torch.testing.assert_close(dw.double(), expected, rtol=1e-2, atol=5e-2)
