@@ -39,8 +39,8 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
   return a;
 }
 
-// Records (and, for exits, their exit step and kind) as a dict of equal-length arrays, the
-// shape the state dict and history use. Written column by column straight into numpy.
+// Live records as a dict of equal-length arrays (the state dict's shape), written column by
+// column straight into numpy.
 template <typename T, typename Get>
 py::array_t<T> column(std::size_t n, Get get) {
   py::array_t<T> a(static_cast<py::ssize_t>(n));
@@ -49,34 +49,46 @@ py::array_t<T> column(std::size_t n, Get get) {
   return a;
 }
 
-template <typename Rec>
-py::dict records_to_dict(const std::vector<Rec>& v, const Record& (*rec)(const Rec&)) {
+py::dict records_to_dict(const std::vector<Record>& v) {
   const std::size_t n = v.size();
   py::dict d;
-  d["qid"] = column<std::int64_t>(n, [&](std::size_t i) { return rec(v[i]).qid; });
-  d["step_admitted"] = column<std::int64_t>(n, [&](std::size_t i) { return rec(v[i]).step_admitted; });
-  d["acc_admitted"] = column<double>(n, [&](std::size_t i) { return rec(v[i]).acc_admitted; });
-  d["last_acc"] = column<double>(n, [&](std::size_t i) { return rec(v[i]).last_acc; });
-  d["visits"] = column<std::int64_t>(n, [&](std::size_t i) { return std::int64_t{rec(v[i]).visits}; });
+  d["qid"] = column<std::int64_t>(n, [&](std::size_t i) { return v[i].qid; });
+  d["step_admitted"] = column<std::int64_t>(n, [&](std::size_t i) { return v[i].step_admitted; });
+  d["acc_admitted"] = column<double>(n, [&](std::size_t i) { return v[i].acc_admitted; });
+  d["last_acc"] = column<double>(n, [&](std::size_t i) { return v[i].last_acc; });
+  d["visits"] = column<std::int64_t>(n, [&](std::size_t i) { return std::int64_t{v[i].visits}; });
   return d;
 }
 
-py::dict records_to_dict(const std::vector<Record>& recs) {
-  return records_to_dict<Record>(recs, [](const Record& r) -> const Record& { return r; });
-}
+// One history row per exit; exported as zppo_fast._replay.EXIT_DTYPE, so a batch of exits
+// crosses into Python as one structured array.
+struct ExitRow {
+  std::int64_t qid;
+  std::int64_t step_admitted;
+  double acc_admitted;
+  std::int64_t exit_step;
+  bool graduated;  // false: evicted
+  std::int64_t visits;
+  double last_acc;
+};
 
-py::dict exits_to_dict(const std::vector<Exit>& exits) {
-  py::dict d = records_to_dict<Exit>(exits, [](const Exit& e) -> const Record& { return e.record; });
-  const std::size_t n = exits.size();
-  d["exit_step"] = column<std::int64_t>(n, [&](std::size_t i) { return exits[i].exit_step; });
-  d["graduated"] = column<bool>(n, [&](std::size_t i) { return exits[i].record.state == EntryState::kGraduated; });
-  return d;
+py::array_t<ExitRow> exits_to_rows(const std::vector<Exit>& exits) {
+  py::array_t<ExitRow> rows(static_cast<py::ssize_t>(exits.size()));
+  ExitRow* out = rows.mutable_data();
+  for (std::size_t i = 0; i < exits.size(); ++i) {
+    const Record& r = exits[i].record;
+    out[i] = ExitRow{r.qid, r.step_admitted, r.acc_admitted, exits[i].exit_step,
+                     r.state == EntryState::kGraduated, std::int64_t{r.visits}, r.last_acc};
+  }
+  return rows;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_replay, m) {
   m.doc() = "Lock-free prompt-replay ring (csrc/replay_ring.hpp). See zppo_fast.replay for the checked Python face.";
+  PYBIND11_NUMPY_DTYPE(ExitRow, qid, step_admitted, acc_admitted, exit_step, graduated, visits, last_acc);
+  m.attr("EXIT_DTYPE") = py::dtype::of<ExitRow>();
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -106,11 +118,11 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
               py::gil_scoped_release nogil;
               r.admit(qids.data(), accs.data(), static_cast<std::size_t>(qids.shape(0)), step, &evicted);
             }
-            return exits_to_dict(evicted);
+            return exits_to_rows(evicted);
           },
           py::arg("qids"), py::arg("accs"), py::arg("step"),
           "Admit (n,) ids with (n,) accuracies at the tail, unchecked (caller guarantees they are "
-          "not live). Returns the records evicted meanwhile as a dict of (e,) arrays.")
+          "not live). Returns the records evicted meanwhile as (e,) EXIT_DTYPE rows.")
       .def(
           "sample",
           [](ReplayRing& r, std::size_t k) {
@@ -140,10 +152,10 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
               py::gil_scoped_release nogil;
               res = r.step(qids.data(), accs.data(), static_cast<std::size_t>(qids.shape(0)), step, threshold);
             }
-            return py::make_tuple(to_numpy(res.admitted), exits_to_dict(res.graduated), exits_to_dict(res.evicted));
+            return py::make_tuple(to_numpy(res.admitted), exits_to_rows(res.graduated), exits_to_rows(res.evicted));
           },
           py::arg("qids"), py::arg("accs"), py::arg("step"), py::arg("threshold"),
-          "One replay step; returns (admitted (a,), graduated exits dict, evicted exits dict).")
+          "One replay step; returns (admitted (a,), graduated (g,) rows, evicted (e,) rows).")
       .def("contains", &ReplayRing::contains, py::arg("qid"))
       .def(
           "records", [](const ReplayRing& r) { return records_to_dict(r.records()); },

@@ -30,18 +30,11 @@ from zppo_fast import _replay
 
 STATE_FORMAT = "zppo_fast.replay/1"
 
-# One row per exit from the buffer, in exit order (the graduation-dynamics figures read this).
-HISTORY_DTYPE = np.dtype(
-    [
-        ("qid", np.int64),
-        ("step_admitted", np.int64),
-        ("acc_admitted", np.float64),
-        ("exit_step", np.int64),
-        ("graduated", np.bool_),  # False: evicted
-        ("visits", np.int64),
-        ("last_acc", np.float64),
-    ]
-)
+# One row per exit from the buffer, in exit order (the graduation-dynamics figures read this):
+# qid, step_admitted, acc_admitted, exit_step, graduated (False: evicted), visits, last_acc.
+# The ring hands exits over as rows of _replay.EXIT_DTYPE (padded like the C++ struct); the
+# history is the same fields packed.
+HISTORY_DTYPE = np.dtype([(name, _replay.EXIT_DTYPE.fields[name][0]) for name in _replay.EXIT_DTYPE.names])
 _LIVE_FIELDS = {
     "qid": np.int64,
     "step_admitted": np.int64,
@@ -92,9 +85,8 @@ class PromptReplayBuffer:
         if not _is_int(step):
             raise TypeError(f"step must be an integer, got {step!r}")
         admitted, graduated, evicted = self._ring.step(ids, accs, int(step), self.threshold)
-        self._record_exits(graduated)
-        self._record_exits(evicted)
-        return ReplayUpdate(admitted=admitted, graduated=graduated["qid"], evicted=evicted["qid"])
+        self._history += [rows for rows in (graduated, evicted) if len(rows)]
+        return ReplayUpdate(admitted=admitted, graduated=graduated["qid"].copy(), evicted=evicted["qid"].copy())
 
     def __contains__(self, qid) -> bool:
         if not _is_int(qid):
@@ -110,7 +102,8 @@ class PromptReplayBuffer:
     def history(self) -> np.ndarray:
         """(x,) structured array of HISTORY_DTYPE: one row per graduation or eviction, in order."""
         if len(self._history) != 1:
-            self._history = [np.concatenate(self._history or [np.empty(0, HISTORY_DTYPE)])]
+            chunks = [rows.astype(HISTORY_DTYPE) for rows in self._history]
+            self._history = [np.concatenate(chunks or [np.empty(0, HISTORY_DTYPE)])]
         return self._history[0].copy()
 
     def state_dict(self) -> dict:
@@ -177,14 +170,6 @@ class PromptReplayBuffer:
 
     def __repr__(self) -> str:
         return f"PromptReplayBuffer(len={len(self)}, capacity={self.capacity}, threshold={self.threshold})"
-
-    def _record_exits(self, exits: dict) -> None:
-        if len(exits["qid"]) == 0:
-            return
-        rows = np.empty(len(exits["qid"]), HISTORY_DTYPE)
-        for name in HISTORY_DTYPE.names:
-            rows[name] = exits[name]
-        self._history.append(rows)
 
 
 def _is_int(x) -> bool:
