@@ -3,11 +3,11 @@
 Three implementations in the same run, capacity 10,000 (the paper's), batches of 1,024:
   python  the same rules in plain Python: dict + deque + dense list + threading.Lock
   ours    zppo_fast.replay / zppo_fast._replay called from Python with numpy batches
-  c++     the ring driven by a C++ loop (zppo_fast._replay.bench), no Python in the loop
-Admissions go into a full buffer, so each one also evicts. Graduations belong to the step
-owner (one thread). Samples are sample(96) calls (96 = 0.25 * 384, the paper's replay count).
-With 4 threads, "ours" admits through the lock-free Ring.admit and samples through
-PromptReplayBuffer.sample, both releasing the GIL.
+  c++     the same ring operation driven by a C++ loop (zppo_fast._replay.bench)
+Admissions go into a full buffer, so each one also evicts. update() is the step owner's
+checked path (membership, duplicates; one thread); the concurrent path admits without
+membership checks (PythonReplayBuffer.admit under its lock vs the lock-free Ring.admit).
+Samples are sample(96) calls (96 = 0.25 * 384, the paper's replay count).
 
     python bench/bench_replay.py            # print the table
     python bench/bench_replay.py --record   # also write the "## Replay ring" section of bench/RESULTS.md
@@ -26,10 +26,13 @@ import time
 from collections import deque
 from pathlib import Path
 
-import numpy as np
+# The benchmark never calls BLAS; idle OpenBLAS threads would only steal the 2 cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from zppo_fast import _replay
-from zppo_fast.replay import PromptReplayBuffer
+import numpy as np  # noqa: E402
+
+from zppo_fast import _replay  # noqa: E402
+from zppo_fast.replay import PromptReplayBuffer  # noqa: E402
 
 CAPACITY = 10_000
 BATCH = 1024
@@ -88,6 +91,7 @@ class PythonReplayBuffer:
             return admitted, graduated, self._evict()
 
     def admit(self, ids, accs, step):
+        """Concurrent-path twin of Ring.admit: no membership check."""
         with self.lock:
             for q, a in zip(ids, accs):
                 self._admit(q, a, step)
@@ -117,46 +121,53 @@ def in_threads(threads: int, work) -> None:
 
 
 def full(make):
+    """A buffer filled to capacity with ids that later batches never use."""
     buf = make(CAPACITY)
     ids = np.arange(-CAPACITY, 0, dtype=np.int64)
     buf.update(ids if isinstance(buf, PromptReplayBuffer) else ids.tolist(), np.zeros(CAPACITY).tolist(), 0)
     return buf
 
 
-def bench_admit(kind: str, threads: int, n: int) -> float:
-    batches = n // BATCH // threads
+def fresh_batches(threads: int, batches: int) -> list[list[np.ndarray]]:
+    """(threads, batches) int64 id batches, disjoint across threads and never used before."""
+    return [
+        [np.arange((t * batches + b) * BATCH, (t * batches + b + 1) * BATCH, dtype=np.int64) for b in range(batches)]
+        for t in range(threads)
+    ]
 
-    def ids_for(t, b):  # fresh ids, disjoint across threads
-        start = (t * batches + b) * BATCH
-        return np.arange(start, start + BATCH, dtype=np.int64)
 
+def bench_step_admit(kind: str, n: int) -> float:
+    """Admissions through the step owner's update(), membership checks included."""
+    batches = fresh_batches(1, n // BATCH)[0]
     zeros = np.zeros(BATCH)
     if kind == "python":
-        buf = full(PythonReplayBuffer)
-        pre = [[ids_for(t, b).tolist() for b in range(batches)] for t in range(threads)]
-        zl = zeros.tolist()
-
-        def work(t):
-            for ids in pre[t]:
-                buf.admit(ids, zl, 1) if threads > 1 else buf.update(ids, zl, 1)
-    elif threads == 1:
-        buf = full(PromptReplayBuffer)
-        pre = [[ids_for(0, b) for b in range(batches)]]
-
-        def work(t):
-            for ids in pre[t]:
-                buf.update(ids, zeros, 1)
+        buf, batches, zeros = full(PythonReplayBuffer), [b.tolist() for b in batches], zeros.tolist()
     else:
-        ring = _replay.Ring(CAPACITY)
-        ring.admit(np.arange(-CAPACITY, 0, dtype=np.int64), np.zeros(CAPACITY), 0)
-        pre = [[ids_for(t, b) for b in range(batches)] for t in range(threads)]
+        buf = full(PromptReplayBuffer)
 
-        def work(t):
-            for ids in pre[t]:
-                ring.admit(ids, zeros, 1)
+    def work():
+        for ids in batches:
+            buf.update(ids, zeros, 1)
 
     # One pass only: a second would find these ids already in the buffer.
-    return rate(lambda: in_threads(threads, work), batches * BATCH * threads, repeats=1)
+    return rate(work, len(batches) * BATCH, repeats=1)
+
+
+def bench_admit(kind: str, threads: int, n: int) -> float:
+    """Admissions through the concurrent path: PythonReplayBuffer.admit vs the lock-free Ring.admit."""
+    pre = fresh_batches(threads, n // BATCH // threads)
+    zeros = np.zeros(BATCH)
+    if kind == "python":
+        buf, pre, zeros = full(PythonReplayBuffer), [[b.tolist() for b in per] for per in pre], zeros.tolist()
+    else:
+        buf = _replay.Ring(CAPACITY)
+        buf.admit(np.arange(-CAPACITY, 0, dtype=np.int64), np.zeros(CAPACITY), 0)
+
+    def work(t):
+        for ids in pre[t]:
+            buf.admit(ids, zeros, 1)
+
+    return rate(lambda: in_threads(threads, work), sum(map(len, pre)) * BATCH, repeats=1)
 
 
 def bench_graduate(kind: str, n: int) -> float:
@@ -185,17 +196,23 @@ def bench_sample(kind: str, threads: int, n: int) -> float:
     return rate(lambda: in_threads(threads, work), calls * SAMPLE_K * threads)
 
 
+# (label, op in zppo_fast._replay.bench, threads, python/ours measurement)
+CASES = [
+    ("admit via update()", "step_admit", 1, lambda kind, n: bench_step_admit(kind, n)),
+    ("admit, concurrent path", "admit", 1, lambda kind, n: bench_admit(kind, 1, n)),
+    ("admit, concurrent path", "admit", 4, lambda kind, n: bench_admit(kind, 4, n)),
+    ("graduate via update()", "graduate", 1, lambda kind, n: bench_graduate(kind, n)),
+    ("sample(96)", "sample", 1, lambda kind, n: bench_sample(kind, 1, n)),
+    ("sample(96)", "sample", 4, lambda kind, n: bench_sample(kind, 4, n)),
+]
+
+
 def measure(n_python: int, n_ours: int, n_cpp: int) -> list[dict]:
     rows = []
-    for op, threads in [("admit", 1), ("admit", 4), ("graduate", 1), ("sample", 1), ("sample", 4)]:
-        if op == "admit":
-            py, ours = bench_admit("python", threads, n_python), bench_admit("ours", threads, n_ours)
-        elif op == "graduate":
-            py, ours = bench_graduate("python", n_python), bench_graduate("ours", n_ours)
-        else:
-            py, ours = bench_sample("python", threads, n_python), bench_sample("ours", threads, n_ours)
+    for label, op, threads, python_side in CASES:
+        py, ours = python_side("python", n_python), python_side("ours", n_ours)
         cpp = max(_replay.bench(op, CAPACITY, n_cpp, threads) for _ in range(3))
-        rows.append({"op": op, "threads": threads, "python": py, "ours": ours, "cpp": cpp})
+        rows.append({"op": label, "threads": threads, "python": py, "ours": ours, "cpp": cpp})
     return rows
 
 

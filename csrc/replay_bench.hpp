@@ -15,9 +15,10 @@
 namespace zppo {
 
 // Entries per second for `op` over about n entries, spread over `threads` threads:
-//   admit     fresh ids through admit() into a full ring (each admission also evicts)
-//   graduate  step() calls that graduate a full ring's worth of entries (owner: 1 thread)
-//   sample    sample(96) calls on a full ring (96 = 0.25 * 384, the paper's replay count)
+//   admit       fresh ids through the lock-free admit() into a full ring (each also evicts)
+//   step_admit  fresh ids through step() batches into a full ring (owner: 1 thread)
+//   graduate    step() calls that graduate a full ring's worth of entries (owner: 1 thread)
+//   sample      sample(96) calls on a full ring (96 = 0.25 * 384, the paper's replay count)
 inline double bench_replay(const std::string& op, std::size_t capacity, std::size_t n, std::size_t threads) {
   using Clock = std::chrono::steady_clock;
   constexpr std::size_t kBatch = 1024;
@@ -31,8 +32,21 @@ inline double bench_replay(const std::string& op, std::size_t capacity, std::siz
     ring.step(ids.data(), low.data(), capacity, 0, 0.5);
   };
 
+  if ((op == "graduate" || op == "step_admit") && threads != 1)
+    throw std::invalid_argument(op + " runs on the step owner only: threads must be 1");
+  if (op == "step_admit") {
+    fill(-static_cast<std::int64_t>(capacity));
+    std::vector<std::int64_t> batch(kBatch);
+    std::vector<double> accs(kBatch, 0.0);
+    const auto t0 = Clock::now();
+    for (std::size_t done = 0; done < n; done += kBatch) {
+      for (std::size_t i = 0; i < kBatch; ++i) batch[i] = static_cast<std::int64_t>(done + i);
+      ring.step(batch.data(), accs.data(), kBatch, 1, 0.5);
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    return static_cast<double>((n + kBatch - 1) / kBatch * kBatch) / seconds;
+  }
   if (op == "graduate") {
-    if (threads != 1) throw std::invalid_argument("graduate runs on the step owner only: threads must be 1");
     std::vector<double> high(capacity, 1.0);
     double seconds = 0;
     std::size_t done = 0;
