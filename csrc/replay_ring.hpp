@@ -14,9 +14,9 @@
 //                                and are not being admitted by another thread (reward
 //                                workers own disjoint questions); step() is the checked path.
 //   sample()                     any number of threads, alongside admit() and sample().
-//   step(), contains(), records(), load()
+//   step(), contains(), records(), sampler_state(), load()
 //                                the single step owner, with no other call in flight.
-//   size(), capacity()           anywhere.
+//   size(), capacity(), slot_count()  anywhere.
 // An owner call that overlaps any other call throws std::logic_error (AccessGate) instead
 // of corrupting the ring.
 //
@@ -291,13 +291,13 @@ class ReplayRing {
     return out;
   }
 
-  // Replaces the contents with `records` (oldest first, all live). Throws
-  // std::invalid_argument (ring unchanged) if they exceed capacity or repeat an id.
   SamplerState sampler_state() const {
     AccessGate::Exclusive guard(gate_);
     return SamplerState{sampler_key_, sampler_calls_.load(std::memory_order_relaxed)};
   }
 
+  // Replaces the contents with `records` (oldest first, all live) and the sampler state.
+  // Throws std::invalid_argument (ring unchanged) if they exceed capacity or repeat an id.
   void load(const std::vector<Record>& records, SamplerState sampler) {
     AccessGate::Exclusive guard(gate_);
     if (records.size() > capacity_)
