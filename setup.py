@@ -62,11 +62,12 @@ class CMakeBuild(build_ext):
 
 # `kernels/` lives at the top level (so other trainers can vendor it) but is imported as
 # `zppo_fast.kernels`; never as bare `kernels`, a PyPI name transformers uses.
-PACKAGES = find_packages(include=["zppo_fast", "zppo_fast.*"])
-PACKAGE_DIR = {"zppo_fast": "zppo_fast"}
-if (ROOT / "kernels" / "__init__.py").exists():
-    PACKAGES += ["zppo_fast.kernels"] + [f"zppo_fast.kernels.{p}" for p in find_packages("kernels")]
-    PACKAGE_DIR["zppo_fast.kernels"] = "kernels"
+PACKAGES = (
+    find_packages(include=["zppo_fast", "zppo_fast.*"])
+    + ["zppo_fast.kernels"]
+    + [f"zppo_fast.kernels.{p}" for p in find_packages("kernels")]
+)
+PACKAGE_DIR = {"zppo_fast": "zppo_fast", "zppo_fast.kernels": "kernels"}
 
 setup(
     name="zppo_fast",
