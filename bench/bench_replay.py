@@ -164,15 +164,17 @@ def bench_admit(kind: str, threads: int, n: int) -> float:
     else:
         buf = _replay.Ring(CAPACITY)
         buf.admit(np.arange(-CAPACITY, 0, dtype=np.int64), np.zeros(CAPACITY), 0)
+    kept = [[] for _ in range(threads)]  # the evicted records, kept as the baseline keeps its history
 
     def work(t):
         for ids in pre[t]:
-            buf.admit(ids, zeros, 1)
+            kept[t].append(buf.admit(ids, zeros, 1))
 
     return rate(lambda: in_threads(threads, work), sum(map(len, pre)) * BATCH, repeats=1)
 
 
 def bench_graduate(kind: str, n: int) -> float:
+    """Graduations through update(): refill a buffer (untimed), then graduate all of it."""
     rounds = max(1, n // CAPACITY)
     ids = np.arange(CAPACITY, dtype=np.int64)
     low, high = np.zeros(CAPACITY), np.ones(CAPACITY)
@@ -188,6 +190,7 @@ def bench_graduate(kind: str, n: int) -> float:
 
 
 def bench_sample(kind: str, threads: int, n: int) -> float:
+    """sample(96) calls on a full buffer, from `threads` threads at once."""
     calls = n // SAMPLE_K // threads
     buf = full(PythonReplayBuffer if kind == "python" else PromptReplayBuffer)
 
@@ -234,6 +237,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdict(rows: list[dict]) -> str:
+    """The design notes' targets, checked against this run."""
+    met = [f"{r['op']} x{r['threads']}" for r in rows if r["ours"] >= 20 * r["python"]]
+    missed = [f"{r['op']} x{r['threads']} ({r['ours'] / r['python']:.1f}x)" for r in rows if r["ours"] < 20 * r["python"]]
+    cpp_admit = next(r["cpp"] for r in rows if r["op"].startswith("admit, concurrent") and r["threads"] == 1)
+    return (
+        f"Target: per-entry cost from Python >= 20x lower than plain Python. Met: {', '.join(met) or 'none'}."
+        f" Missed: {', '.join(missed) or 'none'}.\n"
+        f"Target: >= 10M C++ admissions/s on one core: {cpp_admit / 1e6:.1f}M/s, {'met' if cpp_admit >= 1e7 else 'missed'}.\n"
+    )
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -267,7 +282,7 @@ def main() -> None:
         "Ratios are entries per second over the plain-Python implementation measured in the same run\n"
         "(= how many times lower the per-entry cost is). Admissions enter a full buffer, so each also evicts.\n"
     )
-    text = header + "\n" + table(rows) + "\n"
+    text = header + "\n" + table(rows) + "\n\n" + verdict(rows)
     print(text)
     if args.record:
         record(text, Path(__file__).resolve().parent / "RESULTS.md")
