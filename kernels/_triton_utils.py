@@ -72,8 +72,3 @@ def _wrap(fn: Callable, interpreted: bool):
 def kernel(fn: Callable, device: torch.device):
     """The launchable Triton kernel for ``fn`` on ``device`` (compiled on CUDA, else interpreted)."""
     return _wrap(fn, device.type != "cuda" or interpreter_active())
-
-
-def constexpr_annotation():
-    """``tl.constexpr`` when Triton is present; a harmless placeholder otherwise."""
-    return tl.constexpr if HAVE_TRITON else object

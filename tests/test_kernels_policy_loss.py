@@ -212,3 +212,32 @@ def test_dual_clip_none_matches_reference():
     out, ref = run_both(logp, old, adv, mask, "torch", dual_clip=None)
     check(out, ref, torch.float32)
     assert out[1]["dual_clip"].item() == 0
+
+
+def test_cpu_paths_work_without_triton():
+    """kernels/ must import and run its PyTorch paths where `import triton` fails."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    code = f"""
+import sys, importlib.util, torch
+sys.modules['triton'] = None  # any `import triton` now raises ImportError
+spec = importlib.util.spec_from_file_location('zppo_fast.kernels', {str(root / '__init__.py')!r},
+                                              submodule_search_locations=[{str(root)!r}])
+K = importlib.util.module_from_spec(spec); sys.modules['zppo_fast.kernels'] = K; spec.loader.exec_module(K)
+assert not K.HAVE_TRITON
+x = torch.randn(8, requires_grad=True)
+loss, _ = K.policy_loss(x, x.detach(), torch.randn(8), torch.ones(8, dtype=torch.bool)); loss.backward()
+h = torch.randn(5, 4, requires_grad=True); w = torch.randn(7, 4)
+K.fused_linear_policy_loss(h, w, torch.arange(5), torch.zeros(5), torch.ones(5), torch.ones(5))[0].backward()
+K.linear_logprobs(h, w, torch.arange(5))
+K.normalize_advantages(torch.rand(6), torch.tensor([0, 0, 1, 1, 2, 2]))
+try:
+    K.policy_loss(x, x, x, torch.ones(8), backend='triton')
+    raise SystemExit('expected an error')
+except RuntimeError as e:
+    assert 'triton' in str(e)
+print('ok')
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
