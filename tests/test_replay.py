@@ -359,11 +359,15 @@ def test_concurrent_admission_accounts_for_every_id():
         assert np.array_equal(mine, np.arange((t + 1) * per_thread - len(mine), (t + 1) * per_thread))
     assert sampled and all(((s >= 0) & (s < 4 * per_thread)).all() for s in sampled)
 
-    # The step owner then graduates half of the live entries; the rest keep their order.
+    # The step owner then graduates half of the live entries; the rest keep their order, and
+    # every id is still live, graduated or evicted exactly once.
     grads = live[::2]
     admitted, graduated, ev = ring.step(grads, np.ones(len(grads)), 9, 0.5)
     assert len(admitted) == 0 and len(ev["qid"]) == 0 and np.array_equal(graduated["qid"], grads)
+    assert graduated["graduated"].all() and (graduated["exit_step"] == 9).all()
     assert np.array_equal(ring.records()["qid"], live[1::2])
+    accounted = np.concatenate([ring.records()["qid"], graduated["qid"], gone])
+    assert np.array_equal(np.sort(accounted), np.arange(4 * per_thread))
 
 
 def test_history_dtype_fields():
