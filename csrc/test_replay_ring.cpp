@@ -252,6 +252,16 @@ void test_concurrent_stress(std::size_t capacity) {
   const auto after = ring.records();
   CHECK(after.size() == live.size() - ids.size());
   for (std::size_t i = 0; i < after.size(); ++i) CHECK(after[i].qid == live[2 * i + 1].qid);
+  // Every id is now live, graduated or evicted, exactly once.
+  std::vector<int> again(static_cast<std::size_t>(total), 0);
+  for (const auto& ev : evicted)
+    for (const Exit& e : ev) again[static_cast<std::size_t>(e.record.qid)] += 1;
+  for (const Exit& e : res.graduated) {
+    CHECK(e.record.state == EntryState::kGraduated && e.exit_step == 99);
+    again[static_cast<std::size_t>(e.record.qid)] += 1;
+  }
+  for (const Record& r : after) again[static_cast<std::size_t>(r.qid)] += 1;
+  for (int c : again) CHECK(c == 1);
 }
 
 }  // namespace
