@@ -37,12 +37,18 @@ class CMakeBuild(build_ext):
 
         cmake = shutil.which("cmake")
         if cmake is None:
-            raise RuntimeError("building zppo_fast needs CMake >= 3.18 on PATH (apt install cmake, or pip install cmake)")
+            raise RuntimeError(
+                "building zppo_fast needs CMake >= 3.18 on PATH (apt install cmake, or pip install cmake)"
+            )
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         build_dir = Path(self.build_temp).resolve() / "cmake"
         configure = [
-            cmake, "-S", str(ROOT), "-B", str(build_dir),
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",

@@ -29,10 +29,10 @@ from pathlib import Path
 # The benchmark never calls BLAS; idle OpenBLAS threads would only steal the 2 cores.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from zppo_fast import _replay  # noqa: E402
-from zppo_fast.replay import PromptReplayBuffer  # noqa: E402
+from zppo_fast import _replay
+from zppo_fast.replay import PromptReplayBuffer
 
 CAPACITY = 10_000
 BATCH = 1024
@@ -240,7 +240,9 @@ def table(rows: list[dict]) -> str:
 def verdict(rows: list[dict]) -> str:
     """The design notes' targets, checked against this run."""
     met = [f"{r['op']} x{r['threads']}" for r in rows if r["ours"] >= 20 * r["python"]]
-    missed = [f"{r['op']} x{r['threads']} ({r['ours'] / r['python']:.1f}x)" for r in rows if r["ours"] < 20 * r["python"]]
+    missed = [
+        f"{r['op']} x{r['threads']} ({r['ours'] / r['python']:.1f}x)" for r in rows if r["ours"] < 20 * r["python"]
+    ]
     cpp_admit = next(r["cpp"] for r in rows if r["op"].startswith("admit, concurrent") and r["threads"] == 1)
     return (
         f"Target: per-entry cost from Python >= 20x lower than plain Python. Met: {', '.join(met) or 'none'}."
@@ -263,7 +265,7 @@ def record(text: str, path: Path) -> None:
     """Replace (or append) this benchmark's own section of RESULTS.md, leaving the rest alone."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     section = "## Replay ring\n\n" + text.strip() + "\n"
-    pattern = re.compile(r"^## Replay ring\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(r"^## Replay ring\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     new = pattern.sub(lambda _: section + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
     path.write_text(new)
 

@@ -167,6 +167,7 @@ def test_threshold_is_a_setting():
 
 # --- sampling -----------------------------------------------------------------------------
 
+
 def chi_square_critical(df, z=3.09):
     """Upper 0.1% point of chi-square(df), Wilson-Hilferty approximation."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
@@ -207,6 +208,7 @@ def test_sample_all_when_fewer_and_deterministic():
 
 # --- checkpoint / resume --------------------------------------------------------------------
 
+
 def filled_buffer():
     buf = PromptReplayBuffer(8, seed=3)
     buf.update(np.arange(12), np.linspace(0, 0.45, 12), 0)
@@ -237,6 +239,7 @@ def test_state_dict_survives_json():
 
 
 # --- bad input: a clear exception and the buffer unchanged -----------------------------------
+
 
 @pytest.mark.parametrize("capacity,err", [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("8", TypeError)])
 def test_bad_capacity(capacity, err):
@@ -318,6 +321,7 @@ def test_state_with_more_entries_than_capacity_is_rejected():
 
 
 # --- concurrency: the raw ring's lock-free admission path -----------------------------------
+
 
 def test_concurrent_admission_accounts_for_every_id():
     """4 threads admit disjoint id ranges (1,000,000 in all, batch calls) while another samples."""

@@ -10,10 +10,12 @@ Replayed questions are drawn uniformly without removal (`sample`).
 
 The store is the lock-free C++ ring in csrc/replay_ring.hpp (module zppo_fast._replay);
 this class checks arguments, keeps the exit history, and saves/restores everything (the
-counter-based sampler's state included) as plain ints and numpy arrays. One step owner calls `update`, `__contains__`,
-`ids`, `state_dict` and `load_state_dict`; `sample` and `len` may also be called from other
-threads, but not while an owner call runs (the ring raises RuntimeError if they overlap).
-Threads that must admit concurrently use the raw ring, `zppo_fast._replay.Ring.admit`.
+counter-based sampler's state included) as plain ints and numpy arrays.
+
+Threads: one step owner calls `update`, `__contains__`, `ids`, `state_dict` and
+`load_state_dict`; `sample` and `len` may also be called from other threads, but not while
+an owner call runs (the ring raises RuntimeError if they overlap). Threads that must admit
+concurrently use the raw ring's lock-free `zppo_fast._replay.Ring.admit`.
 
 `visits` counts the steps that evaluated an entry after the one that admitted it, the
 graduating step included.
@@ -35,10 +37,9 @@ STATE_FORMAT = "zppo_fast.replay/1"
 # The ring hands exits over as rows of _replay.EXIT_DTYPE (padded like the C++ struct); the
 # history is the same fields packed.
 HISTORY_DTYPE = np.dtype([(name, _replay.EXIT_DTYPE.fields[name][0]) for name in _replay.EXIT_DTYPE.names])
-# The history grows by about one row per admission. Kept in one array grown geometrically
-# from 4 MiB, the size from which numpy asks Linux for transparent huge pages: first-touch
-# page faults, which otherwise cost more than the ring itself, become ~500x rarer.
-_HISTORY_MIN_ROWS = (4 << 20) // HISTORY_DTYPE.itemsize + 1
+# The history grows by about one row per admission, so it lives in one array grown
+# geometrically (amortized O(1) appends, no list of small chunks to concatenate).
+_HISTORY_MIN_ROWS = 1024
 _LIVE_FIELDS = {
     "qid": np.int64,
     "step_admitted": np.int64,
@@ -155,8 +156,13 @@ class PromptReplayBuffer:
             raise ValueError(f"state['sampler'] must be {{'key': uint64, 'calls': uint64}}, got {sampler!r}")
         # The ring checks count and duplicate ids before touching anything.
         self._ring.load(
-            live["qid"], live["step_admitted"], live["acc_admitted"], live["last_acc"], live["visits"],
-            int(sampler["key"]), int(sampler["calls"]),
+            live["qid"],
+            live["step_admitted"],
+            live["acc_admitted"],
+            live["last_acc"],
+            live["visits"],
+            int(sampler["key"]),
+            int(sampler["calls"]),
         )
         self._history, self._n_history = history, len(history)
 
@@ -173,7 +179,6 @@ class PromptReplayBuffer:
 
     def __repr__(self) -> str:
         return f"PromptReplayBuffer(len={len(self)}, capacity={self.capacity}, threshold={self.threshold})"
-
 
     def _append_history(self, rows: np.ndarray) -> None:
         end = self._n_history + len(rows)
@@ -226,7 +231,7 @@ def _as_accuracies(values, name: str, ids: np.ndarray) -> np.ndarray:
 def _record_arrays(table, fields: dict, where: str) -> dict:
     """Checks a dict of equal-length 1-D arrays from a state dict; returns them converted."""
     if not isinstance(table, dict):
-        raise ValueError(f"state[{where!r}] must be a dict of arrays, got {type(table).__name__}")
+        raise TypeError(f"state[{where!r}] must be a dict of arrays, got {type(table).__name__}")
     out, length = {}, None
     for name, dtype in fields.items():
         if name not in table:
