@@ -121,6 +121,8 @@ def test_bad_inputs():
         K.normalize_advantages(r, g.float())
     with pytest.raises(TypeError, match="rewards"):
         K.normalize_advantages(g, g)
+    with pytest.raises(ValueError, match="group_ids is on meta"):
+        K.normalize_advantages(r, g.to("meta"))
     assert K.normalize_advantages(torch.empty(0), torch.empty(0, dtype=torch.int64)).numel() == 0
 
 

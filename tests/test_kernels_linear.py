@@ -267,6 +267,12 @@ def test_bad_inputs():
         K.fused_linear_policy_loss(h, w, t, v, torch.zeros(3), m)
     with pytest.raises(ValueError, match="target_ids"):  # a *valid* token out of range
         K.fused_linear_policy_loss(h, w, torch.tensor([0, 1, 2, 10]), v, v, m)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        K.linear_logprobs(h, w.to("meta"), t)
+    with pytest.raises(ValueError, match="target_ids is on meta"):
+        K.linear_logprobs(h, w, t.to("meta"))
+    with pytest.raises(ValueError, match="loss_mask is on meta"):
+        K.fused_linear_policy_loss(h, w, t, v, v, m.to("meta"))
     # masked-out tokens may carry padding ids such as -100
     K.fused_linear_policy_loss(h, w, torch.tensor([0, 1, 2, -100]), v, v, torch.tensor([1, 1, 1, 0]))
     if HAS_CUDA:

@@ -204,6 +204,9 @@ def test_bad_inputs():
         K.policy_loss(x, x, x, m, normalizer=0.0)
     with pytest.raises(ValueError, match="backend"):
         K.policy_loss(x, x, x, m, backend="cuda")
+    meta = torch.randn(5, device="meta")  # a second device even on a CPU-only machine
+    with pytest.raises(ValueError, match="advantages is on meta"):
+        K.policy_loss(x, x, meta, m)
 
 
 def test_dual_clip_none_matches_reference():
