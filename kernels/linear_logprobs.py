@@ -282,6 +282,12 @@ def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_r
     return logp, lse, ent
 
 
+def _dz_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """dtype of the d loss / d logits chunk fed to the dX / dW GEMMs. CUDA: the input dtype, so
+    bf16 inputs run both GEMMs on tensor cores (dW still accumulates in fp32). CPU: fp32."""
+    return hidden.dtype if hidden.is_cuda else torch.float32
+
+
 def lm_head_backward(hidden, weight, tgt, temperature, lse, g, g_ent, ent, need_dx, need_dw, backend,
                      chunk_rows=None):
     """Chunked backward: recompute logits per chunk, fold g (= dL/dlogp [N] fp32) and optional
@@ -292,8 +298,7 @@ def lm_head_backward(hidden, weight, tgt, temperature, lse, g, g_ent, ent, need_
     dx = torch.empty_like(hidden) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_dw else None
     weight_f32 = weight.float() if (not hidden.is_cuda and weight.dtype != torch.float32) else None
-    # CUDA low precision: dZ stored in the input dtype so dX / dW run on tensor cores.
-    dz_dtype = hidden.dtype if hidden.is_cuda else torch.float32
+    dz_dtype = _dz_dtype(hidden)
     epi = _bwd_epilogue_triton if backend == "triton" else _bwd_epilogue_torch
     chunk = choose_chunk_rows(n, V, dev, chunk_rows)
     inv_temp = 1.0 / temperature

@@ -295,3 +295,13 @@ def test_dw_accumulation_fallbacks_agree():
     _accumulate_dw(dw, dz, h)
     _accumulate_dw(dw, torch.zeros_like(dz), h)  # second call takes the cached path
     torch.testing.assert_close(dw.double(), expected, rtol=1e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=INTERP)])
+def test_low_precision_dz_path_on_cpu(monkeypatch, backend):
+    """The CUDA bf16 layout (dZ stored in bf16, bf16 dX GEMM, fp32 dW accumulation) runs only on
+    GPUs; force it on CPU so its logic (and the Triton kernel's bf16 store) is checked here too."""
+    LL = importlib.import_module("zppo_fast.kernels.linear_logprobs")
+    monkeypatch.setattr(LL, "_dz_dtype", lambda hidden: hidden.dtype)
+    check_linear(37, 72, 300, torch.bfloat16, "cpu", backend, chunk_rows=16, seed=23)
+    check_fused(37, 72, 300, torch.bfloat16, "cpu", backend, chunk_rows=16, seed=24)
