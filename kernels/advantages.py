@@ -23,6 +23,7 @@ Not safe to run concurrently on two CUDA streams (they would share the barrier c
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict
 
 import torch
@@ -327,7 +328,9 @@ def _advantages_triton(r, g, mode, eps, n_programs=None, phased=None):
         else:
             n_programs = 1
     if phased is None:
-        phased = not on_gpu
+        # ZPPO_ADVANTAGES_PHASED=1: five launches without grid barriers, for GPUs where all
+        # programs may not be resident at once (e.g. an MPS client capped below the SM count).
+        phased = (not on_gpu) or os.environ.get("ZPPO_ADVANTAGES_PHASED") == "1"
     table = max(_next_pow2(2 * n), block)
     keys = torch.empty(table + n_programs * block, dtype=torch.int64, device=r.device)
     stats = torch.empty((5, table), dtype=torch.float32, device=r.device)

@@ -138,3 +138,12 @@ def test_multi_program_logic_interp(mode, n_programs):
     rewards, gid = random_batch(900, gen)
     out = _advantages_triton(rewards, gid, mode, 1e-6, n_programs=n_programs, phased=True)
     torch.testing.assert_close(out, K.advantages_reference(rewards, gid, mode=mode), rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+def test_cuda_phased_fallback_matches(monkeypatch):
+    monkeypatch.setenv("ZPPO_ADVANTAGES_PHASED", "1")
+    gen = torch.Generator().manual_seed(8)
+    rewards, gid = random_batch(3000, gen)
+    for mode in MODES:
+        check(rewards, gid, mode, "cuda", "triton")
