@@ -19,6 +19,8 @@ never-reset counter: (0) clear a hash table, (1) map group ids to slots by open 
 atomic compare-and-swap and accumulate per-group sum / count / min / max with atomics (no sort
 or unique), (2) A' and per-program sums over S, (3) two-pass variance over S, (4) write A.
 Not safe to run concurrently on two CUDA streams (they would share the barrier counter).
+ZPPO_ADVANTAGES_PHASED=1 runs the same phases as five barrier-free launches instead (for GPUs
+that cannot hold one program per SM at once); Triton's interpreter always does this.
 """
 from __future__ import annotations
 
