@@ -201,14 +201,26 @@ class ReplayRing {
     // Rejection over the window is uniform among live entries (each position is equally
     // likely, dead ones are redrawn); it pays off while k is well below the live count.
     if (2 * k < size()) {
-      thread_local FlatIndex chosen;  // reused: no allocation per call
-      chosen.reset(k);
+      // Already-chosen positions: one bit per slot (positions in the window map to distinct
+      // slots, I1). Per thread, reused, and all-zero between calls: each call clears the words
+      // it touched, which is cheaper than clearing the whole map or hashing positions.
+      thread_local std::vector<std::uint64_t> chosen;
+      thread_local std::vector<std::uint64_t> touched;
+      if (chosen.size() < slots_.size() / 64) chosen.resize(slots_.size() / 64);
+      touched.reserve(k);  // may throw: before any bit is set
+      touched.clear();
       std::size_t got = 0;
       for (std::size_t tries = 0; got < k && tries < 4 * k + 64; ++tries) {
         const std::uint64_t p = head + rng.below(window);
+        std::uint64_t& word = chosen[(p & mask_) >> 6];
+        const std::uint64_t bit = std::uint64_t{1} << (p & 63);
         std::int64_t qid;
-        if (read_live_qid(p, qid) && chosen.insert_if_absent(static_cast<std::int64_t>(p), 0)) out[got++] = qid;
+        if ((word & bit) || !read_live_qid(p, qid)) continue;
+        word |= bit;
+        touched.push_back((p & mask_) >> 6);
+        out[got++] = qid;
       }
+      for (std::uint64_t w : touched) chosen[w] = 0;
       if (got == k) return k;
       // Too many dead draws (heavy concurrent churn): start over with the scan, which is
       // uniform on its own, so the mixture stays uniform.
