@@ -218,7 +218,7 @@ def _proc_status_kb(key):
 
 def child_main(args):
     n, h, v = map(int, args.child_shape.split("x"))
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     res = measure(args.child, n, h, v, torch.float32, "cpu", args.reps, args.warmup)
     print("RESULT " + json.dumps(res))
 
@@ -231,6 +231,8 @@ def main():
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile-max-n", type=int, default=1 << 30, help="skip torch.compile above this N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per child (0 = all cores); 1 is far "
+                   "less noisy when other processes share the cores")
     p.add_argument("--json", help="append one JSON line per measurement to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-shape", help=argparse.SUPPRESS)
@@ -250,7 +252,8 @@ def main():
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}")
     print(f"# command: python {' '.join(sys.argv)}")
     if dev == "cpu":
-        print(f"# load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (CPU timings are noisy "
+        print(f"# threads per run: {args.threads or os.cpu_count()}; load average at start: {os.getloadavg()[0]:.2f} "
+              f"on {os.cpu_count()} cores (CPU timings are noisy "
               f"when other processes share the cores; memory numbers are not)")
     print("| N | H | V | variant | fwd+bwd ms | TFLOP/s (8NHV) | x floor | peak extra MB | vs eager peak |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -268,7 +271,8 @@ def main():
                 continue
             if dev == "cpu":  # fresh process per variant so ru_maxrss is this variant's peak
                 out = subprocess.run([sys.executable, __file__, "--child", name, "--child-shape", f"{n}x{h}x{v}",
-                                      "--reps", str(reps), "--warmup", str(args.warmup)],
+                                      "--reps", str(reps), "--warmup", str(args.warmup),
+                                      "--threads", str(args.threads)],
                                      capture_output=True, text=True)
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
                 results[name] = json.loads(line[-1][7:]) if line else {"error": (out.stderr.strip().splitlines()
