@@ -8,9 +8,10 @@ How: rows are processed in chunks of ``chunk`` rows, chosen so that chunk * V st
 fixed element budget (so peak extra memory is independent of N). Per chunk, the GEMM is left to
 cuBLAS / MKL (fp32 output), and everything after it is one streaming pass over the chunk's
 logits (Triton on CUDA: online log-sum-exp with the running max initialised to -inf, fp32
-accumulation). The backward recomputes the chunk's logits, turns them *in place* into
+accumulation). The backward recomputes the chunk's logits, turns them into
 d loss / d logits = (g_logp * (onehot - p) + g_ent * dH/dz) / temperature with the saved
-log-sum-exp, then does dX = dZ @ W and dW += dZ^T @ X (dW accumulated in fp32).
+log-sum-exp (in place; on CUDA with bf16 inputs into a bf16 chunk so the next GEMMs use tensor
+cores), then does dX = dZ @ W and dW += dZ^T @ X (dW accumulated in fp32).
 
 The same chunk machinery serves ``fused_linear_policy_loss`` (its backward is this backward
 with g_logp = d loss / d logp folded in).
