@@ -149,6 +149,35 @@ void test_sample_basics() {
   }
 }
 
+// Owner calls interleaved with concurrent-path admissions: the owner's index catches up
+// with what admit() added and forgets what admit() evicted (its rebuild included).
+void test_owner_index_follows_admit() {
+  constexpr std::size_t kCapacity = 8;
+  ReplayRing ring(kCapacity);
+  std::vector<Exit> evicted;
+  std::int64_t next = 0;
+  for (int round = 0; round < 400; ++round) {
+    std::vector<std::int64_t> ids;
+    for (int i = 0; i < 5; ++i) ids.push_back(next++);
+    std::vector<double> accs(ids.size(), 0.0);
+    evicted.clear();
+    ring.admit(ids.data(), accs.data(), ids.size(), round, &evicted);
+    for (const Exit& e : evicted) CHECK(!ring.contains(e.record.qid));
+    const auto live = ring.records();
+    CHECK(live.size() == std::min<std::size_t>(kCapacity, static_cast<std::size_t>(next)));
+    for (std::size_t i = 0; i < live.size(); ++i) {
+      CHECK(live[i].qid == next - static_cast<std::int64_t>(live.size() - i));
+      CHECK(ring.contains(live[i].qid));
+    }
+    if (round % 7 == 0) {  // the owner graduates the oldest live entry through step()
+      const std::int64_t q = live.front().qid;
+      const double one = 1.0;
+      CHECK(ring.step(&q, &one, 1, round, 0.5).graduated.size() == 1);
+      CHECK(!ring.contains(q));
+    }
+  }
+}
+
 void test_gate() {
   zppo::AccessGate gate;
   {
@@ -270,6 +299,7 @@ int main() {
   test_flat_index();
   test_gate();
   test_sample_basics();
+  test_owner_index_follows_admit();
   test_step_matches_model(1, 300, 1);
   test_step_matches_model(2, 300, 2);
   test_step_matches_model(17, 300, 3);
