@@ -162,7 +162,10 @@ void test_owner_index_follows_admit() {
     std::vector<double> accs(ids.size(), 0.0);
     evicted.clear();
     ring.admit(ids.data(), accs.data(), ids.size(), round, &evicted);
-    for (const Exit& e : evicted) CHECK(!ring.contains(e.record.qid));
+    // Looking up an evicted id drops it from the index, so only some rounds do, letting
+    // stale ids pile up until the index rebuilds itself.
+    if (round % 50 == 0)
+      for (const Exit& e : evicted) CHECK(!ring.contains(e.record.qid));
     const auto live = ring.records();
     CHECK(live.size() == std::min<std::size_t>(kCapacity, static_cast<std::size_t>(next)));
     for (std::size_t i = 0; i < live.size(); ++i) {
