@@ -62,7 +62,7 @@ class RolloutConfig:
 
 @dataclass
 class RLConfig:
-    algo: str = "grpo"
+    algo: str = "zppo"  # grpo | grpo_replay | grpo_both | grpo_replay_bcq | grpo_replay_ncq | zppo
     batch_size: int = 16  # B_new: new questions per rollout step
     group_size: int = 8  # G_S: rollouts per question
     num_minibatches: int = 4  # I: optimizer steps per rollout step, one pass over the batch
@@ -78,6 +78,25 @@ class RLConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+
+
+@dataclass
+class ZPPOConfig:
+    """The teacher, the reformulated prompts and the replay buffer (used by the algos that need them)."""
+
+    teacher_path: str | None = None  # None: the tiny student architecture with a longer warm-up
+    teacher_sft_steps: int = 600
+    teacher_group_size: int = 4  # G_T: fresh teacher rollouts per hard question, every visit
+    teacher_temperature: float = 1.0
+    teacher_top_p: float = 1.0
+    teacher_max_new_tokens: int = 24
+    compression: str = "teacher"  # teacher (the paper's summary prompt) | none (raw candidate text)
+    compression_max_tokens: int = 512
+    compression_temperature: float = 0.0  # unspecified by the paper; greedy summaries
+    rho_aug: float = 0.25  # reformulated instances per step, as a fraction of B_new
+    rho_replay: float = 0.25  # replayed questions per step, as a fraction of B_new
+    replay_capacity: int = 10_000
+    hard_threshold: float = 0.5  # hard: plain-rollout accuracy below this; also the buffer's admission
 
 
 @dataclass
@@ -100,6 +119,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    zppo: ZPPOConfig = field(default_factory=ZPPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:

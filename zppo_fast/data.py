@@ -14,9 +14,14 @@ from zppo_fast import prompts
 from zppo_fast.task import ArithmeticTask
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
-    """Token ids of one user turn with the closing instruction, ending in an open assistant turn."""
-    messages = [{"role": "user", "content": prompts.with_closing(user_text)}]
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, closing: bool = True) -> list[int]:
+    """Token ids of one user turn, ending in an open assistant turn.
+
+    Every prompt the policy answers (plain, BCQ, NCQ; training and evaluation) carries the
+    closing instruction; the teacher's compression prompts do not (`closing=False`).
+    """
+    content = prompts.with_closing(user_text) if closing else user_text
+    messages = [{"role": "user", "content": content}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 

@@ -315,7 +315,12 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     live_path = run_dir / LIVE_FILE
     live = read_jsonl(live_path, _LIVE_FIELDS) if live_path.is_file() else []
     metrics_path = run_dir / METRICS_FILE
-    metrics = read_jsonl(metrics_path, _METRICS_FIELDS) if metrics_path.is_file() else []
+    # Lines without replay counts (the step-0 evaluation, algos without a buffer) are skipped.
+    metrics = []
+    for lineno, rec in enumerate(read_jsonl(metrics_path) if metrics_path.is_file() else [], 1):
+        if isinstance(rec, dict) and "replay/admitted" in rec:
+            _check_fields(rec, _METRICS_FIELDS, f"{metrics_path}:{lineno}")
+            metrics.append(rec)
     by_step = {m["step"]: m for m in metrics}  # a resumed run's repeated step: last wins
 
     group_size = _config_group_size(run_dir)

@@ -14,6 +14,7 @@ import json
 import random
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,8 +44,14 @@ def _sequence(tokenizer, question: str, solution: str) -> tuple[list[int], int]:
     return prompt + answer, len(prompt)
 
 
-def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True):
-    """Build tokenizer and model, then `sft.steps` AdamW steps of response-only cross-entropy."""
+def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True,
+              snapshots: tuple[int, ...] = ()):
+    """Build tokenizer and model, then `sft.steps` AdamW steps of response-only cross-entropy.
+
+    After each step count in `snapshots` the model is cached as if a run of that many steps had
+    been asked for (the data order does not depend on the total), so one warm-up yields both
+    the CPU demo's student (early snapshot) and its stronger teacher (the full run).
+    """
     torch.set_flush_denormal(True)  # Gated-DeltaNet decays underflow; denormals slow CPUs 10x
     task = ArithmeticTask(**vars(task_cfg))
     tokenizer = build_tokenizer(tokenizer_corpus(task, seed=seed), vocab_size=model_cfg.vocab_size)
@@ -53,7 +60,7 @@ def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed
     train_ids, rng = task.train_ids(), random.Random(seed)
     model.train()
     bar = tqdm(range(sft.steps), desc="sft", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
+    for step in bar:
         batch = [_sequence(tokenizer, p.question, p.solution)
                  for p in (task.problem(q) for q in rng.sample(train_ids, sft.batch_size))]
         width = max(len(s) for s, _ in batch)
@@ -70,18 +77,26 @@ def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed
         optim.step()
         optim.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step + 1 in snapshots:
+            _save_atomically(model, tokenizer, cache_path(model_cfg, task_cfg, replace(sft, steps=step + 1)))
     return model, tokenizer
 
 
-def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True):
+def _save_atomically(model, tokenizer, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True,
+               snapshots: tuple[int, ...] = ()):
     """Return (model, tokenizer, path) of the cached warm-up for these settings, training it if absent."""
     path = cache_path(model_cfg, task_cfg, sft)
     if not (path / "config.json").is_file():
-        model, tokenizer = train_sft(model_cfg, task_cfg, sft, seed=seed, progress=progress)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tokenizer, tmp)
-        tmp.rename(path)
+        model, tokenizer = train_sft(model_cfg, task_cfg, sft, seed=seed, progress=progress, snapshots=snapshots)
+        _save_atomically(model, tokenizer, path)
     model, tokenizer = load_model(path, model_cfg.dtype)
     return model, tokenizer, path
 

@@ -1,10 +1,15 @@
 """`python -m zppo_fast.train [--config FILE] [--resume RUN_DIR] [--section.key VALUE ...]`
 
-The RL trainer. One rollout step, read top to bottom in `Trainer.step`:
+The RL trainer for ZPPO and its baselines (`rl.algo`, see zppo_fast/zppo.py). One rollout
+step, read top to bottom in `Trainer.step`:
 
-  1. questions   B_new new question ids from the training stream.
-  2. rollouts    G_S samples per question from the rollout engine (temperature 1, top-p 1).
-  3. rewards     r in {0, 1}: the last \\boxed{} answer graded against the gold answer.
+  1. questions   B_new new question ids from the training stream, plus round(rho_replay * B_new)
+                 drawn uniformly from the replay buffer (algos with a buffer).
+  2. rollouts    G_S samples per question from the rollout engine (temperature 1, top-p 1);
+                 reward r in {0, 1}: the last \\boxed{} answer graded against the gold answer.
+  3. reformulate hard questions (accuracy < 0.5) get G_T fresh teacher rollouts; compressed
+                 candidates make BCQ / NCQ prompts (capped at rho_aug * B_new, lowest accuracy
+                 first); the student samples G_S rollouts on each, as groups of their own.
   4. advantages  A' = r - mean(group); then, by `rl.advantage_mode`, normalized over the
                  rollout batch without the all-equal groups (REINFORCE++ "Norm w/o Zero",
                  default), with them, not at all, or by the group's std (GRPO).
@@ -13,6 +18,8 @@ The RL trainer. One rollout step, read top to bottom in `Trainer.step`:
                  Token-level clipped surrogate (clip-higher eps_low 0.2 / eps_high 0.28,
                  dual-clip 10 for A < 0), no KL, token-mean whose normalizer is the token count
                  of the whole optimizer step, so micro-batching and ranks do not change it.
+                 Only the student's own completion tokens are in the loss mask.
+  7. replay      plain-rollout accuracies admit (< 0.5) and graduate (>= 0.5) buffer entries.
 
 The policy loss runs through `zppo_fast.kernels.fused_linear_policy_loss`: the model returns
 hidden states and the lm_head weight goes into the fused loss, so no [tokens, vocab] logits
@@ -25,6 +32,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,9 +47,12 @@ from zppo_fast.eval import accuracy
 from zppo_fast.kernels import fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, peak_memory_mb
 from zppo_fast.model import load_model
-from zppo_fast.reward import grade
+from zppo_fast.replay import PromptReplayBuffer
+from zppo_fast.report import write_report
+from zppo_fast.reward import final_answer, grade
 from zppo_fast.sft import warm_start
 from zppo_fast.task import ArithmeticTask
+from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, replay_count
 
 
 class Trainer:
@@ -52,6 +63,9 @@ class Trainer:
         )
         torch.manual_seed(cfg.run.seed)
         torch.set_flush_denormal(True)  # Gated-DeltaNet decays underflow; denormals slow CPUs 10x
+        if cfg.rl.algo not in ALGOS:
+            raise ConfigError(f"rl.algo must be one of {', '.join(ALGOS)}, got {cfg.rl.algo!r}")
+        self.algo = ALGOS[cfg.rl.algo]
 
         # 1. The run folder holds the config, metrics.jsonl and checkpoints.
         self.run_dir = Path(resume if resume is not None else cfg.run.out_dir)
@@ -70,7 +84,21 @@ class Trainer:
         self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
         self.heldout = [self.task.problem(q) for q in self.task.heldout_ids()[: cfg.run.eval_size]]
 
-        # 3. The student: a checkpoint being resumed, a Hugging Face folder, or the cached warm-up.
+        # 3. The frozen teacher (algos with BCQ/NCQ): a Hugging Face folder, or the tiny student
+        #    architecture with a longer warm-up whose early snapshot is the student.
+        self.reformulator = None
+        if self.algo.kinds:
+            if cfg.zppo.teacher_path is not None:
+                teacher, teacher_tok = load_model(cfg.zppo.teacher_path, cfg.model.dtype)
+            else:
+                teacher_sft = replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps)
+                teacher, teacher_tok, _ = warm_start(cfg.model, cfg.task, teacher_sft, cfg.run.seed, progress,
+                                                     snapshots=(cfg.sft.steps,))
+            teacher.to(self.device).eval().requires_grad_(False)
+            self.reformulator = Reformulator(TransformersEngine(teacher, teacher_tok, cfg.rollout.batch_size),
+                                             teacher_tok, cfg.zppo, self.algo.kinds, seed=cfg.run.seed)
+
+        # 4. The student: a checkpoint being resumed, a Hugging Face folder, or the cached warm-up.
         self.step_idx, state = 0, None
         if resume is not None:
             self.model, self.tokenizer, state = load_checkpoint(self.run_dir, cfg.model.dtype)
@@ -80,36 +108,69 @@ class Trainer:
             self.model, self.tokenizer, _ = warm_start(cfg.model, cfg.task, cfg.sft, cfg.run.seed, progress)
         self.model.to(self.device).train()
 
-        # 4. The rollout engine samples from the very weights being trained (shared module).
+        # 5. The rollout engine samples from the very weights being trained (shared module).
         self.engine = TransformersEngine(self.model, self.tokenizer, batch_size=cfg.rollout.batch_size)
 
-        # 5. AdamW over all parameters, constant learning rate.
+        # 6. AdamW over all parameters, constant learning rate.
         rl = cfg.rl
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=rl.lr, betas=(rl.adam_beta1, rl.adam_beta2), eps=rl.adam_eps,
             weight_decay=rl.weight_decay,
         )
 
-        # 6. On resume: optimizer, data position, RNG and step, exactly as they were saved.
+        # 7. The prompt replay buffer of hard questions (algos with a buffer).
+        self.buffer = None
+        if self.algo.replay:
+            self.buffer = PromptReplayBuffer(cfg.zppo.replay_capacity, seed=cfg.run.seed,
+                                             threshold=cfg.zppo.hard_threshold)
+
+        # 8. On resume: optimizer, data position, buffer, RNG and step, exactly as they were saved.
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.stream.load_state_dict(state["data"])
+            if self.buffer is not None:
+                self.buffer.load_state_dict(state["replay"])
             set_rng_state(state["rng"])
             self.step_idx = state["step"]
         self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard, resume_step=self.step_idx if state else None)
 
     # ---------------------------------------------------------------- one rollout step
     def step(self) -> dict[str, float]:
-        cfg, t = self.cfg, {}
+        cfg, t, m = self.cfg, {}, {}
         self.step_idx += 1
+        b_new = cfg.rl.batch_size
 
-        # 1-3. Questions, rollouts, rewards.
+        # 1. Questions: new ones, plus replayed hard ones (sampled without removal).
+        new = self.stream.next_batch(b_new)
+        replayed = []
+        if self.buffer is not None:
+            replayed = [int(q) for q in self.buffer.sample(replay_count(b_new, cfg.zppo.rho_replay)) if q not in new]
+        problems = [self.task.problem(q) for q in new + replayed]
+
+        # 2. Plain rollouts, graded; group g is the g-th question.
         t0 = time.perf_counter()
-        problems = [self.task.problem(q) for q in self.stream.next_batch(cfg.rl.batch_size)]
-        batch, samples = self.rollout(problems)
+        batch, samples = self.rollout([p.question for p in problems], problems, first_group=0)
+        g_s = cfg.rl.group_size
+        rewards = [[r.reward for r in batch.rollouts[i * g_s : (i + 1) * g_s]] for i in range(len(problems))]
+        accuracy = [sum(r) / g_s for r in rewards]
         t["time/rollout"] = time.perf_counter() - t0
 
-        # 4. Advantages over the whole rollout batch, one rollout each.
+        # 3. Reformulations: teacher rollouts on the hard questions, BCQ / NCQ prompts, and the
+        #    student's rollouts on them as groups of their own.
+        if self.reformulator is not None:
+            t0 = time.perf_counter()
+            texts = [[s.text for s in samples[i * g_s : (i + 1) * g_s]] for i in range(len(problems))]
+            reforms, zm = self.reformulator(problems, texts, rewards, aug_cap(b_new, cfg.zppo.rho_aug), self.step_idx)
+            t["time/teacher"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            extra, extra_samples = self.rollout([r.text for r in reforms], [problems[r.question] for r in reforms],
+                                                first_group=len(problems))
+            t["time/rollout"] += time.perf_counter() - t0
+            m.update(zm)
+            m.update(self.reformulation_metrics(reforms, extra, extra_samples))
+            batch.rollouts += extra.rollouts
+
+        # 4. Advantages over the whole rollout batch, one per rollout.
         advantages = normalize_advantages(
             batch.rewards, batch.group_ids, mode=cfg.rl.advantage_mode, eps=cfg.rl.advantage_eps
         )
@@ -121,23 +182,42 @@ class Trainer:
 
         # 6. I optimizer steps, one per mini-batch of whole groups.
         t0 = time.perf_counter()
-        stats = self.update(batch, old_logprobs, advantages)
+        m.update(self.update(batch, old_logprobs, advantages))
         t["time/update"] = time.perf_counter() - t0
 
-        return {**self.rollout_metrics(batch, samples, entropy), **stats, **t,
+        # 7. The replay buffer learns from the plain rollouts only.
+        if self.buffer is not None:
+            u = self.buffer.update([p.id for p in problems], accuracy, self.step_idx)
+            m.update({"replay/size": len(self.buffer), "replay/admitted": len(u.admitted),
+                      "replay/graduated": len(u.graduated), "replay/evicted": len(u.evicted),
+                      "replay/replayed": len(replayed)})
+
+        return {**m, **self.rollout_metrics(batch, accuracy, samples, entropy), **t,
+                "perf/student_tokens": batch.response_tokens(),
                 "perf/tokens_per_s": batch.response_tokens() / max(sum(t.values()), 1e-9),
                 "perf/peak_memory_mb": peak_memory_mb(self.device)}
 
-    def rollout(self, problems) -> tuple[RolloutBatch, list]:
-        """G_S samples per problem, graded; group g = the g-th problem of the step."""
+    def rollout(self, prompt_texts: list[str], problems, first_group: int) -> tuple[RolloutBatch, list]:
+        """G_S graded samples per prompt; the k-th prompt is group `first_group + k`."""
         cfg = self.cfg
-        prompts = [chat_prompt_ids(self.tokenizer, p.question) for p in problems]
+        prompts = [chat_prompt_ids(self.tokenizer, text) for text in prompt_texts]
         params = SamplingParams(n=cfg.rl.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.run.seed * 1_000_003 + self.step_idx)
-        groups = self.engine.generate(prompts, params)
-        batch = RolloutBatch([Rollout(prompt, s.token_ids, grade(s.text, p.answer), g)
+                                max_new_tokens=cfg.rollout.max_new_tokens,
+                                seed=(cfg.run.seed * 1_000_003 + self.step_idx) * 2 + (first_group > 0))
+        groups = self.engine.generate(prompts, params) if prompts else []
+        batch = RolloutBatch([Rollout(prompt, s.token_ids, grade(s.text, p.answer), first_group + g)
                               for g, (prompt, p, group) in enumerate(zip(prompts, problems, groups)) for s in group])
         return batch, [s for group in groups for s in group]
+
+    def reformulation_metrics(self, reforms, batch: RolloutBatch, samples) -> dict[str, float]:
+        g_s, out = self.cfg.rl.group_size, {}
+        for kind in ("bcq", "ncq"):
+            rows = [k * g_s + j for k, r in enumerate(reforms) if r.kind == kind for j in range(g_s)]
+            if rows:
+                out[f"zppo/{kind}_acc"] = sum(batch.rollouts[i].reward for i in rows) / len(rows)
+                out[f"zppo/{kind}_copies_candidate"] = sum(
+                    final_answer(samples[i].text) in reforms[i // g_s].candidate_answers for i in rows) / len(rows)
+        return out
 
     def _hidden(self, input_ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (N, H) of the positions that predict response tokens, and those tokens (N,)."""
@@ -208,13 +288,12 @@ class Trainer:
             "loss/grad_norm": sum(grad_norms) / len(grad_norms),
         }
 
-    def rollout_metrics(self, batch: RolloutBatch, samples, entropy: float) -> dict[str, float]:
-        g = self.cfg.rl.group_size
-        rewards = batch.rewards.view(-1, g)  # (groups, G_S)
+    def rollout_metrics(self, batch: RolloutBatch, accuracy: list[float], samples, entropy: float) -> dict[str, float]:
+        rewards = batch.rewards.view(-1, self.cfg.rl.group_size)  # (groups, G_S), plain and reformulated
         return {
-            "reward/mean": rewards.mean().item(),
-            "reward/all_wrong_frac": (rewards.sum(1) == 0).float().mean().item(),
-            "reward/all_correct_frac": (rewards.sum(1) == g).float().mean().item(),
+            "reward/mean": sum(accuracy) / len(accuracy),  # plain rollouts: the student's own accuracy
+            "reward/all_wrong_frac": (rewards.amax(1) == 0).float().mean().item(),
+            "reward/all_correct_frac": (rewards.amin(1) == 1).float().mean().item(),
             "rollout/response_len": batch.response_tokens() / len(batch),
             "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "rollout/entropy": entropy,
@@ -227,7 +306,23 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"optimizer": self.optimizer.state_dict(), "data": self.stream.state_dict()}
+        if self.buffer is not None:
+            state["replay"] = self.buffer.state_dict()
+            self.write_replay_telemetry()
         return save_checkpoint(self.run_dir, self.step_idx, self.model, self.tokenizer, state)
+
+    def write_replay_telemetry(self) -> None:
+        """replay_history.jsonl (one line per exit) and replay_live.jsonl, read by zppo_fast.report."""
+        exits = [{"id": int(r["qid"]), "step_admitted": int(r["step_admitted"]), "acc_admitted": float(r["acc_admitted"]),
+                  "exit_step": int(r["exit_step"]), "exit": "graduated" if r["graduated"] else "evicted",
+                  "visits": int(r["visits"])} for r in self.buffer.history()]
+        live = self.buffer.state_dict()["live"]
+        alive = [{"id": int(q), "step_admitted": int(s), "acc_admitted": float(a), "visits": int(v)}
+                 for q, s, a, v in zip(live["qid"], live["step_admitted"], live["acc_admitted"], live["visits"])]
+        for name, rows in (("replay_history.jsonl", exits), ("replay_live.jsonl", alive)):
+            tmp = self.run_dir / (name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.rename(self.run_dir / name)
 
     def fit(self) -> list[dict]:
         cfg, history = self.cfg.run, []
@@ -250,6 +345,8 @@ class Trainer:
             if self.step_idx % cfg.checkpoint_every == 0 or self.step_idx == cfg.steps:
                 self.save()
         self.metrics.close()
+        if self.buffer is not None and history:
+            write_report(self.run_dir)
         return history
 
 

@@ -1,0 +1,137 @@
+"""ZPPO's teacher-in-the-prompt step: hard questions -> teacher rollouts -> compressed candidates
+-> BCQ / NCQ prompts (Algorithm 1, steps 3-5 of arXiv 2606.18216).
+
+The teacher only ever writes text that ends up inside the student's prompt. Its rollouts are
+graded, its compressions are parsed, and both are re-tokenized with the *student's* tokenizer as
+part of a prompt; the student's loss mask covers the student's own completion only, so no
+teacher token carries gradient.
+
+The `algo` switch picks the paper's Table 3 rows:
+
+    algo              replay buffer   BCQ   NCQ
+    grpo                   -           -     -
+    grpo_replay            +           -     -      (GRPO-dagger)
+    grpo_both              -           +     +
+    grpo_replay_bcq        +           +     -
+    grpo_replay_ncq        +           -     +
+    zppo                   +           +     +
+
+Choices the paper leaves open (documented here, tested in tests/test_zppo.py):
+* `compression = "none"` inserts the raw candidate text (the CPU demo's tiny teacher cannot follow
+  the summary instruction; its rollouts are one line anyway). The default is the paper's prompt.
+* A wrong rollout without a \\boxed{} answer stays an NCQ candidate but is left out of the listed
+  wrong answers (`zppo_fast.prompts.build_ncq`); its answer is the verifier's NO_ANSWER marker.
+* Empty or whitespace-only candidate texts are inserted as they are (an empty candidate block):
+  the student still sees that such a rollout was wrong.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from zppo_fast import prompts
+from zppo_fast.config import ZPPOConfig
+from zppo_fast.data import chat_prompt_ids
+from zppo_fast.engine import RolloutEngine, SamplingParams
+from zppo_fast.reward import final_answer, grade
+from zppo_fast.selection import aug_cap, replay_count, select_reformulations  # noqa: F401 (public here)
+from zppo_fast.task import Problem
+
+
+@dataclass(frozen=True)
+class Algo:
+    replay: bool
+    kinds: tuple[str, ...]  # reformulations built: subset of ("bcq", "ncq")
+
+
+ALGOS = {
+    "grpo": Algo(False, ()),
+    "grpo_replay": Algo(True, ()),
+    "grpo_both": Algo(False, ("bcq", "ncq")),
+    "grpo_replay_bcq": Algo(True, ("bcq",)),
+    "grpo_replay_ncq": Algo(True, ("ncq",)),
+    "zppo": Algo(True, ("bcq", "ncq")),
+}
+
+
+@dataclass
+class Reformulation:
+    question: int  # index of the question in the step's batch
+    kind: str  # "bcq" | "ncq"
+    text: str  # the reformulated prompt, without the closing instruction
+    candidate_answers: set[str] = field(default_factory=set)  # to measure copying
+
+
+class Reformulator:
+    """Builds one step's BCQ/NCQ prompts from the student's plain rollouts and a frozen teacher."""
+
+    def __init__(self, teacher: RolloutEngine, teacher_tokenizer: PreTrainedTokenizerBase, cfg: ZPPOConfig,
+                 kinds: tuple[str, ...], seed: int = 0):
+        if cfg.compression not in ("teacher", "none"):
+            raise ValueError(f"zppo.compression must be 'teacher' or 'none', got {cfg.compression!r}")
+        self.teacher, self.tokenizer, self.cfg, self.kinds, self.seed = teacher, teacher_tokenizer, cfg, kinds, seed
+
+    def __call__(self, problems: list[Problem], student_texts: list[list[str]], student_rewards: list[list[float]],
+                 cap: int, step: int) -> tuple[list[Reformulation], dict[str, float]]:
+        """problems [Q]; student_texts / student_rewards [Q][G_S]; returns the ordered instances."""
+        cfg, rng = self.cfg, random.Random(f"{self.seed}:{step}")
+        accuracy = [sum(r) / len(r) for r in student_rewards]
+        hard = [i for i, a in enumerate(accuracy) if a < cfg.hard_threshold]
+        metrics = {"zppo/hard_frac": len(hard) / max(len(problems), 1), "zppo/teacher_tokens": 0.0}
+
+        # Fresh teacher rollouts for every hard question, graded by the same verifier.
+        teacher_correct: dict[int, list[str]] = {i: [] for i in hard}
+        if hard:
+            params = SamplingParams(n=cfg.teacher_group_size, temperature=cfg.teacher_temperature,
+                                    top_p=cfg.teacher_top_p, max_new_tokens=cfg.teacher_max_new_tokens,
+                                    seed=self.seed * 1_000_003 + step)
+            groups = self.teacher.generate([chat_prompt_ids(self.tokenizer, problems[i].question) for i in hard], params)
+            n_right = 0
+            for i, group in zip(hard, groups):
+                for s in group:
+                    metrics["zppo/teacher_tokens"] += len(s.token_ids)
+                    if grade(s.text, problems[i].answer) == 1.0:
+                        teacher_correct[i].append(s.text)
+                        n_right += 1
+            metrics["zppo/teacher_acc_on_hard"] = n_right / (len(hard) * cfg.teacher_group_size)
+
+        wrong = [[t for t, r in zip(texts, rewards) if r < 1.0] for texts, rewards in zip(student_texts, student_rewards)]
+        eligible = [bool(teacher_correct.get(i)) and bool(wrong[i]) for i in range(len(problems))]
+        metrics["zppo/bcq_eligible"] = float(sum(eligible))
+        chosen = select_reformulations(accuracy, eligible, cap, kinds=self.kinds)
+
+        # Candidates: BCQ one teacher-correct + one student-wrong (uniform); NCQ every wrong rollout.
+        plans = []
+        for i, kind in chosen:
+            if kind == "bcq":
+                plans.append((i, kind, [rng.choice(teacher_correct[i]), rng.choice(wrong[i])]))
+            else:
+                plans.append((i, kind, list(wrong[i])))
+        raw = sorted({t for _, _, texts in plans for t in texts})
+        summaries = dict(zip(raw, self.compress(raw, metrics, step)))
+
+        out = []
+        for i, kind, texts in plans:
+            question, cands = problems[i].question, [summaries[t] for t in texts]
+            if kind == "bcq":
+                text = prompts.build_bcq(question, cands[0], cands[1], rng)
+            else:
+                text = prompts.build_ncq(question, cands, [final_answer(t) for t in texts])
+            out.append(Reformulation(i, kind, text, {final_answer(t) for t in texts}))
+        metrics["zppo/bcq_built"] = float(sum(r.kind == "bcq" for r in out))
+        metrics["zppo/ncq_built"] = float(sum(r.kind == "ncq" for r in out))
+        return out, metrics
+
+    def compress(self, texts: list[str], metrics: dict[str, float], step: int) -> list[str]:
+        """The teacher's summary of each candidate under the paper's compression prompt."""
+        if self.cfg.compression == "none" or not texts:
+            return [t.strip() for t in texts]
+        params = SamplingParams(n=1, temperature=self.cfg.compression_temperature, top_p=1.0,
+                                max_new_tokens=self.cfg.compression_max_tokens, seed=self.seed * 7_919 + step)
+        ids = [chat_prompt_ids(self.tokenizer, prompts.build_compression_prompt(t), closing=False) for t in texts]
+        outs = self.teacher.generate(ids, params)
+        metrics["zppo/teacher_tokens"] += sum(len(g[0].token_ids) for g in outs)
+        return [prompts.parse_summary(g[0].text) for g in outs]
