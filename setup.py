@@ -54,7 +54,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DZPPO_BUILD_TESTS=OFF",
         ]
-        if shutil.which("ninja"):
+        if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():  # a cache fixes its generator
             configure += ["-G", "Ninja"]
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 1)
