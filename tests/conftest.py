@@ -1,7 +1,7 @@
-"""Shared fixtures: a tiny warm-started student built once per test session.
+"""Shared fixtures: the tiny student and teacher, warmed up once per test session.
 
-The student is the embedded default's recipe at toy size (hidden 64, operands up to 2): a short
-supervised warm-up teaches it the answer format, so RL tests see non-trivial rewards.
+They follow the embedded default's recipe at toy size (hidden 64, operands up to 2): one
+supervised warm-up whose early snapshot is the student and whose end is the stronger teacher.
 """
 
 import os
@@ -16,31 +16,40 @@ TINY_OVERRIDES = [
     "--task.max_operand", "2",
     "--sft.steps", "60",
     "--sft.batch_size", "32",
+    "--zppo.teacher_sft_steps", "120",
+    "--zppo.teacher_max_new_tokens", "16",
+    "--zppo.compression", "none",
     "--rollout.max_new_tokens", "16",
     "--rl.batch_size", "8",
     "--rl.lr", "1e-3",
+    "--rl.algo", "grpo",
     "--run.eval_every", "0",
+    "--run.tensorboard", "false",
 ]
 
 
 @pytest.fixture(scope="session")
-def tiny_student(tmp_path_factory):
-    """Path of a Hugging Face folder with the warmed-up tiny student and its tokenizer."""
+def tiny_cache(tmp_path_factory):
+    """An SFT cache folder holding the tiny student (60 steps) and teacher (120 steps)."""
+    from dataclasses import replace
+
     from zppo_fast.config import load_config
     from zppo_fast.sft import warm_start
 
-    cfg = load_config(None, TINY_OVERRIDES + ["--sft.cache_dir", str(tmp_path_factory.mktemp("sft"))])
-    _, _, path = warm_start(cfg.model, cfg.task, cfg.sft, progress=False)
-    return str(path)
+    cache = str(tmp_path_factory.mktemp("sft"))
+    cfg = load_config(None, TINY_OVERRIDES + ["--sft.cache_dir", cache])
+    warm_start(cfg.model, cfg.task, replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps), progress=False,
+               snapshots=(cfg.sft.steps,))
+    return cache
 
 
 @pytest.fixture
-def tiny_config(tiny_student, tmp_path):
+def tiny_config(tiny_cache, tmp_path):
     """A factory of configs that train the tiny student in `tmp_path`, with extra overrides."""
     from zppo_fast.config import load_config
 
     def make(*overrides: str):
-        return load_config(None, TINY_OVERRIDES + ["--model.path", tiny_student, "--run.out_dir",
-                                                   str(tmp_path / "run"), "--run.tensorboard", "false", *overrides])
+        return load_config(None, TINY_OVERRIDES + ["--sft.cache_dir", tiny_cache, "--run.out_dir",
+                                                   str(tmp_path / "run"), *overrides])
 
     return make
