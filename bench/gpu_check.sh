@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 OUTDIR=${OUT:-bench/gpu_check_out}
 mkdir -p "$OUTDIR"
+rm -f "$OUTDIR/policy_loss.jsonl"  # --json appends
 unset TRITON_INTERPRET  # compiled kernels on the GPU
 start=$(date +%s)
 status=()
