@@ -75,6 +75,21 @@ def test_resume_reproduces_the_next_step(tiny_config, tmp_path):
     assert [x["step"] for x in lines] == [1, 2, 3]
 
 
+def test_trains_from_a_hugging_face_folder(tiny_config):
+    """A config naming a model folder loads model and tokenizer from it, through the same path."""
+    cfg = tiny_config("--run.steps", "1")
+    from zppo_fast.sft import cache_path
+
+    folder = cache_path(cfg.model, cfg.task, cfg.sft)
+    trainer = Trainer(tiny_config("--run.steps", "1", "--model.path", str(folder)), progress=False)
+    (metrics,) = trainer.fit()
+    assert 0.0 <= metrics["reward/mean"] <= 1.0 and metrics["perf/student_tokens"] > 0
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(trainer.run_dir / "checkpoints" / "step_1")
+    torch.testing.assert_close(saved.lm_head.weight, trainer.model.lm_head.weight)
+
+
 def test_refuses_to_clobber_a_run(tiny_config):
     Trainer(tiny_config("--run.steps", "1"), progress=False).fit()
     with pytest.raises(ConfigError, match="already holds checkpoints"):

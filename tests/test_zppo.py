@@ -138,3 +138,25 @@ def test_every_algo_runs_two_steps(tiny_config, algo):
 def test_teacher_path_that_does_not_load(tiny_config, tmp_path):
     with pytest.raises(ModelLoadError, match="nowhere"):
         Trainer(tiny_config("--rl.algo", "zppo", "--zppo.teacher_path", str(tmp_path / "nowhere")), progress=False)
+
+
+def test_teacher_with_its_own_tokenizer(tokenizer):
+    """A real teacher whose tokenizer differs from the student's: it reads text re-tokenized with its
+    own vocabulary and writes text, which the student's tokenizer then encodes (ids are never shared)."""
+    from zppo_fast.config import ModelConfig
+    from zppo_fast.data import tokenizer_corpus
+    from zppo_fast.engine import TransformersEngine
+    from zppo_fast.model import build_tiny_model
+    from zppo_fast.task import ArithmeticTask
+    from zppo_fast.tokenizer import build_tokenizer
+
+    teacher_tok = build_tokenizer(tokenizer_corpus(ArithmeticTask(max_operand=3), size=100, seed=5), vocab_size=300)
+    assert teacher_tok.get_vocab() != tokenizer.get_vocab()
+    teacher = TransformersEngine(build_tiny_model(ModelConfig(hidden_size=32), teacher_tok, seed=2), teacher_tok)
+    cfg = ZPPOConfig(compression="teacher", compression_max_tokens=8, teacher_max_new_tokens=8)
+    problems = [Problem(0, "Ann has 3 pens, loses 1. How many pens does Ann have now?", "2", "")]
+    out, m = Reformulator(teacher, teacher_tok, cfg, kinds=("bcq", "ncq"), seed=0)(
+        problems, [["\\boxed{5}", "   ", "<think>3-1=4</think>"]], [[0.0, 0.0, 0.0]], cap=2, step=1)
+    assert [r.kind for r in out][-1] == "ncq" and m["zppo/teacher_tokens"] > 0
+    ids = chat_prompt_ids(tokenizer, out[-1].text)
+    assert max(ids) < len(tokenizer) and "The following answers are all WRONG: \\boxed{5}." in tokenizer.decode(ids)

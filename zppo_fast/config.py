@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str | None = None  # a Hugging Face model directory; None builds the tiny model below
-    hidden_size: int = 128
+    hidden_size: int = 64
     num_layers: int = 4  # linear:full attention = 3:1, as in Qwen3.5
     vocab_size: int = 1024  # of the in-process tokenizer
     dtype: str = "float32"  # float32 | bfloat16
@@ -34,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    max_operand: int = 20
+    max_operand: int = 9
     num_terms: int = 2
     heldout_fraction: float = 0.1
     num_facts: int = 2048
@@ -45,8 +45,8 @@ class TaskConfig:
 class SFTConfig:
     """The supervised warm-up that gives RL a student which earns some reward."""
 
-    steps: int = 300
-    batch_size: int = 64
+    steps: int = 150
+    batch_size: int = 32
     lr: float = 3e-3
     cache_dir: str = ".cache/zppo_fast"  # warm-up checkpoints, keyed by a hash of their settings
 
@@ -72,7 +72,7 @@ class RLConfig:
     dual_clip: float = 10.0
     advantage_mode: str = "batch_wo_zero"  # batch_wo_zero | batch_w_zero | none | group
     advantage_eps: float = 1e-6
-    lr: float = 1e-4
+    lr: float = 1e-3  # a tiny model needs orders of magnitude more than the paper's 1e-6
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -85,12 +85,14 @@ class ZPPOConfig:
     """The teacher, the reformulated prompts and the replay buffer (used by the algos that need them)."""
 
     teacher_path: str | None = None  # None: the tiny student architecture with a longer warm-up
-    teacher_sft_steps: int = 600
+    teacher_sft_steps: int = 300
     teacher_group_size: int = 4  # G_T: fresh teacher rollouts per hard question, every visit
     teacher_temperature: float = 1.0
     teacher_top_p: float = 1.0
     teacher_max_new_tokens: int = 24
-    compression: str = "teacher"  # teacher (the paper's summary prompt) | none (raw candidate text)
+    # teacher: the paper's summary prompt (GPU configs) | none: the raw candidate text (the CPU
+    # default: a tiny teacher cannot follow the summary instruction, and its rollouts are one line)
+    compression: str = "none"
     compression_max_tokens: int = 512
     compression_temperature: float = 0.0  # unspecified by the paper; greedy summaries
     rho_aug: float = 0.25  # reformulated instances per step, as a fraction of B_new
