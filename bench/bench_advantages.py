@@ -7,12 +7,11 @@ about speed, so CPU reports the eager path alone). Also counts kernel launches w
 
 Usage: python bench/bench_advantages.py [--device cuda] [--sizes 1024 65536] [--group 8]
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_policy_loss import device_name, load_kernels  # noqa: E402
+from bench_policy_loss import device_name, load_kernels
 
 K = load_kernels()
 
@@ -59,9 +58,12 @@ def count_launches(fn, device):
             fn()
             torch.cuda.synchronize()
         # GPU kernels only (memcpy / memset are not kernel launches)
-        return sum(e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA")
-                   and "Memcpy" not in e.key and "Memset" not in e.key)
-    except Exception as e:  # the profiler is a nicety: never lose the timings over it
+        return sum(
+            e.count
+            for e in prof.key_averages()
+            if str(e.device_type).endswith("CUDA") and "Memcpy" not in e.key and "Memset" not in e.key
+        )
+    except Exception as e:  # noqa: BLE001 - the profiler is a nicety: never lose the timings over it
         return f"? ({type(e).__name__})"
 
 
@@ -74,18 +76,20 @@ def main():
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args()
     dev = args.device
-    print(f"# device: {device_name(dev)}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; "
-          f"torch {torch.__version__}; mode {args.mode}; groups of {args.group}, shuffled")
+    print(
+        f"# device: {device_name(dev)}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}; "
+        f"torch {torch.__version__}; mode {args.mode}; groups of {args.group}, shuffled"
+    )
     print(f"# command: python {' '.join(sys.argv)}")
     print("| rollouts | eager us | eager launches | ours us | ours launches | speed-up | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for n in args.sizes:
         r, g = make(n, args.group, dev)
-        eager = lambda: K.normalize_advantages(r, g, mode=args.mode, backend="torch")  # noqa: E731
+        eager = lambda r=r, g=g: K.normalize_advantages(r, g, mode=args.mode, backend="torch")
         t_e = timeit(eager, dev, args.reps)
         l_e = count_launches(eager, dev)
         if dev == "cuda":
-            ours = lambda: K.normalize_advantages(r, g, mode=args.mode, backend="triton")  # noqa: E731
+            ours = lambda r=r, g=g: K.normalize_advantages(r, g, mode=args.mode, backend="triton")
             t_o = timeit(ours, dev, args.reps)
             l_o = count_launches(ours, dev)
             diff = (ours() - eager()).abs().max().item()

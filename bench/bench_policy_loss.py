@@ -19,6 +19,7 @@ Usage:
   python bench/bench_policy_loss.py --device cuda         # bf16, N in {4096,16384,65536}, H in {1024,4096}, V=248320
   python bench/bench_policy_loss.py --device cuda --shapes 4096x1024x248320 --reps 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def load_kernels():
     try:
         import zppo_fast.kernels as K
     except ImportError:  # not installed: load the folder under its package name
-        spec = importlib.util.spec_from_file_location("zppo_fast.kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        spec = importlib.util.spec_from_file_location(
+            "zppo_fast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
         K = importlib.util.module_from_spec(spec)
         sys.modules["zppo_fast.kernels"] = K
         spec.loader.exec_module(K)
@@ -50,7 +52,7 @@ def load_kernels():
 
 
 K = load_kernels()
-from zppo_fast.kernels.linear_logprobs import _accumulate_dw, _logits_f32, choose_chunk_rows  # noqa: E402
+from zppo_fast.kernels.linear_logprobs import _accumulate_dw, _logits_f32, choose_chunk_rows
 
 EPS_LOW, EPS_HIGH, DUAL = 0.2, 0.28, 10.0
 SEQ = 1024  # tokens per sequence for Liger, which takes [B, T] tensors and per-sequence advantages
@@ -60,9 +62,10 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
     except OSError:
         pass
     return platform.processor() or "cpu"
@@ -71,7 +74,7 @@ def device_name(device: str) -> str:
 def make_inputs(n, h, v, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     hidden = (torch.randn(n, h, generator=g) * 1.0).to(device, dtype).requires_grad_(True)
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_(True)
     tgt = torch.randint(0, v, (n,), generator=g).to(device)
     old = (-torch.rand(n, generator=g) * 8 - 4).to(device)  # plausible log-probs
     n_seq = max(1, n // SEQ)
@@ -101,13 +104,15 @@ def compiled_loss(*args):
 
 
 def chunked_loss(hidden, weight, tgt, old, adv, mask):
-    return K.fused_linear_policy_loss(hidden, weight, tgt, old, adv, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH,
-                                      dual_clip=DUAL, backend="torch")[0]
+    return K.fused_linear_policy_loss(
+        hidden, weight, tgt, old, adv, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH, dual_clip=DUAL, backend="torch"
+    )[0]
 
 
 def ours_loss(hidden, weight, tgt, old, adv, mask):
-    return K.fused_linear_policy_loss(hidden, weight, tgt, old, adv, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH,
-                                      dual_clip=DUAL)[0]
+    return K.fused_linear_policy_loss(
+        hidden, weight, tgt, old, adv, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH, dual_clip=DUAL
+    )[0]
 
 
 _liger = None
@@ -118,13 +123,20 @@ def liger_loss(hidden, weight, tgt, old, adv, mask, adv_seq):
     if _liger is None:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        _liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
-                                          loss_type="bnpo")
+        _liger = LigerFusedLinearGRPOLoss(
+            beta=0.0, use_ref_model=False, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, loss_type="bnpo"
+        )
     n, h = hidden.shape
     b = adv_seq.numel()
     t = n // b
-    out = _liger(hidden[: b * t].view(b, t, h), weight, tgt[: b * t].view(b, t), mask[: b * t].view(b, t).float(),
-                 adv_seq, old_per_token_logps=old[: b * t].view(b, t))
+    out = _liger(
+        hidden[: b * t].view(b, t, h),
+        weight,
+        tgt[: b * t].view(b, t),
+        mask[: b * t].view(b, t).float(),
+        adv_seq,
+        old_per_token_logps=old[: b * t].view(b, t),
+    )
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -140,16 +152,15 @@ def floor_gemms(hidden, weight, tgt, old, adv, mask):
         dx = torch.empty_like(hidden)
         dz = None
         for s in range(0, n, chunk):
-            h_c = hidden[s:s + chunk]
+            h_c = hidden[s : s + chunk]
             z = _logits_f32(h_c, weight, w32)  # forward logits
             del z
             z = _logits_f32(h_c, weight, w32)  # recomputed in the backward
             if dz is None or dz.shape[0] != z.shape[0]:
                 dz = z.to(dz_dtype) if dz_dtype != torch.float32 else z
             del z
-            dx[s:s + chunk] = (dz @ (weight if dz.dtype == weight.dtype else w32)).to(hidden.dtype)
+            dx[s : s + chunk] = (dz @ (weight if dz.dtype == weight.dtype else w32)).to(hidden.dtype)
             _accumulate_dw(dw, dz, h_c)
-    return None
 
 
 VARIANTS = ["eager", "compile", "chunked", "liger", "ours", "floor"]
@@ -163,8 +174,11 @@ def run_variant(name, inputs, device):
         floor_gemms(hidden, weight, tgt, old, adv, mask)
         return
     fn = {"eager": eager_loss, "compile": compiled_loss, "chunked": chunked_loss, "ours": ours_loss}.get(name)
-    loss = liger_loss(hidden, weight, tgt, old, adv, mask, adv_seq) if name == "liger" else \
-        fn(hidden, weight, tgt, old, adv, mask)
+    loss = (
+        liger_loss(hidden, weight, tgt, old, adv, mask, adv_seq)
+        if name == "liger"
+        else fn(hidden, weight, tgt, old, adv, mask)
+    )
     loss.backward()
 
 
@@ -187,7 +201,8 @@ def measure(name, n, h, v, dtype, device, reps, warmup):
         sync(device)
         if device != "cuda":
             inputs[0].grad = inputs[1].grad = None
-            open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
             base = _proc_status_kb("VmRSS")
         times = []
         for _ in range(reps):
@@ -199,10 +214,10 @@ def measure(name, n, h, v, dtype, device, reps, warmup):
         return {"error": "OOM"}
     except ImportError as e:
         return {"error": f"skipped: {e.name or e} not installed"}
-    except Exception as e:  # report, keep going: one broken baseline must not hide the others
+    except Exception as e:  # noqa: BLE001 - report, keep going: one broken baseline must not hide the others
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     if device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak = (_proc_status_kb("VmHWM") - base) / 1024
     times.sort()
@@ -210,9 +225,10 @@ def measure(name, n, h, v, dtype, device, reps, warmup):
 
 
 def _proc_status_kb(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
     raise KeyError(key)
 
 
@@ -231,8 +247,12 @@ def main():
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile-max-n", type=int, default=1 << 30, help="skip torch.compile above this N")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per child (0 = all cores); 1 is far "
-                   "less noisy when other processes share the cores")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads per child (0 = all cores); 1 is far less noisy when other processes share the cores",
+    )
     p.add_argument("--json", help="append one JSON line per measurement to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-shape", help=argparse.SUPPRESS)
@@ -248,13 +268,17 @@ def main():
         shapes = [(1024, 256, 16_384), (4096, 256, 65_536)]
     reps = args.reps or (3 if dev == "cuda" else 1)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    print(f"# device: {device_name(dev)}; dtype {str(dtype).replace('torch.', '')}; "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}")
+    print(
+        f"# device: {device_name(dev)}; dtype {str(dtype).replace('torch.', '')}; "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}"
+    )
     print(f"# command: python {' '.join(sys.argv)}")
     if dev == "cpu":
-        print(f"# threads per run: {args.threads or os.cpu_count()}; load average at start: {os.getloadavg()[0]:.2f} "
-              f"on {os.cpu_count()} cores (CPU timings are noisy "
-              f"when other processes share the cores; memory numbers are not)")
+        print(
+            f"# threads per run: {args.threads or os.cpu_count()}; load average at start: {os.getloadavg()[0]:.2f} "
+            f"on {os.cpu_count()} cores (CPU timings are noisy "
+            f"when other processes share the cores; memory numbers are not)"
+        )
     print("| N | H | V | variant | fwd+bwd ms | TFLOP/s (8NHV) | x floor | peak extra MB | vs eager peak |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, h, v in shapes:
@@ -269,20 +293,42 @@ def main():
             if name == "liger" and dev == "cpu":
                 results[name] = {"error": "skipped: Liger's kernels need CUDA"}
                 continue
-            if dev == "cpu":  # fresh process per variant so ru_maxrss is this variant's peak
-                out = subprocess.run([sys.executable, __file__, "--child", name, "--child-shape", f"{n}x{h}x{v}",
-                                      "--reps", str(reps), "--warmup", str(args.warmup),
-                                      "--threads", str(args.threads)],
-                                     capture_output=True, text=True)
+            if dev == "cpu":  # fresh process per variant so the peak RSS is this variant's alone
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        name,
+                        "--child-shape",
+                        f"{n}x{h}x{v}",
+                        "--reps",
+                        str(reps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--threads",
+                        str(args.threads),
+                    ],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                )
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-                results[name] = json.loads(line[-1][7:]) if line else {"error": (out.stderr.strip().splitlines()
-                                                                                  or ["crashed"])[-1][:120]}
+                results[name] = (
+                    json.loads(line[-1][7:])
+                    if line
+                    else {"error": (out.stderr.strip().splitlines() or ["crashed"])[-1][:120]}
+                )
             else:
                 results[name] = measure(name, n, h, v, dtype, dev, reps, args.warmup)
             if args.json:
                 with open(args.json, "a") as f:
-                    f.write(json.dumps({"device": device_name(dev), "N": n, "H": h, "V": v, "variant": name,
-                                        **results[name]}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {"device": device_name(dev), "N": n, "H": h, "V": v, "variant": name, **results[name]}
+                        )
+                        + "\n"
+                    )
         floor = results.get("floor", {}).get("ms")
         eager_peak = results.get("eager", {}).get("peak_mb")
         for name in args.variants:
@@ -293,8 +339,10 @@ def main():
             tflops = 8 * n * h * v / (r["ms"] * 1e-3) / 1e12
             xf = f"{r['ms'] / floor:.2f}" if floor else ""
             vs = f"{100 * r['peak_mb'] / eager_peak:.1f}%" if eager_peak else ""
-            print(f"| {n} | {h} | {v} | {name} | {r['ms']:.1f} | {tflops:.2f} | {xf} | {r['peak_mb']:.0f} | {vs} |",
-                  flush=True)
+            print(
+                f"| {n} | {h} | {v} | {name} | {r['ms']:.1f} | {tflops:.2f} | {xf} | {r['peak_mb']:.0f} | {vs} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Ops (each file: Triton kernel(s) + launcher + autograd.Function + PyTorch refere
 Dispatch: Triton on CUDA; chunked PyTorch on CPU (``backend="triton"`` on CPU runs Triton's
 interpreter, for tests).
 """
+
 from ._triton_utils import HAVE_TRITON
 from .advantages import MODES as ADVANTAGE_MODES
 from .advantages import advantages_reference, normalize_advantages
@@ -16,9 +17,15 @@ from .linear_logprobs import linear_logprobs, linear_logprobs_reference
 from .policy_loss import STAT_NAMES, policy_loss, policy_loss_reference
 
 __all__ = [
-    "policy_loss", "policy_loss_reference", "STAT_NAMES",
-    "normalize_advantages", "advantages_reference", "ADVANTAGE_MODES",
-    "linear_logprobs", "linear_logprobs_reference",
-    "fused_linear_policy_loss", "fused_linear_policy_loss_reference",
+    "ADVANTAGE_MODES",
     "HAVE_TRITON",
+    "STAT_NAMES",
+    "advantages_reference",
+    "fused_linear_policy_loss",
+    "fused_linear_policy_loss_reference",
+    "linear_logprobs",
+    "linear_logprobs_reference",
+    "normalize_advantages",
+    "policy_loss",
+    "policy_loss_reference",
 ]

@@ -8,20 +8,21 @@ functions and wrap them on first launch: ``JITFunction`` for CUDA tensors,
 Note the interpreter also needs Triton's own ``tl.*`` helpers interpreted, which Triton
 decides when it is first imported: set TRITON_INTERPRET=1 before importing triton.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 try:  # pragma: no cover - exercised implicitly
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAVE_TRITON = True
-    _TRITON_ERROR: Optional[BaseException] = None
-except Exception as _e:  # ImportError, or a broken install raising anything else
+    _TRITON_ERROR: BaseException | None = None
+except Exception as _e:  # noqa: BLE001 - ImportError, or a broken install raising anything else
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
@@ -43,8 +44,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not HAVE_TRITON:
             raise RuntimeError(f"backend='triton' requested but triton failed to import: {_TRITON_ERROR!r}")
         if device.type != "cuda" and not interpreter_active():
-            raise RuntimeError("backend='triton' on a CPU tensor needs Triton's interpreter: set "
-                               "TRITON_INTERPRET=1 before triton is first imported")
+            raise RuntimeError(
+                "backend='triton' on a CPU tensor needs Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before triton is first imported"
+            )
     return backend
 
 
@@ -58,7 +61,7 @@ def interpreter_active() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wrap(fn: Callable, interpreted: bool):
     if interpreted:
         from triton.runtime.interpreter import InterpretedFunction

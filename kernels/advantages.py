@@ -22,11 +22,11 @@ Not safe to run concurrently on two CUDA streams (they would share the barrier c
 ZPPO_ADVANTAGES_PHASED=1 runs the same phases as five barrier-free launches instead (for GPUs
 that cannot hold one program per SM at once); Triton's interpreter always does this.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Dict
 
 import torch
 
@@ -34,7 +34,7 @@ from ._triton_utils import HAVE_TRITON, interpreter_active, kernel, resolve_back
 
 MODES = ("batch_wo_zero", "batch_w_zero", "none", "group")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
-_EMPTY = -(2 ** 63)  # hash-table sentinel: int64 min is the one group id we cannot accept
+_EMPTY = -(2**63)  # hash-table sentinel: int64 min is the one group id we cannot accept
 
 
 # ----------------------------------------------------------------------------- reference
@@ -42,7 +42,7 @@ def advantages_reference(rewards, group_ids, *, mode="batch_wo_zero", eps=1e-6):
     """Plain-Python float64 reference (loops over groups). Returns float32 [R]."""
     r = [float(x) for x in rewards.reshape(-1).tolist()]
     g = [int(x) for x in group_ids.reshape(-1).tolist()]
-    members: Dict[int, list] = {}
+    members: dict[int, list] = {}
     for i, gid in enumerate(g):
         members.setdefault(gid, []).append(i)
     a1 = [0.0] * len(r)
@@ -103,8 +103,14 @@ def _advantages_torch(rewards, group_ids, mode, eps):
 
 
 # ----------------------------------------------------------------------------- public op
-def normalize_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "batch_wo_zero",
-                         eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+def normalize_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    mode: str = "batch_wo_zero",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Advantages [R] float32 from rewards [R] (float) and group_ids [R] (int64). See module doc.
 
     backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch", "triton" (CPU: interpreter).
@@ -112,11 +118,11 @@ def normalize_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(rewards, torch.Tensor) or not rewards.is_floating_point():
-        raise TypeError(f"rewards must be a floating tensor, got "
-                        f"{getattr(rewards, 'dtype', type(rewards).__name__)}")
+        raise TypeError(f"rewards must be a floating tensor, got {getattr(rewards, 'dtype', type(rewards).__name__)}")
     if not isinstance(group_ids, torch.Tensor) or group_ids.is_floating_point() or group_ids.dtype == torch.bool:
-        raise TypeError(f"group_ids must be an integer tensor, got "
-                        f"{getattr(group_ids, 'dtype', type(group_ids).__name__)}")
+        raise TypeError(
+            f"group_ids must be an integer tensor, got {getattr(group_ids, 'dtype', type(group_ids).__name__)}"
+        )
     if rewards.shape != group_ids.shape:
         raise ValueError(f"rewards has shape {tuple(rewards.shape)} but group_ids has shape {tuple(group_ids.shape)}")
     if rewards.device != group_ids.device:
@@ -141,15 +147,27 @@ if HAVE_TRITON:
 
     def _advantages_kernel(
         # pointers: inputs, output
-        R, GID, OUT,
+        R,
+        GID,
+        OUT,
         # pointers: scratch (uninitialised: phase 0 initialises it, so no memset launch is needed)
-        KEYS, STATS, SLOT, PART, BAR,
+        KEYS,
+        STATS,
+        SLOT,
+        PART,
+        BAR,
         # shapes
-        n, table_size, n_programs,
+        n,
+        table_size,
+        n_programs,
         # scalars
-        eps, empty_key,
+        eps,
+        empty_key,
         # meta
-        MODE: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr, P_POW2: tl.constexpr,
+        MODE: tl.constexpr,
+        PHASE: tl.constexpr,
+        BLOCK: tl.constexpr,
+        P_POW2: tl.constexpr,
     ):
         """Persistent kernel: ``n_programs`` programs (one per SM, all resident) walk the rollouts
         in a grid-stride loop; the five phases are separated by grid barriers on the BAR counter.
@@ -262,7 +280,7 @@ if HAVE_TRITON:
             if PHASE < 0:
                 _grid_barrier(BAR, n_programs)
         # ---- phase 4: final advantages
-        if MODE != 2:
+        if MODE != 2:  # noqa: SIM102 - constexpr branches, kept separate for the Triton frontend
             if PHASE < 0 or PHASE == 4:
                 pp = tl.arange(0, P_POW2)
                 pm = pp < n_programs
@@ -302,7 +320,7 @@ if HAVE_TRITON:
         tl.debug_barrier()
 
 
-_BARRIERS: Dict[tuple, torch.Tensor] = {}
+_BARRIERS: dict[tuple, torch.Tensor] = {}
 
 
 def _barrier_counter(device: torch.device, n_programs: int) -> torch.Tensor:
@@ -342,9 +360,27 @@ def _advantages_triton(r, g, mode, eps, n_programs=None, phased=None):
     bar = _barrier_counter(r.device, n_programs)
     extra = {"num_warps": 4} if on_gpu else {}
     launch = kernel(_advantages_kernel, r.device)[(n_programs,)]
-    for phase in (range(5) if phased else [-1]):
-        launch(r, g, out, keys, stats, slot, part, bar, n, table, n_programs, float(eps), _EMPTY,
-               MODE=_MODE_ID[mode], PHASE=phase, BLOCK=block, P_POW2=_next_pow2(n_programs), **extra)
+    for phase in range(5) if phased else [-1]:
+        launch(
+            r,
+            g,
+            out,
+            keys,
+            stats,
+            slot,
+            part,
+            bar,
+            n,
+            table,
+            n_programs,
+            float(eps),
+            _EMPTY,
+            MODE=_MODE_ID[mode],
+            PHASE=phase,
+            BLOCK=block,
+            P_POW2=_next_pow2(n_programs),
+            **extra,
+        )
     return out
 
 

@@ -12,47 +12,93 @@ gradient in place, then dX = dZ @ W and dW += dZ^T @ X in fp32. Gradients flow t
 weight only. Masked rows contribute exactly zero gradient (their coef is 0); their target ids
 are don't-cares (e.g. -100 padding is accepted).
 """
-from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from __future__ import annotations
 
 import torch
 
 from ._triton_utils import resolve_backend
-from .linear_logprobs import (check_lm_head_args, check_targets, lm_head_backward, lm_head_forward,
-                              linear_logprobs_reference)
-from .policy_loss import (STAT_NAMES, Normalizer, _check_clip_args, _policy_terms_torch,
-                          _policy_terms_triton, _prep_mask, _prep_normalizer, policy_loss_reference)
+from .linear_logprobs import (
+    check_lm_head_args,
+    check_targets,
+    linear_logprobs_reference,
+    lm_head_backward,
+    lm_head_forward,
+)
+from .policy_loss import (
+    STAT_NAMES,
+    Normalizer,
+    _check_clip_args,
+    _policy_terms_torch,
+    _policy_terms_triton,
+    _prep_mask,
+    _prep_normalizer,
+    policy_loss_reference,
+)
 
 FUSED_STAT_NAMES = STAT_NAMES + ("entropy",)
 
 
-def fused_linear_policy_loss_reference(hidden, weight, target_ids, old_logprobs, advantages, loss_mask, *,
-                                       eps_low=0.2, eps_high=0.28, dual_clip=10.0, temperature=1.0,
-                                       normalizer=None):
+def fused_linear_policy_loss_reference(
+    hidden,
+    weight,
+    target_ids,
+    old_logprobs,
+    advantages,
+    loss_mask,
+    *,
+    eps_low=0.2,
+    eps_high=0.28,
+    dual_clip=10.0,
+    temperature=1.0,
+    normalizer=None,
+):
     """Float64 reference: materialised logits + policy_loss_reference. Returns (loss, stats)."""
     mask = loss_mask.reshape(-1).bool()
     tgt = torch.where(mask, target_ids.reshape(-1).long(), 0)
-    logp, ent = linear_logprobs_reference(hidden.reshape(-1, hidden.shape[-1]), weight, tgt,
-                                          temperature=temperature, return_entropy=True)
-    loss, stats = policy_loss_reference(logp, old_logprobs, advantages, loss_mask, eps_low=eps_low,
-                                        eps_high=eps_high, dual_clip=dual_clip, normalizer=normalizer)
+    logp, ent = linear_logprobs_reference(
+        hidden.reshape(-1, hidden.shape[-1]), weight, tgt, temperature=temperature, return_entropy=True
+    )
+    loss, stats = policy_loss_reference(
+        logp,
+        old_logprobs,
+        advantages,
+        loss_mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        normalizer=normalizer,
+    )
     stats["entropy"] = torch.where(mask, ent.detach(), 0.0).sum()
     return loss, stats
 
 
 class FusedLinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, tgt, old, adv, mask, normalizer, eps_low, eps_high, dual_clip, temperature,
-                backend, chunk_rows):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        tgt,
+        old,
+        adv,
+        mask,
+        normalizer,
+        eps_low,
+        eps_high,
+        dual_clip,
+        temperature,
+        backend,
+        chunk_rows,
+    ):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         logp, lse, ent = lm_head_forward(hidden, weight, tgt, temperature, True, backend, chunk_rows)
         if backend == "triton":
-            loss_sum, coef, stats = _policy_terms_triton(logp, old, adv, mask, eps_low, eps_high, dual_clip,
-                                                         need_grad)
+            loss_sum, coef, stats = _policy_terms_triton(logp, old, adv, mask, eps_low, eps_high, dual_clip, need_grad)
         else:
-            loss_sum, coef, stats = _policy_terms_torch(logp, old, adv, mask, eps_low, eps_high,
-                                                        dual_clip if dual_clip is not None else float("inf"))
+            loss_sum, coef, stats = _policy_terms_torch(
+                logp, old, adv, mask, eps_low, eps_high, dual_clip if dual_clip is not None else float("inf")
+            )
         stats["entropy"] = torch.where(mask, ent, torch.zeros_like(ent)).sum()
         loss = loss_sum / normalizer
         ctx.save_for_backward(hidden, weight, tgt, lse, coef if need_grad else None, normalizer)
@@ -68,16 +114,39 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         if coef is None:
             return (None,) * 13
         g = coef * (grad_loss.float() / normalizer)  # dL/dlogp [N] fp32, one tiny element-wise op
-        dx, dw = lm_head_backward(hidden, weight, tgt, temperature, lse, g, None, None,
-                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], backend, chunk_rows)
+        dx, dw = lm_head_backward(
+            hidden,
+            weight,
+            tgt,
+            temperature,
+            lse,
+            g,
+            None,
+            None,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            backend,
+            chunk_rows,
+        )
         return (dx, dw) + (None,) * 11
 
 
-def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor,
-                             old_logprobs: torch.Tensor, advantages: torch.Tensor, loss_mask: torch.Tensor, *,
-                             eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: Optional[float] = 10.0,
-                             temperature: float = 1.0, normalizer: Normalizer = None, backend: str = "auto",
-                             chunk_rows: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = 10.0,
+    temperature: float = 1.0,
+    normalizer: Normalizer = None,
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss on log_softmax(hidden @ weight.T / temperature)[target], memory bounded.
 
     Args:
@@ -89,16 +158,30 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target_
         "entropy" = sum over masked tokens of the tempered distribution's entropy.
     """
     _check_clip_args(eps_low, eps_high, dual_clip)
-    h2, tgt = check_lm_head_args(hidden, weight, target_ids, temperature,
-                                 extra=[("old_logprobs", old_logprobs), ("advantages", advantages),
-                                        ("loss_mask", loss_mask)])
+    h2, tgt = check_lm_head_args(
+        hidden,
+        weight,
+        target_ids,
+        temperature,
+        extra=[("old_logprobs", old_logprobs), ("advantages", advantages), ("loss_mask", loss_mask)],
+    )
     mask = _prep_mask(loss_mask.reshape(-1))
     tgt = check_targets(tgt, weight.shape[0], valid=mask)
     norm = _prep_normalizer(normalizer, mask)
     backend = resolve_backend(backend, h2.device)
     outs = FusedLinearPolicyLossFunction.apply(
-        h2.contiguous(), weight.contiguous(), tgt.contiguous(),
-        old_logprobs.detach().reshape(-1).contiguous(), advantages.detach().reshape(-1).contiguous(), mask, norm,
-        float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip), float(temperature),
-        backend, chunk_rows)
+        h2.contiguous(),
+        weight.contiguous(),
+        tgt.contiguous(),
+        old_logprobs.detach().reshape(-1).contiguous(),
+        advantages.detach().reshape(-1).contiguous(),
+        mask,
+        norm,
+        float(eps_low),
+        float(eps_high),
+        None if dual_clip is None else float(dual_clip),
+        float(temperature),
+        backend,
+        chunk_rows,
+    )
     return outs[0], {k: v.detach() for k, v in zip(FUSED_STAT_NAMES, outs[1:])}

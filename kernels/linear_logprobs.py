@@ -16,9 +16,8 @@ cores), then does dX = dZ @ W and dW += dZ^T @ X (dW accumulated in fp32).
 The same chunk machinery serves ``fused_linear_policy_loss`` (its backward is this backward
 with g_logp = d loss / d logp folded in).
 """
-from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from __future__ import annotations
 
 import torch
 
@@ -43,7 +42,7 @@ def linear_logprobs_reference(hidden, weight, target_ids, *, temperature=1.0, re
 
 
 # ----------------------------------------------------------------------------- helpers
-def choose_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_rows: Optional[int] = None) -> int:
+def choose_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_rows: int | None = None) -> int:
     """Rows per chunk: chunk * V <= budget (at least 1 row, at most N)."""
     if chunk_rows is not None:
         return max(1, min(int(chunk_rows), max(n_rows, 1)))
@@ -54,7 +53,7 @@ def choose_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_rows:
     return max(1, min(rows, max(n_rows, 1)))
 
 
-def _logits_f32(h_c: torch.Tensor, weight: torch.Tensor, weight_f32: Optional[torch.Tensor]) -> torch.Tensor:
+def _logits_f32(h_c: torch.Tensor, weight: torch.Tensor, weight_f32: torch.Tensor | None) -> torch.Tensor:
     """[c, H] x [V, H]^T -> [c, V] fp32 (fp32 accumulation and output, whatever the input dtype)."""
     if h_c.dtype == torch.float32:
         return h_c @ weight.t()
@@ -128,15 +127,22 @@ if HAVE_TRITON:
 
     def _lse_fwd_kernel(
         # pointers
-        Z, TGT, LSE, LOGP, ENT,
+        Z,
+        TGT,
+        LSE,
+        LOGP,
+        ENT,
         # shapes
-        n_rows, V,
+        n_rows,
+        V,
         # strides
         stride_z,
         # scalars
         inv_temp,
         # meta
-        HAS_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+        HAS_ENT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         """BLOCK_M rows per program; stream V in BLOCK_V tiles with an online log-sum-exp."""
         pid = tl.program_id(0).to(tl.int64)  # rows on grid axis 0: no 65,535 limit
@@ -172,15 +178,25 @@ if HAVE_TRITON:
 
     def _lse_bwd_kernel(
         # pointers
-        Z, DZ, TGT, LSE, G, GE, ENT,
+        Z,
+        DZ,
+        TGT,
+        LSE,
+        G,
+        GE,
+        ENT,
         # shapes
-        n_rows, V,
+        n_rows,
+        V,
         # strides
-        stride_z, stride_dz,
+        stride_z,
+        stride_dz,
         # scalars
         inv_temp,
         # meta
-        HAS_ENT_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+        HAS_ENT_GRAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         """dZ = (g (onehot - p) - g_ent p (log p + H)) / T on one [BLOCK_M, BLOCK_V] tile.
 
@@ -211,7 +227,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _tile(rows: int, vocab: int, device: torch.device) -> Tuple[int, int]:
+def _tile(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_V): one row x up-to-4096 columns per program on CUDA (long V rows);
     bigger tiles under the interpreter, where numpy vectorises a tile and programs run serially."""
     budget = 4096 if device.type == "cuda" else 1 << 16
@@ -234,8 +250,20 @@ def _fwd_epilogue_triton(z, tgt, inv_temp, want_ent):
     ent = torch.empty_like(lse) if want_ent else lse
     block_m, block_v = _tile(c, V, z.device)
     kernel(_lse_fwd_kernel, z.device)[(triton_cdiv(c, block_m),)](
-        z, tgt, lse, logp, ent, c, V, z.stride(0), float(inv_temp),
-        HAS_ENT=want_ent, BLOCK_M=block_m, BLOCK_V=block_v, **_launch_opts(z.device, block_m, block_v))
+        z,
+        tgt,
+        lse,
+        logp,
+        ent,
+        c,
+        V,
+        z.stride(0),
+        float(inv_temp),
+        HAS_ENT=want_ent,
+        BLOCK_M=block_m,
+        BLOCK_V=block_v,
+        **_launch_opts(z.device, block_m, block_v),
+    )
     return lse, logp, (ent if want_ent else None)
 
 
@@ -245,9 +273,23 @@ def _bwd_epilogue_triton(z, tgt, inv_temp, lse, g, g_ent, ent, out_dtype):
     block_m, block_v = _tile(c, V, z.device)
     has_ent = g_ent is not None
     kernel(_lse_bwd_kernel, z.device)[(triton_cdiv(c, block_m), triton_cdiv(V, block_v))](
-        z, dz, tgt, lse, g, g_ent if has_ent else g, ent if has_ent else g,
-        c, V, z.stride(0), dz.stride(0), float(inv_temp),
-        HAS_ENT_GRAD=has_ent, BLOCK_M=block_m, BLOCK_V=block_v, **_launch_opts(z.device, block_m, block_v))
+        z,
+        dz,
+        tgt,
+        lse,
+        g,
+        g_ent if has_ent else g,
+        ent if has_ent else g,
+        c,
+        V,
+        z.stride(0),
+        dz.stride(0),
+        float(inv_temp),
+        HAS_ENT_GRAD=has_ent,
+        BLOCK_M=block_m,
+        BLOCK_V=block_v,
+        **_launch_opts(z.device, block_m, block_v),
+    )
     return dz
 
 
@@ -289,8 +331,7 @@ def _dz_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype if hidden.is_cuda else torch.float32
 
 
-def lm_head_backward(hidden, weight, tgt, temperature, lse, g, g_ent, ent, need_dx, need_dw, backend,
-                     chunk_rows=None):
+def lm_head_backward(hidden, weight, tgt, temperature, lse, g, g_ent, ent, need_dx, need_dw, backend, chunk_rows=None):
     """Chunked backward: recompute logits per chunk, fold g (= dL/dlogp [N] fp32) and optional
     g_ent (= dL/dentropy [N]) into d logits, then dX = dZ @ W, dW += dZ^T @ X (fp32 accumulator)."""
     n, _ = hidden.shape
@@ -307,8 +348,16 @@ def lm_head_backward(hidden, weight, tgt, temperature, lse, g, g_ent, ent, need_
         e = min(s + chunk, n)
         h_c = hidden[s:e]
         z = _logits_f32(h_c, weight, weight_f32)
-        dz = epi(z, tgt[s:e], inv_temp, lse[s:e], g[s:e], None if g_ent is None else g_ent[s:e],
-                 None if ent is None else ent[s:e], dz_dtype)
+        dz = epi(
+            z,
+            tgt[s:e],
+            inv_temp,
+            lse[s:e],
+            g[s:e],
+            None if g_ent is None else g_ent[s:e],
+            None if ent is None else ent[s:e],
+            dz_dtype,
+        )
         del z
         if need_dx:
             w = weight if dz.dtype == weight.dtype else (weight_f32 if weight_f32 is not None else weight.to(dz.dtype))
@@ -335,8 +384,9 @@ def check_lm_head_args(hidden, weight, target_ids, temperature, extra=()):
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if not isinstance(target_ids, torch.Tensor) or target_ids.is_floating_point() or target_ids.dtype == torch.bool:
-        raise TypeError(f"target_ids must be an integer tensor, got "
-                        f"{getattr(target_ids, 'dtype', type(target_ids).__name__)}")
+        raise TypeError(
+            f"target_ids must be an integer tensor, got {getattr(target_ids, 'dtype', type(target_ids).__name__)}"
+        )
     if target_ids.device != hidden.device:
         raise ValueError(f"target_ids is on {target_ids.device} but hidden is on {hidden.device}")
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -356,7 +406,7 @@ def check_lm_head_args(hidden, weight, target_ids, temperature, extra=()):
     return h2, target_ids.reshape(-1).long()
 
 
-def check_targets(tgt: torch.Tensor, vocab: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+def check_targets(tgt: torch.Tensor, vocab: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Raise if a (valid) target is outside [0, V); one host sync. Returns tgt clamped into range
     (entries that are not ``valid`` - padding - are don't-cares and may hold e.g. -100)."""
     bad = (tgt < 0) | (tgt >= vocab)
@@ -388,15 +438,33 @@ class LinearLogprobsFunction(torch.autograd.Function):
         n = hidden.shape[0]
         g = torch.zeros(n, dtype=torch.float32, device=hidden.device) if g_logp is None else g_logp.float().contiguous()
         ge = None if g_ent is None else g_ent.float().contiguous()
-        dx, dw = lm_head_backward(hidden, weight, tgt, temperature, lse, g, ge, ent,
-                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], backend, chunk_rows)
+        dx, dw = lm_head_backward(
+            hidden,
+            weight,
+            tgt,
+            temperature,
+            lse,
+            g,
+            ge,
+            ent,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            backend,
+            chunk_rows,
+        )
         return dx, dw, None, None, None, None, None
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
-                    temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto",
-                    chunk_rows: Optional[int] = None
-                    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log_softmax(hidden @ weight.T / temperature)[target] without materialising [N, V].
 
     Args:
@@ -410,6 +478,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torc
     h2, tgt = check_lm_head_args(hidden, weight, target_ids, temperature)
     tgt = check_targets(tgt, weight.shape[0])
     backend = resolve_backend(backend, h2.device)
-    out = LinearLogprobsFunction.apply(h2.contiguous(), weight.contiguous(), tgt.contiguous(), float(temperature),
-                                       bool(return_entropy), backend, chunk_rows)
+    out = LinearLogprobsFunction.apply(
+        h2.contiguous(),
+        weight.contiguous(),
+        tgt.contiguous(),
+        float(temperature),
+        bool(return_entropy),
+        backend,
+        chunk_rows,
+    )
     return out

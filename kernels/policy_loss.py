@@ -21,9 +21,8 @@ Masked tokens are selected out with ``where`` (not multiplied), so padding may h
 value, NaN included. A NaN in an unmasked token's logprob / old_logprob / advantage makes
 the loss NaN (never a silent number).
 """
-from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from __future__ import annotations
 
 import torch
 
@@ -34,12 +33,13 @@ STAT_NAMES = ("clip_low", "clip_high", "dual_clip", "ratio", "approx_kl", "token
 # Column order of the per-block partial sums written by the Triton kernel.
 _N_PARTIALS = 7  # loss + the six stats
 
-Normalizer = Optional[Union[float, int, torch.Tensor]]
+Normalizer = float | int | torch.Tensor | None
 
 
 # ----------------------------------------------------------------------------- reference
-def policy_loss_reference(logprobs, old_logprobs, advantages, loss_mask, *, eps_low=0.2,
-                          eps_high=0.28, dual_clip=10.0, normalizer=None):
+def policy_loss_reference(
+    logprobs, old_logprobs, advantages, loss_mask, *, eps_low=0.2, eps_high=0.28, dual_clip=10.0, normalizer=None
+):
     """Readable float64 reference (verl's formulation). Returns (loss, stats) like policy_loss.
 
     Differentiable w.r.t. ``logprobs`` through plain autograd. Shapes: all [N].
@@ -68,8 +68,11 @@ def policy_loss_reference(logprobs, old_logprobs, advantages, loss_mask, *, eps_
         stats = {
             "clip_low": ((adv < 0) & (r < 1 - eps_low)).double().mul(m).sum(),
             "clip_high": ((adv > 0) & (r > 1 + eps_high)).double().mul(m).sum(),
-            "dual_clip": (((adv < 0) & (r > dual_clip)).double().mul(m).sum()
-                          if dual_clip is not None else torch.zeros((), dtype=torch.float64)),
+            "dual_clip": (
+                ((adv < 0) & (r > dual_clip)).double().mul(m).sum()
+                if dual_clip is not None
+                else torch.zeros((), dtype=torch.float64)
+            ),
             "ratio": torch.where(mask, r, 0.0).sum(),
             "approx_kl": torch.where(mask, (r - 1) - log_r.detach(), 0.0).sum(),
             "tokens": m.sum(),
@@ -91,15 +94,22 @@ def _token_terms_torch(logp, old, adv, mask, eps_low, eps_high, dual_clip):
     clip_low = (adv < 0) & (r < 1.0 - eps_low)
     dual = (adv < 0) & (r > dual_clip)
     unclipped = -adv * r
-    loss_t = torch.where(clip_high, -adv * (1.0 + eps_high),
-                         torch.where(clip_low, -adv * (1.0 - eps_low),
-                                     torch.where(dual, -adv * dual_clip, unclipped)))
+    loss_t = torch.where(
+        clip_high,
+        -adv * (1.0 + eps_high),
+        torch.where(clip_low, -adv * (1.0 - eps_low), torch.where(dual, -adv * dual_clip, unclipped)),
+    )
     coef = torch.where(clip_high | clip_low | dual | ~inside, torch.zeros_like(unclipped), unclipped)
     zero = torch.zeros_like(loss_t)
     loss_t = torch.where(mask, loss_t, zero)
     coef = torch.where(mask, coef, zero)
-    return loss_t, coef, (clip_low & mask, clip_high & mask, dual & mask), torch.where(mask, r, zero), \
-        torch.where(mask, log_r, zero)
+    return (
+        loss_t,
+        coef,
+        (clip_low & mask, clip_high & mask, dual & mask),
+        torch.where(mask, r, zero),
+        torch.where(mask, log_r, zero),
+    )
 
 
 def _policy_terms_torch(logp, old, adv, mask, eps_low, eps_high, dual_clip):
@@ -121,13 +131,21 @@ if HAVE_TRITON:
 
     def _policy_loss_fwd_kernel(
         # pointers
-        LOGP, OLD, ADV, MASK, COEF, PARTIALS,
+        LOGP,
+        OLD,
+        ADV,
+        MASK,
+        COEF,
+        PARTIALS,
         # shapes
         n_tokens,
         # scalars
-        eps_low, eps_high, dual_clip,
+        eps_low,
+        eps_high,
+        dual_clip,
         # meta
-        WRITE_COEF: tl.constexpr, BLOCK: tl.constexpr,
+        WRITE_COEF: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """One program = BLOCK tokens. Writes coef [N] and 7 partial sums for this block."""
         pid = tl.program_id(0).to(tl.int64)  # int64: N can exceed 2**31 / BLOCK products
@@ -146,9 +164,11 @@ if HAVE_TRITON:
         clip_low = (adv < 0) & (r < 1.0 - eps_low)
         dual = (adv < 0) & (r > dual_clip)  # dual_clip = +inf when disabled
         unclipped = -adv * r
-        loss_t = tl.where(clip_high, -adv * (1.0 + eps_high),
-                          tl.where(clip_low, -adv * (1.0 - eps_low),
-                                   tl.where(dual, -adv * dual_clip, unclipped)))
+        loss_t = tl.where(
+            clip_high,
+            -adv * (1.0 + eps_high),
+            tl.where(clip_low, -adv * (1.0 - eps_low), tl.where(dual, -adv * dual_clip, unclipped)),
+        )
         # where() rather than multiply by the mask: padding may hold NaN/inf.
         loss_t = tl.where(m, loss_t, 0.0)
         if WRITE_COEF:
@@ -167,7 +187,9 @@ if HAVE_TRITON:
 
     def _policy_loss_bwd_kernel(
         # pointers
-        COEF, SCALE, DLOGP,
+        COEF,
+        SCALE,
+        DLOGP,
         # shapes
         n_tokens,
         # meta
@@ -192,10 +214,18 @@ def _policy_terms_triton(logp, old, adv, mask, eps_low, eps_high, dual_clip, wri
     coef = torch.empty(n, dtype=torch.float32, device=logp.device) if write_coef else partials
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     kernel(_policy_loss_fwd_kernel, logp.device)[(n_blocks,)](
-        logp, old, adv, mask_u8, coef, partials,
+        logp,
+        old,
+        adv,
+        mask_u8,
+        coef,
+        partials,
         n,
-        float(eps_low), float(eps_high), float(dual_clip if dual_clip is not None else float("inf")),
-        WRITE_COEF=write_coef, BLOCK=_BLOCK,
+        float(eps_low),
+        float(eps_high),
+        float(dual_clip if dual_clip is not None else float("inf")),
+        WRITE_COEF=write_coef,
+        BLOCK=_BLOCK,
     )
     sums = partials.sum(0)  # fixed-order reduction: deterministic, unlike atomics
     stats = {name: sums[i + 1] for i, name in enumerate(STAT_NAMES)}
@@ -214,11 +244,11 @@ class PolicyLossFunction(torch.autograd.Function):
     def forward(ctx, logp, old, adv, mask, normalizer, eps_low, eps_high, dual_clip, backend):
         need_grad = ctx.needs_input_grad[0]
         if backend == "triton":
-            loss_sum, coef, stats = _policy_terms_triton(logp, old, adv, mask, eps_low, eps_high, dual_clip,
-                                                         need_grad)
+            loss_sum, coef, stats = _policy_terms_triton(logp, old, adv, mask, eps_low, eps_high, dual_clip, need_grad)
         else:
-            loss_sum, coef, stats = _policy_terms_torch(logp, old, adv, mask, eps_low, eps_high,
-                                                        dual_clip if dual_clip is not None else float("inf"))
+            loss_sum, coef, stats = _policy_terms_torch(
+                logp, old, adv, mask, eps_low, eps_high, dual_clip if dual_clip is not None else float("inf")
+            )
         loss = loss_sum / normalizer
         ctx.backend = backend
         ctx.logp_dtype = logp.dtype
@@ -236,7 +266,8 @@ class PolicyLossFunction(torch.autograd.Function):
             dlogp = torch.empty(coef.shape, dtype=ctx.logp_dtype, device=coef.device)
             n = coef.numel()
             kernel(_policy_loss_bwd_kernel, coef.device)[(max(triton_cdiv(n, _BLOCK), 1),)](
-                coef, scale, dlogp, n, BLOCK=_BLOCK)
+                coef, scale, dlogp, n, BLOCK=_BLOCK
+            )
         else:
             dlogp = (coef * scale).to(ctx.logp_dtype)
         return dlogp, None, None, None, None, None, None, None, None
@@ -263,8 +294,13 @@ def _check_token_inputs(names_tensors, n_expected=None):
 def _prep_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     if loss_mask.dtype == torch.bool:
         return loss_mask.contiguous()
-    if loss_mask.is_floating_point() or loss_mask.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32,
-                                                             torch.int64):
+    if loss_mask.is_floating_point() or loss_mask.dtype in (
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+    ):
         return (loss_mask != 0).contiguous()
     raise TypeError(f"loss_mask must be bool or a 0/1 number tensor, got {loss_mask.dtype}")
 
@@ -293,10 +329,18 @@ def _check_clip_args(eps_low, eps_high, dual_clip):
 
 
 # ----------------------------------------------------------------------------- public op
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                loss_mask: torch.Tensor, *, eps_low: float = 0.2, eps_high: float = 0.28,
-                dual_clip: Optional[float] = 10.0, normalizer: Normalizer = None,
-                backend: str = "auto") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = 10.0,
+    normalizer: Normalizer = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level clipped surrogate with clip-higher and dual-clip (see module docstring).
 
     Args:
@@ -321,13 +365,21 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     if not logprobs.is_floating_point():
         raise TypeError(f"logprobs must be a floating tensor, got {logprobs.dtype}")
     lp, old, adv, mask = _check_token_inputs(
-        [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
-         ("loss_mask", loss_mask)])
+        [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages), ("loss_mask", loss_mask)]
+    )
     mask = _prep_mask(mask)
     norm = _prep_normalizer(normalizer, mask)
     backend = resolve_backend(backend, lp.device)
-    outs = PolicyLossFunction.apply(lp.contiguous(), old.detach().contiguous(), adv.detach().contiguous(), mask,
-                                    norm, float(eps_low), float(eps_high),
-                                    None if dual_clip is None else float(dual_clip), backend)
+    outs = PolicyLossFunction.apply(
+        lp.contiguous(),
+        old.detach().contiguous(),
+        adv.detach().contiguous(),
+        mask,
+        norm,
+        float(eps_low),
+        float(eps_high),
+        None if dual_clip is None else float(dual_clip),
+        backend,
+    )
     loss, stat_values = outs[0], outs[1:]
     return loss, {k: v.detach() for k, v in zip(STAT_NAMES, stat_values)}

@@ -1,4 +1,5 @@
 """normalize_advantages: PyTorch path and the one-launch Triton kernel vs a float64 Python reference."""
+
 import importlib.util
 import os
 import sys
@@ -16,18 +17,23 @@ try:
     import zppo_fast.kernels as K
 except ImportError:  # package not installed: load the folder under its package name
     _root = Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location("zppo_fast.kernels", _root / "__init__.py",
-                                                   submodule_search_locations=[str(_root)])
+    _spec = importlib.util.spec_from_file_location(
+        "zppo_fast.kernels", _root / "__init__.py", submodule_search_locations=[str(_root)]
+    )
     K = importlib.util.module_from_spec(_spec)
     sys.modules["zppo_fast.kernels"] = K
     _spec.loader.exec_module(K)
-from zppo_fast.kernels._triton_utils import interpreter_active  # noqa: E402
+from zppo_fast.kernels._triton_utils import interpreter_active
 
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = [
     pytest.param("cpu", "torch", id="cpu-torch"),
-    pytest.param("cpu", "triton", id="cpu-triton-interp",
-                 marks=pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param(
+        "cpu",
+        "triton",
+        id="cpu-triton-interp",
+        marks=pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1"),
+    ),
     pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
 ]
 MODES = K.ADVANTAGE_MODES
@@ -35,7 +41,7 @@ MODES = K.ADVANTAGE_MODES
 
 def random_batch(n_groups, gen, binary=True, max_size=9, shuffle=True):
     sizes = torch.randint(1, max_size + 1, (n_groups,), generator=gen)
-    ids = torch.randint(-(2 ** 62), 2 ** 62, (n_groups,), generator=gen)  # arbitrary int64 values
+    ids = torch.randint(-(2**62), 2**62, (n_groups,), generator=gen)  # arbitrary int64 values
     gid = torch.repeat_interleave(ids, sizes)
     n = gid.numel()
     rewards = torch.randint(0, 2, (n,), generator=gen).float() if binary else torch.randn(n, generator=gen)
@@ -102,8 +108,10 @@ def test_many_rollouts(device, backend):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(-3, 3), st.sampled_from([0.0, 1.0, 0.5, -2.0])), min_size=1, max_size=40),
-       st.sampled_from(MODES))
+@given(
+    st.lists(st.tuples(st.integers(-3, 3), st.sampled_from([0.0, 1.0, 0.5, -2.0])), min_size=1, max_size=40),
+    st.sampled_from(MODES),
+)
 def test_property_torch(pairs, mode):
     gid = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
     rewards = torch.tensor([p[1] for p in pairs])

@@ -4,6 +4,7 @@ Shape x dtype matrix with odd sizes on the chunked PyTorch path; a smaller fp32 
 Triton's interpreter (its tl.dot is not used: GEMMs stay in torch, the kernels are the
 streaming epilogues); on CUDA both run compiled (skipped cleanly without a GPU).
 """
+
 import importlib.util
 import os
 import sys
@@ -21,43 +22,49 @@ try:
     import zppo_fast.kernels as K
 except ImportError:  # package not installed: load the folder under its package name
     _root = Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location("zppo_fast.kernels", _root / "__init__.py",
-                                                   submodule_search_locations=[str(_root)])
+    _spec = importlib.util.spec_from_file_location(
+        "zppo_fast.kernels", _root / "__init__.py", submodule_search_locations=[str(_root)]
+    )
     K = importlib.util.module_from_spec(_spec)
     sys.modules["zppo_fast.kernels"] = K
     _spec.loader.exec_module(K)
-from zppo_fast.kernels._triton_utils import interpreter_active  # noqa: E402
+from zppo_fast.kernels._triton_utils import interpreter_active
 
 HAS_CUDA = torch.cuda.is_available()
 INTERP = pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1 before triton import")
 CUDA = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
 # bf16: inputs are rounded to bf16 and the reference uses those same rounded values in float64,
 # so the tolerance covers only our arithmetic (fp32 logits; bf16 outputs / bf16 dZ on CUDA).
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
 
 
 def make(n, h, v, dtype, device, seed, logit_scale=3.0):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) * (logit_scale / h ** 0.5)
+    weight = torch.randn(v, h, generator=gen) * (logit_scale / h**0.5)
     tgt = torch.randint(0, v, (n,), generator=gen)
     return hidden.to(device, dtype), weight.to(device, dtype), tgt.to(device), gen
 
 
 def close(actual, expected, tol, what):
     scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(),
-                               rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.detach().cpu().double(),
+        expected.detach().cpu().double(),
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
-def check_linear(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=None, seed=0, logit_scale=3.0,
-                 tol=None):
+def check_linear(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=None, seed=0, logit_scale=3.0, tol=None):
     hidden, weight, tgt, gen = make(n, h, v, dtype, device, seed, logit_scale)
     tol = tol or TOL[dtype]
     x = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    logp, ent = K.linear_logprobs(x, w, tgt, temperature=temperature, return_entropy=True, backend=backend,
-                                  chunk_rows=chunk_rows)
+    logp, ent = K.linear_logprobs(
+        x, w, tgt, temperature=temperature, return_entropy=True, backend=backend, chunk_rows=chunk_rows
+    )
     assert logp.dtype == ent.dtype == torch.float32 and logp.shape == (n,)
     g1 = torch.randn(n, generator=gen)
     g2 = torch.randn(n, generator=gen)
@@ -73,13 +80,29 @@ def check_linear(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=No
     close(w.grad, wr.grad, tol, "d weight")
 
 
-def check_fused(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=None, seed=0, normalizer=None,
-                logit_scale=3.0, tol=None, adv_zero=False, mask_none=False, spread=0.3):
+def check_fused(
+    n,
+    h,
+    v,
+    dtype,
+    device,
+    backend,
+    temperature=1.0,
+    chunk_rows=None,
+    seed=0,
+    normalizer=None,
+    logit_scale=3.0,
+    tol=None,
+    adv_zero=False,
+    mask_none=False,
+    spread=0.3,
+):
     hidden, weight, tgt, gen = make(n, h, v, dtype, device, seed, logit_scale)
     tol = tol or TOL[dtype]
     with torch.no_grad():
-        logp0 = K.linear_logprobs_reference(hidden.cpu().double(), weight.cpu().double(), tgt.cpu(),
-                                            temperature=temperature).float()
+        logp0 = K.linear_logprobs_reference(
+            hidden.cpu().double(), weight.cpu().double(), tgt.cpu(), temperature=temperature
+        ).float()
     old = (logp0 + spread * torch.randn(n, generator=gen)).to(device)
     adv = torch.zeros(n) if adv_zero else torch.randn(n, generator=gen)
     mask = torch.zeros(n, dtype=torch.bool) if mask_none else torch.rand(n, generator=gen) < 0.8
@@ -87,13 +110,24 @@ def check_fused(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=Non
     adv, mask = adv.to(device), mask.to(device)
     x = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    loss, stats = K.fused_linear_policy_loss(x, w, tgt, old, adv, mask, temperature=temperature,
-                                             normalizer=normalizer, backend=backend, chunk_rows=chunk_rows)
+    loss, stats = K.fused_linear_policy_loss(
+        x,
+        w,
+        tgt,
+        old,
+        adv,
+        mask,
+        temperature=temperature,
+        normalizer=normalizer,
+        backend=backend,
+        chunk_rows=chunk_rows,
+    )
     loss.backward()
     xr = hidden.cpu().double().requires_grad_(True)
     wr = weight.cpu().double().requires_grad_(True)
-    loss_r, stats_r = K.fused_linear_policy_loss_reference(xr, wr, tgt.cpu(), old.cpu(), adv.cpu(), mask.cpu(),
-                                                           temperature=temperature, normalizer=normalizer)
+    loss_r, stats_r = K.fused_linear_policy_loss_reference(
+        xr, wr, tgt.cpu(), old.cpu(), adv.cpu(), mask.cpu(), temperature=temperature, normalizer=normalizer
+    )
     loss_r.backward()
     close(loss, loss_r, tol, "loss")
     close(x.grad, xr.grad, tol, "d hidden")
@@ -103,7 +137,7 @@ def check_fused(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=Non
         if k in ("clip_low", "clip_high", "dual_clip") and dtype == torch.bfloat16:
             assert abs(stats[k].item() - vr.item()) <= 2 + 0.02 * n, k  # borderline tokens may flip
         else:
-            close(stats[k], vr, dict(rtol=tol["rtol"] * 10, atol=tol["atol"] * 10), k)
+            close(stats[k], vr, {"rtol": tol["rtol"] * 10, "atol": tol["atol"] * 10}, k)
     return loss, stats, x.grad, w.grad
 
 
@@ -119,8 +153,9 @@ def test_linear_logprobs_torch(n, h, v, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,h,v", SHAPES)
 def test_fused_torch(n, h, v, dtype):
-    check_fused(n, h, v, dtype, "cpu", "torch", temperature=1.1, chunk_rows=64 if n == 300 else None,
-                seed=7 * n + h + v)
+    check_fused(
+        n, h, v, dtype, "cpu", "torch", temperature=1.1, chunk_rows=64 if n == 300 else None, seed=7 * n + h + v
+    )
 
 
 INTERP_SHAPES = [(1, 16, 33), (7, 72, 1), (7, 72, 5000), (300, 16, 33), (300, 256, 5000)]
@@ -158,7 +193,7 @@ def test_logits_of_magnitude_1e4(device, backend):
     assert (hidden @ weight.T).abs().max() > 1e4
     # fp32 logits of size 1e4 carry ~1e-3 absolute rounding (one ulp), so log-probs and ratios
     # can only be right to ~1e-3; an unshifted exp() would give inf / NaN instead
-    tol = dict(rtol=2e-3, atol=5e-3)
+    tol = {"rtol": 2e-3, "atol": 5e-3}
     check_linear(9, 16, 77, torch.float32, device, backend, seed=3, logit_scale=3e3, tol=tol)
     check_fused(9, 16, 77, torch.float32, device, backend, seed=3, logit_scale=3e3, tol=tol, spread=0.0)
 
@@ -192,15 +227,16 @@ def test_fused_microbatch_invariance(device, backend):
     mask = (torch.rand(301, generator=gen) < 0.7).to(device)
     w1 = weight.clone().requires_grad_(True)
     x1 = hidden.clone().requires_grad_(True)
-    full, st_full = K.fused_linear_policy_loss(x1, w1, tgt, old, adv, mask, backend=backend)
+    full, _st_full = K.fused_linear_policy_loss(x1, w1, tgt, old, adv, mask, backend=backend)
     full.backward()
     w2 = weight.clone().requires_grad_(True)
     x2 = hidden.clone().requires_grad_(True)
     total = mask.sum()
     acc = 0.0
     for sl in (slice(0, 150), slice(150, 151), slice(151, 301)):
-        loss, _ = K.fused_linear_policy_loss(x2[sl], w2, tgt[sl], old[sl], adv[sl], mask[sl], normalizer=total,
-                                             backend=backend)
+        loss, _ = K.fused_linear_policy_loss(
+            x2[sl], w2, tgt[sl], old[sl], adv[sl], mask[sl], normalizer=total, backend=backend
+        )
         loss.backward()
         acc = acc + loss.detach()
     torch.testing.assert_close(acc, full.detach(), rtol=1e-5, atol=1e-6)
@@ -210,18 +246,20 @@ def test_fused_microbatch_invariance(device, backend):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_nan_propagates(device, backend):
-    hidden, weight, tgt, gen = make(6, 16, 20, torch.float32, device, 10)
+    hidden, weight, tgt, _gen = make(6, 16, 20, torch.float32, device, 10)
     hidden[2, 3] = float("nan")
     logp = K.linear_logprobs(hidden, weight, tgt, backend=backend)
     assert torch.isnan(logp[2]) and torch.isfinite(logp[[0, 1, 3, 4, 5]]).all()
     mask = torch.ones(6, dtype=torch.bool, device=device)
-    loss, _ = K.fused_linear_policy_loss(hidden, weight, tgt, torch.zeros(6, device=device),
-                                         torch.ones(6, device=device), mask, backend=backend)
+    loss, _ = K.fused_linear_policy_loss(
+        hidden, weight, tgt, torch.zeros(6, device=device), torch.ones(6, device=device), mask, backend=backend
+    )
     assert torch.isnan(loss)
     w = weight.clone()
     w[5, 0] = float("nan")
-    loss, _ = K.fused_linear_policy_loss(hidden.nan_to_num(), w, tgt, torch.zeros(6, device=device),
-                                         torch.ones(6, device=device), mask, backend=backend)
+    loss, _ = K.fused_linear_policy_loss(
+        hidden.nan_to_num(), w, tgt, torch.zeros(6, device=device), torch.ones(6, device=device), mask, backend=backend
+    )
     assert torch.isnan(loss)
 
 
@@ -310,9 +348,17 @@ def test_low_precision_dz_path_on_cpu(monkeypatch, backend):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 40), h=st.integers(1, 24), v=st.integers(1, 70), temperature=st.floats(0.3, 3.0),
-       eps_low=st.floats(0.0, 0.5), eps_high=st.floats(0.0, 1.0), dual_clip=st.sampled_from([None, 1.5, 10.0]),
-       chunk_rows=st.sampled_from([None, 1, 3, 16]), seed=st.integers(0, 2 ** 16))
+@given(
+    n=st.integers(1, 40),
+    h=st.integers(1, 24),
+    v=st.integers(1, 70),
+    temperature=st.floats(0.3, 3.0),
+    eps_low=st.floats(0.0, 0.5),
+    eps_high=st.floats(0.0, 1.0),
+    dual_clip=st.sampled_from([None, 1.5, 10.0]),
+    chunk_rows=st.sampled_from([None, 1, 3, 16]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_fused_matches_reference(n, h, v, temperature, eps_low, eps_high, dual_clip, chunk_rows, seed):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen)
@@ -323,7 +369,7 @@ def test_property_fused_matches_reference(n, h, v, temperature, eps_low, eps_hig
     mask = torch.rand(n, generator=gen) < 0.75
     x = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, temperature=temperature)
+    kw = {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip, "temperature": temperature}
     loss, stats = K.fused_linear_policy_loss(x, w, tgt, old, adv, mask, backend="torch", chunk_rows=chunk_rows, **kw)
     loss.backward()
     xr = hidden.double().requires_grad_(True)

@@ -1,4 +1,5 @@
 """policy_loss: PyTorch path, Triton kernel (interpreter on CPU, compiled on CUDA) vs a float64 reference."""
+
 import importlib.util
 import math
 import os
@@ -15,12 +16,13 @@ try:
     import zppo_fast.kernels as K
 except ImportError:  # package not installed: load the folder under its package name
     _root = Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location("zppo_fast.kernels", _root / "__init__.py",
-                                                   submodule_search_locations=[str(_root)])
+    _spec = importlib.util.spec_from_file_location(
+        "zppo_fast.kernels", _root / "__init__.py", submodule_search_locations=[str(_root)]
+    )
     K = importlib.util.module_from_spec(_spec)
     sys.modules["zppo_fast.kernels"] = K
     _spec.loader.exec_module(K)
-from zppo_fast.kernels._triton_utils import interpreter_active  # noqa: E402
+from zppo_fast.kernels._triton_utils import interpreter_active
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_CPU = interpreter_active()
@@ -28,12 +30,16 @@ TRITON_CPU = interpreter_active()
 # CUDA the compiled Triton kernel (skipped cleanly without a GPU).
 BACKENDS = [
     pytest.param("cpu", "torch", id="cpu-torch"),
-    pytest.param("cpu", "triton", id="cpu-triton-interp",
-                 marks=pytest.mark.skipif(not TRITON_CPU, reason="needs TRITON_INTERPRET=1 before triton import")),
+    pytest.param(
+        "cpu",
+        "triton",
+        id="cpu-triton-interp",
+        marks=pytest.mark.skipif(not TRITON_CPU, reason="needs TRITON_INTERPRET=1 before triton import"),
+    ),
     pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
     pytest.param("cuda", "torch", id="cuda-torch", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
 ]
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-3)}
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-3}}
 
 
 def make_inputs(n, dtype, device, gen, spread=0.3, mask_p=0.7):
@@ -150,12 +156,11 @@ def test_microbatch_invariance(device, backend):
         loss, st = K.policy_loss(y[sl], old[sl], adv[sl], mask[sl], backend=backend, normalizer=total)
         loss.backward()
         parts = parts + loss.detach()
-        for k in acc:
-            acc[k] = acc[k] + st[k]
+        acc = {k: v + st[k] for k, v in acc.items()}
     torch.testing.assert_close(parts, full.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(y.grad, x.grad, rtol=1e-6, atol=1e-9)
-    for k in acc:
-        torch.testing.assert_close(acc[k], stats_full[k], rtol=1e-5, atol=1e-4)
+    for k, v in acc.items():
+        torch.testing.assert_close(v, stats_full[k], rtol=1e-5, atol=1e-4)
     # a float normalizer works the same
     z = logp.clone().requires_grad_(True)
     l2, _ = K.policy_loss(z, old, adv, mask, backend=backend, normalizer=float(total))
@@ -225,7 +230,7 @@ def test_cpu_paths_work_without_triton():
     code = f"""
 import sys, importlib.util, torch
 sys.modules['triton'] = None  # any `import triton` now raises ImportError
-spec = importlib.util.spec_from_file_location('zppo_fast.kernels', {str(root / '__init__.py')!r},
+spec = importlib.util.spec_from_file_location('zppo_fast.kernels', {str(root / "__init__.py")!r},
                                               submodule_search_locations=[{str(root)!r}])
 K = importlib.util.module_from_spec(spec); sys.modules['zppo_fast.kernels'] = K; spec.loader.exec_module(K)
 assert not K.HAVE_TRITON
@@ -242,5 +247,5 @@ except RuntimeError as e:
     assert 'triton' in str(e)
 print('ok')
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
