@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from ._triton_utils import HAVE_TRITON, interpreter_active, kernel, resolve_backend, tl, triton
+from ._triton_utils import HAVE_TRITON, _wrap, interpreter_active, kernel, resolve_backend, tl
 
 MODES = ("batch_wo_zero", "batch_w_zero", "none", "group")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
@@ -304,8 +304,7 @@ if HAVE_TRITON:
                         a = (a1 - mu) / (sigma + eps)
                     tl.store(OUT + offs, tl.where(trivial, 0.0, a), mask=inb)
 
-    @triton.jit
-    def _grid_barrier(BAR, n_programs):
+    def _grid_barrier_impl(BAR, n_programs):
         """Grid-wide barrier on a monotonically increasing int64 counter (never reset, so no
         memset launch): each program's arrival ticket says which generation it is in, and it
         waits until all ``n_programs`` arrivals of that generation are in. Needs all programs
@@ -318,6 +317,10 @@ if HAVE_TRITON:
         while seen < target:
             seen = tl.atomic_add(BAR, 0, sem="acquire")
         tl.debug_barrier()
+
+    # Wrapped like our kernels (not with @triton.jit at import): Triton decides compiled vs
+    # interpreted when *it* is imported, and the helper must match the tl.* builtins it calls.
+    _grid_barrier = _wrap(_grid_barrier_impl, interpreter_active())
 
 
 _BARRIERS: dict[tuple, torch.Tensor] = {}

@@ -382,3 +382,16 @@ def test_property_fused_matches_reference(n, h, v, temperature, eps_low, eps_hig
     close(w.grad, wr.grad, tol, "d weight")
     for k in ("clip_low", "clip_high", "dual_clip", "tokens"):
         assert stats[k].item() == stats_r[k].item(), k
+
+
+if not torch.cuda.is_available() and not interpreter_active():
+
+    def test_interpreter_cases_in_child_process():
+        """Another test module imported triton before this file could set TRITON_INTERPRET=1, so
+        the interpreter cases above skip in this process: run them in a child that has it."""
+        import subprocess
+
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"]
+        out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

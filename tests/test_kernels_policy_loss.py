@@ -249,3 +249,16 @@ print('ok')
 """
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+if not torch.cuda.is_available() and not interpreter_active():
+
+    def test_interpreter_cases_in_child_process():
+        """Another test module imported triton before this file could set TRITON_INTERPRET=1, so
+        the interpreter cases above skip in this process: run them in a child that has it."""
+        import subprocess
+
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"]
+        out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
