@@ -207,16 +207,19 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
-    for algo, runs in results.items():
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("x", "--")]
+    for i, (algo, runs) in enumerate(results.items()):
         curves = [dict(r["heldout_curve"]) for r in runs]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
         mean = [statistics.fmean(c[s] for c in curves) for s in steps]
-        (line,) = ax.plot(steps, mean, marker="o", label=algo)
+        marker, ls = styles[i % len(styles)]  # distinct styles: identical curves stay visible
+        (line,) = ax.plot(steps, mean, marker=marker, ls=ls, ms=9 - 2 * (i % 3), label=algo)
         if len(curves) > 1:
             for c in curves:
                 ax.plot(sorted(c), [c[s] for s in sorted(c)], color=line.get_color(), alpha=0.25, lw=0.8)
+    ax.set_ylim(-0.02, 1.02)
     ax.set(xlabel="rollout step", ylabel="held-out accuracy (greedy)", title="Miniature reproduction (CPU)")
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
