@@ -11,6 +11,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# The suite's models and tensors are small: one intra-op thread avoids OpenMP hand-offs that
+# cost more than the work, and leaves the second core to the C++ tests' threads.
+torch.set_num_threads(1)
+
 TINY_OVERRIDES = [
     "--model.hidden_size", "64",
     "--task.max_operand", "2",

@@ -57,7 +57,7 @@ def test_reformulations_follow_algorithm_1(tokenizer):
     })
     texts = [[wrong(0), "", "no box at all"], [wrong(1), wrong(1), right(1)], [right(2)] * 3, [right(3), wrong(3), right(3)]]
     rewards = [[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0] * 3, [1.0, 0.0, 1.0]]
-    cfg = ZPPOConfig(teacher_group_size=4)
+    cfg = ZPPOConfig(teacher_group_size=4, compression="teacher")
     reform = Reformulator(teacher, tokenizer, cfg, kinds=("bcq", "ncq"), seed=0)
     out, m = reform(problems, texts, rewards, cap=3, step=1)
     # Hard: Q0 (0/3) and Q1 (1/3); Q3 (2/3) and Q2 are not. Ascending accuracy: Q0 BCQ, Q0 NCQ, Q1 NCQ.

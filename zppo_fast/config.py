@@ -110,6 +110,9 @@ class RunConfig:
     eval_every: int = 10
     eval_size: int = 128  # held-out questions, greedy, one sample each
     device: str = "auto"  # auto | cpu | cuda
+    # Intra-op threads on the CPU. The tiny default's ops are small: with more than one thread,
+    # OpenMP hand-offs (and any other process on the cores) cost more than the work (~15x here).
+    cpu_threads: int = 1
     tensorboard: bool = True  # used when the tensorboard package is installed
     overwrite: bool = False  # replace an existing run folder instead of refusing
 

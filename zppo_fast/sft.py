@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if config_file:
         argv.remove("--config")
     cfg = load_config(config_file, argv)
+    torch.set_num_threads(cfg.run.cpu_threads)
     model, tokenizer, path = warm_start(cfg.model, cfg.task, cfg.sft, seed=cfg.run.seed)
     task = ArithmeticTask(**vars(cfg.task))
     heldout = [task.problem(q) for q in task.heldout_ids()[: cfg.run.eval_size]]

@@ -63,6 +63,8 @@ class Trainer:
         )
         torch.manual_seed(cfg.run.seed)
         torch.set_flush_denormal(True)  # Gated-DeltaNet decays underflow; denormals slow CPUs 10x
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.run.cpu_threads)
         if cfg.rl.algo not in ALGOS:
             raise ConfigError(f"rl.algo must be one of {', '.join(ALGOS)}, got {cfg.rl.algo!r}")
         self.algo = ALGOS[cfg.rl.algo]
