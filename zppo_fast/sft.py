@@ -31,8 +31,8 @@ from zppo_fast.tokenizer import build_tokenizer
 CACHE_VERSION = 1  # bump when the warm-up's recipe changes, so stale caches are not reused
 
 
-def cache_path(model: ModelConfig, task: TaskConfig, sft: SFTConfig) -> Path:
-    settings = {"v": CACHE_VERSION, "model": vars(model), "task": vars(task),
+def cache_path(model: ModelConfig, task: TaskConfig, sft: SFTConfig, seed: int = 0) -> Path:
+    settings = {"v": CACHE_VERSION, "seed": seed, "model": vars(model), "task": vars(task),
                 "sft": {k: v for k, v in vars(sft).items() if k != "cache_dir"}}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return Path(sft.cache_dir) / f"sft-{key}"
@@ -78,7 +78,7 @@ def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed
         optim.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step + 1 in snapshots:
-            _save_atomically(model, tokenizer, cache_path(model_cfg, task_cfg, replace(sft, steps=step + 1)))
+            _save_atomically(model, tokenizer, cache_path(model_cfg, task_cfg, replace(sft, steps=step + 1), seed))
     return model, tokenizer
 
 
@@ -93,7 +93,7 @@ def _save_atomically(model, tokenizer, path: Path) -> None:
 def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True,
                snapshots: tuple[int, ...] = ()):
     """Return (model, tokenizer, path) of the cached warm-up for these settings, training it if absent."""
-    path = cache_path(model_cfg, task_cfg, sft)
+    path = cache_path(model_cfg, task_cfg, sft, seed)
     if not (path / "config.json").is_file():
         model, tokenizer = train_sft(model_cfg, task_cfg, sft, seed=seed, progress=progress, snapshots=snapshots)
         _save_atomically(model, tokenizer, path)
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.run.cpu_threads)
     model, tokenizer, path = warm_start(cfg.model, cfg.task, cfg.sft, seed=cfg.run.seed)
     task = ArithmeticTask(**vars(cfg.task))
-    heldout = [task.problem(q) for q in task.heldout_ids()[: cfg.run.eval_size]]
+    ids = task.heldout_ids()
+    heldout = [task.problem(q) for q in random.Random(cfg.run.seed).sample(ids, min(cfg.run.eval_size, len(ids)))]
     acc = accuracy(TransformersEngine(model, tokenizer), tokenizer, heldout,
                    SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens))
     print(f"warm-up model at {path}: held-out greedy accuracy {acc:.3f} on {len(heldout)} questions")

@@ -29,6 +29,7 @@ are ever held. Checkpoints every `run.checkpoint_every` steps; `--resume` contin
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sys
 import time
@@ -84,7 +85,10 @@ class Trainer:
         # 2. The task and the stream of training questions; the held-out questions for evaluation.
         self.task = ArithmeticTask(**vars(cfg.task))
         self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
-        self.heldout = [self.task.problem(q) for q in self.task.heldout_ids()[: cfg.run.eval_size]]
+        # A seeded sample, not a prefix: consecutive ids are one fact in its 24 wordings.
+        heldout = self.task.heldout_ids()
+        self.heldout = [self.task.problem(q) for q in
+                        sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
 
         # 3. The frozen teacher (algos with BCQ/NCQ): a Hugging Face folder, or the tiny student
         #    architecture with a longer warm-up whose early snapshot is the student.
