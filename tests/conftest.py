@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton on a CPU runs in its interpreter; the variable must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The suite's models and tensors are small: one intra-op thread avoids OpenMP hand-offs that
 # cost more than the work, and leaves the second core to the C++ tests' threads.
 torch.set_num_threads(1)
