@@ -48,34 +48,18 @@ if str(ROOT) not in sys.path:
 
 from zppo_fast.config import ConfigError, load_config  # noqa: E402
 
-# The miniature's scale: the test suite's tiny student/teacher recipe (tests/conftest.py) with
-#  * operands up to 5, so the held-out split holds 6 distinct facts (at 2 it holds one);
-#  * 24 new tokens (a worked solution "<think>a+b=c</think>\n\boxed{c}" plus EOS does not fit
-#    in 16, so with 16 every rollout is truncated and earns 0);
-#  * compression "none": a 64-wide teacher cannot follow the summary prompt; its candidates are
-#    one line anyway, so they go into the BCQ/NCQ prompts raw;
-#  * eval_size 256: the held-out ids are taken in order, 24 wordings per fact, so 64 would
-#    cover only 2 facts.
+# The miniature's scale is the embedded default (zppo_fast/config.py, configs/tiny_cpu.toml):
+# hidden-64 Qwen3.5, single-digit operands, the student a 250-step snapshot of the 300-step
+# teacher warm-up, raw candidates (compression "none": a 64-wide teacher cannot follow the summary
+# prompt), 20 rollout steps of 16 questions x 8, greedy held-out eval on 128 questions every 5.
 MINIATURE = [
-    "--model.hidden_size", "64",
-    "--task.max_operand", "5",
-    "--sft.steps", "60",
-    "--sft.batch_size", "32",
-    "--zppo.teacher_sft_steps", "120",
-    "--zppo.teacher_max_new_tokens", "24",
-    "--zppo.compression", "none",
-    "--rollout.max_new_tokens", "24",
-    "--rl.batch_size", "8",
-    "--rl.lr", "1e-3",
-    "--run.steps", "15",
-    "--run.eval_every", "5",
-    "--run.eval_size", "256",
     "--run.checkpoint_every", "1000",  # the trainer still saves (and writes replay telemetry) at the end
     "--run.tensorboard", "false",
 ]
 # --quick: a smoke run of the whole pipeline: about 2 minutes of RL for the three algos, plus a 40-step
 # warm-up the first time (measured 376 s in all, cold cache, on 2 cores at load average 5).
 QUICK = [
+    "--model.hidden_size", "32",
     "--sft.steps", "20",
     "--zppo.teacher_sft_steps", "40",
     "--rl.batch_size", "4",
@@ -91,7 +75,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python bench/miniature.py", allow_abbrev=False,
         description="GRPO vs GRPO+replay vs ZPPO on the synthetic task, same student/teacher/seeds/steps.",
         epilog="Any other --section.key VALUE is a config override applied to every run.")
-    parser.add_argument("--steps", type=int, default=None, help="rollout steps per run (default 15; 3 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="rollout steps per run (default: the config's run.steps; 3 with --quick)")
     parser.add_argument("--seeds", type=int, default=1, help="run seeds 0..K-1 for every algo (default 1)")
     parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated rl.algo values")
     parser.add_argument("--out", default="runs/miniature", help="output folder (default runs/miniature)")
