@@ -1,41 +1,12 @@
 """normalize_advantages: PyTorch path and the one-launch Triton kernel vs a float64 Python reference."""
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+import zppo_fast.kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_cases import BACKENDS, HAS_CUDA, INTERP, NEEDS_INTERPRETER_CHILD, run_interpreter_cases_in_child
 
-if not torch.cuda.is_available():  # Triton on CPU = its interpreter; must be set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import zppo_fast.kernels as K
-except ImportError:  # package not installed: load the folder under its package name
-    _root = Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location(
-        "zppo_fast.kernels", _root / "__init__.py", submodule_search_locations=[str(_root)]
-    )
-    K = importlib.util.module_from_spec(_spec)
-    sys.modules["zppo_fast.kernels"] = K
-    _spec.loader.exec_module(K)
-from zppo_fast.kernels._triton_utils import interpreter_active
-
-HAS_CUDA = torch.cuda.is_available()
-BACKENDS = [
-    pytest.param("cpu", "torch", id="cpu-torch"),
-    pytest.param(
-        "cpu",
-        "triton",
-        id="cpu-triton-interp",
-        marks=pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1"),
-    ),
-    pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
-]
 MODES = K.ADVANTAGE_MODES
 
 
@@ -134,7 +105,7 @@ def test_bad_inputs():
     assert K.normalize_advantages(torch.empty(0), torch.empty(0, dtype=torch.int64)).numel() == 0
 
 
-@pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1")
+@INTERP
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n_programs", [2, 5])
 def test_multi_program_logic_interp(mode, n_programs):
@@ -157,14 +128,9 @@ def test_cuda_phased_fallback_matches(monkeypatch):
         check(rewards, gid, mode, "cuda", "triton")
 
 
-if not torch.cuda.is_available() and not interpreter_active():
+if NEEDS_INTERPRETER_CHILD:
 
     def test_interpreter_cases_in_child_process():
-        """Another test module imported triton before this file could set TRITON_INTERPRET=1, so
+        """Triton was imported before tests/conftest.py could set TRITON_INTERPRET=1, so
         the interpreter cases above skip in this process: run them in a child that has it."""
-        import subprocess
-
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"]
-        out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        run_interpreter_cases_in_child(__file__)

@@ -7,43 +7,24 @@ what would be a first-run failure on the GPU machine into a CPU test failure.
 """
 
 import importlib
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-
-# Keep this process like the other kernel test files (interpreter on CPU, set before triton
-# loads), so whichever file pytest imports first, the interpreter tests still run; the compile
-# checks then run in a clean child process (ZPPO_COMPILE_CHILD marks it).
-if not torch.cuda.is_available() and not os.environ.get("ZPPO_COMPILE_CHILD"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import zppo_fast.kernels  # noqa: F401
-except ImportError:  # package not installed: load the folder under its package name
-    _root = Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location(
-        "zppo_fast.kernels", _root / "__init__.py", submodule_search_locations=[str(_root)]
-    )
-    _m = importlib.util.module_from_spec(_spec)
-    sys.modules["zppo_fast.kernels"] = _m
-    _spec.loader.exec_module(_m)
 
 triton = pytest.importorskip("triton")
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 if isinstance(tl.sum, InterpretedFunction):
-    # Another test module imported triton under TRITON_INTERPRET=1, which swaps the tl.* builtins
-    # the compiler needs: run this file again in a clean child process instead.
+    # Triton was imported under TRITON_INTERPRET=1 (tests/conftest.py sets it on a machine without
+    # CUDA, for the interpreter tests), which swaps the tl.* builtins the compiler needs: run this
+    # file again in a child process where the interpreter is off.
     def test_compile_in_clean_process():
         import subprocess
 
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["ZPPO_COMPILE_CHILD"] = "1"
+        # "0", not unset: tests/conftest.py would set a missing TRITON_INTERPRET to 1 again.
+        env = dict(os.environ, TRITON_INTERPRET="0")
         out = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
             env=env,

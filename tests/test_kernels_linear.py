@@ -5,34 +5,15 @@ Triton's interpreter (its tl.dot is not used: GEMMs stay in torch, the kernels a
 streaming epilogues); on CUDA both run compiled (skipped cleanly without a GPU).
 """
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
+import zppo_fast.kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_cases import BACKENDS, HAS_CUDA, INTERP, NEEDS_INTERPRETER_CHILD, run_interpreter_cases_in_child
 
-if not torch.cuda.is_available():  # Triton on CPU = its interpreter; must be set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import zppo_fast.kernels as K
-except ImportError:  # package not installed: load the folder under its package name
-    _root = Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location(
-        "zppo_fast.kernels", _root / "__init__.py", submodule_search_locations=[str(_root)]
-    )
-    K = importlib.util.module_from_spec(_spec)
-    sys.modules["zppo_fast.kernels"] = K
-    _spec.loader.exec_module(K)
-from zppo_fast.kernels._triton_utils import interpreter_active
-
-HAS_CUDA = torch.cuda.is_available()
-INTERP = pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1 before triton import")
-CUDA = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
 # bf16: inputs are rounded to bf16 and the reference uses those same rounded values in float64,
 # so the tolerance covers only our arithmetic (fp32 logits; bf16 outputs / bf16 dZ on CUDA).
 TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
@@ -171,13 +152,6 @@ def test_linear_logprobs_triton_interp(n, h, v):
 @pytest.mark.parametrize("n,h,v", INTERP_SHAPES)
 def test_fused_triton_interp(n, h, v):
     check_fused(n, h, v, torch.float32, "cpu", "triton", temperature=1.1, chunk_rows=128, seed=n + v)
-
-
-BACKENDS = [
-    pytest.param("cpu", "torch", id="cpu-torch"),
-    pytest.param("cpu", "triton", id="cpu-triton-interp", marks=INTERP),
-    pytest.param("cuda", "triton", id="cuda-triton", marks=CUDA),
-]
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -384,14 +358,9 @@ def test_property_fused_matches_reference(n, h, v, temperature, eps_low, eps_hig
         assert stats[k].item() == stats_r[k].item(), k
 
 
-if not torch.cuda.is_available() and not interpreter_active():
+if NEEDS_INTERPRETER_CHILD:
 
     def test_interpreter_cases_in_child_process():
-        """Another test module imported triton before this file could set TRITON_INTERPRET=1, so
+        """Triton was imported before tests/conftest.py could set TRITON_INTERPRET=1, so
         the interpreter cases above skip in this process: run them in a child that has it."""
-        import subprocess
-
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"]
-        out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        run_interpreter_cases_in_child(__file__)

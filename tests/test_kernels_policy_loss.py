@@ -1,44 +1,15 @@
 """policy_loss: PyTorch path, Triton kernel (interpreter on CPU, compiled on CUDA) vs a float64 reference."""
 
-import importlib.util
 import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import zppo_fast.kernels as K
+from kernel_cases import BACKENDS, CUDA_TORCH, NEEDS_INTERPRETER_CHILD, run_interpreter_cases_in_child
 
-if not torch.cuda.is_available():  # Triton on CPU = its interpreter; must be set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import zppo_fast.kernels as K
-except ImportError:  # package not installed: load the folder under its package name
-    _root = Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location(
-        "zppo_fast.kernels", _root / "__init__.py", submodule_search_locations=[str(_root)]
-    )
-    K = importlib.util.module_from_spec(_spec)
-    sys.modules["zppo_fast.kernels"] = K
-    _spec.loader.exec_module(K)
-from zppo_fast.kernels._triton_utils import interpreter_active
-
-HAS_CUDA = torch.cuda.is_available()
-TRITON_CPU = interpreter_active()
-# (device, backend) pairs: the CPU PyTorch path, Triton on CPU through the interpreter, and on
-# CUDA the compiled Triton kernel (skipped cleanly without a GPU).
-BACKENDS = [
-    pytest.param("cpu", "torch", id="cpu-torch"),
-    pytest.param(
-        "cpu",
-        "triton",
-        id="cpu-triton-interp",
-        marks=pytest.mark.skipif(not TRITON_CPU, reason="needs TRITON_INTERPRET=1 before triton import"),
-    ),
-    pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
-    pytest.param("cuda", "torch", id="cuda-torch", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")),
-]
+BACKENDS = BACKENDS + [CUDA_TORCH]  # the PyTorch path is checked on CUDA too
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-3}}
 
 
@@ -251,14 +222,9 @@ print('ok')
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-if not torch.cuda.is_available() and not interpreter_active():
+if NEEDS_INTERPRETER_CHILD:
 
     def test_interpreter_cases_in_child_process():
-        """Another test module imported triton before this file could set TRITON_INTERPRET=1, so
+        """Triton was imported before tests/conftest.py could set TRITON_INTERPRET=1, so
         the interpreter cases above skip in this process: run them in a child that has it."""
-        import subprocess
-
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"]
-        out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        run_interpreter_cases_in_child(__file__)
