@@ -81,10 +81,13 @@ class TransformersEngine:
                     output_scores=True,
                     return_dict_in_generate=True,
                 )
-                new = gen.sequences[:, width:].cpu()  # (B, T)
-                # scores are the processed logits the sampler drew from: (T, B, V) -> (B, T)
-                logp = torch.stack(gen.scores, 1).float().log_softmax(-1).cpu()
-                token_logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+                new = gen.sequences[:, width:]  # (B, T)
+                # scores[t] are the processed logits the sampler drew token t from: (B, V) each,
+                # reduced one step at a time so no (B, T, V) tensor is built.
+                token_logp = torch.stack(
+                    [sc.float().log_softmax(-1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                     for t, sc in enumerate(gen.scores)], 1).cpu()  # (B, T)
+                new = new.cpu()
                 for row, row_logp in zip(new.tolist(), token_logp.tolist()):
                     n = row.index(eos) + 1 if eos in row else len(row)
                     out.append(
