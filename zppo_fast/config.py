@@ -111,7 +111,7 @@ class RunConfig:
     eval_size: int = 128  # held-out questions, greedy, one sample each
     device: str = "auto"  # auto | cpu | cuda
     # Intra-op threads on the CPU. The tiny default's ops are small: with more than one thread,
-    # OpenMP hand-offs (and any other process on the cores) cost more than the work (~15x here).
+    # OpenMP hand-offs (and any other process on the cores) cost more than the work itself.
     cpu_threads: int = 1
     tensorboard: bool = True  # used when the tensorboard package is installed
     overwrite: bool = False  # replace an existing run folder instead of refusing
