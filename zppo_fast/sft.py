@@ -52,7 +52,7 @@ def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed
     been asked for (the data order does not depend on the total), so one warm-up yields both
     the CPU demo's student (early snapshot) and its stronger teacher (the full run).
     """
-    torch.set_flush_denormal(True)  # Gated-DeltaNet decays underflow; denormals slow CPUs 10x
+    torch.set_flush_denormal(True)  # Gated-DeltaNet decay products underflow into slow denormals
     task = ArithmeticTask(**vars(task_cfg))
     tokenizer = build_tokenizer(tokenizer_corpus(task, seed=seed), vocab_size=model_cfg.vocab_size)
     model = build_tiny_model(model_cfg, tokenizer, seed=seed)

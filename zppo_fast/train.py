@@ -63,7 +63,7 @@ class Trainer:
             ("cuda" if torch.cuda.is_available() else "cpu") if cfg.run.device == "auto" else cfg.run.device
         )
         torch.manual_seed(cfg.run.seed)
-        torch.set_flush_denormal(True)  # Gated-DeltaNet decays underflow; denormals slow CPUs 10x
+        torch.set_flush_denormal(True)  # Gated-DeltaNet decay products underflow into slow denormals
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.run.cpu_threads)
         if cfg.rl.algo not in ALGOS:
