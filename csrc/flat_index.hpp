@@ -42,32 +42,20 @@ class FlatIndex {
 
   // Inserts key -> value unless key is present; returns whether it inserted. One probe run.
   bool insert_if_absent(std::int64_t key, std::uint64_t value) {
-    if (2 * (size_ + 1) > buckets_.size()) grow();
-    for (std::size_t i = home(key);; i = (i + 1) & mask_) {
-      Bucket& b = buckets_[i];
-      if (b.value_plus1 == 0) {
-        b = Bucket{key, value + 1};
-        ++size_;
-        return true;
-      }
-      if (b.key == key) return false;
-    }
+    Bucket& b = probe_for_insert(key);
+    if (b.value_plus1 != 0) return false;
+    b = Bucket{key, value + 1};
+    ++size_;
+    return true;
   }
 
   void insert_or_assign(std::int64_t key, std::uint64_t value) {
-    if (2 * (size_ + 1) > buckets_.size()) grow();
-    for (std::size_t i = home(key);; i = (i + 1) & mask_) {
-      Bucket& b = buckets_[i];
-      if (b.value_plus1 == 0) {
-        b = Bucket{key, value + 1};
-        ++size_;
-        return;
-      }
-      if (b.key == key) {
-        b.value_plus1 = value + 1;
-        return;
-      }
+    Bucket& b = probe_for_insert(key);
+    if (b.value_plus1 == 0) {
+      b.key = key;
+      ++size_;
     }
+    b.value_plus1 = value + 1;
   }
 
   // Removes `key` if present; returns whether it was. Backward-shift deletion: later
@@ -99,6 +87,16 @@ class FlatIndex {
     std::int64_t key;
     std::uint64_t value_plus1;
   };
+
+  // The bucket holding `key`, or the empty bucket ending its probe run (after growing, so an
+  // insertion there keeps the load factor <= 1/2).
+  Bucket& probe_for_insert(std::int64_t key) {
+    if (2 * (size_ + 1) > buckets_.size()) grow();
+    for (std::size_t i = home(key);; i = (i + 1) & mask_) {
+      Bucket& b = buckets_[i];
+      if (b.value_plus1 == 0 || b.key == key) return b;
+    }
+  }
 
   std::size_t home(std::int64_t key) const {
     // splitmix64 finalizer: consecutive ids (the common case) spread over the table.
