@@ -5,6 +5,8 @@ Ops (each file: Triton kernel(s) + launcher + autograd.Function + PyTorch refere
     normalize_advantages      advantages.py                group / batch advantage normalisation
     linear_logprobs           linear_logprobs.py           lm_head log-probs (+ entropy), no [N, V]
     fused_linear_policy_loss  fused_linear_policy_loss.py  lm_head + policy loss, no [N, V]
+    fused_linear_jsd          distill_loss.py              teacher/student generalized JSD, no [N, V]
+                                                           (chunked PyTorch on every device for now)
 Dispatch: Triton on CUDA; chunked PyTorch on CPU (``backend="triton"`` on CPU runs Triton's
 interpreter, for tests).
 """
@@ -12,15 +14,19 @@ interpreter, for tests).
 from ._triton_utils import HAVE_TRITON
 from .advantages import MODES as ADVANTAGE_MODES
 from .advantages import advantages_reference, normalize_advantages
+from .distill_loss import DISTILL_STAT_NAMES, fused_linear_jsd, fused_linear_jsd_reference
 from .fused_linear_policy_loss import fused_linear_policy_loss, fused_linear_policy_loss_reference
 from .linear_logprobs import linear_logprobs, linear_logprobs_reference
 from .policy_loss import STAT_NAMES, policy_loss, policy_loss_reference
 
 __all__ = [
     "ADVANTAGE_MODES",
+    "DISTILL_STAT_NAMES",
     "HAVE_TRITON",
     "STAT_NAMES",
     "advantages_reference",
+    "fused_linear_jsd",
+    "fused_linear_jsd_reference",
     "fused_linear_policy_loss",
     "fused_linear_policy_loss_reference",
     "linear_logprobs",

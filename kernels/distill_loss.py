@@ -1,0 +1,348 @@
+"""Per-token generalized Jensen-Shannon divergence between a frozen teacher's and the student's
+lm_head distributions, without ever holding [N, V] logits of either model.
+
+Convention (the GKD one, Agarwal et al. 2024; P = teacher, Q = student, both tempered):
+
+    P = softmax(teacher_hidden @ teacher_weight.T / temperature)      [N, V]
+    Q = softmax(student_hidden @ student_weight.T / temperature)      [N, V]
+    M = beta * P + (1 - beta) * Q
+    JSD_beta(P || Q) = beta * KL(P || M) + (1 - beta) * KL(Q || M)     0 < beta < 1
+    JSD_0 = KL(P || Q)   (forward KL: mass-covering, = SFT on the teacher's soft labels)
+    JSD_1 = KL(Q || P)   (reverse KL: mode-seeking)
+    loss  = sum over masked tokens of JSD_beta / normalizer          (default: the mask's sum)
+
+The endpoints are the *rescaled* limits: the unscaled JSD_beta tends to 0 at both ends, while
+JSD_beta / beta -> KL(P || Q) as beta -> 0 and JSD_beta / (1 - beta) -> KL(Q || P) as beta -> 1
+(tests check both limits). beta = 0.5 is the symmetric, bounded (<= log 2) Jensen-Shannon.
+
+Gradient (to the student only; teacher tensors are constants). With s = log Q, t = log P,
+m = log M and z the student's tempered logits, d JSD / d z_j = g_j - Q_j * sum_k g_k where
+g_j = d JSD / d s_j, which simplifies to one expression per case:
+
+    0 < beta < 1:  (1 - beta) * Q_j * (s_j - m_j - KL(Q || M))
+    beta = 0:      Q_j - P_j
+    beta = 1:      Q_j * (s_j - t_j - KL(Q || P))
+
+each divided by the temperature. So the backward needs, per token, the two log-sum-exps and one
+scalar (KL(Q || M) or KL(Q || P)): 12 bytes saved per token, never a [N, V] tensor.
+
+How (chunked PyTorch; used on CPU and, for now, on CUDA too -- there is no Triton kernel for
+this op yet, so on a GPU it runs cuBLAS GEMMs plus PyTorch element-wise ops per tile):
+only the masked rows are processed (padding never costs a GEMM, and a padded row's garbage can
+never reach a gradient). Rows are taken in blocks of ``chunk_rows`` and the vocabulary in
+slices of ``chunk_vocab``; one [chunk_rows, chunk_vocab] fp32 tile per model is live at a time.
+
+    pass 1  per vocab slice: both models' logits tile (fp32 GEMM), online log-sum-exp
+            (lse = logaddexp(lse, logsumexp(tile)), lse starting at -inf)
+    pass 2  per vocab slice: recompute the tiles, log-probs = tile - lse, accumulate the
+            per-token JSD, KL(P || Q), KL(Q || P) and KL(Q || M) in fp32
+    backward per vocab slice: recompute the tiles, form d JSD / d z in place, then
+            dX[rows] += dZ @ W_slice and dW[slice] += dZ^T @ X (fp32 accumulators)
+
+When the whole vocabulary fits in one slice, pass 2 reuses pass 1's tiles (one GEMM per model
+in the forward instead of two). Peak extra memory: a few tiles (``TILE_ELEMS`` fp32 elements
+each) plus dW [V, H] fp32, independent of N.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .policy_loss import Normalizer, _prep_mask, _prep_normalizer
+
+# fp32 elements of one [rows, vocab] logits tile (about six such tiles are live in pass 2 /
+# backward). CPU: 2 MiB tiles keep the peak small; CUDA: 256 MiB tiles, big enough GEMMs.
+TILE_ELEMS_CPU = 1 << 19
+TILE_ELEMS_CUDA = 1 << 26
+# Vocabulary slice width when the caller does not choose one.
+VOCAB_CHUNK_CPU = 8192
+VOCAB_CHUNK_CUDA = 32768
+
+DISTILL_STAT_NAMES = ("jsd", "forward_kl", "reverse_kl", "tokens")
+
+
+# ----------------------------------------------------------------------------- reference
+def generalized_jsd_reference(student_logprobs, teacher_logprobs, beta):
+    """Per-token JSD_beta(P_teacher || Q_student) from float64 log-probs [N, V] -> [N].
+
+    Written straight from the definition in the module docstring (M built with logaddexp so
+    log-probs of -1e4 do not underflow to log 0).
+    """
+    s, t = student_logprobs, teacher_logprobs
+    q, p = s.exp(), t.exp()
+    if beta == 0:
+        return (p * (t - s)).sum(-1)
+    if beta == 1:
+        return (q * (s - t)).sum(-1)
+    m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
+    return beta * (p * (t - m)).sum(-1) + (1 - beta) * (q * (s - m)).sum(-1)
+
+
+def fused_linear_jsd_reference(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    loss_mask,
+    *,
+    beta=0.5,
+    temperature=1.0,
+    normalizer=None,
+):
+    """Float64 reference that materialises both [N, V] logits. Returns (loss, stats) like
+    ``fused_linear_jsd``; differentiable w.r.t. the student's hidden and weight only."""
+    xs = student_hidden.reshape(-1, student_hidden.shape[-1]).double()
+    xt = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach().double()
+    s = torch.log_softmax(xs @ student_weight.double().T / temperature, dim=-1)
+    t = torch.log_softmax(xt @ teacher_weight.detach().double().T / temperature, dim=-1)
+    mask = loss_mask.reshape(-1).bool()
+    zero = torch.zeros((), dtype=torch.float64)
+    per_tok = torch.where(mask, generalized_jsd_reference(s, t, beta), zero)
+    norm = _prep_normalizer(normalizer, mask).double()
+    with torch.no_grad():
+        stats = {
+            "jsd": per_tok.detach().sum(),
+            "forward_kl": torch.where(mask, generalized_jsd_reference(s, t, 0.0), zero).sum(),
+            "reverse_kl": torch.where(mask, generalized_jsd_reference(s, t, 1.0), zero).sum(),
+            "tokens": mask.sum().double(),
+        }
+    return per_tok.sum() / norm, stats
+
+
+# ----------------------------------------------------------------------------- tiling
+def choose_tiles(
+    n_rows: int, vocab: int, device: torch.device, chunk_rows: int | None = None, chunk_vocab: int | None = None
+) -> tuple[int, int]:
+    """(rows, vocab columns) of one logits tile: rows * cols <= TILE_ELEMS unless overridden."""
+    cols = chunk_vocab if chunk_vocab is not None else (VOCAB_CHUNK_CUDA if device.type == "cuda" else VOCAB_CHUNK_CPU)
+    cols = max(1, min(int(cols), vocab))
+    if chunk_rows is None:
+        budget = TILE_ELEMS_CUDA if device.type == "cuda" else TILE_ELEMS_CPU
+        chunk_rows = max(1, budget // cols)
+    return max(1, min(int(chunk_rows), max(n_rows, 1))), cols
+
+
+def _tile_logits(x: torch.Tensor, w_slice: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """[c, H] x [v, H]^T -> tempered fp32 logits [c, v] (inputs upcast: fp32 accumulation)."""
+    z = x.float() @ w_slice.float().t()
+    return z.mul_(inv_temp) if inv_temp != 1.0 else z
+
+
+def _row_block_forward(xs, ws, xt, wt, inv_temp, beta, cols):
+    """One block of rows: (lse_s, lse_t, jsd, fkl, rkl, kl_qm), each [c] fp32.
+
+    kl_qm is the backward's per-token scalar: KL(Q || M) for 0 < beta < 1, KL(Q || P) for 1.
+    """
+    c, V = xs.shape[0], ws.shape[0]
+    spans = [(v0, min(v0 + cols, V)) for v0 in range(0, V, cols)]
+    lse_s = torch.full((c,), float("-inf"), device=xs.device)
+    lse_t = torch.full_like(lse_s, float("-inf"))
+    cached = None
+    for v0, v1 in spans:  # pass 1: online log-sum-exp of both models
+        zs, zt = _tile_logits(xs, ws[v0:v1], inv_temp), _tile_logits(xt, wt[v0:v1], inv_temp)
+        lse_s = torch.logaddexp(lse_s, torch.logsumexp(zs, dim=1))
+        lse_t = torch.logaddexp(lse_t, torch.logsumexp(zt, dim=1))
+        if len(spans) == 1:
+            cached = (zs, zt)
+    fkl, rkl, kl_pm, kl_qm = (torch.zeros(c, device=xs.device) for _ in range(4))
+    for v0, v1 in spans:  # pass 2: the divergences, from the finished log-sum-exps
+        zs, zt = (
+            cached
+            if cached is not None
+            else (_tile_logits(xs, ws[v0:v1], inv_temp), _tile_logits(xt, wt[v0:v1], inv_temp))
+        )
+        s, t = zs.sub_(lse_s[:, None]), zt.sub_(lse_t[:, None])  # log Q, log P (in place)
+        q, p = s.exp(), t.exp()
+        diff = t - s
+        fkl += torch.linalg.vecdot(p, diff)
+        rkl -= torch.linalg.vecdot(q, diff)
+        if 0.0 < beta < 1.0:
+            m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
+            kl_pm += torch.linalg.vecdot(p, t - m)
+            kl_qm += torch.linalg.vecdot(q, s.sub(m))
+        del zs, zt, s, t, q, p, diff
+    if beta == 0.0:
+        jsd = fkl
+    elif beta == 1.0:
+        jsd, kl_qm = rkl, rkl
+    else:
+        jsd = beta * kl_pm + (1.0 - beta) * kl_qm
+    return lse_s, lse_t, jsd, fkl, rkl, kl_qm
+
+
+def _grad_tile(zs, zt, lse_s, lse_t, kl_qm, scale, beta):
+    """d (scale * sum_i JSD_i) / d z for one tile ([c, v], in zs's and zt's storage).
+
+    ``scale`` (0-dim) already includes the 1/temperature of d z / d hidden-logits.
+    """
+    s = zs.sub_(lse_s[:, None])  # log Q
+    t = zt.sub_(lse_t[:, None])  # log P
+    if beta == 0.0:
+        dz = s.exp_().sub_(t.exp_())  # Q - P
+    elif beta == 1.0:
+        q = s.exp()
+        dz = s.sub_(t).sub_(kl_qm[:, None]).mul_(q)  # Q (s - t - KL(Q || P))
+    else:
+        q = s.exp()
+        m = torch.logaddexp(t.add_(math.log(beta)), s + math.log1p(-beta))
+        dz = s.sub_(m).sub_(kl_qm[:, None]).mul_(q).mul_(1.0 - beta)  # (1-b) Q (s - m - KL(Q || M))
+    return dz.mul_(scale)
+
+
+# ----------------------------------------------------------------------------- autograd
+class FusedLinearJSDFunction(torch.autograd.Function):
+    """Inputs are the masked rows only. Saves the inputs and 3 fp32 numbers per token."""
+
+    @staticmethod
+    def forward(ctx, xs, ws, xt, wt, normalizer, beta, temperature, chunk_rows, chunk_vocab):
+        n = xs.shape[0]
+        rows, cols = choose_tiles(n, ws.shape[0], xs.device, chunk_rows, chunk_vocab)
+        inv_temp = 1.0 / temperature
+        lse_s, lse_t, kl_qm = (torch.empty(n, device=xs.device) for _ in range(3))
+        sums = torch.zeros(3, device=xs.device)  # jsd, forward kl, reverse kl
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            ls, lt, jsd, fkl, rkl, kq = _row_block_forward(xs[r0:r1], ws, xt[r0:r1], wt, inv_temp, beta, cols)
+            lse_s[r0:r1], lse_t[r0:r1], kl_qm[r0:r1] = ls, lt, kq
+            sums += torch.stack([jsd.sum(), fkl.sum(), rkl.sum()])
+        ctx.save_for_backward(xs, ws, xt, wt, lse_s, lse_t, kl_qm, normalizer)
+        ctx.cfg = (beta, inv_temp, rows, cols)
+        ctx.mark_non_differentiable(sums)
+        return sums[0] / normalizer, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sums):
+        xs, ws, xt, wt, lse_s, lse_t, kl_qm, normalizer = ctx.saved_tensors
+        beta, inv_temp, rows, cols = ctx.cfg
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, V = xs.shape[0], ws.shape[0]
+        dx = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device) if need_dx else None
+        dw = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need_dw else None
+        scale = grad_loss.float() * inv_temp / normalizer  # every token has the same weight
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            x_c = xs[r0:r1].float()
+            for v0 in range(0, V, cols):
+                v1 = min(v0 + cols, V)
+                zs, zt = _tile_logits(x_c, ws[v0:v1], inv_temp), _tile_logits(xt[r0:r1], wt[v0:v1], inv_temp)
+                dz = _grad_tile(zs, zt, lse_s[r0:r1], lse_t[r0:r1], kl_qm[r0:r1], scale, beta)
+                del zt
+                if need_dx:
+                    dx[r0:r1].addmm_(dz, ws[v0:v1].float())
+                if need_dw:
+                    dw[v0:v1].addmm_(dz.t(), x_c)
+                del dz, zs
+        return (
+            None if dx is None else dx.to(xs.dtype),
+            None if dw is None else dw.to(ws.dtype),
+        ) + (None,) * 7
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, loss_mask, beta, temperature):
+    named = {
+        "student_hidden": student_hidden,
+        "student_weight": student_weight,
+        "teacher_hidden": teacher_hidden,
+        "teacher_weight": teacher_weight,
+    }
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != student_hidden.device:
+            raise ValueError(f"{name} is on {t.device} but student_hidden is on {student_hidden.device}")
+    if not isinstance(loss_mask, torch.Tensor):
+        raise TypeError("loss_mask must be a torch.Tensor")
+    if loss_mask.device != student_hidden.device:
+        raise ValueError(f"loss_mask is on {loss_mask.device} but student_hidden is on {student_hidden.device}")
+    for who, hidden, weight in (
+        ("student", student_hidden, student_weight),
+        ("teacher", teacher_hidden, teacher_weight),
+    ):
+        if weight.dim() != 2:
+            raise ValueError(f"{who}_weight must be [V, H], got shape {tuple(weight.shape)}")
+        if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"{who}_hidden has H={hidden.shape[-1] if hidden.dim() else None} but "
+                f"{who}_weight has H={weight.shape[1]}"
+            )
+        if hidden.dtype != weight.dtype:
+            raise TypeError(f"{who}_hidden is {hidden.dtype} but {who}_weight is {weight.dtype}; cast one of them")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"teacher_weight has V={teacher_weight.shape[0]} but student_weight has V={student_weight.shape[0]}: "
+            "the JSD needs one shared vocabulary (same tokenizer for teacher and student)"
+        )
+    n = student_hidden.numel() // student_hidden.shape[-1] if student_hidden.shape[-1] else 0
+    n_t = teacher_hidden.numel() // teacher_hidden.shape[-1] if teacher_hidden.shape[-1] else 0
+    if n_t != n:
+        raise ValueError(f"teacher_hidden has {n_t} rows but student_hidden has {n}")
+    if loss_mask.numel() != n:
+        raise ValueError(f"loss_mask has {loss_mask.numel()} tokens but student_hidden has {n} rows")
+    if isinstance(beta, torch.Tensor):
+        beta = float(beta)
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):  # NaN fails too
+        raise ValueError(f"beta must be a number in [0, 1], got {beta}")
+    if isinstance(temperature, torch.Tensor):
+        temperature = float(temperature)
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return float(beta), float(temperature)
+
+
+# ----------------------------------------------------------------------------- public op
+def fused_linear_jsd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    normalizer: Normalizer = None,
+    chunk_rows: int | None = None,
+    chunk_vocab: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Generalized JSD between teacher and student lm_head distributions, memory bounded.
+
+    Args:
+        student_hidden [N, H] (or [..., H]); student_weight [V, H] (its lm_head), same dtype.
+        teacher_hidden [N, Ht] (or [..., Ht]); teacher_weight [V, Ht], same dtype as each other
+            (may differ from the student's). Treated as constants: they never get a gradient.
+        loss_mask [N] bool or 0/1: the tokens that count (response tokens); other rows are
+            skipped entirely (no GEMM, exactly zero gradient, NaN there cannot leak).
+        beta in [0, 1]: 0 = KL(teacher || student), 1 = KL(student || teacher), in between the
+            mixture JSD (module docstring). temperature > 0 divides both models' logits.
+        normalizer: the loss's denominator (default max(mask sum, 1)); pass the global token
+            count so micro-batched gradients equal the full batch's.
+        chunk_rows / chunk_vocab: override the tile (rows x vocab slice) sizes.
+    Returns:
+        loss (0-dim fp32, gradients to student_hidden and student_weight), stats: detached 0-dim
+        fp32 sums over masked tokens: "jsd" (loss * normalizer), "forward_kl" (KL(P||Q)),
+        "reverse_kl" (KL(Q||P)), "tokens". A NaN in a masked row makes the loss NaN.
+    """
+    beta, temperature = _check_args(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, loss_mask, beta, temperature
+    )
+    mask = _prep_mask(loss_mask.reshape(-1))
+    norm = _prep_normalizer(normalizer, mask)
+    idx = mask.nonzero().squeeze(1)  # one host sync: only masked rows are computed
+    xs = student_hidden.reshape(-1, student_hidden.shape[-1])[idx]  # autograd scatters dX back to [N, H]
+    xt = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[idx]
+    loss, sums = FusedLinearJSDFunction.apply(
+        xs.contiguous(),
+        student_weight.contiguous(),
+        xt.contiguous(),
+        teacher_weight.detach().contiguous(),
+        norm,
+        beta,
+        temperature,
+        chunk_rows,
+        chunk_vocab,
+    )
+    stats = dict(zip(DISTILL_STAT_NAMES[:3], sums.detach().unbind()))
+    stats["tokens"] = mask.sum(dtype=torch.float32)
+    return loss, stats
