@@ -1,0 +1,212 @@
+r"""Graders: a response and a gold answer in, a score in {0, 1} and a verdict out, in batches.
+
+Registered by name, chosen per data set (`get_grader(name, ...)`):
+
+``boxed``        the trainer's verifier, `zppo_fast.reward.grade`: last ``\boxed{}`` vs gold.
+``choice``       multiple-choice letters, see `ChoiceGrader`.
+``math_verify``  Hugging Face's math-verify (optional: ``pip install math-verify``), imported
+                 when the grader is built, with a clear message when missing.
+``judge``        an LLM judge: the paper's judge prompt (Fig. 9) through a teacher
+                 `RolloutEngine`, one batched `generate` call per `grade_batch`, temperature 0,
+                 512 new tokens; only a strict JSON ``{"verdict": "correct"|"wrong"}`` counts
+                 (`prompts.parse_judge_verdict`); anything else scores 0 with verdict "malformed".
+
+Every grader has ``grade_batch(items) -> list[Verdict]`` so an expensive one (the judge) sees a
+whole batch at once; the cheap ones simply loop. Graders never raise on model output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from transformers import PreTrainedTokenizerBase
+
+from zppo_fast.data import chat_prompt_ids
+from zppo_fast.datasets import CHOICE_LETTERS
+from zppo_fast.engine import RolloutEngine, SamplingParams
+from zppo_fast.prompts import build_judge_prompt, parse_judge_verdict
+from zppo_fast.reward import extract_boxed, final_answer, grade, normalize_answer
+
+__all__ = [
+    "GRADERS",
+    "ChoiceGrader",
+    "GradeItem",
+    "Grader",
+    "JudgeGrader",
+    "Verdict",
+    "get_grader",
+    "register_grader",
+]
+
+
+@dataclass(frozen=True)
+class GradeItem:
+    """One response to grade. `options` is the lettered choices text (None for free-form)."""
+
+    question: str
+    response: str
+    gold: str
+    choices: tuple[str, ...] = ()
+    options: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """score: 1.0 or 0.0. verdict: "correct" | "wrong" | "malformed" (judge output unparsable).
+    extracted: the answer the grader read from the response (judge: its raw output)."""
+
+    score: float
+    verdict: str
+    extracted: str
+
+
+class Grader(Protocol):
+    name: str
+
+    def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]: ...
+
+
+GRADERS: dict[str, Callable[..., Grader]] = {}
+
+
+def register_grader(name: str):
+    """Class decorator: make `get_grader(name, **kwargs)` build this grader."""
+
+    def wrap(cls):
+        cls.name = name
+        GRADERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_grader(name: str, **kwargs) -> Grader:
+    """Build the grader registered as `name`; kwargs go to its constructor (judge: engine, tokenizer)."""
+    if name not in GRADERS:
+        raise ValueError(f"unknown grader {name!r}; registered: {', '.join(sorted(GRADERS))}")
+    return GRADERS[name](**kwargs)
+
+
+def _verdict(ok: bool, extracted: str) -> Verdict:
+    return Verdict(1.0 if ok else 0.0, "correct" if ok else "wrong", extracted)
+
+
+@register_grader("boxed")
+class BoxedGrader:
+    """The training verifier (`reward.grade`); `extracted` is the normalized last box."""
+
+    def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]:
+        return [_verdict(grade(it.response, it.gold) == 1.0, final_answer(it.response)) for it in items]
+
+
+# A letter, optionally in parentheses, optionally followed by ".", ")" or ":" and the choice's text:
+# "B", "(B)", "B.", "B) 12 apples", "\text{B}" (after normalization).
+_LETTER_RE = re.compile(r"\(?([a-z])\)?(?:[.):](.*))?", re.DOTALL)
+
+
+@register_grader("choice")
+class ChoiceGrader:
+    r"""Multiple choice: the letter in the response's last ``\boxed{}`` must be the gold letter.
+
+    The box may hold the letter alone or decorated ("B", "(B)", "B.", "B) text", "\text{B}";
+    case-insensitive) or, when the row has choices, exactly one choice's text (compared after
+    `reward.normalize_answer`), which stands for its letter. A letter beyond the row's choices,
+    no box, or text matching no (or several) choices is wrong. The gold may be a letter or a
+    choice's text, read the same way.
+    """
+
+    def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]:
+        out = []
+        for it in items:
+            gold = self.letter(it.gold, it.choices)
+            box = extract_boxed(it.response)
+            got = self.letter(box, it.choices) if box is not None else None
+            out.append(_verdict(gold is not None and got == gold, got or ""))
+        return out
+
+    @staticmethod
+    def letter(text: str | None, choices: Sequence[str] = ()) -> str | None:
+        """The choice letter `text` names ("A".."Z"), or None."""
+        if not isinstance(text, str):
+            return None
+        norm = normalize_answer(text)
+        if choices:  # a choice's own text stands for its letter (checked first: "a" may be a choice)
+            hits = [i for i, c in enumerate(choices) if normalize_answer(c) == norm]
+            if len(hits) == 1:
+                return CHOICE_LETTERS[hits[0]]
+        m = _LETTER_RE.fullmatch(norm)
+        if not m:
+            return None
+        letter = m.group(1).upper()
+        index = CHOICE_LETTERS.index(letter)
+        if choices and index >= len(choices):
+            return None
+        if choices and m.group(2) and normalize_answer(m.group(2)) not in ("", normalize_answer(choices[index])):
+            return None  # "B) 7" where choice B is 12: the letter and its text disagree
+        return letter
+
+
+@register_grader("math_verify")
+class MathVerifyGrader:
+    r"""Hugging Face math-verify: parses LaTeX/expressions in the response (it prefers the last
+    ``\boxed{}``) and the gold, and checks symbolic equivalence. Needs ``pip install math-verify``."""
+
+    def __init__(self):
+        try:
+            import math_verify
+        except ImportError:
+            raise ImportError("the 'math_verify' grader needs the math-verify package: pip install math-verify "
+                              "(or zppo_fast[mathverify]); the 'boxed' grader needs nothing extra") from None
+        self._mv = math_verify
+
+    def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]:
+        out = []
+        for it in items:
+            try:
+                # The gold is wrapped in a box so a bare "1/2" parses as the expression it is.
+                gold, got = self._mv.parse(f"\\boxed{{{it.gold}}}"), self._mv.parse(it.response)
+                ok = bool(gold) and bool(got) and bool(self._mv.verify(gold, got))
+                extracted = str(got[-1]) if got else ""
+            except Exception:  # noqa: BLE001 - its parser and sympy can raise on odd input; model output never breaks eval
+                ok, extracted = False, ""
+            out.append(_verdict(ok, extracted))
+        return out
+
+
+@register_grader("judge")
+class JudgeGrader:
+    """The paper's LLM judge through a teacher engine (Fig. 9; temperature 0, 512 new tokens).
+
+    `engine` and `tokenizer` are the judge model's (usually the teacher's). The judge prompt is one
+    user turn in the judge's chat template, without the student's closing instruction.
+    """
+
+    def __init__(self, engine: RolloutEngine | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 max_new_tokens: int = 512, batch_size: int | None = None):
+        if engine is None or tokenizer is None:
+            raise ValueError("the 'judge' grader needs a judge engine and its tokenizer (the teacher's); "
+                             "from the eval CLI pass --judge-model PATH")
+        self.engine, self.tokenizer = engine, tokenizer
+        self.params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+        self.batch_size = batch_size  # None: the whole batch in one generate call
+
+    def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]:
+        prompts = [
+            chat_prompt_ids(self.tokenizer, build_judge_prompt(it.question, it.options, it.response, it.gold),
+                            closing=False)
+            for it in items
+        ]
+        step = self.batch_size or max(len(prompts), 1)
+        outputs = [group[0].text for s in range(0, len(prompts), step)
+                   for group in self.engine.generate(prompts[s : s + step], self.params)]
+        verdicts = []
+        for text in outputs:
+            parsed = parse_judge_verdict(text)
+            if parsed is None:
+                verdicts.append(Verdict(0.0, "malformed", text))
+            else:
+                verdicts.append(_verdict(parsed, text))
+        return verdicts
