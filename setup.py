@@ -95,7 +95,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "sglang": ["sglang>=0.5"],
+        # zppo_fast/sglang_engine.py was checked against SGLang's source of the 0.5.19 line
+        # (commit 001067ff): flattened-bucket weight pushes, memory-saver tags, sampling_seed.
+        "sglang": ["sglang>=0.5.19"],
         "liger": ["liger-kernel"],
         "test": ["pytest", "hypothesis"],
         "tensorboard": ["tensorboard"],

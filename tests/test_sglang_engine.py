@@ -1,0 +1,238 @@
+"""The SGLang engine: its pure parts on any machine, the engine itself where sglang and a GPU are."""
+
+import importlib.util
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from zppo_fast.engine import KV_CACHE, WEIGHTS, check_push
+from zppo_fast.sglang_engine import (
+    PORT_STRIDE,
+    EngineDiedError,
+    SGLangEngineConfig,
+    dead_pids,
+    engine_args,
+    import_sglang,
+    mem_fraction_static,
+    parse_output,
+    step_order,
+    teacher_placement,
+)
+from zppo_fast.weight_sync import flatten_bucket, unflatten_bucket
+
+HAS_SGLANG_GPU = torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None
+
+
+def node(mode, local_world_size, gpus_per_node, tp=1):
+    return [teacher_placement(mode, r, local_world_size, gpus_per_node, tp) for r in range(local_world_size)]
+
+
+@pytest.mark.parametrize("mode,world,gpus,tp", [("colocated", 8, 8, 1), ("colocated", 8, 8, 2),
+                                                ("dedicated", 6, 8, 1), ("dedicated", 6, 8, 2),
+                                                ("colocated", 1, 1, 1)])
+def test_placement_ports_distinct_and_gpus_in_range(mode, world, gpus, tp):
+    engines = [e for p in node(mode, world, gpus, tp) for e in p if e is not None]
+    ports = [q for e in engines for q in (e.port, e.nccl_port)]
+    assert len(ports) == len(set(ports))
+    for e in engines:
+        assert 0 <= e.base_gpu_id and e.base_gpu_id + e.tp_size <= gpus
+    students = [p.student for p in node(mode, world, gpus, tp)]
+    assert [s.base_gpu_id for s in students] == list(range(world)) and {s.tp_size for s in students} == {1}
+    teachers = [e for e in engines if e.role == "teacher"]
+    teacher_gpus = [g for t in teachers for g in range(t.base_gpu_id, t.base_gpu_id + t.tp_size)]
+    assert len(teacher_gpus) == len(set(teacher_gpus)), "no GPU in two teacher engines"
+    if mode == "dedicated":
+        assert sorted(teacher_gpus) == list(range(world, gpus)), "teachers on exactly the GPUs training leaves"
+    else:
+        assert sorted(teacher_gpus) == list(range(world))
+
+
+def test_placement_examples_and_errors():
+    p = teacher_placement("dedicated", 1, 6, 8, teacher_tp_size=1, base_port=40000)
+    assert (p.student.base_gpu_id, p.student.port, p.student.nccl_port) == (1, 40000 + 2 * PORT_STRIDE,
+                                                                             40000 + 2 * PORT_STRIDE + PORT_STRIDE // 2)
+    assert (p.teacher.base_gpu_id, p.teacher.tp_size, p.teacher.port) == (7, 1, 40000 + 3 * PORT_STRIDE)
+    assert teacher_placement("dedicated", 2, 6, 8).teacher is None  # two teacher engines, owned by ranks 0, 1
+    assert teacher_placement("colocated", 3, 8, 8, teacher_tp_size=2).teacher is None
+    assert teacher_placement("colocated", 2, 8, 8, teacher_tp_size=2).teacher.base_gpu_id == 2
+    with pytest.raises(ValueError, match="'colocated' or 'dedicated'"):
+        teacher_placement("shared", 0, 2, 2)
+    with pytest.raises(ValueError, match="dedicated teacher"):
+        teacher_placement("dedicated", 0, 8, 8)
+    with pytest.raises(ValueError, match="dedicated teacher"):
+        teacher_placement("dedicated", 0, 5, 8, teacher_tp_size=2)
+    with pytest.raises(ValueError, match="colocated teacher"):
+        teacher_placement("colocated", 0, 6, 8, teacher_tp_size=4)
+    with pytest.raises(ValueError, match="local_rank"):
+        teacher_placement("colocated", 8, 8, 8)
+    with pytest.raises(ValueError, match="ports"):
+        teacher_placement("colocated", 0, 8, 8, base_port=65500)
+
+
+def test_mem_fraction_static():
+    assert mem_fraction_static(30 << 30, 60 << 30) == 0.5
+    with pytest.raises(ValueError):
+        mem_fraction_static(70 << 30, 60 << 30)
+
+
+def test_step_order():
+    plain, with_teacher = step_order(False), step_order(True)
+    assert [(a.engine, a.op) for a in plain] == [("student", "generate"), ("student", "release"), ("trainer", "train"),
+                                                 ("student", "resume"), ("student", "push"),
+                                                 ("student", "flush_cache"), ("student", "resume")]
+    assert [a.tags for a in plain if a.op == "resume"] == [(WEIGHTS,), (KV_CACHE,)]
+    assert not any(a.engine == "teacher" for a in plain)
+    ops = [(a.engine, a.op) for a in with_teacher]
+    assert ops.index(("teacher", "resume")) < ops.index(("teacher", "generate")) < ops.index(("teacher", "release"))
+    assert ops.index(("teacher", "release")) < ops.index(("trainer", "train"))
+    # The student's weights are pushed after they are resumed and before the KV cache comes back.
+    resumes = [i for i, a in enumerate(with_teacher) if a == ("student", "resume", (WEIGHTS,))]
+    assert resumes[0] < ops.index(("student", "push")) < ops.index(("student", "flush_cache")) < len(ops) - 1
+    assert with_teacher[-1].tags == (KV_CACHE,)
+
+
+def test_engine_args_student_and_teacher():
+    s, t = teacher_placement("colocated", 1, 2, 2)
+    student = engine_args(SGLangEngineConfig("/m/student", s, mem_fraction_static=0.3))
+    teacher = engine_args(SGLangEngineConfig("/m/teacher", t, extra_args={"context_length": 4096}))
+    assert student["load_format"] == "dummy" and not student["enable_weights_cpu_backup"]
+    assert teacher["load_format"] == "auto" and teacher["enable_weights_cpu_backup"]
+    for args, p in ((student, s), (teacher, t)):
+        assert args["enable_memory_saver"] and args["skip_tokenizer_init"]
+        assert (args["base_gpu_id"], args["tp_size"], args["port"], args["nccl_port"]) == (
+            p.base_gpu_id, p.tp_size, p.port, p.nccl_port)
+    assert student["mem_fraction_static"] == 0.3 and teacher["context_length"] == 4096
+
+
+def test_flat_bucket_round_trip():
+    g = torch.Generator().manual_seed(0)
+    bucket = [("a", torch.randn(3, 5, generator=g)), ("b", torch.randn(7, generator=g)),
+              ("c", torch.randn(2, 1, 4, generator=g)), ("d", torch.randn(1, generator=g))]
+    flat, entries = flatten_bucket(bucket)
+    assert flat.shape == (15 + 7 + 8 + 1,) and flat.dtype == torch.float32
+    assert [(e.start_idx, e.end_idx) for e in entries] == [(0, 15), (15, 22), (22, 30), (30, 31)]
+    back = unflatten_bucket(flat, entries)
+    assert [n for n, _ in back] == ["a", "b", "c", "d"]
+    for (_, t), (_, u) in zip(bucket, back):
+        assert u.shape == t.shape and torch.equal(u, t)
+    with pytest.raises(ValueError, match="one dtype"):
+        flatten_bucket([("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.bfloat16))])
+    with pytest.raises(ValueError, match="empty"):
+        flatten_bucket([])
+
+
+def test_push_checks_list_every_unknown_name():
+    shapes = {"w": torch.Size([2, 3]), "b": torch.Size([3])}
+    check_push([("w", torch.Size([2, 3]))], shapes, "eng")
+    with pytest.raises(ValueError, match=r"eng: 2 pushed weight name\(s\) unknown.*\['x', 'y'\]"):
+        check_push([("w", torch.Size([2, 3])), ("y", torch.Size([1])), ("x", torch.Size([1]))], shapes, "eng")
+    with pytest.raises(ValueError, match=r"b: pushed \(4,\), engine has \(3,\)"):
+        check_push([("b", torch.Size([4]))], shapes, "eng")
+
+
+def test_parse_output():
+    out = {"output_ids": [5, 9, 2], "meta_info": {"finish_reason": {"type": "stop", "matched": 2},
+                                                  "output_token_logprobs": [(-0.5, 5, None), (-1.25, 9, None),
+                                                                            (-0.01, 2, None)]}}
+    assert parse_output(out, "eng") == ([5, 9, 2], "stop", [-0.5, -1.25, -0.01])
+    out["meta_info"]["finish_reason"] = {"type": "abort", "message": "scheduler gone"}
+    with pytest.raises(EngineDiedError, match="eng: .*abort"):
+        parse_output(out, "eng")
+
+
+def test_dead_pids_sees_a_killed_process():
+    """The liveness check that precedes every SGLang call, on a real child process."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert dead_pids([child.pid]) == []
+        child.kill()
+        child.wait()  # reaped: /proc has no entry any more
+        assert dead_pids([child.pid]) == [child.pid]
+    finally:
+        child.kill()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while not dead_pids([zombie.pid]):  # exits, and stays a zombie until waited for
+        time.sleep(0.01)
+    zombie.wait()
+
+
+def test_missing_sglang_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sglang", None)  # makes `import sglang` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install zppo-fast\[sglang\]"):
+        import_sglang()
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine itself (skipped without sglang and a GPU).
+
+gpu = pytest.mark.skipif(not HAS_SGLANG_GPU, reason="needs sglang and a CUDA GPU")
+
+
+@pytest.fixture
+def tiny_student(tmp_path):
+    from zppo_fast.config import ModelConfig
+    from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
+    from zppo_fast.model import build_tiny_model, save_model
+    from zppo_fast.task import ArithmeticTask
+    from zppo_fast.tokenizer import build_tokenizer
+
+    task = ArithmeticTask(max_operand=50)
+    tokenizer = build_tokenizer(tokenizer_corpus(task, size=500), vocab_size=400)
+    model = build_tiny_model(ModelConfig(hidden_size=32, num_layers=4), tokenizer, seed=1)
+    save_model(model, tokenizer, tmp_path / "model")
+    prompts = [chat_prompt_ids(tokenizer, task.problem(q).question) for q in (3, 1000)]
+    return tmp_path, model, tokenizer, prompts
+
+
+def make_engine(tmp_path, role, model, tokenizer, port_slot=0):
+    from zppo_fast.sglang_engine import EnginePlacement, SGLangEngine
+    from zppo_fast.weight_sync import weight_shapes
+
+    placement = EnginePlacement(role, 0, 1, 31000 + port_slot * PORT_STRIDE, 31000 + port_slot * PORT_STRIDE + 5)
+    return SGLangEngine(SGLangEngineConfig(str(tmp_path / "model"), placement, mem_fraction_static=0.15,
+                                           log_path=str(tmp_path / f"{role}.log")), tokenizer, weight_shapes(model))
+
+
+@gpu
+def test_student_refuses_to_generate_before_a_push_and_while_released(tiny_student):
+    from zppo_fast.engine import SamplingParams
+    from zppo_fast.weight_sync import iter_weight_buckets
+
+    tmp_path, model, tokenizer, prompts = tiny_student
+    eng = make_engine(tmp_path, "student", model, tokenizer)
+    try:
+        with pytest.raises(RuntimeError, match="no complete weight push"):
+            eng.generate(prompts, SamplingParams())
+        eng.update_weights(iter_weight_buckets(model.cuda(), dtype=torch.bfloat16))
+        eng.release_memory()
+        with pytest.raises(RuntimeError, match="released"):
+            eng.generate(prompts, SamplingParams())
+        with pytest.raises(RuntimeError, match="resume 'weights' first"):
+            eng.update_weights(iter_weight_buckets(model, dtype=torch.bfloat16))
+    finally:
+        eng.shutdown()
+
+
+@gpu
+def test_teacher_keeps_weights_across_release_and_release_waits_for_generate(tiny_student):
+    from zppo_fast.engine import SamplingParams
+
+    tmp_path, model, tokenizer, prompts = tiny_student
+    eng = make_engine(tmp_path, "teacher", model, tokenizer, port_slot=1)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+        before = eng.generate(prompts, greedy)
+        result = {}
+        worker = threading.Thread(target=lambda: result.setdefault("out", eng.generate(prompts * 8, greedy)))
+        worker.start()
+        eng.release_memory()  # waits for the generate in flight, never cuts it
+        worker.join()
+        assert result["out"][: len(prompts)] == before
+        eng.resume_memory()
+        assert eng.generate(prompts, greedy) == before
+    finally:
+        eng.shutdown()
