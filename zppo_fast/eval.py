@@ -1,15 +1,54 @@
-"""Held-out evaluation: pass@1 of a model on a list of questions through a rollout engine."""
+"""Evaluation: pass@1 of a model on held-out questions through a rollout engine.
+
+Two entry points:
+
+* `accuracy(engine, tokenizer, problems, params)` -- the trainer's quick held-out number on the
+  embedded task's `Problem`s (boxed grader, one generate call).
+* `evaluate_files(engine, tokenizer, datasets, params, samples, out_dir)` -- the data-file
+  evaluation the CLI runs and the trainer can call every N steps: each file streams through
+  `zppo_fast.datasets.DatasetFile` (validation, the 4,096-token prompt limit), every question is
+  sampled K times, each sample graded by the data set's grader, and pass@1 = the mean over
+  questions of the fraction of correct samples (the unbiased pass@1 estimate from K samples).
+
+CLI (same engine as training, the paper's evaluation decoding as defaults):
+
+    python -m zppo_fast.eval --model PATH --data FILE [--data FILE ...] --samples K \\
+        [--grader NAME [--grader NAME ...]] [--out DIR] [--judge-model PATH]
+
+`--grader` given once applies to every file; given once per `--data`, it pairs with the files in
+order. Writes DIR/eval.json (per-data-set accuracy and the decoding used) and DIR/responses.jsonl
+(one line per sample: data set, id, sample index, response, verdict, score).
+
+Top-k: the paper evaluates with top-k 20, but `engine.SamplingParams` has no `top_k` field yet.
+`eval_sampling_params` sets it when the field exists and otherwise warns that it is not applied;
+eval.json records the top-k actually in effect (null when none).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from zppo_fast.data import chat_prompt_ids
+from zppo_fast.datasets import DEFAULT_MAX_PROMPT_TOKENS, DatasetFile, Record
 from zppo_fast.engine import RolloutEngine, SamplingParams
+from zppo_fast.graders import GradeItem, Grader, get_grader
 from zppo_fast.reward import grade
 from zppo_fast.task import Problem
+
+# The paper's evaluation decoding (Sec. 4 setup); the maximum response length as in training.
+EVAL_TEMPERATURE, EVAL_TOP_P, EVAL_TOP_K = 0.6, 0.95, 20
+EVAL_MAX_NEW_TOKENS = 12288
 
 
 def accuracy(
@@ -19,3 +58,225 @@ def accuracy(
     samples = engine.generate([chat_prompt_ids(tokenizer, p.question) for p in problems], params)
     rewards = [grade(s.text, p.answer) for p, group in zip(problems, samples) for s in group]
     return sum(rewards) / max(len(rewards), 1)
+
+
+def eval_sampling_params(samples: int = 1, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+                         temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
+                         top_k: int | None = EVAL_TOP_K, seed: int = 0) -> SamplingParams:
+    """The paper's evaluation decoding as `SamplingParams` (n = samples per question).
+
+    top_k is set only if `SamplingParams` has that field; otherwise a warning says it is ignored.
+    """
+    kwargs = {"n": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    if top_k is not None and top_k > 0:
+        if "top_k" in {f.name for f in dataclasses.fields(SamplingParams)}:
+            kwargs["top_k"] = top_k
+        else:
+            warnings.warn(f"top_k={top_k} requested but engine.SamplingParams has no top_k field: sampling without "
+                          "top-k (recorded as null in eval.json)", stacklevel=2)
+    return SamplingParams(**kwargs)
+
+
+@dataclass
+class EvalSet:
+    """One data file to evaluate and its grader; `name` defaults to the file's stem."""
+
+    path: str
+    grader: str = "boxed"
+    name: str | None = None
+
+    def __post_init__(self):
+        self.name = self.name or Path(self.path).stem
+
+
+@dataclass
+class EvalResult:
+    """One data set's outcome. accuracy = pass@1 (mean over questions of the correct fraction)."""
+
+    name: str
+    path: str
+    grader: str
+    questions: int
+    samples: int  # per question
+    accuracy: float
+    malformed: int  # judge outputs that were not a strict verdict (scored 0)
+    too_long: int  # rows dropped by the prompt-length limit
+    bad_rows: int  # rows skipped as invalid (only with skip_bad_rows)
+
+
+def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    it = iter(records)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def evaluate_records(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, records: Iterable[Record],
+                     grader: Grader, params: SamplingParams, *, batch_questions: int = 32,
+                     on_sample=None, progress=None) -> tuple[float, int, int]:
+    """Sample `params.n` responses per record and grade them, `batch_questions` records at a time.
+
+    Returns (sum over questions of the correct fraction, questions, malformed verdicts).
+    `on_sample(record, index, sample, verdict)` is called once per sample (for the JSONL log);
+    `progress` (a tqdm bar) is advanced by the number of questions.
+    """
+    total, count, malformed = 0.0, 0, 0
+    for batch in _batches(records, batch_questions):
+        groups = engine.generate([chat_prompt_ids(tokenizer, r.prompt_text()) for r in batch], params)  # B x n
+        items = [GradeItem(r.question, s.text, r.answer, r.choices, r.options_text())
+                 for r, group in zip(batch, groups) for s in group]
+        verdicts = iter(grader.grade_batch(items))  # one call for the whole batch: the judge batches it
+        for r, group in zip(batch, groups):
+            scores = []
+            for j, s in enumerate(group):
+                v = next(verdicts)
+                scores.append(v.score)
+                malformed += v.verdict == "malformed"
+                if on_sample is not None:
+                    on_sample(r, j, s, v)
+            total += sum(scores) / len(scores)
+            count += 1
+        if progress is not None:
+            progress.update(len(batch))
+    return total, count, malformed
+
+
+def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, datasets: Sequence[EvalSet | str],
+                   params: SamplingParams, samples: int | None = None, out_dir: str | Path | None = None, *,
+                   judge_engine: RolloutEngine | None = None, judge_tokenizer: PreTrainedTokenizerBase | None = None,
+                   judge_max_new_tokens: int = 512, max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, skip_bad_rows: bool = False,
+                   batch_questions: int = 32, progress: bool = True, meta: dict | None = None) -> list[EvalResult]:
+    """Evaluate every data set; return one `EvalResult` each, and write them when `out_dir` is set.
+
+    samples: K samples per question (overrides `params.n`; None keeps it). The judge grader uses
+    `judge_engine`/`judge_tokenizer`. With `out_dir`: out_dir/eval.json (results, decoding and
+    `meta`) and out_dir/responses.jsonl (every sample with its verdict), written as they come.
+    """
+    from tqdm.auto import tqdm
+
+    if samples is not None:
+        params = dataclasses.replace(params, n=samples)
+    sets = [d if isinstance(d, EvalSet) else EvalSet(str(d)) for d in datasets]
+    graders: dict[str, Grader] = {}
+    for s in sets:  # build each grader once, before any generation, so a missing extra fails fast
+        if s.grader not in graders:
+            extra = ({"engine": judge_engine, "tokenizer": judge_tokenizer, "max_new_tokens": judge_max_new_tokens}
+                     if s.grader == "judge" else {})
+            graders[s.grader] = get_grader(s.grader, **extra)
+    results = []
+    with contextlib.ExitStack() as stack:
+        log = None
+        if out_dir is not None:
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(open(out_dir / "responses.jsonl", "w", encoding="utf-8"))
+        for s in sets:
+            data = DatasetFile(s.path, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
+                               skip_bad_rows=skip_bad_rows)
+
+            def write(r: Record, j: int, sample, v, name=s.name) -> None:
+                log.write(json.dumps({"dataset": name, "id": r.id, "sample": j, "gold": r.answer,
+                                      "response": sample.text, "finish_reason": sample.finish_reason,
+                                      "extracted": v.extracted, "verdict": v.verdict, "score": v.score},
+                                     ensure_ascii=False) + "\n")
+
+            with tqdm(total=data.num_rows_hint(), desc=f"eval {s.name}", unit="q", disable=not progress) as bar:
+                total, count, malformed = evaluate_records(engine, tokenizer, data, graders[s.grader], params,
+                                                           batch_questions=batch_questions,
+                                                           on_sample=write if log else None, progress=bar)
+            results.append(EvalResult(s.name, s.path, s.grader, count, params.n, total / count if count else 0.0,
+                                      malformed, data.stats.too_long, sum(data.stats.bad.values())))
+            if data.stats.too_long or data.stats.bad:
+                print(data.stats.summary(), file=sys.stderr)
+    if out_dir is not None:
+        summary = {
+            "decoding": {"samples": params.n, "temperature": params.temperature, "top_p": params.top_p,
+                         "top_k": getattr(params, "top_k", None), "max_new_tokens": params.max_new_tokens,
+                         "seed": params.seed},
+            "datasets": {r.name: dataclasses.asdict(r) for r in results},
+            **(meta or {}),
+        }
+        (out_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return results
+
+
+def format_table(results: Sequence[EvalResult]) -> str:
+    """A fixed-width per-data-set accuracy table for the console."""
+    header = ("dataset", "grader", "questions", "samples", "pass@1", "malformed", "too_long", "bad_rows")
+    rows = [(r.name, r.grader, str(r.questions), str(r.samples), f"{r.accuracy:.4f}", str(r.malformed),
+             str(r.too_long), str(r.bad_rows)) for r in results]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row) -> str:  # names left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _pair_graders(data: list[str], graders: list[str] | None) -> list[EvalSet]:
+    graders = graders or ["boxed"]
+    if len(graders) == 1:
+        graders = graders * len(data)
+    if len(graders) != len(data):
+        raise SystemExit(f"--grader given {len(graders)} times for {len(data)} --data files: give it once "
+                         "(for all files) or once per file, in the same order")
+    names = [Path(p).stem for p in data]
+    # Two files with one stem (a/test.jsonl, b/test.jsonl) get their folder prefixed to stay apart.
+    return [EvalSet(p, g, n if names.count(n) == 1 else f"{Path(p).parent.name}/{n}")
+            for p, g, n in zip(data, graders, names)]
+
+
+def main(argv: list[str] | None = None) -> list[EvalResult]:
+    ap = argparse.ArgumentParser(prog="python -m zppo_fast.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a Hugging Face model folder (zppo_fast.model.load_model)")
+    ap.add_argument("--data", action="append", required=True, help="a .jsonl / .parquet file or datasets folder")
+    ap.add_argument("--samples", type=int, default=1, help="K samples per question; pass@1 averages over them")
+    ap.add_argument("--grader", action="append", help="boxed | choice | math_verify | judge; once or per --data")
+    ap.add_argument("--out", default="eval_out", help="folder for eval.json and responses.jsonl")
+    ap.add_argument("--judge-model", help="model folder of the LLM judge (needed by --grader judge)")
+    ap.add_argument("--judge-max-new-tokens", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
+    ap.add_argument("--top-p", type=float, default=EVAL_TOP_P)
+    ap.add_argument("--top-k", type=int, default=EVAL_TOP_K, help="0 turns top-k off")
+    ap.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
+    ap.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
+    ap.add_argument("--skip-bad-rows", action="store_true", help="count and skip invalid rows instead of stopping")
+    ap.add_argument("--batch-questions", type=int, default=32, help="questions per engine call")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--cpu-threads", type=int, default=1, help="torch intra-op threads on a CPU")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.samples < 1:
+        ap.error("--samples must be at least 1")
+
+    import torch
+
+    from zppo_fast.engine import TransformersEngine
+    from zppo_fast.model import load_model
+
+    sets = _pair_graders(args.data, args.grader)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(args.cpu_threads)
+    model, tokenizer = load_model(args.model, args.dtype)
+    engine = TransformersEngine(model.to(device), tokenizer)
+    judge_engine = judge_tokenizer = None
+    if any(s.grader == "judge" for s in sets):
+        if not args.judge_model:
+            ap.error("--grader judge needs --judge-model PATH")
+        judge, judge_tokenizer = load_model(args.judge_model, args.dtype)
+        judge_engine = TransformersEngine(judge.to(device), judge_tokenizer)
+    params = eval_sampling_params(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    results = evaluate_files(engine, tokenizer, sets, params, out_dir=args.out, judge_engine=judge_engine,
+                             judge_tokenizer=judge_tokenizer, judge_max_new_tokens=args.judge_max_new_tokens,
+                             max_prompt_tokens=args.max_prompt_tokens,
+                             skip_bad_rows=args.skip_bad_rows, batch_questions=args.batch_questions,
+                             progress=not args.no_progress,
+                             meta={"model": str(args.model), "judge_model": args.judge_model, "device": device})
+    print(format_table(results))
+    print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'responses.jsonl'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
