@@ -429,7 +429,7 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("reading Parquet files needs pyarrow: pip install pyarrow (or zppo_fast[data])") from None
+        raise ImportError("reading Parquet files needs pyarrow: pip install pyarrow") from None
     return pq
 
 
@@ -438,7 +438,7 @@ def _load_hf_dataset(path: Path):
         import datasets
     except ImportError:
         raise ImportError(
-            f"reading {path} (a `datasets` folder) needs the datasets package: pip install datasets (or zppo_fast[data])"
+            f"reading {path} (a `datasets` folder) needs the datasets package: pip install datasets"
         ) from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):

@@ -158,8 +158,8 @@ class MathVerifyGrader:
         try:
             import math_verify
         except ImportError:
-            raise ImportError("the 'math_verify' grader needs the math-verify package: pip install math-verify "
-                              "(or zppo_fast[mathverify]); the 'boxed' grader needs nothing extra") from None
+            raise ImportError("the 'math_verify' grader needs the math-verify package: pip install math-verify; "
+                              "the 'boxed' grader needs nothing extra") from None
         self._mv = math_verify
 
     def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]:
