@@ -1,10 +1,10 @@
 """The RL trainer end to end on the tiny warmed-up student."""
 
 import json
-import random
 
 import pytest
 import torch
+from batches import random_batch
 
 from zppo_fast.batch import Rollout, RolloutBatch
 from zppo_fast.checkpoint import CheckpointError
@@ -16,31 +16,28 @@ from zppo_fast.model import ModelLoadError
 from zppo_fast.train import Trainer, main
 
 
-def random_batch(trainer, n_groups=6, group_size=4, seed=0) -> RolloutBatch:
-    """Rollouts with random responses and rewards, so every loss term is exercised."""
-    rng = random.Random(seed)
-    vocab = len(trainer.tokenizer)
-    return RolloutBatch([
-        Rollout([rng.randrange(vocab) for _ in range(rng.randint(3, 9))],
-                [rng.randrange(vocab) for _ in range(rng.randint(1, 7))], float(rng.random() < 0.5), g)
-        for g in range(n_groups) for _ in range(group_size)
-    ])
+def full_grads(trainer) -> torch.Tensor:
+    return torch.cat([p.grad.full_tensor().flatten() for p in trainer.policy.parameters() if p.grad is not None])
 
 
-def test_gradient_is_invariant_to_micro_batching(tiny_config):
+def test_gradient_is_invariant_to_micro_batching_and_packing(tiny_config):
     trainer = Trainer(tiny_config("--run.steps", "1"), progress=False)
-    batch = random_batch(trainer)
-    old, _ = trainer.logprobs(batch)
-    old = [o + 0.3 * torch.randn_like(o) for o in old]  # ratios away from 1: clips are active
-    adv = torch.randn(len(batch))
+    batch = random_batch(len(trainer.tokenizer))
     rows = list(range(len(batch)))
-    grads = []
-    for size in (len(batch), 7, 2, 1):
-        trainer.cfg.rl.micro_batch_size = size
+    old, _ = trainer.logprobs(batch)
+    old = {i: o + 0.3 * torch.randn_like(o) for i, o in old.items()}  # ratios away from 1: clips are active
+    adv = torch.randn(len(batch))
+    grads, counts = [], []
+    # One packed micro-batch, 4 or more, one sequence each, and the padded layout.
+    for max_tokens, packed in ((10**6, True), (sum(len(r) for r in batch.rollouts) // 4, True), (1, True),
+                               (10**6, False)):
+        trainer.cfg.parallel.max_tokens_per_microbatch, trainer.cfg.parallel.packing = max_tokens, packed
+        counts.append(len(trainer.microbatches(batch, rows)))
         trainer.optimizer.zero_grad(set_to_none=True)
         stats = trainer.backward_minibatch(batch, rows, old, adv)
-        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+        grads.append(full_grads(trainer))
         assert stats["tokens"] == batch.response_tokens()
+    assert counts[:3] == [1, counts[1], len(batch)] and counts[1] >= 4
     assert grads[0].abs().sum() > 0
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6)
@@ -96,8 +93,13 @@ def test_trains_from_a_hugging_face_folder(tiny_config):
     assert 0.0 <= metrics["reward/mean"] <= 1.0 and metrics["perf/student_tokens"] > 0
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(trainer.run_dir / "checkpoints" / "step_1")
-    torch.testing.assert_close(saved.lm_head.weight, trainer.model.lm_head.weight)
+    from zppo_fast.export import main as export
+
+    export([str(trainer.run_dir / "checkpoints" / "step_1"), str(trainer.run_dir / "exported")])
+    saved = AutoModelForCausalLM.from_pretrained(trainer.run_dir / "exported")
+    torch.testing.assert_close(saved.lm_head.weight, trainer.policy.lm.lm_head.weight.full_tensor())
+    # The engine generates with the same weights the trainer holds.
+    torch.testing.assert_close(trainer.engine.engine.model.lm_head.weight, saved.lm_head.weight)
 
 
 def test_refuses_to_clobber_a_run(tiny_config):
@@ -116,6 +118,14 @@ def test_bad_model_path_and_corrupt_checkpoint(tiny_config, tmp_path):
     trainer.fit()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         Trainer(tiny_config(), resume=tmp_path / "empty", progress=False)
+    with pytest.raises(CheckpointError, match="different model config.*hidden_size"):
+        Trainer(tiny_config("--model.hidden_size", "32"), resume=trainer.run_dir, progress=False)
+    shard = next((trainer.run_dir / "checkpoints" / "step_1" / "dcp").glob("*.distcp"))
+    saved = shard.read_bytes()
+    shard.write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        Trainer(tiny_config(), resume=trainer.run_dir, progress=False)
+    shard.write_bytes(saved)
     state = trainer.run_dir / "checkpoints" / "step_1" / "trainer_state.pt"
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):

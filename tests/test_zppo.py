@@ -103,21 +103,22 @@ def test_no_teacher_token_is_trained(tiny_config):
         prompt = chat_prompt_ids(tok, text)
         batch = RolloutBatch([Rollout(prompt, response, 1.0, 0), Rollout(prompt, response[:-2], 0.0, 0)])
         old, _ = trainer.logprobs(batch)
-        (mb,) = batch.microbatches([0, 1], 8, tok.pad_token_id)
+        (mb,) = trainer.microbatches(batch, [0, 1])  # one packed row: prompt, response, prompt, response[:-2]
         captured = {}
 
         def keep(module, inputs, output):
             output.last_hidden_state.retain_grad()
             captured["h"] = output.last_hidden_state
 
-        handle = trainer.model.get_decoder().register_forward_hook(keep)
+        handle = trainer.policy.lm.get_decoder().register_forward_hook(keep)
         trainer.optimizer.zero_grad()
         trainer.backward_minibatch(batch, [0, 1], old, torch.tensor([1.0, -1.0]))
         handle.remove()
-        grad = captured["h"].grad.abs().sum(-1)  # (B, T)
-        assert (grad[:, : len(prompt) - 1] == 0).all()
-        assert (grad[0, len(prompt) - 1 : len(prompt) - 1 + len(response)] > 0).all()
-        targets.append(mb.input_ids[:, 1:][mb.target_mask].tolist())
+        grad = captured["h"].grad.abs().sum(-1).view(-1)  # (T,) over the packed row
+        for start in (0, len(prompt) + len(response)):
+            assert (grad[start : start + len(prompt) - 1] == 0).all()
+        assert (grad[len(prompt) - 1 : len(prompt) - 1 + len(response)] > 0).all()
+        targets.append(mb.targets.tolist())
     assert targets[0] == targets[1] == response + response[:-2]
 
 

@@ -2,8 +2,11 @@
 
 Each rollout is a prompt followed by the student's completion. Groups (the rollouts of one
 prompt: plain, BCQ or NCQ) share a baseline. The update splits the batch into `I` mini-batches
-of whole groups (one optimizer step each) and each mini-batch into micro-batches of at most
-`micro_batch_size` sequences (one forward/backward each), right-padded to their own length.
+of whole groups (one optimizer step each), each mini-batch across the ranks balanced by tokens,
+and each rank's share into micro-batches of at most `max_tokens` positions (one forward and
+backward each, packed into one row by default). Every rank holds the whole batch, so every rank
+can compute every rank's split, and all ranks run the same number of micro-batches (filler
+micro-batches with no loss tokens make up the difference: FSDP2's collectives must pair up).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from zppo_fast.packing import MicroBatch, pack
 
 
 @dataclass
@@ -20,12 +25,8 @@ class Rollout:
     reward: float
     group: int  # rollouts with the same group id share a baseline
 
-
-@dataclass
-class MicroBatch:
-    input_ids: torch.Tensor  # (B, T) right-padded
-    target_mask: torch.Tensor  # (B, T-1) True where position t predicts a response token t+1
-    rows: list[int]  # indices of these rollouts in the rollout batch
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
 
 
 @dataclass
@@ -57,17 +58,39 @@ class RolloutBatch:
         bounds = [round(k * len(ordered) / n) for k in range(n + 1)]
         return [[i for g in ordered[bounds[k] : bounds[k + 1]] for i in g] for k in range(n)]
 
-    def microbatches(self, rows: list[int], size: int, pad_id: int) -> list[MicroBatch]:
-        out = []
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            seqs = [self.rollouts[i].prompt_ids + self.rollouts[i].response_ids for i in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
-            for b, i in enumerate(chunk):
-                n_prompt, n = len(self.rollouts[i].prompt_ids), len(seqs[b])
-                ids[b, :n] = torch.tensor(seqs[b])
-                mask[b, n_prompt - 1 : n - 1] = True  # only the student's own tokens are trained
-            out.append(MicroBatch(ids, mask, chunk))
-        return out
+    def split_ranks(self, rows: list[int], world_size: int) -> list[list[int]]:
+        """`rows` dealt to ranks balanced by sequence length: longest first, to the lightest rank.
+
+        Deterministic (ties go to the lower rank), and each rank's rows keep the batch order.
+        """
+        load, shares = [0] * world_size, [[] for _ in range(world_size)]
+        for i in sorted(rows, key=lambda i: (-len(self.rollouts[i]), i)):
+            r = min(range(world_size), key=lambda r: (load[r], r))
+            load[r] += len(self.rollouts[i])
+            shares[r].append(i)
+        return [sorted(s) for s in shares]
+
+    def token_chunks(self, rows: list[int], max_tokens: int, packed: bool = True) -> list[list[int]]:
+        """Consecutive `rows` grouped so each forward computes at most `max_tokens` positions
+        (the sum of lengths when packed, rows x longest when padded); a longer sequence runs alone."""
+        chunks: list[list[int]] = []
+        for i in rows:
+            chunk = (chunks[-1] if chunks else []) + [i]
+            lengths = [len(self.rollouts[j]) for j in chunk]
+            cost = sum(lengths) if packed else len(chunk) * max(lengths)
+            if chunks and cost <= max_tokens:
+                chunks[-1] = chunk
+            else:
+                chunks.append([i])
+        return chunks
+
+    def microbatches(self, rows: list[int], rank: int, world_size: int, max_tokens: int, *, packed: bool = True,
+                     pad_id: int = 0) -> list[MicroBatch]:
+        """This rank's micro-batches of `rows`, padded with fillers to the most any rank has."""
+        shares = self.split_ranks(rows, world_size)
+        counts = [len(self.token_chunks(s, max_tokens, packed)) for s in shares]
+        out = [pack([self.rollouts[i].prompt_ids + self.rollouts[i].response_ids for i in chunk],
+                    [len(self.rollouts[i].prompt_ids) for i in chunk], chunk, packed=packed, pad_id=pad_id)
+               for chunk in self.token_chunks(shares[rank], max_tokens, packed)]
+        filler = pack([[pad_id, pad_id]], [1], [], packed=packed, pad_id=pad_id, loss=False)
+        return out + [filler] * (max(counts) - len(out))

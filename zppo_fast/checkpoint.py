@@ -1,25 +1,38 @@
-"""Checkpoints: RUN_DIR/checkpoints/step_N holds the model as a transformers folder (safetensors,
-config, tokenizer) plus `trainer_state.pt` (optimizer, RNG states, data position, step, replay
-buffer). A checkpoint is written under a temporary name and renamed when complete, so a crash
-never leaves a half checkpoint that looks whole; `latest` only ever sees complete ones.
+"""Checkpoints: RUN_DIR/checkpoints/step_N, written by all ranks, resumable at any world size.
+
+    step_N/
+      dcp/                 torch.distributed.checkpoint: each rank writes its shards of the model
+                           and AdamW state; loading reshards to the reader's world size
+      config.json, tokenizer files    the model's architecture, so the checkpoint is self-describing
+      trainer_state.pt     step, data position, replay buffer, RNG (rank 0 writes it)
+
+A checkpoint is written under step_N.tmp and renamed by rank 0 after every rank has finished,
+so a crash (even kill -9 of one rank) never leaves a half checkpoint that looks whole: only
+folders named step_<digits> holding trainer_state.pt count. `python -m zppo_fast.export` turns
+one into a transformers folder.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from zppo_fast.model import load_model, save_model
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 STATE_FILE = "trainer_state.pt"
+# Keys of config.json that do not describe the architecture (they may differ between a
+# checkpoint and the model it came from without making them incompatible).
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures", "use_cache"}
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt; the message names the path."""
+    """A checkpoint that is missing, incomplete, corrupt or incompatible; the message names the path."""
 
 
 def rng_state() -> dict:
@@ -33,22 +46,8 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, tokenizer, tmp)
-    torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(complete_checkpoints(run_dir))[:-keep_last]:
-        shutil.rmtree(root / f"step_{old}", ignore_errors=True)
-    return final
 
 
 def complete_checkpoints(run_dir: Path) -> list[int]:
@@ -59,17 +58,69 @@ def complete_checkpoints(run_dir: Path) -> list[int]:
                   if p.name[5:].isdigit() and (p / STATE_FILE).is_file())
 
 
-def load_checkpoint(run_dir: Path, dtype: str = "float32"):
-    """(model, tokenizer, state) of the latest complete checkpoint of `run_dir`."""
+def latest_checkpoint(run_dir: Path) -> Path:
     steps = complete_checkpoints(run_dir)
     if not steps:
         raise CheckpointError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
-    path = Path(run_dir) / "checkpoints" / f"step_{steps[-1]}"
+    return Path(run_dir) / "checkpoints" / f"step_{steps[-1]}"
+
+
+def save_checkpoint(run_dir: Path, step: int, policy, optimizer, tokenizer, state: dict, dist,
+                    keep_last: int = 2) -> Path:
+    """Write step `step` collectively (every rank calls this); returns the final folder."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / "dcp")
+    if dist.is_main:
+        policy.lm.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(root / f"step_{old}", ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def read_trainer_state(path: Path) -> dict:
     try:
         state = torch.load(path / STATE_FILE, weights_only=False)
-        model, tokenizer = load_model(path, dtype)
-    except Exception as e:  # torch.load and from_pretrained raise many types on a damaged file
-        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from e
-    if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= state.keys():
+    except Exception as e:  # torch.load raises many types on a damaged file
+        raise CheckpointError(f"checkpoint {path / STATE_FILE} is corrupt: {e}") from e
+    if not isinstance(state, dict) or not {"step", "rng", "data"} <= state.keys():
         raise CheckpointError(f"checkpoint {path / STATE_FILE} is missing trainer state keys")
-    return model, tokenizer, state
+    return state
+
+
+def check_architecture(path: Path, source: Path) -> None:
+    """Refuse a checkpoint whose model config differs from the model the run is configured with."""
+    def arch(folder: Path) -> dict:
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {folder / 'config.json'}: {e}") from e
+        return {k: v for k, v in cfg.items() if k not in _VOLATILE_CONFIG_KEYS}
+
+    mine, theirs = arch(source), arch(path)
+    diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs model {mine.get(k)!r}" for k in diff[:4])
+        raise CheckpointError(f"checkpoint {path} is from a different model config ({shown})")
+
+
+def load_sharded(path: Path, policy, optimizer) -> None:
+    """Load model and optimizer shards of `path` into the (already sharded) policy and optimizer."""
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=path / "dcp")
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException, raised for any rank's failure
+        raise CheckpointError(f"checkpoint {path / 'dcp'} cannot be loaded (corrupt or incomplete shard?): "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from e
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

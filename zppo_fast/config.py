@@ -66,7 +66,6 @@ class RLConfig:
     batch_size: int = 16  # B_new: new questions per rollout step
     group_size: int = 8  # G_S: rollouts per question
     num_minibatches: int = 4  # I: optimizer steps per rollout step, one pass over the batch
-    micro_batch_size: int = 64  # sequences per forward/backward; does not change the gradient
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: float = 10.0
@@ -102,11 +101,24 @@ class ZPPOConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """FSDP2 and the layout of the training forward; torchrun sets the number of ranks."""
+
+    param_dtype: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer
+    packing: bool = True  # sequences of a micro-batch packed into one row (no padding)
+    max_tokens_per_microbatch: int = 4096  # positions per forward; does not change the gradient
+    weight_bucket_mb: int = 512  # bucket size of the weight push into the rollout engine
+
+
+@dataclass
 class RunConfig:
     steps: int = 20
     seed: int = 0
     out_dir: str = "runs/default"
     checkpoint_every: int = 10
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     eval_every: int = 5
     eval_size: int = 128  # held-out questions, greedy, one sample each
     device: str = "auto"  # auto | cpu | cuda
@@ -125,6 +137,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     zppo: ZPPOConfig = field(default_factory=ZPPOConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:

@@ -1,20 +1,26 @@
 """Students and teachers: a tiny Qwen3.5 built from a config, or any Hugging Face checkpoint folder.
 
 Both paths return a transformers causal LM and its fast tokenizer, so the rest of the trainer
-never knows which it has. The trainer runs the decoder (`model.model`) to get hidden states and
-applies the lm_head weight inside the fused loss, so no [tokens, vocab] logits are materialized.
+never knows which it has. The trained student is wrapped in `Policy`, whose forward runs the
+decoder on a packed micro-batch and returns hidden states; the lm_head weight goes into the fused
+loss, so no [tokens, vocab] logits are materialized. `model_from_config(meta=True)` builds a
+model whose parameters live on the meta device, for FSDP2 to shard before memory is allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from zppo_fast.config import ModelConfig
+from zppo_fast.packing import MicroBatch, segment_linear_attention
 
 # The reference (non-CUDA) Gated DeltaNet path is the right one on a CPU; one warning per kernel
 # on every run would only be noise.
@@ -64,6 +70,16 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed:
 
 def load_model(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local Hugging Face folder (never from the network)."""
+    path = _model_folder(path)
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    except Exception as e:  # transformers raises many types; the user needs the path and the cause
+        raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
+    return model, tokenizer
+
+
+def _model_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model path {path} is not a directory")
@@ -74,18 +90,93 @@ def load_model(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedMode
         json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = _model_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
     except Exception as e:  # transformers raises many types; the user needs the path and the cause
-        raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model, tokenizer
+    return tokenizer
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
     """Write a folder that `load_model` and transformers' from_pretrained both read (safetensors)."""
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder's safetensors files (one file or an indexed set)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"model path {path} has no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # safetensors raises its own error type on a truncated or foreign file
+            raise ModelLoadError(f"cannot read {f}: {e}") from e
+    return state
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create parameters on the meta device but buffers for real.
+
+    Rotary `inv_freq` and similar buffers are computed in `__init__` and are not in the
+    checkpoint, so they must be built for real; parameters are filled from the checkpoint later.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def model_from_config(path: str | Path, dtype: str = "float32", *, meta: bool = False,
+                      device: torch.device | str = "cpu") -> PreTrainedModel:
+    """The causal LM described by `path`/config.json with freshly initialized weights, or with
+    its parameters on the meta device (no memory) for FSDP2 to shard and fill."""
+    path = _model_folder(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types; the user needs the path and the cause
+        raise ModelLoadError(f"cannot read the model config in {path}: {type(e).__name__}: {e}") from e
+    with _parameters_on_meta() if meta else torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+
+
+class Policy(nn.Module):
+    """The trained student as the trainer sees it: a micro-batch in, hidden states out.
+
+    It is FSDP2's root module, so its forward gathers the embedding, final norm and lm_head,
+    and the lm_head weight stays gathered for the fused loss that follows (the root does not
+    reshard after forward; the backward reduces its gradient with the rest of the root's).
+    """
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+        segment_linear_attention(lm)
+
+    def forward(self, mb: MicroBatch) -> torch.Tensor:
+        """(N, H) hidden states of the positions that predict `mb.targets`."""
+        h = self.lm.get_decoder()(**mb.model_kwargs()).last_hidden_state  # (B, T, H)
+        return h.reshape(-1, h.shape[-1])[mb.hidden_index]
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self.lm.get_output_embeddings().weight  # (V, H)

@@ -90,13 +90,20 @@ def _save_atomically(model, tokenizer, path: Path) -> None:
     tmp.rename(path)
 
 
-def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True,
-               snapshots: tuple[int, ...] = ()):
-    """Return (model, tokenizer, path) of the cached warm-up for these settings, training it if absent."""
+def ensure_warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0,
+                      progress: bool = True, snapshots: tuple[int, ...] = ()) -> Path:
+    """The folder of the cached warm-up for these settings, training it first if absent."""
     path = cache_path(model_cfg, task_cfg, sft, seed)
     if not (path / "config.json").is_file():
         model, tokenizer = train_sft(model_cfg, task_cfg, sft, seed=seed, progress=progress, snapshots=snapshots)
         _save_atomically(model, tokenizer, path)
+    return path
+
+
+def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True,
+               snapshots: tuple[int, ...] = ()):
+    """Return (model, tokenizer, path) of the cached warm-up for these settings, training it if absent."""
+    path = ensure_warm_start(model_cfg, task_cfg, sft, seed, progress, snapshots)
     model, tokenizer = load_model(path, model_cfg.dtype)
     return model, tokenizer, path
 

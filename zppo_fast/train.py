@@ -1,4 +1,4 @@
-"""`python -m zppo_fast.train [--config FILE] [--resume RUN_DIR] [--section.key VALUE ...]`
+"""`[torchrun --nproc_per_node=N -m | python -m] zppo_fast.train [--config FILE] [--resume RUN_DIR] [--section.key VALUE ...]`
 
 The RL trainer for ZPPO and its baselines (`rl.algo`, see zppo_fast/zppo.py). One rollout
 step, read top to bottom in `Trainer.step`:
@@ -20,10 +20,19 @@ step, read top to bottom in `Trainer.step`:
                  of the whole optimizer step, so micro-batching and ranks do not change it.
                  Only the student's own completion tokens are in the loss mask.
   7. replay      plain-rollout accuracies admit (< 0.5) and graduate (>= 0.5) buffer entries.
+  8. resync      the new weights are pushed into the rollout engine, bucket by bucket.
+
+Parallelism: every run is a torch.distributed world (of one without torchrun). The student is
+sharded with FSDP2 (zppo_fast/parallelize.py); rollouts are data parallel (each rank samples
+its share of the prompts, then all ranks hold the whole step: zppo_fast/data_parallel.py), so
+questions, advantages and replay decisions are computed identically on every rank. Each
+mini-batch is dealt to the ranks balanced by tokens and packed into micro-batches of at most
+`parallel.max_tokens_per_microbatch` positions (zppo_fast/batch.py, zppo_fast/packing.py).
 
 The policy loss runs through `zppo_fast.kernels.fused_linear_policy_loss`: the model returns
 hidden states and the lm_head weight goes into the fused loss, so no [tokens, vocab] logits
-are ever held. Checkpoints every `run.checkpoint_every` steps; `--resume` continues exactly.
+are ever held. Checkpoints (torch.distributed.checkpoint) every `run.checkpoint_every` steps;
+`--resume` continues exactly, at any world size.
 """
 
 from __future__ import annotations
@@ -33,54 +42,75 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from zppo_fast.batch import RolloutBatch, Rollout
-from zppo_fast.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from zppo_fast.batch import Rollout, RolloutBatch
+from zppo_fast.checkpoint import (CheckpointError, latest_checkpoint, load_sharded, read_trainer_state,
+                                  save_checkpoint, set_rng_state)
 from zppo_fast.config import Config, ConfigError, load_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
+from zppo_fast.data_parallel import DataParallelEngine
+from zppo_fast.distributed import destroy_distributed, init_distributed
 from zppo_fast.engine import SamplingParams, TransformersEngine
 from zppo_fast.eval import accuracy
 from zppo_fast.kernels import fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, peak_memory_mb
-from zppo_fast.model import load_model
+from zppo_fast.model import ModelLoadError, Policy, load_model, load_tokenizer, model_from_config, read_state_dict
+from zppo_fast.parallelize import load_full_state, parallelize
 from zppo_fast.replay import PromptReplayBuffer
 from zppo_fast.report import write_report
 from zppo_fast.reward import final_answer, grade
-from zppo_fast.sft import warm_start
+from zppo_fast.sft import ensure_warm_start
 from zppo_fast.task import ArithmeticTask
+from zppo_fast.weight_sync import iter_weight_buckets
 from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, replay_count
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.run.device == "auto" else cfg.run.device
-        )
-        torch.manual_seed(cfg.run.seed)
-        torch.set_flush_denormal(True)  # Gated-DeltaNet decay products underflow into slow denormals
-        if self.device.type == "cpu":
-            torch.set_num_threads(cfg.run.cpu_threads)
+        self.cfg = cfg
         if cfg.rl.algo not in ALGOS:
             raise ConfigError(f"rl.algo must be one of {', '.join(ALGOS)}, got {cfg.rl.algo!r}")
         self.algo = ALGOS[cfg.rl.algo]
 
-        # 1. The run folder holds the config, metrics.jsonl and checkpoints.
+        # 0. The process group (a world of one without torchrun) and this rank's device.
+        self.dist = dist = init_distributed(cfg.run.device)
+        self.device = dist.device
+        self.progress = progress and dist.is_main
+        if cfg.rl.batch_size % dist.world_size:
+            raise ConfigError(f"rl.batch_size {cfg.rl.batch_size} is not divisible by the world size "
+                              f"{dist.world_size}: each rank samples an equal share of the new questions")
+        torch.manual_seed(cfg.run.seed)
+        torch.set_flush_denormal(True)  # Gated-DeltaNet decay products underflow into slow denormals
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.run.cpu_threads)
+
+        # 1. The run folder holds the config, metrics.jsonl and checkpoints (rank 0 writes them).
         self.run_dir = Path(resume if resume is not None else cfg.run.out_dir)
+        checkpoint = state = None
         if resume is None:
             if (self.run_dir / "checkpoints").exists() and not cfg.run.overwrite:
                 raise ConfigError(
                     f"run folder {self.run_dir} already holds checkpoints: pass --resume {self.run_dir}, "
                     "choose another --run.out_dir, or set --run.overwrite true"
                 )
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            self.run_dir.mkdir(parents=True)
-            (self.run_dir / "config.json").write_text(cfg.to_json())
+            dist.barrier()  # every rank has looked before rank 0 clears the folder
+            if dist.is_main:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.run_dir.mkdir(parents=True)
+                (self.run_dir / "config.json").write_text(cfg.to_json())
+        else:
+            checkpoint = latest_checkpoint(self.run_dir)
+            state = read_trainer_state(checkpoint)
+            if state.get("model_config", asdict(cfg.model)) != asdict(cfg.model):
+                diff = {k: (v, getattr(cfg.model, k, None)) for k, v in state["model_config"].items()
+                        if getattr(cfg.model, k, None) != v}
+                raise CheckpointError(f"checkpoint {checkpoint} is from a different model config "
+                                      f"(checkpoint vs now: {diff})")
 
         # 2. The task and the stream of training questions; the held-out questions for evaluation.
         self.task = ArithmeticTask(**vars(cfg.task))
@@ -90,55 +120,68 @@ class Trainer:
         self.heldout = [self.task.problem(q) for q in
                         sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
 
-        # 3. The frozen teacher (algos with BCQ/NCQ): a Hugging Face folder, or the tiny student
-        #    architecture with a longer warm-up whose early snapshot is the student.
+        # 3. The frozen teacher (algos with BCQ/NCQ), a full copy on every rank: a Hugging Face
+        #    folder, or the tiny student architecture with a longer warm-up whose early snapshot
+        #    is the student.
         self.reformulator = None
         if self.algo.kinds:
-            if cfg.zppo.teacher_path is not None:
-                teacher, teacher_tok = load_model(cfg.zppo.teacher_path, cfg.model.dtype)
-            else:
-                teacher_sft = replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps)
-                teacher, teacher_tok, _ = warm_start(cfg.model, cfg.task, teacher_sft, cfg.run.seed, progress,
-                                                     snapshots=(cfg.sft.steps,))
+            teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
+                                                                   snapshots=(cfg.sft.steps,))
+            teacher, teacher_tok = load_model(teacher_dir, cfg.model.dtype)
             teacher.to(self.device).eval().requires_grad_(False)
-            self.reformulator = Reformulator(TransformersEngine(teacher, teacher_tok, cfg.rollout.batch_size),
-                                             teacher_tok, cfg.zppo, self.algo.kinds, seed=cfg.run.seed)
+            teacher_engine = DataParallelEngine(TransformersEngine(teacher, teacher_tok, cfg.rollout.batch_size), dist)
+            self.reformulator = Reformulator(teacher_engine, teacher_tok, cfg.zppo, self.algo.kinds, seed=cfg.run.seed)
 
-        # 4. The student: a checkpoint being resumed, a Hugging Face folder, or the cached warm-up.
-        self.step_idx, state = 0, None
-        if resume is not None:
-            self.model, self.tokenizer, state = load_checkpoint(self.run_dir, cfg.model.dtype)
-        elif cfg.model.path is not None:
-            self.model, self.tokenizer = load_model(cfg.model.path, cfg.model.dtype)
-        else:
-            self.model, self.tokenizer, _ = warm_start(cfg.model, cfg.task, cfg.sft, cfg.run.seed, progress)
-        self.model.to(self.device).train()
+        # 4. The student, built on the meta device, sharded by FSDP2, then filled: from the
+        #    checkpoint being resumed (each rank reads its shards), or from a Hugging Face folder /
+        #    the cached warm-up (rank 0 reads, every rank receives its shards).
+        source = checkpoint or Path(cfg.model.path or self.warm_start(cfg.sft))
+        self.tokenizer = load_tokenizer(source)
+        self.policy = parallelize(Policy(model_from_config(source, cfg.model.dtype, meta=True)), dist.mesh,
+                                  cfg.parallel, self.device)
 
-        # 5. The rollout engine samples from the very weights being trained (shared module).
-        self.engine = TransformersEngine(self.model, self.tokenizer, batch_size=cfg.rollout.batch_size)
-
-        # 6. AdamW over all parameters, constant learning rate.
+        # 5. AdamW over the parameter shards, constant learning rate.
         rl = cfg.rl
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=rl.lr, betas=(rl.adam_beta1, rl.adam_beta2), eps=rl.adam_eps,
+            self.policy.parameters(), lr=rl.lr, betas=(rl.adam_beta1, rl.adam_beta2), eps=rl.adam_eps,
             weight_decay=rl.weight_decay,
         )
+        if checkpoint is not None:
+            load_sharded(checkpoint, self.policy, self.optimizer)
+        else:
+            load_full_state(self.policy, read_state_dict(source) if dist.is_main else None)
 
-        # 7. The prompt replay buffer of hard questions (algos with a buffer).
+        # 6. The rollout engine holds its own full copy of the student, updated by weight pushes.
+        engine_model = model_from_config(source, cfg.model.dtype, device=self.device)
+        self.engine = DataParallelEngine(TransformersEngine(engine_model, self.tokenizer, cfg.rollout.batch_size), dist)
+
+        # 7. The prompt replay buffer of hard questions (algos with a buffer), the same on every rank.
         self.buffer = None
         if self.algo.replay:
             self.buffer = PromptReplayBuffer(cfg.zppo.replay_capacity, seed=cfg.run.seed,
                                              threshold=cfg.zppo.hard_threshold)
 
-        # 8. On resume: optimizer, data position, buffer, RNG and step, exactly as they were saved.
+        # 8. On resume: data position, buffer, RNG and step, exactly as they were saved.
+        self.step_idx = 0
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
             self.stream.load_state_dict(state["data"])
             if self.buffer is not None:
                 self.buffer.load_state_dict(state["replay"])
             set_rng_state(state["rng"])
             self.step_idx = state["step"]
-        self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard, resume_step=self.step_idx if state else None)
+        self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard,
+                                     resume_step=self.step_idx if state else None) if dist.is_main else None
+
+        # 9. The engine starts from the trainer's weights.
+        self.push_weights()
+
+    def warm_start(self, sft, snapshots: tuple[int, ...] = ()) -> Path:
+        """The cached warm-up folder for `sft`; rank 0 trains it if absent while the others wait."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            ensure_warm_start(cfg.model, cfg.task, sft, cfg.run.seed, self.progress, snapshots)
+        self.dist.barrier()
+        return ensure_warm_start(cfg.model, cfg.task, sft, cfg.run.seed, progress=False)
 
     # ---------------------------------------------------------------- one rollout step
     def step(self) -> dict[str, float]:
@@ -198,6 +241,11 @@ class Trainer:
                       "replay/graduated": len(u.graduated), "replay/evicted": len(u.evicted),
                       "replay/replayed": len(replayed)})
 
+        # 8. The rollout engine gets the new weights.
+        t0 = time.perf_counter()
+        self.push_weights()
+        t["time/weight_push"] = time.perf_counter() - t0
+
         return {**m, **self.rollout_metrics(batch, accuracy, samples, entropy), **t,
                 "perf/student_tokens": batch.response_tokens(),
                 "perf/tokens_per_s": batch.response_tokens() / max(sum(t.values()), 1e-9),
@@ -225,46 +273,45 @@ class Trainer:
                     final_answer(samples[i].text) in reforms[i // g_s].candidate_answers for i in rows) / len(rows)
         return out
 
-    def _hidden(self, input_ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (N, H) of the positions that predict response tokens, and those tokens (N,)."""
-        hidden = self.model.get_decoder()(input_ids=input_ids.to(self.device)).last_hidden_state[:, :-1]
-        mask = target_mask.to(self.device)
-        return hidden[mask], input_ids[:, 1:].to(self.device)[mask]
-
-    @property
-    def lm_head(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight  # (V, H)
+    def microbatches(self, batch: RolloutBatch, rows: list[int]):
+        """This rank's micro-batches of `rows` (a mini-batch), on the device."""
+        p = self.cfg.parallel
+        return [mb.to(self.device) for mb in batch.microbatches(
+            rows, self.dist.rank, self.dist.world_size, p.max_tokens_per_microbatch, packed=p.packing,
+            pad_id=self.tokenizer.pad_token_id)]
 
     @torch.no_grad()
-    def logprobs(self, batch: RolloutBatch) -> tuple[list[torch.Tensor], float]:
-        """Per-rollout token log-probs [(len_i,)] under the current weights, and the mean entropy."""
-        out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+    def logprobs(self, batch: RolloutBatch) -> tuple[dict[int, torch.Tensor], float]:
+        """Token log-probs {row: (len_row,)} of this rank's rows under the current weights, laid out
+        exactly as the update will lay them out; and the mean entropy over the whole batch."""
+        out: dict[int, torch.Tensor] = {}
         entropy_sum = 0.0
-        rows = list(range(len(batch)))
-        for mb in batch.microbatches(rows, self.cfg.rl.micro_batch_size, self.tokenizer.pad_token_id):
-            h, targets = self._hidden(mb.input_ids, mb.target_mask)
-            logp, ent = linear_logprobs(h, self.lm_head, targets, temperature=self.cfg.rollout.temperature or 1.0,
-                                        return_entropy=True)
-            entropy_sum += ent.sum().item()
-            for i, chunk in zip(mb.rows, logp.split(mb.target_mask.sum(1).tolist())):
-                out[i] = chunk.float()
-        return out, entropy_sum / max(batch.response_tokens(), 1)
+        for rows in batch.minibatches(self.cfg.rl.num_minibatches):
+            for mb in self.microbatches(batch, rows):
+                logp, ent = linear_logprobs(self.policy(mb), self.policy.lm_head, mb.targets,
+                                            temperature=self.cfg.rollout.temperature or 1.0, return_entropy=True)
+                entropy_sum += float((ent * mb.loss_mask).sum())
+                for i, chunk in zip(mb.rows, logp.float().split(mb.response_lengths)):
+                    out[i] = chunk
+        self.policy.reshard()  # the root stays gathered after a forward without backward
+        return out, self.dist.sum({"e": entropy_sum})["e"] / max(batch.response_tokens(), 1)
 
     def backward_minibatch(self, batch: RolloutBatch, rows: list[int], old_logprobs, advantages) -> dict:
-        """Accumulate the gradient of one optimizer step's loss over micro-batches of `rows`.
+        """Accumulate the gradient of one optimizer step's loss over this rank's micro-batches of `rows`.
 
-        The normalizer is the token count of all `rows`, so the gradient is the same however
-        the rows are split into micro-batches. Returns the summed loss statistics.
+        The normalizer is the token count of all `rows` on all ranks, so the gradient is the same
+        however the rows are split into micro-batches and ranks. Returns this rank's summed statistics.
         """
         cfg = self.cfg.rl
         normalizer = float(batch.response_tokens(rows))
         totals: dict[str, float] = {}
-        for mb in batch.microbatches(rows, cfg.micro_batch_size, self.tokenizer.pad_token_id):
-            h, targets = self._hidden(mb.input_ids, mb.target_mask)
-            old = torch.cat([old_logprobs[i] for i in mb.rows]).to(self.device)
-            adv = torch.cat([advantages[i].expand(len(old_logprobs[i])) for i in mb.rows]).to(self.device)
+        for mb in self.microbatches(batch, rows):
+            zero = torch.zeros(len(mb.targets), device=self.device)
+            old = torch.cat([old_logprobs[i] for i in mb.rows]).to(self.device) if mb.rows else zero
+            adv = torch.cat([advantages[i].expand(n) for i, n in zip(mb.rows, mb.response_lengths)]).to(self.device) \
+                if mb.rows else zero
             loss, stats = fused_linear_policy_loss(
-                h, self.lm_head, targets, old, adv, torch.ones_like(adv, dtype=torch.bool),
+                self.policy(mb), self.policy.lm_head, mb.targets, old, adv, mb.loss_mask,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
                 temperature=self.cfg.rollout.temperature or 1.0, normalizer=normalizer,
             )
@@ -280,9 +327,11 @@ class Trainer:
         for rows in batch.minibatches(cfg.num_minibatches):
             for k, v in self.backward_minibatch(batch, rows, old_logprobs, advantages).items():
                 totals[k] = totals.get(k, 0.0) + v
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)))
+            norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        totals = self.dist.sum(totals)
         n = max(totals.get("tokens", 0.0), 1.0)
         return {
             "loss/policy": totals.get("loss", 0.0) / n,
@@ -293,6 +342,10 @@ class Trainer:
             "loss/approx_kl": totals.get("approx_kl", 0.0) / n,
             "loss/grad_norm": sum(grad_norms) / len(grad_norms),
         }
+
+    def push_weights(self) -> None:
+        """Every rank gathers the full weights bucket by bucket; its engine loads them."""
+        self.engine.update_weights(iter_weight_buckets(self.policy.lm, self.cfg.parallel.weight_bucket_mb << 20))
 
     def rollout_metrics(self, batch: RolloutBatch, accuracy: list[float], samples, entropy: float) -> dict[str, float]:
         rewards = batch.rewards.view(-1, self.cfg.rl.group_size)  # (groups, G_S), plain and reformulated
@@ -311,11 +364,13 @@ class Trainer:
         return accuracy(self.engine, self.tokenizer, self.heldout, params)
 
     def save(self) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "data": self.stream.state_dict()}
+        state = {"data": self.stream.state_dict(), "model_config": asdict(self.cfg.model)}
         if self.buffer is not None:
             state["replay"] = self.buffer.state_dict()
-            self.write_replay_telemetry()
-        return save_checkpoint(self.run_dir, self.step_idx, self.model, self.tokenizer, state)
+            if self.dist.is_main:
+                self.write_replay_telemetry()
+        return save_checkpoint(self.run_dir, self.step_idx, self.policy, self.optimizer, self.tokenizer, state,
+                               self.dist, keep_last=self.cfg.run.keep_last)
 
     def write_replay_telemetry(self) -> None:
         """replay_history.jsonl (one line per exit) and replay_live.jsonl, read by zppo_fast.report."""
@@ -331,28 +386,32 @@ class Trainer:
             tmp.rename(self.run_dir / name)
 
     def fit(self) -> list[dict]:
-        cfg, history = self.cfg.run, []
-        print(f"zppo_fast: run folder {self.run_dir}, device {self.device}, "
-              f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters")
+        cfg, history, main_rank = self.cfg.run, [], self.dist.is_main
+        say = tqdm.write if main_rank else (lambda _: None)
+        say(f"zppo_fast: run folder {self.run_dir}, {self.dist.world_size} rank(s) on {self.device.type}, "
+            f"{sum(p.numel() for p in self.policy.parameters()) / 1e6:.2f}M parameters")
         if self.step_idx == 0 and cfg.eval_every > 0:
             acc = self.evaluate()
-            self.metrics.log(0, {"eval/heldout_acc": acc})
-            print(f"step 0: held-out accuracy {acc:.3f}")
+            if main_rank:
+                self.metrics.log(0, {"eval/heldout_acc": acc})
+            say(f"step 0: held-out accuracy {acc:.3f}")
         bar = tqdm(range(self.step_idx, cfg.steps), initial=self.step_idx, total=cfg.steps, desc="rl",
                    disable=not self.progress, dynamic_ncols=True)
         for _ in bar:
             metrics = self.step()
             if cfg.eval_every > 0 and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
                 metrics["eval/heldout_acc"] = self.evaluate()
-                tqdm.write(f"step {self.step_idx}: held-out accuracy {metrics['eval/heldout_acc']:.3f}")
-            self.metrics.log(self.step_idx, metrics)
+                say(f"step {self.step_idx}: held-out accuracy {metrics['eval/heldout_acc']:.3f}")
+            if main_rank:
+                self.metrics.log(self.step_idx, metrics)
             history.append(metrics)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['loss/approx_kl']:.4f}")
             if self.step_idx % cfg.checkpoint_every == 0 or self.step_idx == cfg.steps:
                 self.save()
-        self.metrics.close()
-        if self.buffer is not None and history:
-            write_report(self.run_dir)
+        if main_rank:
+            self.metrics.close()
+            if self.buffer is not None and history:
+                write_report(self.run_dir)
         return history
 
 
@@ -378,8 +437,15 @@ def main(argv: list[str] | None = None) -> None:
             cfg = load_config(config_file, argv)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    print(cfg.to_json())
-    Trainer(cfg, resume=resume).fit()
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        if trainer.dist.is_main:
+            print(cfg.to_json())
+        trainer.fit()
+    except (ConfigError, CheckpointError, ModelLoadError) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""`python -m zppo_fast.export RUN_DIR/checkpoints/step_N OUT_DIR`: a checkpoint as a transformers folder.
+
+Reads the sharded model of a checkpoint (any world size wrote it) into one full model on the
+CPU and writes safetensors, config and tokenizer, loadable with `from_pretrained` (and by
+`--model.path`, the eval CLI, or a serving engine). The optimizer state is not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from zppo_fast.checkpoint import STATE_FILE, CheckpointError
+from zppo_fast.model import ModelLoadError, Policy, load_tokenizer, model_from_config, save_model
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not (checkpoint / STATE_FILE).is_file() or not (checkpoint / "dcp").is_dir():
+        raise CheckpointError(f"{checkpoint} is not a complete checkpoint folder (expected {STATE_FILE} and dcp/)")
+    policy = Policy(model_from_config(checkpoint, dtype))
+    state = {"model": policy.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=checkpoint / "dcp")
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException; the path is what matters
+        raise CheckpointError(f"cannot read the model shards in {checkpoint / 'dcp'}: {e}") from e
+    policy.load_state_dict(state["model"])
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(policy.lm, load_tokenizer(checkpoint), tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m zppo_fast.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N")
+    parser.add_argument("out_dir", help="folder to write (replaced if it exists)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.out_dir, args.dtype)
+    except (CheckpointError, ModelLoadError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"exported {args.checkpoint} to {path}")
+
+
+if __name__ == "__main__":
+    main()

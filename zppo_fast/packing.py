@@ -1,0 +1,145 @@
+"""Padding-free training forward: a micro-batch's sequences packed into one row.
+
+    mb = pack(sequences, prompt_lengths)         # input_ids (1, T), position ids restart per sequence
+    hidden = policy(mb)                          # (T', H) -> hidden.view(-1, H)[mb.hidden_index]
+
+Attention must not cross sequence boundaries. How each layer kind gets that:
+* Full attention: transformers finds the boundaries in the restarting position ids and builds a
+  block-diagonal causal mask (SDPA / eager); with flash-attn installed the `cu_seq_lens_*`
+  arguments we pass select its varlen kernel. Either way no padding is computed.
+* Gated DeltaNet (Qwen3.5's linear-attention layers): transformers' PyTorch path (the CPU, and
+  GPUs without flash-linear-attention) ignores `cu_seq_lens_*` — its causal conv and its
+  recurrence would run across boundaries and leak one sequence's state into the next. So
+  `segment_linear_attention` makes each such mixer unpack its row into right-padded sequences,
+  run them as a batch with the padding mask, and re-pack the output. Projections, MLPs and full
+  attention stay packed; only these mixers compute on padding (reported by `linear_padding`).
+  We do this even when the fla kernels are installed: their varlen support is not reached
+  through transformers' call (it passes no `seq_idx` to the conv), so correctness comes first.
+
+`pack(..., packed=False)` lays the same sequences out right-padded (B, T) instead: the reference
+the packed path is tested against, and the layout for models that cannot be packed.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (1, T) packed, or (B, T) right-padded
+    position_ids: torch.Tensor  # same shape; 0 at the start of every sequence
+    attention_mask: torch.Tensor | None  # (B, T) in the padded layout, None when packed
+    cu_seqlens: torch.Tensor | None  # (B + 1,) int32 sequence boundaries when packed
+    hidden_index: torch.Tensor  # (N,) flat positions whose hidden state predicts a response token
+    targets: torch.Tensor  # (N,) those response tokens
+    loss_mask: torch.Tensor  # (N,) bool; False only in a rank's filler micro-batch
+    response_lengths: list[int]  # per sequence: its share of the N targets, in order
+    rows: list[int]  # indices of the sequences in the rollout batch
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.attention_mask),
+                          move(self.cu_seqlens), move(self.hidden_index), move(self.targets), move(self.loss_mask),
+                          self.response_lengths, self.rows)
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments for a transformers decoder forward."""
+        kw = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
+        if self.cu_seqlens is not None:
+            longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+            kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                      max_length_q=longest, max_length_k=longest)
+        else:
+            kw["attention_mask"] = self.attention_mask
+        return kw
+
+    @property
+    def tokens(self) -> int:
+        """Positions the model computes (real tokens when packed, padding included otherwise)."""
+        return self.input_ids.numel()
+
+
+def pack(sequences: list[list[int]], prompt_lengths: list[int], rows: list[int] | None = None, *,
+         packed: bool = True, pad_id: int = 0, loss: bool = True) -> MicroBatch:
+    """Lay out `sequences` (prompt + response token ids) for one forward.
+
+    Position t of a sequence predicts its token t + 1, so a sequence with prompt length p and
+    total length n contributes targets at its positions p-1 .. n-2. `loss=False` builds a filler
+    micro-batch whose targets are all masked out (ranks run equal numbers of forwards).
+    """
+    if len(sequences) != len(prompt_lengths) or not sequences:
+        raise ValueError(f"pack: {len(sequences)} sequences, {len(prompt_lengths)} prompt lengths")
+    lengths = [len(s) for s in sequences]
+    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+        if not 1 <= p <= n:
+            raise ValueError(f"pack: sequence {i} has length {n} and prompt length {p}")
+    width = sum(lengths) if packed else max(lengths)
+    starts = [sum(lengths[:i]) if packed else i * width for i in range(len(sequences))]
+    hidden_index = torch.cat([torch.arange(s + p - 1, s + n - 1) for s, p, n in zip(starts, prompt_lengths, lengths)])
+    flat = [t for s in sequences for t in s]
+    if packed:
+        input_ids = torch.tensor(flat, dtype=torch.long).view(1, -1)
+        position_ids = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        attention_mask = None
+    else:
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for b, s in enumerate(sequences):
+            input_ids[b, : len(s)] = torch.tensor(s)
+            attention_mask[b, : len(s)] = 1
+        position_ids = torch.arange(width).expand(len(sequences), -1).clone()
+        cu = None
+    targets = input_ids.view(-1)[hidden_index + 1]
+    loss_mask = torch.full_like(targets, loss, dtype=torch.bool)
+    return MicroBatch(input_ids, position_ids, attention_mask, cu, hidden_index, targets, loss_mask,
+                      [n - p for n, p in zip(lengths, prompt_lengths)], list(rows or []))
+
+
+def _segmented(forward):
+    """Wrap a linear-attention mixer's forward so a packed row runs as padded separate sequences."""
+
+    @functools.wraps(forward)
+    def run(hidden_states: torch.Tensor, *args, **kwargs):
+        cu = kwargs.pop("cu_seq_lens_q", None)
+        for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+            kwargs.pop(k, None)
+        if cu is None or kwargs.get("cache") is not None:
+            return forward(hidden_states, *args, **kwargs)
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        x = hidden_states[0]  # (T, H)
+        padded = nn.utils.rnn.pad_sequence(list(x.split(lengths)), batch_first=True)  # (B, L, H)
+        mask = torch.arange(padded.shape[1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
+        kwargs["attention_mask"] = mask.long()
+        out = forward(padded, *args, **kwargs)  # (B, L, H)
+        return out[mask].unsqueeze(0)  # (1, T, H)
+
+    return run
+
+
+def segment_linear_attention(model: nn.Module) -> int:
+    """Make every Gated-DeltaNet mixer of `model` packing-safe; returns how many were wrapped.
+
+    The module tree and parameter names are unchanged (only the instances' forward is wrapped),
+    so checkpoints, FSDP2 and weight sync see the model as transformers built it.
+    """
+    n = 0
+    for name, module in model.named_modules():
+        if name.endswith("linear_attn") and not getattr(module, "_zppo_segmented", False):
+            module.forward = _segmented(module.forward)
+            module._zppo_segmented = True
+            n += 1
+    return n
+
+
+def linear_padding(mb: MicroBatch) -> float:
+    """Fraction of the Gated-DeltaNet mixers' positions that are padding for this micro-batch."""
+    if mb.cu_seqlens is None:
+        return 1.0 - float(mb.attention_mask.sum()) / mb.attention_mask.numel()
+    lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
+    return 1.0 - sum(lengths) / (max(lengths) * len(lengths))
