@@ -101,6 +101,10 @@ setup(
         "liger": ["liger-kernel"],
         "test": ["pytest", "hypothesis"],
         "tensorboard": ["tensorboard"],
+        # zppo_fast/datasets.py: Parquet files and `datasets.save_to_disk` folders.
+        "data": ["pyarrow", "datasets"],
+        # zppo_fast/graders.py: the optional math_verify grader.
+        "mathverify": ["math-verify"],
     },
     zip_safe=False,
 )

@@ -70,3 +70,42 @@ def test_bad_params(engine):
     eng, prompts = engine
     with pytest.raises(ValueError, match="invalid sampling parameters"):
         eng.generate(prompts, SamplingParams(top_p=0.0))
+
+
+def test_top_k_1_is_greedy(engine):
+    """top_k=1 leaves one candidate per step, so sampling at any temperature is the greedy path."""
+    eng, prompts = engine
+    greedy = eng.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))
+    sampled = eng.generate(prompts, SamplingParams(n=3, temperature=1.5, top_k=1, max_new_tokens=8, seed=5))
+    for (g,), group in zip(greedy, sampled):
+        for s in group:
+            assert s.token_ids == g.token_ids
+            assert s.logprobs == [0.0] * len(s.token_ids)  # the only candidate has probability 1
+
+
+def test_top_k_keeps_sampled_tokens_among_the_k_likeliest(engine):
+    eng, prompts = engine
+    k = 3
+    out = eng.generate(prompts, SamplingParams(n=2, temperature=2.0, top_k=k, max_new_tokens=8, seed=1))
+    for prompt, group in zip(prompts, out):
+        for s in group:
+            with torch.no_grad():
+                logits = eng.model(input_ids=torch.tensor([prompt + s.token_ids])).logits[0, len(prompt) - 1 : -1]
+            top = logits.topk(k, -1).indices  # (T, k)
+            assert all(t in row for t, row in zip(s.token_ids, top.tolist()))
+    # Without top-k, the same temperature leaves the top 3 somewhere in these samples.
+    plain = eng.generate(prompts, SamplingParams(n=2, temperature=2.0, max_new_tokens=8, seed=1))
+    outside = 0
+    for prompt, group in zip(prompts, plain):
+        for s in group:
+            with torch.no_grad():
+                logits = eng.model(input_ids=torch.tensor([prompt + s.token_ids])).logits[0, len(prompt) - 1 : -1]
+            top = logits.topk(k, -1).indices
+            outside += sum(t not in row for t, row in zip(s.token_ids, top.tolist()))
+    assert outside > 0
+
+
+def test_negative_top_k_is_refused(engine):
+    eng, prompts = engine
+    with pytest.raises(ValueError, match="invalid sampling parameters"):
+        eng.generate(prompts, SamplingParams(top_k=-1))

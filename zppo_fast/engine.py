@@ -3,7 +3,7 @@
 Every engine — transformers here, SGLang on GPUs (`zppo_fast.sglang_engine`) — implements
 `RolloutEngine`: `generate` returns per prompt a list of `Sample`s with the sampled token ids, their
 text, why generation stopped and the log-probability of each sampled token under the sampling
-distribution (after temperature and top-p). The trainer recomputes old log-probs itself; sampling
+distribution (after temperature, top-k and top-p). The trainer recomputes old log-probs itself; sampling
 log-probs are kept for metrics and for engines whose numerics should be checked against the
 trainer's.
 
@@ -35,6 +35,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens; None or 0 means no top-k
     max_new_tokens: int = 24
     seed: int = 0
 
@@ -157,7 +158,8 @@ class TransformersEngine:
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1:
+        if (params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1
+                or (params.top_k is not None and params.top_k < 0)):
             raise ValueError(f"invalid sampling parameters: {params}")
         flat = [p for p in prompts for _ in range(params.n)]
         device = next(self.model.parameters()).device
@@ -182,7 +184,8 @@ class TransformersEngine:
                     do_sample=not greedy,
                     temperature=None if greedy else params.temperature,
                     top_p=None if greedy else params.top_p,
-                    top_k=None,
+                    # An explicit None: left out, transformers would apply its default top-k of 50.
+                    top_k=None if greedy or not params.top_k else params.top_k,
                     max_new_tokens=params.max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=eos,

@@ -352,7 +352,8 @@ class SGLangEngine:
                  images: Sequence[Any] | None = None) -> list[list[Sample]]:
         """n samples per prompt, grouped per prompt; `images[i]` (any form SGLang's `image_data`
         accepts: a path, PIL image, or a list of them) goes with prompts[i] for a VLM student."""
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1:
+        if (params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1
+                or (params.top_k is not None and params.top_k < 0)):
             raise ValueError(f"invalid sampling parameters: {params}")
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
@@ -366,7 +367,8 @@ class SGLangEngine:
             # prompt's KV once. Each request gets its own seed, derived from params.seed.
             flat = [p for p in prompts for _ in range(params.n)]
             eos = self.tokenizer.eos_token_id
-            sampling = [{"temperature": params.temperature, "top_p": params.top_p,
+            # SGLang's "no top-k" is -1 (it refuses 0).
+            sampling = [{"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
                          "max_new_tokens": params.max_new_tokens, "stop_token_ids": [eos],
                          "sampling_seed": params.seed * 1_000_003 + i} for i in range(len(flat))]
             kwargs = {}
