@@ -135,3 +135,8 @@ def test_bad_model_path_and_corrupt_checkpoint(tiny_config, tmp_path):
 def test_cli_reports_config_errors(capsys):
     with pytest.raises(SystemExit, match="unknown config key 'rl.grup_size'"):
         main(["--rl.grup_size", "3"])
+
+
+def test_sglang_engine_on_the_cpu_is_a_clear_error(tiny_config):
+    with pytest.raises(ConfigError, match="sglang runs on CUDA GPUs"):
+        Trainer(tiny_config("--rollout.engine", "sglang"), progress=False)

@@ -53,7 +53,13 @@ class SFTConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "transformers"
+    engine: str = "transformers"  # transformers | sglang (GPUs; pip install zppo-fast[sglang])
+    # sglang: where the teacher's engines run: colocated on the training GPUs (time-shared) or
+    # dedicated on the node's GPUs that torchrun leaves free (the paper's 6 + 2 per node)
+    teacher_placement: str = "colocated"
+    teacher_tp_size: int = 1
+    student_mem_fraction: float = 0.35  # sglang mem_fraction_static, of the GPU memory free at start
+    teacher_mem_fraction: float = 0.35
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 24

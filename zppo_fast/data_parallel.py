@@ -11,34 +11,55 @@ identical data on every rank and need no further communication.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from zppo_fast.distributed import Distributed
-from zppo_fast.engine import RolloutEngine, Sample, SamplingParams
+from zppo_fast.engine import MEMORY_TAGS, RolloutEngine, Sample, SamplingParams
 
 
 class DataParallelEngine:
-    def __init__(self, engine: RolloutEngine, dist: Distributed):
+    """`engine` is this rank's engine, or None on a rank that owns none (a teacher spanning several
+    GPUs); `owners` are the ranks that own one, which split every call's prompts between them."""
+
+    def __init__(self, engine: RolloutEngine | None, dist: Distributed, owners: list[int] | None = None):
         self.engine, self.dist = engine, dist
+        self.owners = list(range(dist.world_size)) if owners is None else owners
+        if (engine is not None) != (dist.rank in self.owners):
+            raise ValueError(f"rank {dist.rank}: engine given = {engine is not None}, but owners = {self.owners}")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
-        """`params.n` samples per prompt; rank r samples prompts `dist.shard(len(prompts))`.
+        """`params.n` samples per prompt, the same list on every rank, in prompt order.
 
-        Ranks draw with different seeds (rank 0 keeps `params.seed`, so one rank reproduces a
-        plain engine); every rank calls this with the same prompts.
+        Owner k of K samples prompts [k * P // K, (k + 1) * P // K) with its own seed (owner 0
+        keeps `params.seed`, so one rank reproduces a plain engine); every rank must call this
+        with the same prompts.
         """
         if self.dist.world_size == 1:
             return self.engine.generate(prompts, params)
-        share = self.dist.shard(len(prompts))
-        local = self.engine.generate([prompts[i] for i in share], replace(params, seed=params.seed + 1_000_003 * self.dist.rank)) \
-            if len(share) else []
+        local = []
+        if self.engine is not None:
+            k, n = self.owners.index(self.dist.rank), len(self.owners)
+            share = prompts[k * len(prompts) // n : (k + 1) * len(prompts) // n]
+            if share:
+                local = self.engine.generate(share, replace(params, seed=params.seed + 1_000_003 * k))
         return [group for part in self.dist.all_gather(local) for group in part]
 
-    def update_weights(self, buckets) -> None:
-        self.engine.update_weights(buckets)
+    def update_weights(self, buckets, names=None) -> None:
+        """Every rank must call this (the buckets gather sharded weights); owners load them."""
+        if self.engine is not None:
+            self.engine.update_weights(buckets, names)
+        else:
+            for _ in buckets:
+                pass
 
-    def release_memory(self) -> None:
-        self.engine.release_memory()
+    def release_memory(self, tags: Sequence[str] = MEMORY_TAGS) -> None:
+        if self.engine is not None:
+            self.engine.release_memory(tags)
 
-    def resume_memory(self) -> None:
-        self.engine.resume_memory()
+    def resume_memory(self, tags: Sequence[str] = MEMORY_TAGS) -> None:
+        if self.engine is not None:
+            self.engine.resume_memory(tags)
+
+    def pop_timings(self) -> dict[str, float]:
+        return self.engine.pop_timings() if self.engine is not None else {}

@@ -21,6 +21,9 @@ step, read top to bottom in `Trainer.step`:
                  Only the student's own completion tokens are in the loss mask.
   7. replay      plain-rollout accuracies admit (< 0.5) and graduate (>= 0.5) buffer entries.
   8. resync      the new weights are pushed into the rollout engine, bucket by bucket.
+                 With SGLang the engines time-share the GPUs with training: the student's releases
+                 its memory after the rollouts and takes it back around the push; the teacher's is
+                 resumed only for step 3 (zppo_fast/sglang_engine.py, `step_order`).
 
 Parallelism: every run is a torch.distributed world (of one without torchrun). The student is
 sharded with FSDP2 (zppo_fast/parallelize.py); rollouts are data parallel (each rank samples
@@ -38,6 +41,7 @@ are ever held. Checkpoints (torch.distributed.checkpoint) every `run.checkpoint_
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -55,7 +59,7 @@ from zppo_fast.config import Config, ConfigError, load_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
 from zppo_fast.distributed import destroy_distributed, init_distributed
-from zppo_fast.engine import SamplingParams, TransformersEngine
+from zppo_fast.engine import KV_CACHE, WEIGHTS, SamplingParams, TransformersEngine
 from zppo_fast.eval import accuracy
 from zppo_fast.kernels import fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, peak_memory_mb
@@ -66,7 +70,7 @@ from zppo_fast.report import write_report
 from zppo_fast.reward import final_answer, grade
 from zppo_fast.sft import ensure_warm_start
 from zppo_fast.task import ArithmeticTask
-from zppo_fast.weight_sync import iter_weight_buckets
+from zppo_fast.weight_sync import iter_weight_buckets, weight_names, weight_shapes
 from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, replay_count
 
 
@@ -123,14 +127,15 @@ class Trainer:
         # 3. The frozen teacher (algos with BCQ/NCQ), a full copy on every rank: a Hugging Face
         #    folder, or the tiny student architecture with a longer warm-up whose early snapshot
         #    is the student.
-        self.reformulator = None
+        self.reformulator = self.teacher_engine = None
         if self.algo.kinds:
             teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
                                                                    snapshots=(cfg.sft.steps,))
-            teacher, teacher_tok = load_model(teacher_dir, cfg.model.dtype)
-            teacher.to(self.device).eval().requires_grad_(False)
-            teacher_engine = DataParallelEngine(TransformersEngine(teacher, teacher_tok, cfg.rollout.batch_size), dist)
-            self.reformulator = Reformulator(teacher_engine, teacher_tok, cfg.zppo, self.algo.kinds, seed=cfg.run.seed)
+            teacher_tok = load_tokenizer(teacher_dir)
+            self.teacher_engine = self.make_engine("teacher", teacher_dir, teacher_tok)
+            self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
+            self.reformulator = Reformulator(self.teacher_engine, teacher_tok, cfg.zppo, self.algo.kinds,
+                                             seed=cfg.run.seed)
 
         # 4. The student, built on the meta device, sharded by FSDP2, then filled: from the
         #    checkpoint being resumed (each rank reads its shards), or from a Hugging Face folder /
@@ -151,9 +156,8 @@ class Trainer:
         else:
             load_full_state(self.policy, read_state_dict(source) if dist.is_main else None)
 
-        # 6. The rollout engine holds its own full copy of the student, updated by weight pushes.
-        engine_model = model_from_config(source, cfg.model.dtype, device=self.device)
-        self.engine = DataParallelEngine(TransformersEngine(engine_model, self.tokenizer, cfg.rollout.batch_size), dist)
+        # 6. The student's rollout engine holds its own full copy of the weights, set by pushes.
+        self.engine = self.make_engine("student", source, self.tokenizer)
 
         # 7. The prompt replay buffer of hard questions (algos with a buffer), the same on every rank.
         self.buffer = None
@@ -174,6 +178,36 @@ class Trainer:
 
         # 9. The engine starts from the trainer's weights.
         self.push_weights()
+
+    def make_engine(self, role: str, folder: Path, tokenizer) -> DataParallelEngine:
+        """This rank's rollout engine for `role` ("student" | "teacher"), wrapped for data-parallel
+        calls. The student's starts with arbitrary weights until the first push; the teacher's are
+        read from `folder` and never change."""
+        cfg, dist, dtype = self.cfg.rollout, self.dist, self.cfg.model.dtype
+        if cfg.engine == "transformers":
+            model = model_from_config(folder, dtype, device=self.device) if role == "student" else \
+                load_model(folder, dtype)[0].to(self.device).eval().requires_grad_(False)
+            return DataParallelEngine(TransformersEngine(model, tokenizer, cfg.batch_size), dist)
+        if cfg.engine != "sglang":
+            raise ConfigError(f"rollout.engine must be transformers or sglang, got {cfg.engine!r}")
+        from zppo_fast.sglang_engine import SGLangEngine, SGLangEngineConfig, import_sglang, teacher_placement
+
+        if self.device.type != "cuda":
+            raise ConfigError("rollout.engine = sglang runs on CUDA GPUs; use rollout.engine = transformers on the CPU")
+        import_sglang()  # fails here, naming the extra to install, before any engine starts
+        placement = teacher_placement(cfg.teacher_placement, dist.local_rank,
+                                      int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
+                                      torch.cuda.device_count(), cfg.teacher_tp_size)
+        mine = placement.student if role == "student" else placement.teacher
+        owners = [r for r, owns in enumerate(dist.all_gather(mine is not None)) if owns]
+        engine = None
+        if mine is not None:
+            engine = SGLangEngine(
+                SGLangEngineConfig(str(folder), mine, cfg.student_mem_fraction if role == "student"
+                                   else cfg.teacher_mem_fraction, random_seed=self.cfg.run.seed,
+                                   log_path=str(self.run_dir / "logs" / f"{role}_rank{dist.rank}.log")),
+                tokenizer, expected=weight_shapes(self.policy.lm) if role == "student" else {})
+        return DataParallelEngine(engine, dist, owners)
 
     def warm_start(self, sft, snapshots: tuple[int, ...] = ()) -> Path:
         """The cached warm-up folder for `sft`; rank 0 trains it if absent while the others wait."""
@@ -209,7 +243,9 @@ class Trainer:
         if self.reformulator is not None:
             t0 = time.perf_counter()
             texts = [[s.text for s in samples[i * g_s : (i + 1) * g_s]] for i in range(len(problems))]
+            self.teacher_engine.resume_memory()
             reforms, zm = self.reformulator(problems, texts, rewards, aug_cap(b_new, cfg.zppo.rho_aug), self.step_idx)
+            self.teacher_engine.release_memory()
             t["time/teacher"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             extra, extra_samples = self.rollout([r.text for r in reforms], [problems[r.question] for r in reforms],
@@ -218,6 +254,8 @@ class Trainer:
             m.update(zm)
             m.update(self.reformulation_metrics(reforms, extra, extra_samples))
             batch.rollouts += extra.rollouts
+
+        self.engine.release_memory()  # training gets the GPU memory the student's engine held
 
         # 4. Advantages over the whole rollout batch, one per rollout.
         advantages = normalize_advantages(
@@ -246,6 +284,8 @@ class Trainer:
         self.push_weights()
         t["time/weight_push"] = time.perf_counter() - t0
 
+        for role, engine in (("student", self.engine), ("teacher", self.teacher_engine)):
+            m.update({f"engine/{role}_{k}": v for k, v in (engine.pop_timings() if engine else {}).items()})
         return {**m, **self.rollout_metrics(batch, accuracy, samples, entropy), **t,
                 "perf/student_tokens": batch.response_tokens(),
                 "perf/tokens_per_s": batch.response_tokens() / max(sum(t.values()), 1e-9),
@@ -344,8 +384,14 @@ class Trainer:
         }
 
     def push_weights(self) -> None:
-        """Every rank gathers the full weights bucket by bucket; its engine loads them."""
-        self.engine.update_weights(iter_weight_buckets(self.policy.lm, self.cfg.parallel.weight_bucket_mb << 20))
+        """The student's engine gets the trainer's weights: its weight memory back, every bucket
+        (each rank gathers the full tensors; the engine owners load them), then its KV cache."""
+        lm, sglang = self.policy.lm, self.cfg.rollout.engine == "sglang"
+        self.engine.resume_memory((WEIGHTS,))
+        self.engine.update_weights(iter_weight_buckets(lm, self.cfg.parallel.weight_bucket_mb << 20,
+                                                       dtype=torch.bfloat16 if sglang else None),
+                                   names=weight_names(lm))
+        self.engine.resume_memory((KV_CACHE,))
 
     def rollout_metrics(self, batch: RolloutBatch, accuracy: list[float], samples, entropy: float) -> dict[str, float]:
         rewards = batch.rewards.view(-1, self.cfg.rl.group_size)  # (groups, G_S), plain and reformulated
@@ -442,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         if trainer.dist.is_main:
             print(cfg.to_json())
         trainer.fit()
-    except (ConfigError, CheckpointError, ModelLoadError) as e:
+    except (ConfigError, CheckpointError, ModelLoadError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         destroy_distributed()
