@@ -20,10 +20,12 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from zppo_fast.vlm import check_image_engine, encode_images, vision_inputs
 
 # Memory kinds an engine can release and resume separately; the strings are SGLang's tags.
 WEIGHTS, KV_CACHE = "weights", "kv_cache"
@@ -52,7 +54,11 @@ Bucket = list[tuple[str, torch.Tensor]]  # (HF parameter name, full tensor), see
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]: ...
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: Sequence[Sequence[Any]] | None = None) -> list[list[Sample]]:
+        """n samples per prompt, grouped per prompt. `images` (VLM students only): per prompt its
+        list of images, whose expanded placeholders the prompt ids already hold (`zppo_fast.vlm`)."""
+        ...
 
     def update_weights(self, buckets: Iterable[Bucket], names: Collection[str] | None = None) -> None:
         """Load pushed weights by name. `names`, when given, are all the push's names: they are
@@ -113,17 +119,25 @@ class TransformersEngine:
     Sequences are generated `batch_size` at a time; a seeded generator makes the samples a
     function of (weights, prompts, params) only. `model` is the engine's own module: the trainer
     passes a separate copy and pushes its weights into it with `update_weights`.
+
+    Vision-language models (`zppo_fast.vlm`) also take a `processor`; `generate(..., images=)` then
+    feeds each prompt's images through its image processor. The prompt ids must already hold the
+    expanded image placeholders, as `zppo_fast.vlm.vlm_prompt` builds them.
     """
 
     name = "transformers engine"
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256,
+                 processor: Any | None = None):
+        self.model, self.tokenizer, self.batch_size, self.processor = model, tokenizer, batch_size, processor
         self.timings = Timings()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: Sequence[Sequence[Any]] | None = None) -> list[list[Sample]]:
+        """n samples per prompt, grouped per prompt. `images[i]` is the list of images (PIL images,
+        paths or encoded bytes) of prompts[i], possibly empty; it needs a VLM and its processor."""
         with self.timings.measure("generate"):
-            return self._generate(prompts, params)
+            return self._generate(prompts, params, images)
 
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket], names: Collection[str] | None = None) -> None:
@@ -157,11 +171,19 @@ class TransformersEngine:
         return self.timings.pop()
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                  images: Sequence[Sequence[Any]] | None) -> list[list[Sample]]:
         if (params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1
                 or (params.top_k is not None and params.top_k < 0)):
             raise ValueError(f"invalid sampling parameters: {params}")
         flat = [p for p in prompts for _ in range(params.n)]
+        flat_images = None
+        if images is not None:
+            check_image_engine(self.model, self.processor, len(prompts), len(images))
+            # Each prompt's images are processed once, then shared by its n copies.
+            encoded = [encode_images(self.processor, imgs, prompt, where=f"prompt {i}")
+                       for i, (prompt, imgs) in enumerate(zip(prompts, images))]
+            flat_images = [e for e in encoded for _ in range(params.n)]
         device = next(self.model.parameters()).device
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         greedy = params.temperature == 0
@@ -178,9 +200,13 @@ class TransformersEngine:
                 for i, p in enumerate(chunk):  # left padding: every prompt ends at the same column
                     ids[i, width - len(p) :] = torch.tensor(p)
                     mask[i, width - len(p) :] = 1
+                vision = {}
+                if flat_images is not None:
+                    vision = vision_inputs(self.model, ids, flat_images[start : start + self.batch_size], device)
                 gen = self.model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
+                    **vision,
                     do_sample=not greedy,
                     temperature=None if greedy else params.temperature,
                     top_p=None if greedy else params.top_p,
