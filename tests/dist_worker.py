@@ -1,0 +1,65 @@
+"""Started by tests/test_distributed.py under torchrun: one rank of a small distributed job.
+
+    torchrun --nproc_per_node N tests/dist_worker.py update OUT CACHE RUN_DIR
+
+`update`: the tiny trainer takes two optimizer steps on a fixed random rollout batch (the same on
+every rank and at every world size); rank 0 saves the full weights afterwards to OUT, and the
+results of data-parallel generate calls through a scripted engine to OUT.json.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from batches import random_batch  # noqa: E402
+from conftest import TINY_OVERRIDES  # noqa: E402
+
+from zppo_fast.config import load_config  # noqa: E402
+from zppo_fast.data_parallel import DataParallelEngine  # noqa: E402
+from zppo_fast.engine import Sample, SamplingParams  # noqa: E402
+from zppo_fast.train import Trainer  # noqa: E402
+from zppo_fast.weight_sync import iter_weight_buckets  # noqa: E402
+
+
+class EchoEngine:
+    """Answers each prompt with its own tokens, the engine's rank and the seed it was given."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def generate(self, prompts, params):
+        return [[Sample(p, f"rank{self.rank} seed{params.seed}", "stop", [0.0] * len(p)) for _ in range(params.n)]
+                for p in prompts]
+
+
+def update(out: str, cache: str, run_dir: str) -> None:
+    cfg = load_config(None, TINY_OVERRIDES + ["--sft.cache_dir", cache, "--run.out_dir", run_dir,
+                                              "--run.overwrite", "true", "--rl.num_minibatches", "2",
+                                              "--parallel.max_tokens_per_microbatch", "64"])
+    trainer = Trainer(cfg, progress=False)
+    dist = trainer.dist
+    batch = random_batch(len(trainer.tokenizer), n_groups=8, group_size=4, seed=1)
+    adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(2))
+    old, _ = trainer.logprobs(batch)
+    old = {i: o + 0.2 for i, o in old.items()}  # ratios away from 1
+    metrics = trainer.update(batch, old, adv)
+    weights = {n: t.clone() for bucket in iter_weight_buckets(trainer.policy.lm) for n, t in bucket}
+
+    prompts = [[i, i + 1] for i in range(5)]
+    params = SamplingParams(n=2, seed=7)
+    everyone = DataParallelEngine(EchoEngine(dist.rank), dist).generate(prompts, params)
+    owner = dist.world_size - 1  # only the last rank owns an engine
+    one = DataParallelEngine(EchoEngine(dist.rank) if dist.rank == owner else None, dist, [owner]).generate(prompts, params)
+    if dist.is_main:
+        torch.save({"weights": weights, "metrics": metrics}, out)
+        as_json = lambda groups: [[(s.token_ids, s.text) for s in g] for g in groups]  # noqa: E731
+        with open(out + ".json", "w") as f:
+            json.dump({"everyone": as_json(everyone), "one_owner": as_json(one)}, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    {"update": update}[sys.argv[1]](*sys.argv[2:])
