@@ -40,7 +40,7 @@ def test_gradient_is_invariant_to_micro_batching_and_packing(tiny_config):
     assert counts[:3] == [1, counts[1], len(batch)] and counts[1] >= 4
     assert grads[0].abs().sum() > 0
     for g in grads[1:]:
-        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-5)  # fp32 sums in another order
 
 
 def test_minibatches_keep_groups_whole():

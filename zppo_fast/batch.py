@@ -61,14 +61,16 @@ class RolloutBatch:
     def split_ranks(self, rows: list[int], world_size: int) -> list[list[int]]:
         """`rows` dealt to ranks balanced by sequence length: longest first, to the lightest rank.
 
-        Deterministic (ties go to the lower rank), and each rank's rows keep the batch order.
+        Deterministic (ties go to the lower rank). Each rank's rows stay longest first, so its
+        micro-batches hold sequences of similar lengths: less padding wherever sequences are
+        padded (the padded layout, and the Gated-DeltaNet mixers of the packed one).
         """
         load, shares = [0] * world_size, [[] for _ in range(world_size)]
         for i in sorted(rows, key=lambda i: (-len(self.rollouts[i]), i)):
             r = min(range(world_size), key=lambda r: (load[r], r))
             load[r] += len(self.rollouts[i])
             shares[r].append(i)
-        return [sorted(s) for s in shares]
+        return shares
 
     def token_chunks(self, rows: list[int], max_tokens: int, packed: bool = True) -> list[list[int]]:
         """Consecutive `rows` grouped so each forward computes at most `max_tokens` positions
