@@ -35,6 +35,7 @@ TINY_OVERRIDES = [
     "--rl.algo", "grpo",
     "--run.eval_every", "0",
     "--run.tensorboard", "false",
+    "--parallel.packing", "true",  # the GPU layout; the CPU default (padded) is tested beside it
 ]
 
 
