@@ -1,26 +1,31 @@
-"""The miniature reproduction: GRPO, GRPO-dagger (replay) and ZPPO on the synthetic task, on a CPU.
+"""The miniature reproduction: GRPO, GRPO-dagger (replay), ZPPO and the paper's teacher-guided
+baselines (Hint, Prefix, off- and on-policy distillation) on the synthetic task, on a CPU.
 
-    python bench/miniature.py [--steps N] [--seeds K] [--algos grpo,grpo_replay,zppo] [--out DIR]
+    python bench/miniature.py [--steps N] [--seeds K] [--algos grpo,grpo_replay,zppo,...] [--out DIR]
                               [--quick] [--section.key VALUE ...]
 
 Every algo trains the same student (the early snapshot of one supervised warm-up) with the same
 config, seed(s) and number of rollout steps; only `rl.algo` differs. The frozen teacher of the
-ZPPO runs is the end of that same warm-up. The warm-up is done once, up front, into
+ZPPO and baseline runs is the end of that same warm-up (so it shares the student's tokenizer, as
+distillation needs). The warm-up is done once, up front, into
 `--sft.cache_dir` (keyed by its settings), so every run loads identical weights. `--section.key
 VALUE` overrides go to every run (they win over the miniature's own settings below).
 
 Budget: the same number of rollout steps for every algo. ZPPO spends more than GRPO within a step
 (replayed questions, teacher rollouts on hard questions, student rollouts on BCQ/NCQ prompts);
-the table reports the student and teacher token totals (`perf/student_tokens`,
-`zppo/teacher_tokens`) so the difference is visible.
+the table reports the student and teacher token totals (`perf/student_tokens`, every
+`*/teacher_tokens`: sampled by the teacher) and the tokens the loss trained on
+(`loss/trained_tokens`: for off-policy distillation the teacher's correct rollouts; for on-policy
+distillation the student's own, each also scored by the teacher's forward) so the difference is visible.
 
 Reported per algo (mean over seeds, +- the std across seeds when K > 1):
   held-out accuracy before (step 0) / after (last step): the trainer's greedy eval
     (`eval/heldout_acc`, `run.eval_every`, `run.eval_size`);
   graduated at 0%: of the questions admitted to the replay buffer with accuracy 0, the share that
     graduated before the run ended (report.json, bucket "0/G"); "-" for algos without a buffer;
-  BCQ / NCQ accuracy: the student's accuracy on its reformulated prompts, mean over the steps that
-    built any (`zppo/bcq_acc`, `zppo/ncq_acc`).
+  BCQ / NCQ / Hint / Prefix accuracy: the student's accuracy on its guided prompts, mean over the
+    steps that built any (`zppo/bcq_acc`, `zppo/ncq_acc`, `hint/acc`, `prefix/acc`; a Prefix
+    rollout is graded on prefix + continuation).
 
 Writes under --out (default runs/miniature): one run folder per (algo, seed), miniature.json (all
 numbers, the command, the settings), miniature.md (the table) and miniature.png (held-out accuracy
@@ -67,13 +72,15 @@ QUICK = [
     "--run.eval_every", "3",
     "--run.eval_size", "48",
 ]
-ALGOS = ("grpo", "grpo_replay", "zppo")
+ALGOS = ("grpo", "grpo_replay", "zppo", "grpo_replay_hint", "grpo_replay_prefix", "off_distill", "off_distill_replay",
+         "on_distill", "on_distill_replay")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python bench/miniature.py", allow_abbrev=False,
-        description="GRPO vs GRPO+replay vs ZPPO on the synthetic task, same student/teacher/seeds/steps.",
+        description="GRPO vs GRPO+replay vs ZPPO vs the teacher-guided baselines on the synthetic task, "
+                    "same student/teacher/seeds/steps.",
         epilog="Any other --section.key VALUE is a config override applied to every run.")
     parser.add_argument("--steps", type=int, default=None, help="rollout steps per run (default: the config's run.steps; 3 with --quick)")
     parser.add_argument("--seeds", type=int, default=1, help="run seeds 0..K-1 for every algo (default 1)")
@@ -139,12 +146,19 @@ def summarize_run(run_dir: Path, wall_s: float) -> dict:
         "train_reward_last": mean_present(train[-5:], "reward/mean"),
         "bcq_acc": mean_present(train, "zppo/bcq_acc"),
         "ncq_acc": mean_present(train, "zppo/ncq_acc"),
+        "hint_acc": mean_present(train, "hint/acc"),
+        "prefix_acc": mean_present(train, "prefix/acc"),
+        "hint_dropped_leak": total("hint/dropped_leak"),
+        "distill_teacher_acc": mean_present(train, "distill/teacher_acc"),
+        "trained_tokens": total("loss/trained_tokens"),
         "bcq_built": total("zppo/bcq_built"),
         "ncq_built": total("zppo/ncq_built"),
         "hard_frac": mean_present(train, "zppo/hard_frac"),
         "teacher_acc_on_hard": mean_present(train, "zppo/teacher_acc_on_hard"),
         "student_tokens": total("perf/student_tokens"),
-        "teacher_tokens": total("zppo/teacher_tokens"),
+        # sampled by the teacher: zppo/, hint/, prefix/ or distill/teacher_tokens, whichever the algo logs
+        "teacher_tokens": sum((v for k in {k for rec in train for k in rec if k.endswith("/teacher_tokens")}
+                               if (v := total(k)) is not None), start=0.0) or None,
         "grad0_admitted": None,
         "grad0_graduated": None,
         "grad0_share": None,
@@ -161,7 +175,8 @@ def summarize_run(run_dir: Path, wall_s: float) -> dict:
 
 def table(results: dict[str, list[dict]], cfg, steps: int, seeds: int) -> str:
     head = ["algo", "held-out before", "held-out after", "Δ", "graduated at 0% (grad/admitted)",
-            "BCQ acc", "NCQ acc", "student tokens", "teacher tokens", "wall s"]
+            "BCQ acc", "NCQ acc", "Hint / Prefix acc", "student tokens", "teacher tokens", "trained tokens",
+            "wall s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for algo, runs in results.items():
         def col(key):
@@ -173,15 +188,20 @@ def table(results: dict[str, list[dict]], cfg, steps: int, seeds: int) -> str:
         grad = [r["grad0_graduated"] for r in runs if r.get("grad0_graduated") is not None]
         share = fmt(col("grad0_share"), ".0%") if adm else "-"
         grad0 = f"{share} ({sum(grad)}/{sum(adm)})" if adm else "-"
+        guided = col("hint_acc") if any(v is not None for v in col("hint_acc")) else col("prefix_acc")
         rows.append("| " + " | ".join([
             algo, fmt(col("heldout_before")), fmt(col("heldout_after")), fmt(delta, "+.3f"), grad0,
-            fmt(col("bcq_acc")), fmt(col("ncq_acc")), fmt(col("student_tokens"), ",.0f"),
-            fmt(col("teacher_tokens"), ",.0f"), fmt(col("wall_s"), ".0f"),
+            fmt(col("bcq_acc")), fmt(col("ncq_acc")), fmt(guided),
+            fmt(col("student_tokens"), ",.0f"), fmt(col("teacher_tokens"), ",.0f"), fmt(col("trained_tokens"), ",.0f"),
+            fmt(col("wall_s"), ".0f"),
         ]) + " |")
     note = (f"Same warm-up student, teacher, config and seed(s) {list(range(seeds))} for every algo; budget = "
             f"{steps} rollout steps of B_new={cfg.rl.batch_size} new questions x G_S={cfg.rl.group_size} each. "
             f"ZPPO also replays questions, samples the teacher on hard questions and the student on BCQ/NCQ "
-            f"prompts, so its token totals (summed over steps; mean over seeds) are higher. Held-out: greedy "
+            f"prompts, so its token totals (summed over steps; mean over seeds) are higher; Hint/Prefix add "
+            f"student rollouts on their guided prompts; off-policy distillation trains on the teacher's correct "
+            f"rollouts of every question (trained tokens), on-policy on the student's own, each token also scored "
+            f"by a teacher forward. Held-out: greedy "
             f"accuracy on {cfg.run.eval_size} held-out questions. Graduated at 0%: share of the questions admitted "
             f"to the replay buffer at accuracy 0 that graduated by the end (counts summed over seeds).")
     return "\n".join(rows) + "\n\n" + note

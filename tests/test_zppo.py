@@ -129,7 +129,16 @@ def test_every_algo_runs_two_steps(tiny_config, algo):
     assert len(history) == 2
     uses = ALGOS[algo]
     assert ("replay/size" in history[-1]) == uses.replay
-    assert ("zppo/hard_frac" in history[-1]) == bool(uses.kinds)
+    # Each guide reports under its own prefix: Reformulator zppo/, HintPrefixBuilder hint/ or prefix/.
+    guide = {("bcq", "ncq"): "zppo", ("bcq",): "zppo", ("ncq",): "zppo", ("hint",): "hint", ("prefix",): "prefix"}
+    assert {k for k in history[-1] if k.endswith("/hard_frac")} == ({f"{guide[uses.kinds]}/hard_frac"} if uses.kinds else set())
+    # The loss: the clipped surrogate, or the JSD to the teacher (one optimizer step, no old log-probs).
+    for h in history:
+        assert ("loss/approx_kl" in h) == (not uses.distill) and ("time/old_logprobs" in h) == (not uses.distill)
+        assert ("loss/jsd" in h) == uses.distill and ("distill/teacher_acc" in h) == (uses.loss == "off_distill")
+        assert h.get("loss/trained_tokens", 0) > 0
+        if uses.loss == "on_distill":  # the student's own rollouts are what it trains on
+            assert h["loss/trained_tokens"] == h["perf/student_tokens"]
     if uses.replay:
         assert (trainer.run_dir / "report.json").is_file() and (trainer.run_dir / "graduation.png").is_file()
         resumed = Trainer(tiny_config("--rl.algo", algo, "--run.steps", "2"), resume=trainer.run_dir, progress=False)

@@ -47,7 +47,7 @@ import math
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -79,6 +79,11 @@ class GuidanceSettings:
     hint_temperature: float = 0.0  # unspecified by the paper; greedy, like the compressions
     hint_max_new_tokens: int = 512
     prefix_fraction: float = 0.4  # Prefix: share of the teacher's response forced on the student
+
+    @classmethod
+    def from_config(cls, cfg) -> GuidanceSettings:
+        """The settings of the same names in a `zppo_fast.config.ZPPOConfig`."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 @dataclass

@@ -68,10 +68,13 @@ class RolloutConfig:
 
 @dataclass
 class RLConfig:
-    algo: str = "zppo"  # grpo | grpo_replay | grpo_both | grpo_replay_bcq | grpo_replay_ncq | zppo
+    # grpo | grpo_replay | grpo_both | grpo_replay_bcq | grpo_replay_ncq | zppo (the paper's Table 3)
+    # | grpo_replay_hint | grpo_replay_prefix | off_distill[_replay] | on_distill[_replay] (its
+    # baselines); the table with what each does is in zppo_fast/zppo.py
+    algo: str = "zppo"
     batch_size: int = 16  # B_new: new questions per rollout step
     group_size: int = 8  # G_S: rollouts per question
-    num_minibatches: int = 4  # I: optimizer steps per rollout step, one pass over the batch
+    num_minibatches: int = 4  # I: optimizer steps per rollout step, one pass (distillation: always 1)
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: float = 10.0
@@ -87,7 +90,8 @@ class RLConfig:
 
 @dataclass
 class ZPPOConfig:
-    """The teacher, the reformulated prompts and the replay buffer (used by the algos that need them)."""
+    """The teacher, the reformulated / guided prompts, distillation and the replay buffer (used by
+    the algos that need them; names shared with `zppo_fast.baselines.GuidanceSettings` mean the same)."""
 
     teacher_path: str | None = None  # None: the tiny student architecture with a longer warm-up
     teacher_sft_steps: int = 300
@@ -104,6 +108,16 @@ class ZPPOConfig:
     rho_replay: float = 0.25  # replayed questions per step, as a fraction of B_new
     replay_capacity: int = 10_000
     hard_threshold: float = 0.5  # hard: plain-rollout accuracy below this; also the buffer's admission
+    # Hint baseline: the teacher's hint request (Fig. 19). Unspecified by the paper: greedy, as the
+    # compressions are, and capped like them.
+    hint_temperature: float = 0.0
+    hint_max_new_tokens: int = 512
+    prefix_fraction: float = 0.4  # Prefix baseline: share of a teacher-correct rollout's tokens forced
+    # Distillation (off_distill / on_distill): beta of the per-token generalized JSD between teacher P
+    # and student Q (0 = KL(P||Q), 1 = KL(Q||P); zppo_fast/kernels/distill_loss.py). 0.5, the symmetric
+    # JSD, is bounded by log 2 per token, so tokens where the tiny/early student is far from the
+    # teacher cannot dominate the gradient (the paper does not state its beta).
+    distill_beta: float = 0.5
 
 
 @dataclass

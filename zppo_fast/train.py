@@ -7,9 +7,13 @@ step, read top to bottom in `Trainer.step`:
                  drawn uniformly from the replay buffer (algos with a buffer).
   2. rollouts    G_S samples per question from the rollout engine (temperature 1, top-p 1);
                  reward r in {0, 1}: the last \\boxed{} answer graded against the gold answer.
-  3. reformulate hard questions (accuracy < 0.5) get G_T fresh teacher rollouts; compressed
-                 candidates make BCQ / NCQ prompts (capped at rho_aug * B_new, lowest accuracy
-                 first); the student samples G_S rollouts on each, as groups of their own.
+  3. teacher     hard questions (accuracy < 0.5) get G_T fresh teacher rollouts; compressed
+                 candidates make BCQ / NCQ prompts (zppo), or one teacher-correct rollout makes a
+                 Hint prompt or a forced Prefix (baselines); capped at rho_aug * B_new, lowest
+                 accuracy first; the student samples G_S rollouts on each, as groups of their own.
+                 Off-policy distillation instead takes G_T teacher rollouts of every question and
+                 trains on the graded-correct ones (the student's rollouts then only feed the
+                 replay buffer and the metrics).
   4. advantages  A' = r - mean(group); then, by `rl.advantage_mode`, normalized over the
                  rollout batch without the all-equal groups (REINFORCE++ "Norm w/o Zero",
                  default), with them, not at all, or by the group's std (GRPO).
@@ -19,6 +23,11 @@ step, read top to bottom in `Trainer.step`:
                  dual-clip 10 for A < 0), no KL, token-mean whose normalizer is the token count
                  of the whole optimizer step, so micro-batching and ranks do not change it.
                  Only the student's own completion tokens are in the loss mask.
+                 Distillation (off_distill, on_distill) skips 4-5 and takes ONE optimizer step on
+                 the per-token generalized JSD to the frozen teacher's distribution
+                 (`zppo.distill_beta`), over the teacher's correct rollouts (off) or the student's
+                 own (on): the teacher's hidden states for the same packed micro-batch and its
+                 lm_head weight go into the fused JSD.
   7. replay      plain-rollout accuracies admit (< 0.5) and graduate (>= 0.5) buffer entries.
   8. resync      the new weights are pushed into the rollout engine, bucket by bucket.
                  With SGLang the engines time-share the GPUs with training: the student's releases
@@ -32,10 +41,11 @@ questions, advantages and replay decisions are computed identically on every ran
 mini-batch is dealt to the ranks balanced by tokens and packed into micro-batches of at most
 `parallel.max_tokens_per_microbatch` positions (zppo_fast/batch.py, zppo_fast/packing.py).
 
-The policy loss runs through `zppo_fast.kernels.fused_linear_policy_loss`: the model returns
-hidden states and the lm_head weight goes into the fused loss, so no [tokens, vocab] logits
-are ever held. Checkpoints (torch.distributed.checkpoint) every `run.checkpoint_every` steps;
-`--resume` continues exactly, at any world size.
+The policy loss runs through `zppo_fast.kernels.fused_linear_policy_loss` (distillation:
+`fused_linear_jsd`): the model returns hidden states and the lm_head weight goes into the fused
+loss, so no [tokens, vocab] logits are ever held, of the student or the teacher. Checkpoints
+(torch.distributed.checkpoint) every `run.checkpoint_every` steps; `--resume` continues exactly,
+at any world size.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from zppo_fast.baselines import GuidanceSettings, HintPrefixBuilder, check_shared_vocab, distillation_data
 from zppo_fast.batch import Rollout, RolloutBatch
 from zppo_fast.checkpoint import (CheckpointError, latest_checkpoint, load_sharded, read_trainer_state,
                                   save_checkpoint, set_rng_state)
@@ -61,7 +72,7 @@ from zppo_fast.data_parallel import DataParallelEngine
 from zppo_fast.distributed import destroy_distributed, init_distributed
 from zppo_fast.engine import KV_CACHE, WEIGHTS, SamplingParams, TransformersEngine
 from zppo_fast.eval import accuracy
-from zppo_fast.kernels import fused_linear_policy_loss, linear_logprobs, normalize_advantages
+from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, peak_memory_mb
 from zppo_fast.model import ModelLoadError, Policy, load_model, load_tokenizer, model_from_config, read_state_dict
 from zppo_fast.parallelize import load_full_state, parallelize
@@ -72,6 +83,11 @@ from zppo_fast.sft import ensure_warm_start
 from zppo_fast.task import ArithmeticTask
 from zppo_fast.weight_sync import iter_weight_buckets, weight_names, weight_shapes
 from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, replay_count
+
+# Loss statistics, summed over tokens by the fused losses -> metric names (token means).
+POLICY_METRICS = {"loss": "loss/policy", "clip_low": "loss/clip_frac_low", "clip_high": "loss/clip_frac_high",
+                  "dual_clip": "loss/dual_clip_frac", "ratio": "loss/ratio_mean", "approx_kl": "loss/approx_kl"}
+DISTILL_METRICS = {"loss": "loss/jsd", "forward_kl": "loss/forward_kl", "reverse_kl": "loss/reverse_kl"}
 
 
 class Trainer:
@@ -124,18 +140,16 @@ class Trainer:
         self.heldout = [self.task.problem(q) for q in
                         sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
 
-        # 3. The frozen teacher (algos with BCQ/NCQ), a full copy on every rank: a Hugging Face
+        # 3. The frozen teacher (algos with one), a full copy on every rank: a Hugging Face
         #    folder, or the tiny student architecture with a longer warm-up whose early snapshot
         #    is the student.
-        self.reformulator = self.teacher_engine = None
-        if self.algo.kinds:
+        self.teacher_engine = teacher_dir = teacher_tok = None
+        if self.algo.teacher:
             teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
                                                                    snapshots=(cfg.sft.steps,))
             teacher_tok = load_tokenizer(teacher_dir)
             self.teacher_engine = self.make_engine("teacher", teacher_dir, teacher_tok)
             self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
-            self.reformulator = Reformulator(self.teacher_engine, teacher_tok, cfg.zppo, self.algo.kinds,
-                                             seed=cfg.run.seed)
 
         # 4. The student, built on the meta device, sharded by FSDP2, then filled: from the
         #    checkpoint being resumed (each rank reads its shards), or from a Hugging Face folder /
@@ -159,13 +173,33 @@ class Trainer:
         # 6. The student's rollout engine holds its own full copy of the weights, set by pushes.
         self.engine = self.make_engine("student", source, self.tokenizer)
 
-        # 7. The prompt replay buffer of hard questions (algos with a buffer), the same on every rank.
+        # 7. The teacher's part of a step: BCQ / NCQ prompts (Reformulator), Hint or Prefix prompts
+        #    (HintPrefixBuilder), or distillation, which compares the two models' distributions id by
+        #    id: one shared vocabulary, checked here, and the teacher kept as a model that scores
+        #    tokens (`scoring_teacher`).
+        self.guide = self.teacher_lm = None
+        if {"bcq", "ncq"} & set(self.algo.kinds):
+            self.guide = Reformulator(self.teacher_engine, teacher_tok, cfg.zppo, self.algo.kinds, seed=cfg.run.seed)
+        elif self.algo.kinds:  # ("hint",) or ("prefix",)
+            self.guide = HintPrefixBuilder(self.algo.kinds[0], self.teacher_engine, teacher_tok, self.tokenizer,
+                                           GuidanceSettings.from_config(cfg.zppo), seed=cfg.run.seed)
+        if self.algo.distill:
+            try:
+                check_shared_vocab(self.tokenizer, teacher_tok)
+            except ValueError as e:
+                raise ConfigError(f"rl.algo = {cfg.rl.algo} needs a teacher with the student's tokenizer: {e}") from None
+            self.teacher_lm = self.scoring_teacher(teacher_dir)
+            if self.teacher_lm.lm_head.shape[0] != self.policy.lm_head.shape[0]:
+                raise ConfigError(f"rl.algo = {cfg.rl.algo}: the teacher's lm_head has {self.teacher_lm.lm_head.shape[0]} "
+                                  f"rows but the student's {self.policy.lm_head.shape[0]}; they must share one vocabulary")
+
+        # 8. The prompt replay buffer of hard questions (algos with a buffer), the same on every rank.
         self.buffer = None
         if self.algo.replay:
             self.buffer = PromptReplayBuffer(cfg.zppo.replay_capacity, seed=cfg.run.seed,
                                              threshold=cfg.zppo.hard_threshold)
 
-        # 8. On resume: data position, buffer, RNG and step, exactly as they were saved.
+        # 9. On resume: data position, buffer, RNG and step, exactly as they were saved.
         self.step_idx = 0
         if state is not None:
             self.stream.load_state_dict(state["data"])
@@ -176,7 +210,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard,
                                      resume_step=self.step_idx if state else None) if dist.is_main else None
 
-        # 9. The engine starts from the trainer's weights.
+        # 10. The engine starts from the trainer's weights.
         self.push_weights()
 
     def make_engine(self, role: str, folder: Path, tokenizer) -> DataParallelEngine:
@@ -209,6 +243,22 @@ class Trainer:
                 tokenizer, expected=weight_shapes(self.policy.lm) if role == "student" else {})
         return DataParallelEngine(engine, dist, owners)
 
+    def scoring_teacher(self, folder: Path) -> Policy:
+        """The frozen teacher as the distillation loss reads it: a packed micro-batch in, final
+        hidden states out (`Policy` makes its Gated-DeltaNet mixers packing-safe), plus lm_head.
+
+        With the transformers engine this is the engine's own model (no extra memory). SGLang keeps
+        its weights outside this process, so a copy is loaded for scoring only: a full teacher on
+        every rank, resident for the run, at `model.dtype` (2 bytes per parameter in bfloat16, e.g.
+        18 GB for a 9B teacher, 54 GB for 27B) on top of the SGLang engines' memory fractions.
+        """
+        engine = self.teacher_engine.engine
+        if isinstance(engine, TransformersEngine):
+            model = engine.model
+        else:
+            model = load_model(folder, self.cfg.model.dtype)[0].to(self.device).eval().requires_grad_(False)
+        return Policy(model)
+
     def warm_start(self, sft, snapshots: tuple[int, ...] = ()) -> Path:
         """The cached warm-up folder for `sft`; rank 0 trains it if absent while the others wait."""
         cfg = self.cfg
@@ -238,38 +288,54 @@ class Trainer:
         accuracy = [sum(r) / g_s for r in rewards]
         t["time/rollout"] = time.perf_counter() - t0
 
-        # 3. Reformulations: teacher rollouts on the hard questions, BCQ / NCQ prompts, and the
-        #    student's rollouts on them as groups of their own.
-        if self.reformulator is not None:
+        # 3. The teacher's part. Guided prompts (BCQ / NCQ, or Hint / Prefix) on the hard questions,
+        #    and the student's rollouts on them as groups of their own (a Prefix rollout continues the
+        #    forced prefix, which is context in its training rollout: never a target).
+        if self.guide is not None:
             t0 = time.perf_counter()
             texts = [[s.text for s in samples[i * g_s : (i + 1) * g_s]] for i in range(len(problems))]
             self.teacher_engine.resume_memory()
-            reforms, zm = self.reformulator(problems, texts, rewards, aug_cap(b_new, cfg.zppo.rho_aug), self.step_idx)
+            guided, zm = self.guide(problems, texts, rewards, aug_cap(b_new, cfg.zppo.rho_aug), self.step_idx)
             self.teacher_engine.release_memory()
             t["time/teacher"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            extra, extra_samples = self.rollout([r.text for r in reforms], [problems[r.question] for r in reforms],
-                                                first_group=len(problems))
+            extra, extra_samples = self.rollout([g.text for g in guided], [problems[g.question] for g in guided],
+                                                first_group=len(problems),
+                                                prefixes=[getattr(g, "prefix_ids", []) for g in guided])
             t["time/rollout"] += time.perf_counter() - t0
             m.update(zm)
-            m.update(self.reformulation_metrics(reforms, extra, extra_samples))
+            m.update(self.guided_metrics(guided, extra, extra_samples))
             batch.rollouts += extra.rollouts
+        #    Off-policy distillation: the teacher's graded-correct rollouts of every question (new and
+        #    replayed) are what the student trains on; its own rollouts only feed replay and metrics.
+        train = batch
+        if self.algo.loss == "off_distill":
+            t0 = time.perf_counter()
+            self.teacher_engine.resume_memory()
+            examples, dm = distillation_data(self.teacher_engine, self.tokenizer, problems,
+                                             GuidanceSettings.from_config(cfg.zppo), self.step_idx, seed=cfg.run.seed)
+            self.teacher_engine.release_memory()
+            t["time/teacher"] = time.perf_counter() - t0
+            m.update(dm)
+            train = RolloutBatch([Rollout(e.prompt_ids, e.response_ids, 1.0, e.question) for e in examples])
 
         self.engine.release_memory()  # training gets the GPU memory the student's engine held
 
-        # 4. Advantages over the whole rollout batch, one per rollout.
-        advantages = normalize_advantages(
-            batch.rewards, batch.group_ids, mode=cfg.rl.advantage_mode, eps=cfg.rl.advantage_eps
-        )
+        entropy = advantages = old_logprobs = None
+        if not self.algo.distill:
+            # 4. Advantages over the whole rollout batch, one per rollout.
+            advantages = normalize_advantages(
+                batch.rewards, batch.group_ids, mode=cfg.rl.advantage_mode, eps=cfg.rl.advantage_eps
+            )
 
-        # 5. Old log-probs (and entropy, for metrics) under the sampling weights.
-        t0 = time.perf_counter()
-        old_logprobs, entropy = self.logprobs(batch)
-        t["time/old_logprobs"] = time.perf_counter() - t0
+            # 5. Old log-probs (and entropy, for metrics) under the sampling weights.
+            t0 = time.perf_counter()
+            old_logprobs, entropy = self.logprobs(batch)
+            t["time/old_logprobs"] = time.perf_counter() - t0
 
-        # 6. I optimizer steps, one per mini-batch of whole groups.
+        # 6. I optimizer steps, one per mini-batch of whole groups (distillation: one step).
         t0 = time.perf_counter()
-        m.update(self.update(batch, old_logprobs, advantages))
+        m.update(self.update(train, old_logprobs, advantages))
         t["time/update"] = time.perf_counter() - t0
 
         # 7. The replay buffer learns from the plain rollouts only.
@@ -291,33 +357,53 @@ class Trainer:
                 "perf/tokens_per_s": batch.response_tokens() / max(sum(t.values()), 1e-9),
                 "perf/peak_memory_mb": peak_memory_mb(self.device)}
 
-    def rollout(self, prompt_texts: list[str], problems, first_group: int) -> tuple[RolloutBatch, list]:
-        """G_S graded samples per prompt; the k-th prompt is group `first_group + k`."""
+    def rollout(self, prompt_texts: list[str], problems, first_group: int,
+                prefixes: list[list[int]] | None = None) -> tuple[RolloutBatch, list]:
+        """G_S graded samples per prompt; the k-th prompt is group `first_group + k`.
+
+        `prefixes` (Prefix baseline): token ids forced at the start of the k-th prompt's answer. The
+        student continues them; the grade reads prefix + continuation; the training rollout carries
+        them at the end of its prompt ids, so they are context and never a loss target.
+        """
         cfg = self.cfg
-        prompts = [chat_prompt_ids(self.tokenizer, text) for text in prompt_texts]
+        prefixes = prefixes or [[] for _ in prompt_texts]
+        prompts = [chat_prompt_ids(self.tokenizer, text) + prefix for text, prefix in zip(prompt_texts, prefixes)]
         params = SamplingParams(n=cfg.rl.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
                                 seed=(cfg.run.seed * 1_000_003 + self.step_idx) * 2 + (first_group > 0))
         groups = self.engine.generate(prompts, params) if prompts else []
-        batch = RolloutBatch([Rollout(prompt, s.token_ids, grade(s.text, p.answer), first_group + g)
-                              for g, (prompt, p, group) in enumerate(zip(prompts, problems, groups)) for s in group])
+
+        def answer(s, prefix) -> str:
+            return self.tokenizer.decode(prefix + s.token_ids, skip_special_tokens=True) if prefix else s.text
+
+        batch = RolloutBatch([Rollout(prompt, s.token_ids, grade(answer(s, prefix), p.answer), first_group + g)
+                              for g, (prompt, prefix, p, group) in enumerate(zip(prompts, prefixes, problems, groups))
+                              for s in group])
         return batch, [s for group in groups for s in group]
 
-    def reformulation_metrics(self, reforms, batch: RolloutBatch, samples) -> dict[str, float]:
+    def guided_metrics(self, guided, batch: RolloutBatch, samples) -> dict[str, float]:
+        """The student's accuracy on each kind of guided prompt; for BCQ / NCQ also how often it
+        answers with one of the candidates' answers."""
         g_s, out = self.cfg.rl.group_size, {}
-        for kind in ("bcq", "ncq"):
-            rows = [k * g_s + j for k, r in enumerate(reforms) if r.kind == kind for j in range(g_s)]
-            if rows:
-                out[f"zppo/{kind}_acc"] = sum(batch.rollouts[i].reward for i in rows) / len(rows)
+        for kind in self.algo.kinds:
+            rows = [k * g_s + j for k, r in enumerate(guided) if r.kind == kind for j in range(g_s)]
+            if not rows:
+                continue
+            acc = sum(batch.rollouts[i].reward for i in rows) / len(rows)
+            if kind in ("bcq", "ncq"):
+                out[f"zppo/{kind}_acc"] = acc
                 out[f"zppo/{kind}_copies_candidate"] = sum(
-                    final_answer(samples[i].text) in reforms[i // g_s].candidate_answers for i in rows) / len(rows)
+                    final_answer(samples[i].text) in guided[i // g_s].candidate_answers for i in rows) / len(rows)
+            else:
+                out[f"{kind}/acc"] = acc
         return out
 
     def microbatches(self, batch: RolloutBatch, rows: list[int]):
         """This rank's micro-batches of `rows` (a mini-batch), on the device."""
         p = self.cfg.parallel
         return [mb.to(self.device) for mb in batch.microbatches(
-            rows, self.dist.rank, self.dist.world_size, p.max_tokens_per_microbatch, packed=p.packing,
+            rows, self.dist.rank, self.dist.world_size, p.max_tokens_per_microbatch,
+            packed=p.packing if p.packing is not None else self.device.type == "cuda",
             pad_id=self.tokenizer.pad_token_id)]
 
     @torch.no_grad()
@@ -336,8 +422,9 @@ class Trainer:
         self.policy.reshard()  # the root stays gathered after a forward without backward
         return out, self.dist.sum({"e": entropy_sum})["e"] / max(batch.response_tokens(), 1)
 
-    def backward_minibatch(self, batch: RolloutBatch, rows: list[int], old_logprobs, advantages) -> dict:
-        """Accumulate the gradient of one optimizer step's loss over this rank's micro-batches of `rows`.
+    def backward_minibatch(self, batch: RolloutBatch, rows: list[int], old_logprobs=None, advantages=None) -> dict:
+        """Accumulate the gradient of one optimizer step's loss over this rank's micro-batches of `rows`:
+        the clipped policy loss, or (distillation) the JSD to the teacher on the same tokens.
 
         The normalizer is the token count of all `rows` on all ranks, so the gradient is the same
         however the rows are split into micro-batches and ranks. Returns this rank's summed statistics.
@@ -346,25 +433,37 @@ class Trainer:
         normalizer = float(batch.response_tokens(rows))
         totals: dict[str, float] = {}
         for mb in self.microbatches(batch, rows):
-            zero = torch.zeros(len(mb.targets), device=self.device)
-            old = torch.cat([old_logprobs[i] for i in mb.rows]).to(self.device) if mb.rows else zero
-            adv = torch.cat([advantages[i].expand(n) for i, n in zip(mb.rows, mb.response_lengths)]).to(self.device) \
-                if mb.rows else zero
-            loss, stats = fused_linear_policy_loss(
-                self.policy(mb), self.policy.lm_head, mb.targets, old, adv, mb.loss_mask,
-                eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
-                temperature=self.cfg.rollout.temperature or 1.0, normalizer=normalizer,
-            )
+            if self.algo.distill:
+                # The teacher reads the same packed micro-batch; only its (N, H) hidden states and its
+                # lm_head weight enter the loss, which tiles the vocabulary for both models.
+                with torch.no_grad():
+                    teacher_hidden = self.teacher_lm(mb)
+                loss, stats = fused_linear_jsd(self.policy(mb), self.policy.lm_head, teacher_hidden,
+                                               self.teacher_lm.lm_head, mb.loss_mask, beta=self.cfg.zppo.distill_beta,
+                                               normalizer=normalizer)
+            else:
+                zero = torch.zeros(len(mb.targets), device=self.device)
+                old = torch.cat([old_logprobs[i] for i in mb.rows]).to(self.device) if mb.rows else zero
+                adv = torch.cat([advantages[i].expand(n) for i, n in zip(mb.rows, mb.response_lengths)]).to(
+                    self.device) if mb.rows else zero
+                loss, stats = fused_linear_policy_loss(
+                    self.policy(mb), self.policy.lm_head, mb.targets, old, adv, mb.loss_mask,
+                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
+                    temperature=self.cfg.rollout.temperature or 1.0, normalizer=normalizer,
+                )
             loss.backward()
             for k, v in {"loss": loss.detach() * normalizer, **stats}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return totals
 
-    def update(self, batch: RolloutBatch, old_logprobs, advantages: torch.Tensor) -> dict[str, float]:
+    def update(self, batch: RolloutBatch, old_logprobs=None, advantages: torch.Tensor | None = None) -> dict[str, float]:
         cfg = self.cfg.rl
+        if not len(batch):  # off-policy distillation when no teacher rollout of the step was correct
+            return {}
         totals: dict[str, float] = {}
         grad_norms = []
-        for rows in batch.minibatches(cfg.num_minibatches):
+        # Distillation takes one optimizer step per rollout step, as the paper's baselines do.
+        for rows in batch.minibatches(1 if self.algo.distill else cfg.num_minibatches):
             for k, v in self.backward_minibatch(batch, rows, old_logprobs, advantages).items():
                 totals[k] = totals.get(k, 0.0) + v
             norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
@@ -373,15 +472,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         totals = self.dist.sum(totals)
         n = max(totals.get("tokens", 0.0), 1.0)
-        return {
-            "loss/policy": totals.get("loss", 0.0) / n,
-            "loss/clip_frac_low": totals.get("clip_low", 0.0) / n,
-            "loss/clip_frac_high": totals.get("clip_high", 0.0) / n,
-            "loss/dual_clip_frac": totals.get("dual_clip", 0.0) / n,
-            "loss/ratio_mean": totals.get("ratio", 0.0) / n,
-            "loss/approx_kl": totals.get("approx_kl", 0.0) / n,
-            "loss/grad_norm": sum(grad_norms) / len(grad_norms),
-        }
+        names = DISTILL_METRICS if self.algo.distill else POLICY_METRICS
+        return {**{name: totals.get(k, 0.0) / n for k, name in names.items()},
+                "loss/trained_tokens": totals.get("tokens", 0.0), "loss/grad_norm": sum(grad_norms) / len(grad_norms)}
 
     def push_weights(self) -> None:
         """The student's engine gets the trainer's weights: its weight memory back, every bucket
@@ -393,7 +486,8 @@ class Trainer:
                                    names=weight_names(lm))
         self.engine.resume_memory((KV_CACHE,))
 
-    def rollout_metrics(self, batch: RolloutBatch, accuracy: list[float], samples, entropy: float) -> dict[str, float]:
+    def rollout_metrics(self, batch: RolloutBatch, accuracy: list[float], samples, entropy: float | None
+                        ) -> dict[str, float]:
         rewards = batch.rewards.view(-1, self.cfg.rl.group_size)  # (groups, G_S), plain and reformulated
         return {
             "reward/mean": sum(accuracy) / len(accuracy),  # plain rollouts: the student's own accuracy
@@ -401,7 +495,7 @@ class Trainer:
             "reward/all_correct_frac": (rewards.amin(1) == 1).float().mean().item(),
             "rollout/response_len": batch.response_tokens() / len(batch),
             "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "rollout/entropy": entropy,
+            **({} if entropy is None else {"rollout/entropy": entropy}),  # distillation computes none
         }
 
     # ---------------------------------------------------------------- the run
@@ -451,7 +545,8 @@ class Trainer:
             if main_rank:
                 self.metrics.log(self.step_idx, metrics)
             history.append(metrics)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['loss/approx_kl']:.4f}")
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                            **{k[5:]: f"{metrics[k]:.4f}" for k in ("loss/approx_kl", "loss/jsd") if k in metrics})
             if self.step_idx % cfg.checkpoint_every == 0 or self.step_idx == cfg.steps:
                 self.save()
         if main_rank:

@@ -6,15 +6,29 @@ graded, its compressions are parsed, and both are re-tokenized with the *student
 part of a prompt; the student's loss mask covers the student's own completion only, so no
 teacher token carries gradient.
 
-The `algo` switch picks the paper's Table 3 rows:
+The `algo` switch picks the paper's Table 3 rows and its baselines (Tables 1-4), all run by the
+same step in zppo_fast/train.py:
 
-    algo              replay buffer   BCQ   NCQ
-    grpo                   -           -     -
-    grpo_replay            +           -     -      (GRPO-dagger)
-    grpo_both              -           +     +
-    grpo_replay_bcq        +           +     -
-    grpo_replay_ncq        +           -     +
-    zppo                   +           +     +
+    algo                 replay   teacher's part                                   loss
+    grpo                   -      -                                                policy
+    grpo_replay            +      -                                  (GRPO-dagger) policy
+    grpo_both              -      BCQ + NCQ prompts                                policy
+    grpo_replay_bcq        +      BCQ prompts                                      policy
+    grpo_replay_ncq        +      NCQ prompts                                      policy
+    zppo                   +      BCQ + NCQ prompts                                policy
+    grpo_replay_hint       +      answer-free hint in the prompt (Hint)            policy
+    grpo_replay_prefix     +      40% of its correct rollout forced (Prefix)       policy
+    off_distill            -      its graded-correct rollouts are the batch        jsd
+    off_distill_replay     +      its graded-correct rollouts are the batch        jsd
+    on_distill             -      scores every token of the student's rollouts     jsd
+    on_distill_replay      +      scores every token of the student's rollouts     jsd
+
+"policy" is the clipped surrogate on advantages (I optimizer steps per rollout step); "jsd" is
+the per-token generalized JSD to the teacher's distribution (`zppo.distill_beta`), one optimizer
+step per rollout step. BCQ/NCQ prompts come from `Reformulator` (below), Hint/Prefix prompts
+from `zppo_fast.baselines.HintPrefixBuilder`, distillation data from
+`zppo_fast.baselines.distillation_data`. With a buffer, every algo replays and admits/graduates
+by its plain rollouts alike.
 
 Choices the paper leaves open (documented here, tested in tests/test_zppo.py):
 * `compression = "none"` inserts the raw candidate text (the CPU demo's tiny teacher cannot follow
@@ -44,16 +58,31 @@ from zppo_fast.task import Problem
 @dataclass(frozen=True)
 class Algo:
     replay: bool
-    kinds: tuple[str, ...]  # reformulations built: subset of ("bcq", "ncq")
+    kinds: tuple[str, ...] = ()  # guided prompts built: ("bcq", "ncq") subset | ("hint",) | ("prefix",)
+    loss: str = "policy"  # policy | off_distill | on_distill
+
+    @property
+    def distill(self) -> bool:
+        return self.loss != "policy"
+
+    @property
+    def teacher(self) -> bool:
+        return bool(self.kinds) or self.distill
 
 
 ALGOS = {
-    "grpo": Algo(False, ()),
-    "grpo_replay": Algo(True, ()),
+    "grpo": Algo(False),
+    "grpo_replay": Algo(True),
     "grpo_both": Algo(False, ("bcq", "ncq")),
     "grpo_replay_bcq": Algo(True, ("bcq",)),
     "grpo_replay_ncq": Algo(True, ("ncq",)),
     "zppo": Algo(True, ("bcq", "ncq")),
+    "grpo_replay_hint": Algo(True, ("hint",)),
+    "grpo_replay_prefix": Algo(True, ("prefix",)),
+    "off_distill": Algo(False, loss="off_distill"),
+    "off_distill_replay": Algo(True, loss="off_distill"),
+    "on_distill": Algo(False, loss="on_distill"),
+    "on_distill_replay": Algo(True, loss="on_distill"),
 }
 
 
