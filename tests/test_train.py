@@ -140,3 +140,22 @@ def test_cli_reports_config_errors(capsys):
 def test_sglang_engine_on_the_cpu_is_a_clear_error(tiny_config):
     with pytest.raises(ConfigError, match="sglang runs on CUDA GPUs"):
         Trainer(tiny_config("--rollout.engine", "sglang"), progress=False)
+
+
+def test_activation_checkpointing_gives_the_same_gradient(tiny_config):
+    """Recomputing each decoder layer in the backward must not change the gradient."""
+    grads, forwards = [], []
+    for checkpointing in ("false", "true"):
+        trainer = Trainer(tiny_config("--run.steps", "1", "--parallel.activation_checkpointing", checkpointing),
+                          progress=False)
+        batch = random_batch(len(trainer.tokenizer), n_groups=3)
+        old, _ = trainer.logprobs(batch)
+        saved = []  # tensors the forward keeps for the backward, outside the layers' own checkpoints
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+            trainer.policy(trainer.microbatches(batch, list(range(len(batch))))[0])
+        trainer.backward_minibatch(batch, list(range(len(batch))), old, torch.linspace(-1, 1, len(batch)))
+        grads.append(full_grads(trainer))
+        forwards.append(len(saved))
+    assert forwards[1] < forwards[0] / 10  # the layers' activations are recomputed, not kept
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

@@ -13,10 +13,13 @@ count of the whole optimizer step, so the sum is that step's gradient at any wor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from zppo_fast.config import ParallelConfig
 from zppo_fast.model import DTYPES, Policy
@@ -28,10 +31,9 @@ def parallelize(policy: Policy, mesh: DeviceMesh, cfg: ParallelConfig, device: t
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=torch.float32)
     for layer in policy.lm.get_decoder().layers:
         if cfg.activation_checkpointing:
-            # The composable form keeps parameter names unchanged (no wrapper module in the path).
-            from torch.distributed._composable import checkpoint
-
-            checkpoint(layer)
+            # Wrapping the instance's forward (not the module) keeps parameter names unchanged;
+            # FSDP2 gathers the layer again before its backward, where the recompute runs.
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
         if cfg.compile:
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp)
