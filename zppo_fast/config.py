@@ -127,7 +127,10 @@ class ParallelConfig:
     param_dtype: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer
-    packing: bool = True  # sequences of a micro-batch packed into one row (no padding)
+    # Sequences of a micro-batch packed into one row (no padding) or right-padded. None: packed
+    # on CUDA; padded on the CPU, where the packed row's block-diagonal attention mask costs more
+    # than the padding it saves (bench/RESULTS.md, "Train step").
+    packing: bool | None = None
     max_tokens_per_microbatch: int = 4096  # positions per forward; does not change the gradient
     weight_bucket_mb: int = 512  # bucket size of the weight push into the rollout engine
 
