@@ -159,3 +159,10 @@ def test_activation_checkpointing_gives_the_same_gradient(tiny_config):
     assert forwards[1] < forwards[0] / 10  # the layers' activations are recomputed, not kept
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_keeps_only_the_last_checkpoints(tiny_config):
+    trainer = Trainer(tiny_config("--run.steps", "3", "--run.checkpoint_every", "1", "--run.keep_last", "2"),
+                      progress=False)
+    trainer.fit()
+    assert sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir()) == ["step_2", "step_3"]

@@ -8,8 +8,9 @@ Attention must not cross sequence boundaries. How each layer kind gets that:
   block-diagonal causal mask (SDPA / eager); with flash-attn installed the `cu_seq_lens_*`
   arguments we pass select its varlen kernel. Either way no padding is computed.
 * Gated DeltaNet (Qwen3.5's linear-attention layers): transformers' PyTorch path (the CPU, and
-  GPUs without flash-linear-attention) ignores `cu_seq_lens_*` — its causal conv and its
-  recurrence would run across boundaries and leak one sequence's state into the next. So
+  GPUs without flash-linear-attention) cannot keep packed sequences apart — told the boundaries
+  (`cu_seq_lens_*`) it refuses, and given only restarting position ids its causal conv and its
+  recurrence run across them, leaking one sequence's state into the next. So
   `segment_linear_attention` makes each such mixer unpack its row into right-padded sequences,
   run them as a batch with the padding mask, and re-pack the output. Projections, MLPs and full
   attention stay packed; only these mixers compute on padding (reported by `linear_padding`).
