@@ -7,6 +7,10 @@ and each rank's share into micro-batches of at most `max_tokens` positions (one 
 backward each, packed into one row by default). Every rank holds the whole batch, so every rank
 can compute every rank's split, and all ranks run the same number of micro-batches (filler
 micro-batches with no loss tokens make up the difference: FSDP2's collectives must pair up).
+
+Rollouts of image questions (a VLM student) carry their prompt's encoded images. They are never
+packed (Qwen3.5's 3-D image positions are per sequence, see zppo_fast/vlm.py): a rank's image rows
+form right-padded `ImageMicroBatch`es of their own, its text rows the configured layout.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zppo_fast.packing import MicroBatch, pack
+from zppo_fast.vlm import EncodedImages, VLMPrompt, image_micro_batch
 
 
 @dataclass
@@ -24,6 +29,7 @@ class Rollout:
     response_ids: list[int]
     reward: float
     group: int  # rollouts with the same group id share a baseline
+    images: EncodedImages | None = None  # the prompt's images (shared by its group), whose placeholders it holds
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
@@ -88,11 +94,21 @@ class RolloutBatch:
 
     def microbatches(self, rows: list[int], rank: int, world_size: int, max_tokens: int, *, packed: bool = True,
                      pad_id: int = 0) -> list[MicroBatch]:
-        """This rank's micro-batches of `rows`, padded with fillers to the most any rank has."""
+        """This rank's micro-batches of `rows`, padded with fillers to the most any rank has: text
+        rows in the `packed` layout, then image rows right-padded with their images."""
+
+        def chunks(share: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+            text = [i for i in share if self.rollouts[i].images is None]
+            image = [i for i in share if self.rollouts[i].images is not None]
+            return self.token_chunks(text, max_tokens, packed), self.token_chunks(image, max_tokens, packed=False)
+
         shares = self.split_ranks(rows, world_size)
-        counts = [len(self.token_chunks(s, max_tokens, packed)) for s in shares]
-        out = [pack([self.rollouts[i].prompt_ids + self.rollouts[i].response_ids for i in chunk],
-                    [len(self.rollouts[i].prompt_ids) for i in chunk], chunk, packed=packed, pad_id=pad_id)
-               for chunk in self.token_chunks(shares[rank], max_tokens, packed)]
+        counts = [sum(map(len, chunks(s))) for s in shares]
+        text, image = chunks(shares[rank])
+        r = self.rollouts
+        out = [pack([r[i].prompt_ids + r[i].response_ids for i in chunk], [len(r[i].prompt_ids) for i in chunk], chunk,
+                    packed=packed, pad_id=pad_id) for chunk in text]
+        out += [image_micro_batch([VLMPrompt(r[i].prompt_ids, r[i].images) for i in chunk],
+                                  [r[i].response_ids for i in chunk], pad_id, chunk) for chunk in image]
         filler = pack([[pad_id, pad_id]], [1], [], packed=packed, pad_id=pad_id, loss=False)
         return out + [filler] * (max(counts) - len(out))

@@ -42,6 +42,19 @@ class TaskConfig:
 
 
 @dataclass
+class DataConfig:
+    """Training and held-out questions from the user's files (zppo_fast/file_task.py). With no
+    `train` files the run uses the embedded arithmetic task ([task]) and its warm-up."""
+
+    train: list[str] = field(default_factory=list)  # .jsonl / .parquet files or datasets folders
+    heldout: list[str] = field(default_factory=list)  # evaluated every run.eval_every steps
+    grader: str = "boxed"  # boxed | choice | math_verify | judge (the teacher judges), in training
+    heldout_grader: str | None = None  # None: the same as `grader`
+    skip_bad_rows: bool = True  # count and skip invalid rows (reported at startup) instead of stopping
+    max_prompt_tokens: int = 4096  # plain prompts longer than this are dropped at load, and counted
+
+
+@dataclass
 class SFTConfig:
     """The supervised warm-up that gives RL a student which earns some reward."""
 
@@ -143,7 +156,13 @@ class RunConfig:
     checkpoint_every: int = 10
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     eval_every: int = 5
-    eval_size: int = 128  # held-out questions, greedy, one sample each
+    eval_size: int = 128  # arithmetic task: held-out questions, greedy, one sample each
+    # data.heldout files: samples per question and the decoding (the paper's evaluation defaults);
+    # responses capped at rollout.max_new_tokens, as in training
+    eval_samples: int = 1
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_top_k: int = 20  # 0: no top-k
     device: str = "auto"  # auto | cpu | cuda
     # Intra-op threads on the CPU. The tiny default's ops are small: with more than one thread,
     # OpenMP hand-offs (and any other process on the cores) cost more than the work itself.
@@ -156,6 +175,7 @@ class RunConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rl: RLConfig = field(default_factory=RLConfig)
@@ -182,6 +202,18 @@ def _coerce(value: object, kind: object, key: str) -> object:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, args[0], key)
+    if typing.get_origin(kind) is list:
+        # TOML gives a list; the command line a JSON list ('["a.jsonl", "b.jsonl"]') or comma-separated text.
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config key '{key}' expects a list, got {value!r}: {e}") from None
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        (item,) = typing.get_args(kind)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     try:
         if kind is bool:
             if isinstance(value, bool):

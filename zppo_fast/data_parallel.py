@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from zppo_fast.distributed import Distributed
 from zppo_fast.engine import MEMORY_TAGS, RolloutEngine, Sample, SamplingParams
@@ -28,21 +29,23 @@ class DataParallelEngine:
         if (engine is not None) != (dist.rank in self.owners):
             raise ValueError(f"rank {dist.rank}: engine given = {engine is not None}, but owners = {self.owners}")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: Sequence[Sequence[Any]] | None = None) -> list[list[Sample]]:
         """`params.n` samples per prompt, the same list on every rank, in prompt order.
 
         Owner k of K samples prompts [k * P // K, (k + 1) * P // K) with its own seed (owner 0
         keeps `params.seed`, so one rank reproduces a plain engine); every rank must call this
-        with the same prompts.
+        with the same prompts. `images[i]` (VLM students) goes with prompts[i], as in `RolloutEngine`.
         """
         if self.dist.world_size == 1:
-            return self.engine.generate(prompts, params)
+            return self.engine.generate(prompts, params, **({} if images is None else {"images": images}))
         local = []
         if self.engine is not None:
             k, n = self.owners.index(self.dist.rank), len(self.owners)
-            share = prompts[k * len(prompts) // n : (k + 1) * len(prompts) // n]
-            if share:
-                local = self.engine.generate(share, replace(params, seed=params.seed + 1_000_003 * k))
+            lo, hi = k * len(prompts) // n, (k + 1) * len(prompts) // n
+            if hi > lo:
+                local = self.engine.generate(prompts[lo:hi], replace(params, seed=params.seed + 1_000_003 * k),
+                                             **({} if images is None else {"images": images[lo:hi]}))
         return [group for part in self.dist.all_gather(local) for group in part]
 
     def update_weights(self, buckets, names=None) -> None:

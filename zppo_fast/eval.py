@@ -45,6 +45,7 @@ from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.graders import GradeItem, Grader, get_grader
 from zppo_fast.reward import grade
 from zppo_fast.task import Problem
+from zppo_fast.vlm import record_prompt
 
 # The paper's evaluation decoding (Sec. 4 setup); the maximum response length as in training.
 EVAL_TEMPERATURE, EVAL_TOP_P, EVAL_TOP_K = 0.6, 0.95, 20
@@ -112,8 +113,10 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 def evaluate_records(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, records: Iterable[Record],
                      grader: Grader, params: SamplingParams, *, batch_questions: int = 32,
-                     on_sample=None, progress=None) -> tuple[float, int, int]:
+                     on_sample=None, progress=None, processor=None) -> tuple[float, int, int]:
     """Sample `params.n` responses per record and grade them, `batch_questions` records at a time.
+
+    `processor` (a VLM student's, zppo_fast/vlm.py): prompts carry the records' images.
 
     Returns (sum over questions of the correct fraction, questions, malformed verdicts).
     `on_sample(record, index, sample, verdict)` is called once per sample (for the JSONL log);
@@ -121,7 +124,11 @@ def evaluate_records(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, 
     """
     total, count, malformed = 0.0, 0, 0
     for batch in _batches(records, batch_questions):
-        groups = engine.generate([chat_prompt_ids(tokenizer, r.prompt_text()) for r in batch], params)  # B x n
+        if processor is None:
+            groups = engine.generate([chat_prompt_ids(tokenizer, r.prompt_text()) for r in batch], params)  # B x n
+        else:
+            groups = engine.generate([record_prompt(processor, r).input_ids for r in batch], params,
+                                     images=[r.images for r in batch])
         items = [GradeItem(r.question, s.text, r.answer, r.choices, r.options_text())
                  for r, group in zip(batch, groups) for s in group]
         verdicts = iter(grader.grade_batch(items))  # one call for the whole batch: the judge batches it
@@ -144,11 +151,13 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
                    params: SamplingParams, samples: int | None = None, out_dir: str | Path | None = None, *,
                    judge_engine: RolloutEngine | None = None, judge_tokenizer: PreTrainedTokenizerBase | None = None,
                    judge_max_new_tokens: int = 512, max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, skip_bad_rows: bool = False,
-                   batch_questions: int = 32, progress: bool = True, meta: dict | None = None) -> list[EvalResult]:
+                   batch_questions: int = 32, progress: bool = True, meta: dict | None = None,
+                   processor=None) -> list[EvalResult]:
     """Evaluate every data set; return one `EvalResult` each, and write them when `out_dir` is set.
 
     samples: K samples per question (overrides `params.n`; None keeps it). The judge grader uses
-    `judge_engine`/`judge_tokenizer`. With `out_dir`: out_dir/eval.json (results, decoding and
+    `judge_engine`/`judge_tokenizer`; `processor` (VLM students) puts each record's images in its
+    prompt. With `out_dir`: out_dir/eval.json (results, decoding and
     `meta`) and out_dir/responses.jsonl (every sample with its verdict), written as they come.
     """
     from tqdm.auto import tqdm
@@ -182,7 +191,8 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
             with tqdm(total=data.num_rows_hint(), desc=f"eval {s.name}", unit="q", disable=not progress) as bar:
                 total, count, malformed = evaluate_records(engine, tokenizer, data, graders[s.grader], params,
                                                            batch_questions=batch_questions,
-                                                           on_sample=write if log else None, progress=bar)
+                                                           on_sample=write if log else None, progress=bar,
+                                                           processor=processor)
             results.append(EvalResult(s.name, s.path, s.grader, count, params.n, total / count if count else 0.0,
                                       malformed, data.stats.too_long, sum(data.stats.bad.values())))
             if data.stats.too_long or data.stats.bad:

@@ -149,14 +149,18 @@ def _parameters_on_meta():
 def model_from_config(path: str | Path, dtype: str = "float32", *, meta: bool = False,
                       device: torch.device | str = "cpu") -> PreTrainedModel:
     """The causal LM described by `path`/config.json with freshly initialized weights, or with
-    its parameters on the meta device (no memory) for FSDP2 to shard and fill."""
+    its parameters on the meta device (no memory) for FSDP2 to shard and fill. A config with a
+    vision tower builds the image-text-to-text model (`zppo_fast.vlm`), not its text half."""
     path = _model_folder(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises many types; the user needs the path and the cause
         raise ModelLoadError(f"cannot read the model config in {path}: {type(e).__name__}: {e}") from e
+    from transformers import AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
     with _parameters_on_meta() if meta else torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        return auto.from_config(config, dtype=DTYPES[dtype])
 
 
 class Policy(nn.Module):

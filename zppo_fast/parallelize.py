@@ -9,6 +9,16 @@ after), the root unit holds the embedding, final norm and lm_head. On the GPU pa
 in bf16 and gradients reduce in fp32; the sharded master weights and AdamW states stay fp32.
 Gradients are summed, not averaged, over ranks: each rank's loss is already divided by the token
 count of the whole optimizer step, so the sum is that step's gradient at any world size.
+
+Vision-language students (zppo_fast/vlm.py): `get_decoder()` is the text decoder
+(`model.language_model` of Qwen3_5ForConditionalGeneration), so its layers are the per-layer units
+as for a text model; the vision tower (`model.visual`: patch embedding, blocks, merger) stays in the
+root unit, on purpose. A micro-batch without images skips the tower, so on one rank the tower runs
+and on another it does not: a unit of its own would all-gather on the first rank only (a hang).
+In the root it is gathered with the root on every forward, and `set_reduce_scatter_unused_params`
+makes a rank that did not use it reduce zeros, so every rank's reduce-scatter holds the same
+tensors. The cost: the tower's full weights (and gradients) are held on every rank while the root
+is gathered, through the forward and backward of each micro-batch, like the embedding and lm_head.
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ def parallelize(policy: Policy, mesh: DeviceMesh, cfg: ParallelConfig, device: t
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(policy, mesh=mesh, mp_policy=mp)
+    if getattr(policy.lm.config, "vision_config", None) is not None:
+        policy.set_reduce_scatter_unused_params(True)  # image-less micro-batches leave the tower unused
     for module in policy.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

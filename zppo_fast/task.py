@@ -21,10 +21,14 @@ ITEMS = ("pens", "cards", "shells", "coins")
 
 @dataclass(frozen=True)
 class Problem:
+    """One question as the trainer sees it; the replay buffer keeps only `id`."""
+
     id: int
-    question: str
+    question: str  # what the student is asked, before the closing instruction
     answer: str
-    solution: str  # a worked solution in the format the closing instruction asks for
+    solution: str = ""  # a worked solution in the closing instruction's format ("" when unknown: data files)
+    images: tuple[str | bytes, ...] = ()  # paths or encoded bytes (zppo_fast.datasets.Record.images)
+    choices: tuple[str, ...] = ()  # multiple choice: the options, already lettered in `question`
 
 
 class ArithmeticTask:

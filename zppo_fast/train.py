@@ -6,7 +6,8 @@ step, read top to bottom in `Trainer.step`:
   1. questions   B_new new question ids from the training stream, plus round(rho_replay * B_new)
                  drawn uniformly from the replay buffer (algos with a buffer).
   2. rollouts    G_S samples per question from the rollout engine (temperature 1, top-p 1);
-                 reward r in {0, 1}: the last \\boxed{} answer graded against the gold answer.
+                 reward r in {0, 1} from the grader (`data.grader`; by default the last \\boxed{}
+                 answer against the gold answer). Image questions carry their images (VLM students).
   3. teacher     hard questions (accuracy < 0.5) get G_T fresh teacher rollouts; compressed
                  candidates make BCQ / NCQ prompts (zppo), or one teacher-correct rollout makes a
                  Hint prompt or a forced Prefix (baselines); capped at rho_aug * B_new, lowest
@@ -33,6 +34,13 @@ step, read top to bottom in `Trainer.step`:
                  With SGLang the engines time-share the GPUs with training: the student's releases
                  its memory after the rollouts and takes it back around the push; the teacher's is
                  resumed only for step 3 (zppo_fast/sglang_engine.py, `step_order`).
+
+Questions: the embedded arithmetic task (zppo_fast/task.py), or the user's files (`[data] train`,
+zppo_fast/file_task.py: validated in one pass at startup, bad rows skipped and counted). Held-out
+files (`[data] heldout`) are evaluated every `run.eval_every` steps through the student's engine
+(`zppo_fast.eval.evaluate_files`: per-file accuracy as `eval/<name>_acc`, responses under
+RUN_DIR/eval/step_N). A vision-language student (`model.path` with a vision tower, zppo_fast/vlm.py)
+sees each question's images in every prompt, plain or guided, and in the training forward.
 
 Parallelism: every run is a torch.distributed world (of one without torchrun). The student is
 sharded with FSDP2 (zppo_fast/parallelize.py); rollouts are data parallel (each rank samples
@@ -69,18 +77,22 @@ from zppo_fast.checkpoint import (CheckpointError, latest_checkpoint, load_shard
 from zppo_fast.config import Config, ConfigError, load_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
+from zppo_fast.datasets import DatasetError, DatasetFile
 from zppo_fast.distributed import destroy_distributed, init_distributed
 from zppo_fast.engine import KV_CACHE, WEIGHTS, SamplingParams, TransformersEngine
-from zppo_fast.eval import accuracy
+from zppo_fast.eval import _pair_graders, accuracy, eval_sampling_params, evaluate_files
+from zppo_fast.file_task import FileTask, grade_item
+from zppo_fast.graders import get_grader
 from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, peak_memory_mb
 from zppo_fast.model import ModelLoadError, Policy, load_model, load_tokenizer, model_from_config, read_state_dict
 from zppo_fast.parallelize import load_full_state, parallelize
 from zppo_fast.replay import PromptReplayBuffer
 from zppo_fast.report import write_report
-from zppo_fast.reward import final_answer, grade
+from zppo_fast.reward import final_answer
 from zppo_fast.sft import ensure_warm_start
-from zppo_fast.task import ArithmeticTask
+from zppo_fast.task import ArithmeticTask, Problem
+from zppo_fast.vlm import VLMPolicy, VLMPrompt, is_vlm, load_processor, vlm_prompt
 from zppo_fast.weight_sync import iter_weight_buckets, weight_names, weight_shapes
 from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, replay_count
 
@@ -132,32 +144,44 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {checkpoint} is from a different model config "
                                       f"(checkpoint vs now: {diff})")
 
-        # 2. The task and the stream of training questions; the held-out questions for evaluation.
-        self.task = ArithmeticTask(**vars(cfg.task))
-        self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
-        # A seeded sample, not a prefix: consecutive ids are one fact in its 24 wordings.
-        heldout = self.task.heldout_ids()
-        self.heldout = [self.task.problem(q) for q in
-                        sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
-
-        # 3. The frozen teacher (algos with one), a full copy on every rank: a Hugging Face
-        #    folder, or the tiny student architecture with a longer warm-up whose early snapshot
-        #    is the student.
+        # 2. The frozen teacher (algos with one, and the LLM judge when a grader is "judge"), a full
+        #    copy on every rank: a Hugging Face folder, or the tiny student architecture with a longer
+        #    warm-up whose early snapshot is the student.
+        self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
+        self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
+        judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
         self.teacher_engine = teacher_dir = teacher_tok = None
-        if self.algo.teacher:
+        if self.algo.teacher or judge:
             teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
                                                                    snapshots=(cfg.sft.steps,))
             teacher_tok = load_tokenizer(teacher_dir)
             self.teacher_engine = self.make_engine("teacher", teacher_dir, teacher_tok)
             self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
+        self.teacher_tokenizer = teacher_tok
 
-        # 4. The student, built on the meta device, sharded by FSDP2, then filled: from the
+        # 3. The student, built on the meta device, sharded by FSDP2, then filled: from the
         #    checkpoint being resumed (each rank reads its shards), or from a Hugging Face folder /
-        #    the cached warm-up (rank 0 reads, every rank receives its shards).
+        #    the cached warm-up (rank 0 reads, every rank receives its shards). A vision-language
+        #    student (its config has a vision tower) also needs its processor, from model.path, and
+        #    `VLMPolicy`, which runs its image micro-batches through the vision tower.
         source = checkpoint or Path(cfg.model.path or self.warm_start(cfg.sft))
         self.tokenizer = load_tokenizer(source)
-        self.policy = parallelize(Policy(model_from_config(source, cfg.model.dtype, meta=True)), dist.mesh,
-                                  cfg.parallel, self.device)
+        lm = model_from_config(source, cfg.model.dtype, meta=True)
+        self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
+        self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
+
+        # 4. The questions: the user's files, validated in one pass now, or the arithmetic task; the
+        #    stream of training ids; the held-out set (arithmetic: a seeded sample, not a prefix, as
+        #    consecutive ids are one fact in its 24 wordings; files: checked to exist now).
+        self.task = self.make_task()
+        self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
+        heldout = self.task.heldout_ids()
+        self.heldout = [self.task.problem(q) for q in
+                        sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
+        self.heldout_sets = _pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
+        for s in self.heldout_sets:
+            DatasetFile(s.path)  # raises DatasetError now, naming the file, if it is missing or of no known format
+        self.grader = get_grader(self.train_grader, **self.judge_kwargs(self.train_grader))
 
         # 5. AdamW over the parameter shards, constant learning rate.
         rl = cfg.rl
@@ -199,9 +223,14 @@ class Trainer:
             self.buffer = PromptReplayBuffer(cfg.zppo.replay_capacity, seed=cfg.run.seed,
                                              threshold=cfg.zppo.hard_threshold)
 
-        # 9. On resume: data position, buffer, RNG and step, exactly as they were saved.
+        # 9. On resume: data position, buffer, RNG and step, exactly as they were saved (the data
+        #    files must still hold the same records: replayed ids index them).
         self.step_idx = 0
         if state is not None:
+            if state.get("data_fingerprint") != getattr(self.task, "fingerprint", None):
+                raise CheckpointError(f"checkpoint {checkpoint} was trained on other data (fingerprint "
+                                      f"{state.get('data_fingerprint')}, now {getattr(self.task, 'fingerprint', None)}): "
+                                      "the [data] train files or their settings changed")
             self.stream.load_state_dict(state["data"])
             if self.buffer is not None:
                 self.buffer.load_state_dict(state["replay"])
@@ -221,7 +250,8 @@ class Trainer:
         if cfg.engine == "transformers":
             model = model_from_config(folder, dtype, device=self.device) if role == "student" else \
                 load_model(folder, dtype)[0].to(self.device).eval().requires_grad_(False)
-            return DataParallelEngine(TransformersEngine(model, tokenizer, cfg.batch_size), dist)
+            processor = self.processor if role == "student" else None
+            return DataParallelEngine(TransformersEngine(model, tokenizer, cfg.batch_size, processor=processor), dist)
         if cfg.engine != "sglang":
             raise ConfigError(f"rollout.engine must be transformers or sglang, got {cfg.engine!r}")
         from zppo_fast.sglang_engine import SGLangEngine, SGLangEngineConfig, import_sglang, teacher_placement
@@ -266,6 +296,33 @@ class Trainer:
             ensure_warm_start(cfg.model, cfg.task, sft, cfg.run.seed, self.progress, snapshots)
         self.dist.barrier()
         return ensure_warm_start(cfg.model, cfg.task, sft, cfg.run.seed, progress=False)
+
+    def make_task(self) -> ArithmeticTask | FileTask:
+        """The arithmetic task, or the `[data] train` files' records. Every rank reads the files
+        (the same pass gives the same ids, checked here); rank 0 reports the counts."""
+        cfg = self.cfg
+        self.data_counts: dict[str, float] = {}
+        if not cfg.data.train:
+            return ArithmeticTask(**vars(cfg.task))
+        task = FileTask(cfg.data.train, tokenizer=self.tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                        skip_bad_rows=cfg.data.skip_bad_rows)
+        if len(set(self.dist.all_gather(task.fingerprint))) > 1:
+            raise DatasetError(f"the ranks read different records from {cfg.data.train}: every rank needs the same "
+                               "files (a shared file system, or identical copies)", str(cfg.data.train[0]))
+        if task.has_images and self.processor is None:
+            row = next(r for r in task.records if r.images)
+            raise ConfigError(f"{row.source}: a row with images, but the student is a text model; set model.path "
+                              "to an image-text-to-text model folder (zppo_fast/vlm.py)")
+        self.data_counts = task.counts()
+        if self.dist.is_main:
+            tqdm.write(task.report())
+        return task
+
+    def judge_kwargs(self, grader: str) -> dict:
+        """The judge grader's engine: the teacher's, with the teacher's tokenizer."""
+        if grader != "judge":
+            return {}
+        return {"engine": self.teacher_engine, "tokenizer": self.teacher_tokenizer}
 
     # ---------------------------------------------------------------- one rollout step
     def step(self) -> dict[str, float]:
@@ -367,19 +424,38 @@ class Trainer:
         """
         cfg = self.cfg
         prefixes = prefixes or [[] for _ in prompt_texts]
-        prompts = [chat_prompt_ids(self.tokenizer, text) + prefix for text, prefix in zip(prompt_texts, prefixes)]
+        prompts = [self.prompt(text, p) for text, p in zip(prompt_texts, problems)]
         params = SamplingParams(n=cfg.rl.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
                                 seed=(cfg.run.seed * 1_000_003 + self.step_idx) * 2 + (first_group > 0))
-        groups = self.engine.generate(prompts, params) if prompts else []
+        images = {"images": [p.images for p in problems]} if self.processor is not None else {}
+        groups = self.engine.generate([q.input_ids + prefix for q, prefix in zip(prompts, prefixes)], params,
+                                      **images) if prompts else []
 
         def answer(s, prefix) -> str:
             return self.tokenizer.decode(prefix + s.token_ids, skip_special_tokens=True) if prefix else s.text
 
-        batch = RolloutBatch([Rollout(prompt, s.token_ids, grade(answer(s, prefix), p.answer), first_group + g)
-                              for g, (prompt, prefix, p, group) in enumerate(zip(prompts, prefixes, problems, groups))
-                              for s in group])
+        rewards = iter(self.grade([grade_item(p, answer(s, prefix))
+                                   for prefix, p, group in zip(prefixes, problems, groups) for s in group]))
+        batch = RolloutBatch([Rollout(q.input_ids + prefix, s.token_ids, next(rewards), first_group + g, q.images)
+                              for g, (q, prefix, group) in enumerate(zip(prompts, prefixes, groups)) for s in group])
         return batch, [s for group in groups for s in group]
+
+    def prompt(self, text: str, problem: Problem) -> VLMPrompt:
+        """The student's chat prompt for `text` (the question, or a guided prompt built on it): with
+        a VLM student, the question's images go in front of the text, their placeholders expanded."""
+        if self.processor is None:
+            return VLMPrompt(chat_prompt_ids(self.tokenizer, text), None)
+        return vlm_prompt(self.processor, text, problem.images)
+
+    def grade(self, items) -> list[float]:
+        """Rewards in {0, 1} from the training grader, one batched call (the judge: on the teacher's engine)."""
+        if self.train_grader == "judge":
+            self.teacher_engine.resume_memory()
+        verdicts = self.grader.grade_batch(items)
+        if self.train_grader == "judge":
+            self.teacher_engine.release_memory()
+        return [v.score for v in verdicts]
 
     def guided_metrics(self, guided, batch: RolloutBatch, samples) -> dict[str, float]:
         """The student's accuracy on each kind of guided prompt; for BCQ / NCQ also how often it
@@ -499,12 +575,36 @@ class Trainer:
         }
 
     # ---------------------------------------------------------------- the run
-    def evaluate(self) -> float:
-        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens)
-        return accuracy(self.engine, self.tokenizer, self.heldout, params)
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy metrics. `[data] heldout` files: pass@1 over `run.eval_samples` samples
+        with the evaluation decoding, `eval/<name>_acc` per file; every rank calls the engine with
+        the same prompts (data-parallel generate), rank 0 writes RUN_DIR/eval/step_N. Otherwise the
+        arithmetic task's held-out sample, greedy: `eval/heldout_acc` ({} with neither)."""
+        cfg, run = self.cfg, self.cfg.run
+        if not self.heldout_sets:
+            if not self.heldout:
+                return {}
+            params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
+            return {"eval/heldout_acc": accuracy(self.engine, self.tokenizer, self.heldout, params)}
+        params = eval_sampling_params(run.eval_samples, cfg.rollout.max_new_tokens, run.eval_temperature,
+                                      run.eval_top_p, run.eval_top_k, seed=run.seed * 1_000_003 + self.step_idx)
+        judge = self.heldout_grader == "judge"
+        if judge:
+            self.teacher_engine.resume_memory()
+        kw = self.judge_kwargs(self.heldout_grader)
+        results = evaluate_files(
+            self.engine, self.tokenizer, self.heldout_sets, params,
+            out_dir=self.run_dir / "eval" / f"step_{self.step_idx}" if self.dist.is_main else None,
+            judge_engine=kw.get("engine"), judge_tokenizer=kw.get("tokenizer"),
+            max_prompt_tokens=cfg.data.max_prompt_tokens, skip_bad_rows=cfg.data.skip_bad_rows,
+            progress=self.progress, processor=self.processor, meta={"step": self.step_idx})
+        if judge:
+            self.teacher_engine.release_memory()
+        return {f"eval/{r.name}_acc": r.accuracy for r in results}
 
     def save(self) -> Path:
-        state = {"data": self.stream.state_dict(), "model_config": asdict(self.cfg.model)}
+        state = {"data": self.stream.state_dict(), "model_config": asdict(self.cfg.model),
+                 "data_fingerprint": getattr(self.task, "fingerprint", None)}
         if self.buffer is not None:
             state["replay"] = self.buffer.state_dict()
             if self.dist.is_main:
@@ -530,18 +630,24 @@ class Trainer:
         say = tqdm.write if main_rank else (lambda _: None)
         say(f"zppo_fast: run folder {self.run_dir}, {self.dist.world_size} rank(s) on {self.device.type}, "
             f"{sum(p.numel() for p in self.policy.parameters()) / 1e6:.2f}M parameters")
-        if self.step_idx == 0 and cfg.eval_every > 0:
-            acc = self.evaluate()
-            if main_rank:
-                self.metrics.log(0, {"eval/heldout_acc": acc})
-            say(f"step 0: held-out accuracy {acc:.3f}")
+        if self.step_idx == 0:
+            start = dict(self.data_counts)  # data files: rows read, kept, too long, bad (startup pass)
+            if cfg.eval_every > 0:
+                evaluation = self.evaluate()
+                start.update(evaluation)
+                if evaluation:
+                    say("step 0: " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation.items()))
+            if main_rank and start:
+                self.metrics.log(0, start)
         bar = tqdm(range(self.step_idx, cfg.steps), initial=self.step_idx, total=cfg.steps, desc="rl",
                    disable=not self.progress, dynamic_ncols=True)
         for _ in bar:
             metrics = self.step()
             if cfg.eval_every > 0 and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
-                metrics["eval/heldout_acc"] = self.evaluate()
-                say(f"step {self.step_idx}: held-out accuracy {metrics['eval/heldout_acc']:.3f}")
+                evaluation = self.evaluate()
+                metrics.update(evaluation)
+                if evaluation:
+                    say(f"step {self.step_idx}: " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation.items()))
             if main_rank:
                 self.metrics.log(self.step_idx, metrics)
             history.append(metrics)
@@ -572,8 +678,9 @@ def main(argv: list[str] | None = None) -> None:
             saved = Path(resume) / "config.json"
             if not saved.is_file():
                 raise ConfigError(f"--resume {resume}: no config.json there, not a run folder")
-            cfg = load_config(None, [f"--{s}.{k}={v}" for s, part in json.loads(saved.read_text()).items()
-                                     for k, v in part.items()] + argv)
+            cfg = load_config(None, [f"--{s}.{k}={json.dumps(v) if isinstance(v, list) else v}"
+                                     for s, part in json.loads(saved.read_text()).items() for k, v in part.items()]
+                              + argv)
         else:
             cfg = load_config(config_file, argv)
     except ConfigError as e:
@@ -583,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
         if trainer.dist.is_main:
             print(cfg.to_json())
         trainer.fit()
-    except (ConfigError, CheckpointError, ModelLoadError, ImportError) as e:
+    except (ConfigError, CheckpointError, ModelLoadError, DatasetError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         destroy_distributed()

@@ -136,7 +136,19 @@ def is_vlm(model: torch.nn.Module) -> bool:
 
 def load_vlm(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, Any]:
     """An image-text-to-text model and its processor from a local folder (never the network)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    except Exception as e:  # transformers raises many types; the user needs the path and the cause
+        raise ModelLoadError(f"cannot load an image-text-to-text model from {path}: {type(e).__name__}: {e}") from e
+    return model, processor
+
+
+def load_processor(path: str | Path) -> Any:
+    """The processor (image processor + tokenizer) of a local image-text-to-text folder."""
+    from transformers import AutoProcessor
 
     path = _model_folder(path)
     try:
@@ -156,11 +168,7 @@ def load_vlm(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel,
                              "not an image-text-to-text model folder; use model.load_model for a text model")
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
-    except Exception as e:  # transformers raises many types; the user needs the path and the cause
-        raise ModelLoadError(f"cannot load an image-text-to-text model from {path}: {type(e).__name__}: {e}") from e
-    return model, processor
+    return processor
 
 
 # --- images -------------------------------------------------------------------------------------
