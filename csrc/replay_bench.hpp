@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "exit_log.hpp"
 #include "replay_ring.hpp"
 
 namespace zppo {
@@ -18,6 +19,8 @@ namespace zppo {
 //   admit       fresh ids through the lock-free admit() into a full ring (each also evicts)
 //   step_admit  fresh ids through step() batches into a full ring (owner: 1 thread)
 //   graduate    step() calls that graduate a full ring's worth of entries (owner: 1 thread)
+// step_admit and graduate run step() with the UpdateSink that PromptReplayBuffer.update()
+// uses: the same id outputs and life records (an ExitLog), just no Python around it.
 //   sample      sample(96) calls on a full ring (96 = 0.25 * 384, the paper's replay count)
 inline double bench_replay(const std::string& op, std::size_t capacity, std::size_t n, std::size_t threads) {
   using Clock = std::chrono::steady_clock;
@@ -34,26 +37,30 @@ inline double bench_replay(const std::string& op, std::size_t capacity, std::siz
 
   if ((op == "graduate" || op == "step_admit") && threads != 1)
     throw std::invalid_argument(op + " runs on the step owner only: threads must be 1");
+  ExitLog log;
   if (op == "step_admit") {
     fill(-static_cast<std::int64_t>(capacity));
-    std::vector<std::int64_t> batch(kBatch);
+    std::vector<std::int64_t> batch(kBatch), out(2 * kBatch);
     std::vector<double> accs(kBatch, 0.0);
     const auto t0 = Clock::now();
     for (std::size_t done = 0; done < n; done += kBatch) {
       for (std::size_t i = 0; i < kBatch; ++i) batch[i] = static_cast<std::int64_t>(done + i);
-      ring.step(batch.data(), accs.data(), kBatch, 1, 0.5);
+      UpdateSink sink{out.data(), &log};
+      ring.step(batch.data(), accs.data(), kBatch, 1, 0.5, sink);
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     return static_cast<double>((n + kBatch - 1) / kBatch * kBatch) / seconds;
   }
   if (op == "graduate") {
     std::vector<double> high(capacity, 1.0);
+    std::vector<std::int64_t> out(2 * capacity);
     double seconds = 0;
     std::size_t done = 0;
     for (std::int64_t round = 0; done < n; ++round) {
       fill(round * static_cast<std::int64_t>(capacity));
       const auto t0 = Clock::now();
-      ring.step(ids.data(), high.data(), capacity, 1, 0.5);
+      UpdateSink sink{out.data(), &log};
+      ring.step(ids.data(), high.data(), capacity, 1, 0.5, sink);
       seconds += std::chrono::duration<double>(Clock::now() - t0).count();
       done += capacity;
     }

@@ -10,12 +10,14 @@
 #include <string>
 #include <vector>
 
+#include "exit_log.hpp"
 #include "replay_bench.hpp"
 #include "replay_ring.hpp"
 
 namespace py = pybind11;
 using zppo::EntryState;
 using zppo::Exit;
+using zppo::ExitLog;
 using zppo::Record;
 using zppo::ReplayRing;
 
@@ -81,6 +83,47 @@ py::array_t<ExitRow> exits_to_rows(const std::vector<Exit>& exits) {
                      r.state == EntryState::kGraduated, std::int64_t{r.visits}, r.last_acc};
   }
   return rows;
+}
+
+// Index of the first accuracy that is NaN or outside [0, 1], or n.
+std::size_t first_bad_accuracy(const double* a, std::size_t n) {
+  bool bad = false;
+  for (std::size_t i = 0; i < n; ++i) bad |= !(a[i] >= 0.0 && a[i] <= 1.0);  // branch-free scan
+  if (!bad) return n;
+  for (std::size_t i = 0; i < n; ++i)
+    if (!(a[i] >= 0.0 && a[i] <= 1.0)) return i;
+  return n;
+}
+
+py::dict log_columns(const ExitLog& log) {
+  const auto n = static_cast<py::ssize_t>(log.size());
+  py::array_t<std::int64_t> qid(n), step_admitted(n), exit_step(n), visits(n);
+  py::array_t<double> acc_admitted(n), last_acc(n);
+  py::array_t<bool> graduated(n);
+  std::int64_t *q = qid.mutable_data(), *sa = step_admitted.mutable_data(), *es = exit_step.mutable_data(),
+               *v = visits.mutable_data();
+  double *aa = acc_admitted.mutable_data(), *la = last_acc.mutable_data();
+  bool* gr = graduated.mutable_data();
+  std::size_t i = 0;
+  log.for_each([&](const zppo::ExitRow& r) {
+    q[i] = r.qid;
+    sa[i] = r.step_admitted;
+    aa[i] = r.acc_admitted;
+    es[i] = r.exit_step;
+    gr[i] = r.graduated != 0;
+    v[i] = r.visits;
+    la[i] = r.last_acc;
+    ++i;
+  });
+  py::dict d;  // HISTORY_DTYPE's field order
+  d["qid"] = qid;
+  d["step_admitted"] = step_admitted;
+  d["acc_admitted"] = acc_admitted;
+  d["exit_step"] = exit_step;
+  d["graduated"] = graduated;
+  d["visits"] = visits;
+  d["last_acc"] = last_acc;
+  return d;
 }
 
 }  // namespace
@@ -156,6 +199,32 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
           },
           py::arg("qids"), py::arg("accs"), py::arg("step"), py::arg("threshold"),
           "One replay step; returns (admitted (a,), graduated (g,) rows, evicted (e,) rows).")
+      .def(
+          "update",
+          [](ReplayRing& r, const I64Array& qids, const F64Array& accs, std::int64_t step, double threshold,
+             ExitLog& log) -> py::object {
+            check_lengths(qids, accs);
+            const auto n = static_cast<std::size_t>(qids.shape(0));
+            // [admitted | graduated | evicted]: a + g <= n and e <= a, so 2n always fits.
+            py::array_t<std::int64_t> out(static_cast<py::ssize_t>(2 * n));
+            zppo::UpdateSink sink{out.mutable_data(), &log};
+            std::size_t bad;
+            {
+              py::gil_scoped_release nogil;  // once per batch
+              bad = first_bad_accuracy(accs.data(), n);
+              if (bad == n) r.step(qids.data(), accs.data(), n, step, threshold, sink);
+            }
+            if (bad != n) return py::int_(bad);
+            std::int64_t* base = out.mutable_data();
+            const py::handle owner = out;
+            auto view = [&](std::size_t at, std::size_t len) {
+              return py::array_t<std::int64_t>(static_cast<py::ssize_t>(len), base + at, owner);
+            };
+            return py::make_tuple(view(0, sink.a), view(sink.a, sink.g), view(sink.a + sink.g, sink.e));
+          },
+          py::arg("qids"), py::arg("accs"), py::arg("step"), py::arg("threshold"), py::arg("log"),
+          "One replay step, exits appended to `log`; returns (admitted, graduated, evicted) (a,), (g,), (e,) "
+          "int64 ids, or the index of the first accuracy that is NaN or outside [0, 1] (nothing changed).")
       .def("contains", &ReplayRing::contains, py::arg("qid"))
       .def(
           "records", [](const ReplayRing& r) { return records_to_dict(r.records()); },
@@ -178,6 +247,29 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
           py::arg("qid"), py::arg("step_admitted"), py::arg("acc_admitted"), py::arg("last_acc"),
           py::arg("visits"), py::arg("sampler_key"), py::arg("sampler_calls"),
           "Replace the contents with these live records (oldest first) and the sampler state.");
+
+  py::class_<ExitLog>(m, "ExitLog", "The life records: one row per exit, in exit order (csrc/exit_log.hpp).")
+      .def(py::init<>())
+      .def("__len__", &ExitLog::size)
+      .def("columns", &log_columns, "The rows as a dict of (x,) arrays in HISTORY_DTYPE's field order.")
+      .def_static(
+          "from_columns",
+          [](const I64Array& qid, const I64Array& step_admitted, const F64Array& acc_admitted, const I64Array& exit_step,
+             const py::array_t<bool, py::array::c_style>& graduated, const I64Array& visits, const F64Array& last_acc) {
+            const py::ssize_t n = qid.shape(0);
+            for (const py::ssize_t len : {step_admitted.shape(0), acc_admitted.shape(0), exit_step.shape(0),
+                                          graduated.shape(0), visits.shape(0), last_acc.shape(0)})
+              if (len != n) throw py::value_error("history arrays have different lengths");
+            ExitLog log;
+            log.reserve(static_cast<std::size_t>(n));
+            for (py::ssize_t i = 0; i < n; ++i)
+              log.append(zppo::ExitRow{qid.at(i), step_admitted.at(i), acc_admitted.at(i), exit_step.at(i),
+                                       last_acc.at(i), static_cast<std::int32_t>(visits.at(i)),
+                                       static_cast<std::uint8_t>(graduated.at(i)), {0, 0, 0}});
+            return log;
+          },
+          py::arg("qid"), py::arg("step_admitted"), py::arg("acc_admitted"), py::arg("exit_step"),
+          py::arg("graduated"), py::arg("visits"), py::arg("last_acc"));
 
   m.def(
       "bench",

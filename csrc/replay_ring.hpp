@@ -165,6 +165,8 @@ class ReplayRing {
   explicit ReplayRing(std::size_t capacity, std::uint64_t seed = 0)
       : sampler_key_(mix64(seed)), capacity_(capacity), index_(capacity) {
     if (capacity == 0) throw std::invalid_argument("capacity must be positive, got 0");
+    if (capacity > (std::size_t{1} << 30))  // slot indices must stay below kPending
+      throw std::invalid_argument("capacity must be at most 2**30, got " + std::to_string(capacity));
     // I1 with room for every in-flight admitter: at most capacity published entries plus,
     // per admitter, one claimed-but-unpublished ticket and one published-not-yet-evicted one.
     std::size_t n = 2;
@@ -244,44 +246,120 @@ class ReplayRing {
   // entries with acc >= threshold graduate, live ones below it get a visit, absent ones
   // below it are admitted at the tail in the order given, then the oldest entries beyond
   // capacity are evicted. Throws std::invalid_argument (ring unchanged) on duplicate ids.
-  StepResult step(const std::int64_t* qids, const double* accs, std::size_t n, std::int64_t step,
-                  double threshold) {
+  //
+  // What happened goes to `sink` (see VectorSink for the shape):
+  //   sink.begin(a, g, e)        once, before anything changes, with the exact numbers of
+  //                              admissions, graduations and evictions to come; it may throw
+  //                              (e.g. bad_alloc reserving room), leaving the ring unchanged;
+  //                              the calls below must not throw.
+  //   sink.graduated(rec, step)  each graduation, in the order given;
+  //   sink.admitted(qid)         each admission, in the order given;
+  //   sink.evicted(rec, step)    each eviction, oldest first (after all graduations).
+  //
+  // Cost per entry: one index probe (prefetched a few entries ahead) answers both the
+  // duplicate check (the bucket's stamp is this step's epoch) and membership, and leaves a
+  // pending bucket for a new id, which an admission then fills without hashing again.
+  template <typename Sink>
+  void step(const std::int64_t* qids, const double* accs, std::size_t n, std::int64_t step, double threshold,
+            Sink& sink) {
     AccessGate::Exclusive guard(gate_);
-    check_distinct(qids, n);
     catch_up_index();
-    // Exact reservations: growing large vectors step by step costs page faults every call.
-    StepResult result;
-    result.admitted.reserve(n);
-    result.graduated.reserve(n);
-    to_admit_.clear();
-    bool holes = false;
+    // Pass 1: classify every id; the ring is not touched, the index only gains pending
+    // buckets (undone on a duplicate) and stamps (made stale by the next epoch).
+    const std::uint32_t epoch = next_epoch();
+    members_.clear();
+    admits_.clear();
+    drops_.clear();
+    members_.reserve(n);  // may throw: before any change
+    admits_.reserve(n);
+    drops_.reserve(n);
+    index_.reserve(n);  // pending buckets below never grow the table (F1), so positions hold
+    std::size_t graduations = 0;
+    constexpr std::size_t kAhead = 8;  // probes in flight: hides the index's cache misses
+    for (std::size_t i = 0; i < n && i < kAhead; ++i) index_.prefetch(qids[i]);
     for (std::size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) index_.prefetch(qids[i + kAhead]);
+      const std::int64_t q = qids[i];
+      FlatIndex::Bucket& b = index_.probe(q);
       std::uint64_t p;
-      if (find_live(qids[i], p)) {
-        Slot& s = slot(p);
-        s.visits += 1;
-        s.last_acc = accs[i];
-        if (accs[i] >= threshold) {
-          s.state = EntryState::kGraduated;
-          result.graduated.push_back(Exit{s.record(), step});
-          index_.erase(qids[i]);
-          count_.fetch_sub(1, std::memory_order_relaxed);
-          holes = true;
-        }
-      } else if (accs[i] < threshold) {
-        to_admit_.push_back(i);
+      if (b.value == FlatIndex::kEmpty) {
+        index_.occupy(b, q, kPending, epoch);
+      } else if (b.stamp == epoch) {
+        undo_pending(qids);
+        throw std::invalid_argument("question_ids contains duplicate id " + std::to_string(q));
+      } else if (live_ticket(b.value, q, p)) {
+        b.stamp = epoch;
+        graduations += accs[i] >= threshold;
+        members_.push_back(Member{i, p});
+        continue;
+      } else {  // a stale id (evicted by a concurrent admit()): reuse its bucket
+        b.value = kPending;
+        b.stamp = epoch;
+      }
+      if (accs[i] < threshold) admits_.push_back(Pending{i, index_.position(b)});
+      else drops_.push_back(i);
+    }
+    const std::size_t live = count_.load(std::memory_order_relaxed);
+    const std::size_t after = live - graduations + admits_.size();
+    const std::size_t evictions = after > capacity_ ? after - capacity_ : 0;
+    try {
+      evicted_.clear();
+      evicted_.reserve(evictions);
+      sink.begin(admits_.size(), graduations, evictions);
+    } catch (...) {
+      undo_pending(qids);
+      throw;
+    }
+
+    // Pass 2: visits and graduations, in the order given. Nothing below throws.
+    for (const Member& m : members_) {
+      Slot& s = slot(m.ticket);
+      s.visits += 1;
+      s.last_acc = accs[m.i];
+      if (accs[m.i] >= threshold) {
+        s.state = EntryState::kGraduated;
+        sink.graduated(s.record(), step);
       }
     }
-    if (holes) compact();
-    result.evicted.reserve(to_admit_.size());
-    for (std::size_t i : to_admit_) {
-      index_.insert_or_assign(qids[i], tail_.load(std::memory_order_relaxed));
-      result.admitted.push_back(qids[i]);
-      admit_owned(qids[i], accs[i], step, &result.evicted);
+    if (graduations) {
+      count_.store(live - graduations, std::memory_order_relaxed);
+      compact();  // moves live entries: their buckets get new values in place
     }
-    for (const Exit& e : result.evicted) index_.erase(e.record.qid);
+    // Pass 3: admissions fill their pending buckets; evictions pop the head.
+    for (const Pending& a : admits_) {
+      const std::uint64_t p = tail_.load(std::memory_order_relaxed);
+      index_.at(a.bucket).value = static_cast<std::uint32_t>(p & mask_);
+      sink.admitted(qids[a.i]);
+      admit_owned(qids[a.i], accs[a.i], step, sink);
+    }
+    // Pass 4: drop from the index what left (bucket positions die here).
+    for (const Member& m : members_)
+      if (accs[m.i] >= threshold) index_.erase(qids[m.i]);
+    for (std::size_t j = 0; j < evicted_.size(); ++j) {
+      if (j + kAhead < evicted_.size()) index_.prefetch(evicted_[j + kAhead]);
+      index_.erase(evicted_[j]);
+    }
+    for (std::size_t i : drops_) index_.erase(qids[i]);
     indexed_upto_ = tail_.load(std::memory_order_relaxed);
-    return result;
+  }
+
+  // step() collecting into vectors (tests, and the raw Ring.step binding).
+  struct VectorSink {
+    StepResult result;
+    void begin(std::size_t a, std::size_t g, std::size_t e) {
+      result.admitted.reserve(a);
+      result.graduated.reserve(g);
+      result.evicted.reserve(e);
+    }
+    void admitted(std::int64_t qid) { result.admitted.push_back(qid); }
+    void graduated(const Record& r, std::int64_t step) { result.graduated.push_back(Exit{r, step}); }
+    void evicted(const Record& r, std::int64_t step) { result.evicted.push_back(Exit{r, step}); }
+  };
+
+  StepResult step(const std::int64_t* qids, const double* accs, std::size_t n, std::int64_t step, double threshold) {
+    VectorSink sink;
+    this->step(qids, accs, n, step, threshold, sink);
+    return std::move(sink.result);
   }
 
   bool contains(std::int64_t qid) {
@@ -324,7 +402,7 @@ class ReplayRing {
       s.set(records[p]);
       s.state = EntryState::kLive;
       s.seq.store(p + 1, std::memory_order_relaxed);
-      index_.insert_or_assign(records[p].qid, p);
+      index_.insert_or_assign(records[p].qid, slot_index(p));
     }
     tail_.store(records.size(), std::memory_order_relaxed);
     count_.store(records.size(), std::memory_order_relaxed);
@@ -397,7 +475,8 @@ class ReplayRing {
 
   // admit_one for the step owner: the gate keeps everyone else out, so plain loads and
   // stores do what the CAS loops do, at a fraction of the cost.
-  void admit_owned(std::int64_t qid, double acc, std::int64_t step, std::vector<Exit>* evicted) {
+  template <typename Sink>
+  void admit_owned(std::int64_t qid, double acc, std::int64_t step, Sink& sink) {
     const std::uint64_t p = tail_.load(std::memory_order_relaxed);
     Slot& s = slot(p);
     s.set(Record{qid, step, acc, acc, 0, EntryState::kLive});
@@ -412,7 +491,8 @@ class ReplayRing {
     Slot& e = slot(h);
     Record r = e.record();
     r.state = EntryState::kEvicted;
-    evicted->push_back(Exit{r, step});
+    sink.evicted(r, step);
+    evicted_.push_back(r.qid);  // capacity reserved by the owner (see step())
     e.seq.store(h + slots_.size(), std::memory_order_relaxed);
     head_.store(h + 1, std::memory_order_relaxed);
   }
@@ -460,7 +540,7 @@ class ReplayRing {
       if (slot(p).state != EntryState::kLive) continue;
       if (--dst != p) {  // dst > p: slot(dst) was already moved or was a hole
         slot(dst).set(slot(p).record());
-        index_.insert_or_assign(slot(dst).qid.load(std::memory_order_relaxed), dst);
+        index_.assign_existing(slot(dst).qid.load(std::memory_order_relaxed), slot_index(dst));
       }
     }
     for (std::uint64_t p = head; p != dst; ++p)
@@ -478,18 +558,43 @@ class ReplayRing {
       indexed_upto_ = head;
     }
     for (std::uint64_t p = indexed_upto_ > head ? indexed_upto_ : head; p < tail; ++p)
-      index_.insert_or_assign(slot(p).qid.load(std::memory_order_relaxed), p);
+      index_.insert_or_assign(slot(p).qid.load(std::memory_order_relaxed), slot_index(p));
     indexed_upto_ = tail;
   }
 
   // Owner only: the ticket of qid's live entry, if any.
   bool find_live(std::int64_t qid, std::uint64_t& p) {
-    if (!index_.find(qid, p)) return false;
-    if (p >= head_.load(std::memory_order_relaxed) && p < tail_.load(std::memory_order_relaxed) &&
-        slot(p).qid.load(std::memory_order_relaxed) == qid)
-      return true;
+    std::uint32_t s;
+    if (!index_.find(qid, s)) return false;
+    if (live_ticket(s, qid, p)) return true;
     index_.erase(qid);  // evicted by a concurrent admit()
     return false;
+  }
+
+  // Owner only: whether slot index s holds qid's live entry, and its ticket. The window
+  // [head_, tail_) maps onto distinct slots (I1), so s names at most one ticket in it.
+  bool live_ticket(std::uint32_t s, std::int64_t qid, std::uint64_t& p) const {
+    const std::uint64_t head = head_.load(std::memory_order_relaxed);
+    p = head + ((s - head) & mask_);
+    return p < tail_.load(std::memory_order_relaxed) && slot(p).qid.load(std::memory_order_relaxed) == qid;
+  }
+
+  std::uint32_t slot_index(std::uint64_t p) const { return static_cast<std::uint32_t>(p & mask_); }
+
+  // Owner only: a fresh epoch for bucket stamps (0 is never current, so a bucket stamped 0
+  // is never mistaken for this step's).
+  std::uint32_t next_epoch() {
+    if (++epoch_ == 0) {
+      index_.clear_stamps();
+      epoch_ = 1;
+    }
+    return epoch_;
+  }
+
+  // Owner only: removes the pending buckets pass 1 of step() inserted (duplicate or failure).
+  void undo_pending(const std::int64_t* qids) {
+    for (const Pending& a : admits_) index_.erase(qids[a.i]);
+    for (std::size_t i : drops_) index_.erase(qids[i]);
   }
 
   void check_distinct(const std::int64_t* qids, std::size_t n) {
@@ -520,10 +625,26 @@ class ReplayRing {
   alignas(64) std::size_t capacity_;
   std::vector<Slot> slots_;
   std::uint64_t mask_ = 0;
-  FlatIndex index_;              // qid -> ticket, owner only; may hold stale evicted ids
-  FlatIndex scratch_;            // owner only: duplicate check
-  std::vector<std::size_t> to_admit_;  // owner only: step()'s admissions
+  // Owner-only step() scratch, kept between calls so a step allocates nothing once warm.
+  struct Member {
+    std::size_t i;        // position in the batch
+    std::uint64_t ticket;
+  };
+  struct Pending {
+    std::size_t i;        // position in the batch
+    std::size_t bucket;   // its pending index bucket
+  };
+  // A pending bucket's value: "id seen in this step, not (yet) live"; never a slot index.
+  static constexpr std::uint32_t kPending = FlatIndex::kEmpty - 1;
+
+  FlatIndex index_;              // qid -> slot index, owner only; may hold stale evicted ids
+  FlatIndex scratch_;            // owner only: duplicate check in load()
+  std::vector<Member> members_;
+  std::vector<Pending> admits_;
+  std::vector<std::size_t> drops_;          // pending buckets of ids neither live nor admitted
+  std::vector<std::int64_t> evicted_;       // ids evicted by this step, to drop from the index
   std::uint64_t indexed_upto_ = 0;
+  std::uint32_t epoch_ = 0;
 };
 
 }  // namespace zppo

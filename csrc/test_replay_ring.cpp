@@ -77,18 +77,18 @@ bool same(const Record& a, const Record& b) {
 void test_flat_index() {
   std::mt19937_64 rng(1);
   FlatIndex idx(4);
-  std::unordered_map<std::int64_t, std::uint64_t> ref;
+  std::unordered_map<std::int64_t, std::uint32_t> ref;
   for (int op = 0; op < 200000; ++op) {
     const std::int64_t key = static_cast<std::int64_t>(rng() % 512) - 256 +
                              (rng() % 2 ? std::numeric_limits<std::int64_t>::min() + 256 : 0);
     const int kind = static_cast<int>(rng() % 3);
     if (kind == 0) {
-      idx.insert_or_assign(key, static_cast<std::uint64_t>(op));
-      ref[key] = static_cast<std::uint64_t>(op);
+      idx.insert_or_assign(key, static_cast<std::uint32_t>(op));
+      ref[key] = static_cast<std::uint32_t>(op);
     } else if (kind == 1) {
       CHECK(idx.erase(key) == (ref.erase(key) == 1));
     } else {
-      std::uint64_t v = 0;
+      std::uint32_t v = 0;
       const bool found = idx.find(key, v);
       CHECK(found == (ref.count(key) == 1));
       if (found) CHECK(v == ref[key]);

@@ -8,9 +8,10 @@ Plain-rollout accuracy alone decides, once per step, in the paper's order:
      room first, and a step that admits more than the capacity evicts its own oldest).
 Replayed questions are drawn uniformly without removal (`sample`).
 
-The store is the lock-free C++ ring in csrc/replay_ring.hpp (module zppo_fast._replay);
-this class checks arguments, keeps the exit history, and saves/restores everything (the
-counter-based sampler's state included) as plain ints and numpy arrays.
+The store is the lock-free C++ ring in csrc/replay_ring.hpp (module zppo_fast._replay) and
+the exit history is its C++ log (csrc/exit_log.hpp), appended by the same call that applies a
+step; this class checks arguments and saves/restores everything (the counter-based
+sampler's state included) as plain ints and numpy arrays.
 
 Threads: one step owner calls `update`, `__contains__`, `ids`, `state_dict` and
 `load_state_dict`; `sample` and `len` may also be called from other threads, but not while
@@ -34,12 +35,10 @@ STATE_FORMAT = "zppo_fast.replay/1"
 
 # One row per exit from the buffer, in exit order (the graduation-dynamics figures read this):
 # qid, step_admitted, acc_admitted, exit_step, graduated (False: evicted), visits, last_acc.
-# The ring hands exits over as rows of _replay.EXIT_DTYPE (padded like the C++ struct); the
-# history is the same fields packed.
+# The raw ring's admit()/step() hand exits over as rows of _replay.EXIT_DTYPE (padded like a
+# C++ struct); the history is the same fields packed. The buffer's own history lives in a
+# C++ _replay.ExitLog (compact rows in never-moved chunks) and becomes this dtype on demand.
 HISTORY_DTYPE = np.dtype([(name, _replay.EXIT_DTYPE.fields[name][0]) for name in _replay.EXIT_DTYPE.names])
-# The history grows by about one row per admission, so it lives in one array grown
-# geometrically (amortized O(1) appends, no list of small chunks to concatenate).
-_HISTORY_MIN_ROWS = 1024
 _LIVE_FIELDS = {
     "qid": np.int64,
     "step_admitted": np.int64,
@@ -73,8 +72,7 @@ class PromptReplayBuffer:
         self.capacity = int(capacity)
         self.threshold = float(threshold)
         self._ring = _replay.Ring(self.capacity, int(seed) % 2**64)
-        self._history = np.empty(0, HISTORY_DTYPE)  # rows [0, _n_history) are used
-        self._n_history = 0
+        self._log = _replay.ExitLog()
 
     # -- the step owner's calls ---------------------------------------------------------
 
@@ -85,15 +83,23 @@ class PromptReplayBuffer:
         NaN or out-of-range accuracies, or a non-integer step.
         """
         ids = _as_ids(question_ids, "question_ids")
-        accs = _as_accuracies(accuracies, "accuracies", ids)
+        accs = np.asarray(accuracies)
+        if accs.ndim != 1:
+            raise ValueError(f"accuracies must be 1-D, got shape {accs.shape}")
+        if accs.dtype != np.float64:
+            if accs.size and accs.dtype.kind not in "fiu":
+                raise TypeError(f"accuracies must hold numbers, got dtype {accs.dtype}")
+            accs = accs.astype(np.float64)
         if len(ids) != len(accs):
             raise ValueError(f"question_ids has {len(ids)} entries but accuracies has {len(accs)}")
-        if not _is_int(step):
+        if not (type(step) is int or _is_int(step)):
             raise TypeError(f"step must be an integer, got {step!r}")
-        admitted, graduated, evicted = self._ring.step(ids, accs, int(step), self.threshold)
-        self._append_history(graduated)
-        self._append_history(evicted)
-        return ReplayUpdate(admitted=admitted, graduated=graduated["qid"].copy(), evicted=evicted["qid"].copy())
+        # One C++ call: checks accuracies (NaN, range) and duplicate ids before changing
+        # anything, applies the step, appends the exits to the log.
+        out = self._ring.update(ids, accs, int(step), self.threshold, self._log)
+        if type(out) is int:
+            raise ValueError(f"accuracies[{out}] = {accs[out]} (question id {ids[out]}) is not in [0, 1]")
+        return ReplayUpdate(*out)
 
     def __contains__(self, qid) -> bool:
         if not _is_int(qid):
@@ -108,17 +114,20 @@ class PromptReplayBuffer:
 
     def history(self) -> np.ndarray:
         """(x,) structured array of HISTORY_DTYPE: one row per graduation or eviction, in order."""
-        return self._history[: self._n_history].copy()
+        columns = self._log.columns()
+        history = np.empty(len(columns["qid"]), HISTORY_DTYPE)
+        for name in HISTORY_DTYPE.names:
+            history[name] = columns[name]
+        return history
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: plain ints/floats/strings and numpy arrays."""
-        history = self.history()
         return {
             "format": STATE_FORMAT,
             "capacity": self.capacity,
             "threshold": self.threshold,
             "live": dict(self._ring.records()),
-            "history": {name: history[name].copy() for name in HISTORY_DTYPE.names},
+            "history": dict(self._log.columns()),
             "sampler": dict(zip(("key", "calls"), self._ring.sampler_state())),
         }
 
@@ -144,9 +153,7 @@ class PromptReplayBuffer:
         live = _record_arrays(state["live"], _LIVE_FIELDS, "live")
         history_fields = {name: HISTORY_DTYPE[name].type for name in HISTORY_DTYPE.names}
         hist = _record_arrays(state["history"], history_fields, "history")
-        history = np.empty(len(hist["qid"]), HISTORY_DTYPE)
-        for name in HISTORY_DTYPE.names:
-            history[name] = hist[name]
+        log = _replay.ExitLog.from_columns(*(hist[name] for name in HISTORY_DTYPE.names))
         sampler = state["sampler"]
         if not (
             isinstance(sampler, dict)
@@ -164,7 +171,7 @@ class PromptReplayBuffer:
             int(sampler["key"]),
             int(sampler["calls"]),
         )
-        self._history, self._n_history = history, len(history)
+        self._log = log
 
     # -- callable from other threads too ------------------------------------------------
 
@@ -179,15 +186,6 @@ class PromptReplayBuffer:
 
     def __repr__(self) -> str:
         return f"PromptReplayBuffer(len={len(self)}, capacity={self.capacity}, threshold={self.threshold})"
-
-    def _append_history(self, rows: np.ndarray) -> None:
-        end = self._n_history + len(rows)
-        if end > len(self._history):
-            grown = np.empty(max(2 * end, _HISTORY_MIN_ROWS), HISTORY_DTYPE)
-            grown[: self._n_history] = self._history[: self._n_history]
-            self._history = grown
-        self._history[self._n_history : end] = rows  # structured assignment: field by field, in order
-        self._n_history = end
 
 
 def _is_int(x) -> bool:
@@ -210,22 +208,6 @@ def _as_ids(values, name: str) -> np.ndarray:
     if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} has id {arr.max()} outside the int64 range")
     return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-def _as_accuracies(values, name: str, ids: np.ndarray) -> np.ndarray:
-    """(n,) float64 in [0, 1]; NaN or out-of-range values raise ValueError naming the id."""
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    bad = np.flatnonzero(~((arr >= 0.0) & (arr <= 1.0)))  # catches NaN too
-    if bad.size:
-        i = int(bad[0])
-        which = f" (question id {ids[i]})" if i < len(ids) else ""
-        raise ValueError(f"{name}[{i}] = {arr[i]}{which} is not in [0, 1]")
-    return arr
 
 
 def _record_arrays(table, fields: dict, where: str) -> dict:

@@ -1,0 +1,207 @@
+// exit_log.hpp — the replay buffer's life records: one fixed-size row per exit (graduation or
+// eviction), appended by the step owner in exit order and never moved.
+// Header-only, C++17, torch-free.
+//
+// Why its own arena: the log only grows (one row per exit, forever), so every row lands in
+// memory the process has never touched. A growing std::vector or numpy array pays that
+// first touch plus a copy of everything at each doubling. Here rows go into chunks that are
+// never reallocated; chunks double in size up to kBigChunkBytes, and the big ones are 2 MiB
+// aligned and marked MADV_HUGEPAGE (Linux), so the kernel backs them with transparent huge
+// pages: one fault per 2 MiB instead of one per 4 KiB. Where THP is off the chunks simply
+// get ordinary pages.
+//
+// Invariants:
+//   L1  Rows [0, size()) are chunk 0's rows, then chunk 1's, ...; every chunk but the last is
+//       full, and cur_ points at the last chunk's first unused row (or is null when none).
+//   L2  A row's bytes never move once written (no reallocation), so appending never copies.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "replay_ring.hpp"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace zppo {
+
+// One exit, 48 bytes (the Python history row is 49 packed: visits widened to int64). The
+// graduated flag shares a word with the 32-bit visit count.
+struct ExitRow {
+  std::int64_t qid;
+  std::int64_t step_admitted;
+  double acc_admitted;
+  std::int64_t exit_step;
+  double last_acc;
+  std::int32_t visits;
+  std::uint8_t graduated;  // 1: graduated, 0: evicted
+  std::uint8_t pad_[3];
+};
+static_assert(sizeof(ExitRow) == 48, "life record layout");
+static_assert(std::is_trivially_copyable_v<ExitRow>, "rows are plain bytes");
+
+class ExitLog {
+ public:
+  static constexpr std::size_t kFirstChunkRows = 256;
+  static constexpr std::size_t kHugePage = std::size_t{2} << 20;
+  static constexpr std::size_t kBigChunkBytes = 4 * kHugePage;
+
+  ExitLog() = default;
+  ExitLog(const ExitLog&) = delete;
+  ExitLog& operator=(const ExitLog&) = delete;
+  ExitLog(ExitLog&& o) noexcept { *this = std::move(o); }
+  ExitLog& operator=(ExitLog&& o) noexcept {
+    if (this != &o) {
+      release();
+      chunks_.swap(o.chunks_);
+      current_chunk_ = o.current_chunk_;
+      cur_ = o.cur_;
+      end_ = o.end_;
+      size_ = o.size_;
+      o.cur_ = o.end_ = nullptr;
+      o.size_ = 0;
+    }
+    return *this;
+  }
+  ~ExitLog() { release(); }
+
+  std::size_t size() const { return size_; }
+
+  // Appends one row (L1, L2). Throws std::bad_alloc (log unchanged) if memory runs out.
+  void append(const ExitRow& row) {
+    if (cur_ == end_) add_chunk();
+    *cur_++ = row;
+    ++size_;
+  }
+
+  // Makes room for `n` more rows (allocating now), so that the next n appends cannot throw.
+  void reserve(std::size_t n) {
+    std::size_t spare = static_cast<std::size_t>(end_ - cur_);
+    for (std::size_t i = cur_ == nullptr ? 0 : current_chunk_ + 1; i < chunks_.size(); ++i) spare += chunks_[i].rows;
+    while (spare < n) {
+      chunks_.push_back(allocate(next_rows()));
+      spare += chunks_.back().rows;
+    }
+  }
+
+  // Calls fn(const ExitRow&) for every row, oldest first.
+  template <typename Fn>
+  void for_each(Fn&& fn) const {
+    std::size_t left = size_;
+    for (const Chunk& c : chunks_) {
+      const std::size_t k = std::min(left, c.rows);
+      for (std::size_t i = 0; i < k; ++i) fn(c.data[i]);
+      left -= k;
+      if (left == 0) break;
+    }
+  }
+
+  void clear() { release(); }
+
+ private:
+  struct Chunk {
+    ExitRow* data;
+    std::size_t rows;
+    std::size_t mapped_bytes;  // > 0: an mmap'ed big chunk of this many bytes; 0: operator new
+  };
+
+  std::size_t next_rows() const {
+    if (chunks_.empty()) return kFirstChunkRows;
+    const std::size_t last = chunks_.back().rows;
+    return std::min(2 * last, kBigChunkBytes / sizeof(ExitRow));
+  }
+
+  // Moves cur_ to the next chunk, allocating it if reserve() has not already.
+  void add_chunk() {
+    const std::size_t next = cur_ == nullptr ? 0 : current_chunk_ + 1;
+    if (next == chunks_.size()) chunks_.push_back(allocate(next_rows()));  // may throw: log unchanged
+    current_chunk_ = next;
+    cur_ = chunks_[next].data;
+    end_ = cur_ + chunks_[next].rows;
+  }
+
+  static Chunk allocate(std::size_t rows) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (rows * sizeof(ExitRow) >= kHugePage) {
+      // Whole huge pages, 2 MiB aligned: over-map by one huge page and trim both ends.
+      const std::size_t bytes = (rows * sizeof(ExitRow) + kHugePage - 1) & ~(kHugePage - 1);
+      const std::size_t span = bytes + kHugePage;
+      void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      const auto base = reinterpret_cast<std::uintptr_t>(p);
+      const std::uintptr_t start = (base + kHugePage - 1) & ~(std::uintptr_t{kHugePage} - 1);
+      if (start != base) munmap(p, start - base);
+      if (base + span != start + bytes) munmap(reinterpret_cast<void*>(start + bytes), base + span - (start + bytes));
+      madvise(reinterpret_cast<void*>(start), bytes, MADV_HUGEPAGE);  // advice only: may fail
+      return Chunk{reinterpret_cast<ExitRow*>(start), bytes / sizeof(ExitRow), bytes};
+    }
+#endif
+    return Chunk{static_cast<ExitRow*>(::operator new(rows * sizeof(ExitRow))), rows, 0};
+  }
+
+  void release() {
+    for (const Chunk& c : chunks_) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      if (c.mapped_bytes) {
+        munmap(c.data, c.mapped_bytes);
+        continue;
+      }
+#endif
+      ::operator delete(c.data);
+    }
+    chunks_.clear();
+    cur_ = end_ = nullptr;
+    current_chunk_ = 0;
+    size_ = 0;
+  }
+
+  std::vector<Chunk> chunks_;
+  std::size_t current_chunk_ = 0;
+  ExitRow* cur_ = nullptr;
+  ExitRow* end_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// ReplayRing::step() sink for the buffer's update: ids go straight into one caller-provided
+// int64 buffer laid out as [admitted | graduated | evicted] (room for 2n: a + g <= n and
+// e <= a), exits straight into the log (no intermediate vectors, no conversion pass).
+struct UpdateSink {
+  std::int64_t* out;
+  ExitLog* log;
+  std::size_t a = 0, g = 0, e = 0;  // counts, known from begin()
+  std::int64_t* next_admitted = nullptr;
+  std::int64_t* next_graduated = nullptr;
+  std::int64_t* next_evicted = nullptr;
+
+  void begin(std::size_t na, std::size_t ng, std::size_t ne) {
+    log->reserve(ng + ne);  // the only allocation; may throw before the ring changes
+    a = na;
+    g = ng;
+    e = ne;
+    next_admitted = out;
+    next_graduated = out + na;
+    next_evicted = out + na + ng;
+  }
+  void admitted(std::int64_t qid) { *next_admitted++ = qid; }
+  void graduated(const Record& r, std::int64_t step) {
+    *next_graduated++ = r.qid;
+    log_exit(r, step, true);
+  }
+  void evicted(const Record& r, std::int64_t step) {
+    *next_evicted++ = r.qid;
+    log_exit(r, step, false);
+  }
+  void log_exit(const Record& r, std::int64_t step, bool grad) {
+    log->append(ExitRow{r.qid, r.step_admitted, r.acc_admitted, step, r.last_acc, r.visits,
+                        static_cast<std::uint8_t>(grad), {0, 0, 0}});
+  }
+};
+
+}  // namespace zppo
