@@ -6,10 +6,15 @@ Each baseline is a different way to let a frozen teacher help on the hard questi
             the student answers  x || <hint>...</hint>  as its own group.
     Prefix  the first 40% of a teacher-correct rollout's tokens are forced at the start of the
             student's answer; the student continues it as its own group; the forced tokens are
-            masked out of the loss (`prefix_target_mask`).
+            masked out of the loss (`prefix_target_mask`; the trainer gets the same mask by
+            appending the prefix to the rollout's prompt ids, so it is context, never a target).
     Distill every step, G_T teacher rollouts per question; the graded-correct ones become
             (prompt ids, response ids) the student is trained on with the token-level JSD
             (`zppo_fast.kernels.fused_linear_jsd`); teacher and student share one tokenizer.
+
+The trainer runs them as `rl.algo` grpo_replay_hint, grpo_replay_prefix and off_distill[_replay]
+(zppo_fast/train.py; the table in zppo_fast/zppo.py). On-policy distillation (on_distill[_replay])
+needs no data step here: the student's own rollouts are scored by the teacher inside the loss.
 
 `HintPrefixBuilder` mirrors `zppo_fast.zppo.Reformulator`: same call (problems, student texts,
 rewards, cap, step) -> (instances, metrics), same teacher rollouts (same seeds), same cap and

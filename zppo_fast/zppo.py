@@ -25,7 +25,8 @@ same step in zppo_fast/train.py:
 
 "policy" is the clipped surrogate on advantages (I optimizer steps per rollout step); "jsd" is
 the per-token generalized JSD to the teacher's distribution (`zppo.distill_beta`), one optimizer
-step per rollout step. BCQ/NCQ prompts come from `Reformulator` (below), Hint/Prefix prompts
+step per rollout step (stated for the paper's off-policy baseline; on-policy distillation takes the
+same single step, as we found nothing saying otherwise). BCQ/NCQ prompts come from `Reformulator` (below), Hint/Prefix prompts
 from `zppo_fast.baselines.HintPrefixBuilder`, distillation data from
 `zppo_fast.baselines.distillation_data`. With a buffer, every algo replays and admits/graduates
 by its plain rollouts alike.
