@@ -82,7 +82,7 @@ from zppo_fast.distributed import destroy_distributed, init_distributed
 from zppo_fast.engine import KV_CACHE, WEIGHTS, SamplingParams, TransformersEngine
 from zppo_fast.eval import _pair_graders, accuracy, eval_sampling_params, evaluate_files
 from zppo_fast.file_task import FileTask, grade_item
-from zppo_fast.graders import get_grader
+from zppo_fast.graders import GRADERS, get_grader
 from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, peak_memory_mb
 from zppo_fast.model import ModelLoadError, Policy, load_model, load_tokenizer, model_from_config, read_state_dict
@@ -149,6 +149,9 @@ class Trainer:
         #    warm-up whose early snapshot is the student.
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
+        for key, name in (("data.grader", cfg.data.grader), ("data.heldout_grader", self.heldout_grader)):
+            if name not in GRADERS:
+                raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}")
         judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
         self.teacher_engine = teacher_dir = teacher_tok = None
         if self.algo.teacher or judge:
@@ -208,6 +211,9 @@ class Trainer:
             self.guide = HintPrefixBuilder(self.algo.kinds[0], self.teacher_engine, teacher_tok, self.tokenizer,
                                            GuidanceSettings.from_config(cfg.zppo), seed=cfg.run.seed)
         if self.algo.distill:
+            if self.processor is not None:  # distillation_data and the scoring forward are text-only
+                raise ConfigError(f"rl.algo = {cfg.rl.algo} runs on text students only: the teacher's rollouts and "
+                                  "its scoring forward take no images")
             try:
                 check_shared_vocab(self.tokenizer, teacher_tok)
             except ValueError as e:
