@@ -252,11 +252,13 @@ def verdict(rows: list[dict]) -> str:
     )
     if any("update()" in m for m in missed):
         text += (
-            "\nWhat bounds update(): per entry about four hash-table operations (duplicate check,\n"
-            "membership, index insert/erase; the index of a 10,000-entry buffer is 0.5 MB) and, per exit,\n"
-            f"one {HISTORY_DTYPE.itemsize}-byte life record in fresh memory (first touch on this machine: "
-            f"{first_touch_us_per_page():.1f} us\nper 4 KiB page). The baseline's dict operations are C hash "
-            "operations too, so it mostly pays\nfor the interpreter.\n"
+            "\nWhat bounds update(): per entry one index probe (duplicate check and membership in the same\n"
+            "probe, prefetched), the ring slot, and for each exit one index erase and one 48-byte life\n"
+            "record appended to the C++ exit log. The log only grows, so every record lands in memory the\n"
+            "process never touched: the kernel must fault in and zero it (first touch on this machine: "
+            f"{first_touch_us_per_page():.1f} us\nper 4 KiB page; the log's big chunks ask for transparent huge "
+            "pages, which cuts that several-fold).\nThe baseline's dict operations are C hash operations too, "
+            "so it mostly pays for the interpreter.\n"
         )
     return text
 
@@ -301,7 +303,9 @@ def main() -> None:
     header = (
         f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only. Date: {datetime.date.today().isoformat()}.\n"
         f"Command: `python bench/bench_replay.py{' --quick' if args.quick else ''} --record`. Capacity {CAPACITY:,}, "
-        f"batches of {BATCH:,}, sample(k={SAMPLE_K}); best of 3 runs.\n"
+        f"batches of {BATCH:,}, sample(k={SAMPLE_K}); best of 3 interleaved runs.\n"
+        "The machine is shared with other engineers' jobs (2 cores), so absolute numbers are noisy; both\n"
+        "columns of a row are measured in the same run, interleaved.\n"
         "Ratios are entries per second over the plain-Python implementation measured in the same run\n"
         "(= how many times lower the per-entry cost is). Admissions enter a full buffer, so each also evicts.\n"
     )

@@ -122,6 +122,13 @@ class FlatIndex {
     return true;
   }
 
+  // erase(key) for a key last seen in bucket `hint`: erasures since may have shifted it
+  // toward its home (never past), so check the hint before probing again.
+  void erase_near(std::size_t hint, std::int64_t key) {
+    if (buckets_[hint].value != kEmpty && buckets_[hint].key == key) erase_at(hint);
+    else erase(key);
+  }
+
   // Every stamp back to 0 (the owner calls this when its epoch counter wraps).
   void clear_stamps() {
     for (Bucket& b : buckets_) b.stamp = 0;

@@ -290,7 +290,7 @@ class ReplayRing {
       } else if (live_ticket(b.value, q, p)) {
         b.stamp = epoch;
         graduations += accs[i] >= threshold;
-        members_.push_back(Member{i, p});
+        members_.push_back(Member{i, p, index_.position(b)});
         continue;
       } else {  // a stale id (evicted by a concurrent admit()): reuse its bucket
         b.value = kPending;
@@ -334,7 +334,7 @@ class ReplayRing {
     }
     // Pass 4: drop from the index what left (bucket positions die here).
     for (const Member& m : members_)
-      if (accs[m.i] >= threshold) index_.erase(qids[m.i]);
+      if (accs[m.i] >= threshold) index_.erase_near(m.bucket, qids[m.i]);
     for (std::size_t j = 0; j < evicted_.size(); ++j) {
       if (j + kAhead < evicted_.size()) index_.prefetch(evicted_[j + kAhead]);
       index_.erase(evicted_[j]);
@@ -629,6 +629,7 @@ class ReplayRing {
   struct Member {
     std::size_t i;        // position in the batch
     std::uint64_t ticket;
+    std::size_t bucket;   // its index bucket as of pass 1 (erasures may shift it back)
   };
   struct Pending {
     std::size_t i;        // position in the batch

@@ -15,6 +15,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "exit_log.hpp"
 #include "flat_index.hpp"
 #include "replay_ring.hpp"
 
@@ -296,9 +297,67 @@ void test_concurrent_stress(std::size_t capacity) {
   for (int c : again) CHECK(c == 1);
 }
 
+// The exit log keeps every row, in order, across small and huge-page chunks.
+void test_exit_log() {
+  zppo::ExitLog log;
+  const std::size_t n = 400000;  // > one 8 MiB big chunk of 48-byte rows
+  log.reserve(1000);
+  for (std::size_t i = 0; i < n; ++i)
+    log.append(zppo::ExitRow{static_cast<std::int64_t>(i), -1, 0.25, 7, 0.5, static_cast<std::int32_t>(i % 5),
+                             static_cast<std::uint8_t>(i % 2), {0, 0, 0}});
+  CHECK(log.size() == n);
+  std::size_t i = 0;
+  log.for_each([&](const zppo::ExitRow& r) {
+    CHECK(r.qid == static_cast<std::int64_t>(i) && r.visits == static_cast<std::int32_t>(i % 5) &&
+          r.graduated == i % 2);
+    ++i;
+  });
+  CHECK(i == n);
+  zppo::ExitLog moved(std::move(log));
+  CHECK(moved.size() == n && log.size() == 0);
+}
+
+// A duplicate anywhere in a batch leaves ring and index as they were (pending buckets undone),
+// and the UpdateSink path reports what the vector path reports.
+void test_step_duplicate_and_sink() {
+  ReplayRing ring(4);
+  std::vector<std::int64_t> ids{1, 2, 3};
+  std::vector<double> low{0.1, 0.2, 0.3};
+  ring.step(ids.data(), low.data(), 3, 0, 0.5);
+  std::vector<std::int64_t> bad{2, 10, 11, 2};
+  std::vector<double> accs{0.9, 0.1, 0.7, 0.1};
+  bool threw = false;
+  try {
+    ring.step(bad.data(), accs.data(), bad.size(), 1, 0.5);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+  CHECK(ring.records().size() == 3 && ring.records()[1].visits == 0);
+  CHECK(!ring.contains(10) && !ring.contains(11) && ring.contains(2));
+  zppo::ExitLog log;
+  std::vector<std::int64_t> out(2 * 4);
+  zppo::UpdateSink sink{out.data(), &log};
+  std::vector<std::int64_t> next{2, 10, 11, 12};
+  std::vector<double> next_accs{0.9, 0.1, 0.7, 0.2};
+  ring.step(next.data(), next_accs.data(), next.size(), 1, 0.5, sink);
+  CHECK(sink.a == 2 && sink.g == 1 && sink.e == 0);
+  CHECK(out[0] == 10 && out[1] == 12 && out[2] == 2);
+  CHECK(log.size() == 1);
+  CHECK(ring.contains(10) && !ring.contains(11) && ring.contains(12) && !ring.contains(2));
+  std::vector<std::int64_t> more{20, 21};
+  std::vector<double> more_accs{0.0, 0.0};
+  ring.step(more.data(), more_accs.data(), 2, 2, 0.5, sink = zppo::UpdateSink{out.data(), &log});
+  // [1, 3, 10, 12] + [20, 21]: the two oldest are evicted, oldest first.
+  CHECK(sink.a == 2 && sink.e == 2 && out[2] == 1 && out[3] == 3 && log.size() == 3);
+  CHECK(!ring.contains(1) && !ring.contains(3) && ring.contains(10) && ring.contains(21));
+}
+
 }  // namespace
 
 int main() {
+  test_exit_log();
+  test_step_duplicate_and_sink();
   test_flat_index();
   test_gate();
   test_sample_basics();
