@@ -33,7 +33,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
 from zppo_fast import _replay
-from zppo_fast.replay import HISTORY_DTYPE, PromptReplayBuffer
+from zppo_fast.replay import PromptReplayBuffer
 
 CAPACITY = 10_000
 BATCH = 1024

@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from zppo_fast.config import ConfigError, load_config  # noqa: E402
+from zppo_fast.config import ConfigError, load_config
 
 # The miniature's scale is the embedded default (zppo_fast/config.py, configs/tiny_cpu.toml):
 # hidden-64 Qwen3.5, single-digit operands, the student a 250-step snapshot of the 300-step

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     # Triton on a CPU runs in its interpreter; the variable must be set before triton is imported.

@@ -13,15 +13,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
-from batches import random_batch  # noqa: E402
-from conftest import TINY_OVERRIDES  # noqa: E402
+import torch
+from batches import random_batch
+from conftest import TINY_OVERRIDES
 
-from zppo_fast.config import load_config  # noqa: E402
-from zppo_fast.data_parallel import DataParallelEngine  # noqa: E402
-from zppo_fast.engine import Sample, SamplingParams  # noqa: E402
-from zppo_fast.train import Trainer  # noqa: E402
-from zppo_fast.weight_sync import iter_weight_buckets  # noqa: E402
+from zppo_fast.config import load_config
+from zppo_fast.data_parallel import DataParallelEngine
+from zppo_fast.engine import Sample, SamplingParams
+from zppo_fast.train import Trainer
+from zppo_fast.weight_sync import iter_weight_buckets
 
 
 class EchoEngine:
@@ -55,7 +55,7 @@ def update(out: str, cache: str, run_dir: str) -> None:
     one = DataParallelEngine(EchoEngine(dist.rank) if dist.rank == owner else None, dist, [owner]).generate(prompts, params)
     if dist.is_main:
         torch.save({"weights": weights, "metrics": metrics}, out)
-        as_json = lambda groups: [[(s.token_ids, s.text) for s in g] for g in groups]  # noqa: E731
+        as_json = lambda groups: [[(s.token_ids, s.text) for s in g] for g in groups]
         with open(out + ".json", "w") as f:
             json.dump({"everyone": as_json(everyone), "one_owner": as_json(one)}, f)
     dist.barrier()

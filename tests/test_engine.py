@@ -37,7 +37,7 @@ def test_shapes_finish_reasons_and_text(engine):
 
 def test_seeded(engine):
     eng, prompts = engine
-    ids = lambda seed: [s.token_ids for g in eng.generate(prompts, SamplingParams(n=3, seed=seed)) for s in g]  # noqa: E731
+    ids = lambda seed: [s.token_ids for g in eng.generate(prompts, SamplingParams(n=3, seed=seed)) for s in g]
     assert ids(7) == ids(7)
     assert ids(7) != ids(8)
 

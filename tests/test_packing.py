@@ -4,9 +4,9 @@ import random
 
 import pytest
 import torch
+from zppo_fast.kernels import linear_logprobs
 
 from zppo_fast.config import ModelConfig
-from zppo_fast.kernels import linear_logprobs
 from zppo_fast.model import Policy, build_tiny_model
 from zppo_fast.packing import linear_padding, pack
 

@@ -69,7 +69,7 @@ HINT = r"""Read the solved response below and write a concise hint that helps so
 Q = "What is 12 + 30?"
 RIGHT = "12 + 30 = 42.\n\\boxed{42}"
 BAD = "12 + 30 = 52.\n\\boxed{52}"
-CANDIDATE = re.compile(r"<candidate>\n(.*?)\n</candidate>", re.S)
+CANDIDATE = re.compile(r"<candidate>\n(.*?)\n</candidate>", re.DOTALL)
 
 
 def test_templates_are_verbatim():
@@ -111,7 +111,7 @@ def test_bcq_exactly_one_of_each_and_no_label_leak():
         assert sorted(blocks) == sorted([RIGHT, BAD])
         # The words "correct"/"wrong" occur only in the instruction, never around a candidate.
         outside_instruction = text.replace(BCQ, "")
-        assert not re.search(r"correct|wrong", outside_instruction, re.I)
+        assert not re.search(r"correct|wrong", outside_instruction, re.IGNORECASE)
         # The two blocks are framed identically: no attribute, index or label.
         assert text.count("<candidate>\n") == 2 and text.count("\n</candidate>") == 2
 

@@ -23,7 +23,7 @@ def test_heldout_split_is_disjoint_by_fact():
     train, heldout = set(task.train_ids()), set(task.heldout_ids())
     assert train.isdisjoint(heldout) and len(train) + len(heldout) == len(task)
     assert 0.1 < len(heldout) / len(task) < 0.3
-    fact = lambda q: task.problem(q).solution  # noqa: E731 - the expression identifies the fact
+    fact = lambda q: task.problem(q).solution
     assert {fact(q) for q in list(train)[:3000]}.isdisjoint({fact(q) for q in heldout})
 
 

@@ -19,9 +19,8 @@ CLI (same engine as training, the paper's evaluation decoding as defaults):
 order. Writes DIR/eval.json (per-data-set accuracy and the decoding used) and DIR/responses.jsonl
 (one line per sample: data set, id, sample index, response, verdict, score).
 
-Top-k: the paper evaluates with top-k 20, but `engine.SamplingParams` has no `top_k` field yet.
-`eval_sampling_params` sets it when the field exists and otherwise warns that it is not applied;
-eval.json records the top-k actually in effect (null when none).
+Decoding defaults to the paper's evaluation setting (temperature 0.6, top-p 0.95, top-k 20);
+eval.json records the decoding used.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import sys
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -64,17 +62,9 @@ def accuracy(
 def eval_sampling_params(samples: int = 1, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                          temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
                          top_k: int | None = EVAL_TOP_K, seed: int = 0) -> SamplingParams:
-    """The paper's evaluation decoding as `SamplingParams` (n = samples per question).
-
-    top_k is set only if `SamplingParams` has that field; otherwise a warning says it is ignored.
-    """
-    kwargs = {"n": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
-    if top_k is not None and top_k > 0:
-        if "top_k" in {f.name for f in dataclasses.fields(SamplingParams)}:
-            kwargs["top_k"] = top_k
-        else:
-            warnings.warn(f"top_k={top_k} requested but engine.SamplingParams has no top_k field: sampling without "
-                          "top-k (recorded as null in eval.json)", stacklevel=2)
+    """The paper's evaluation decoding as `SamplingParams` (n = samples per question; top_k None or 0: off)."""
+    kwargs = {"n": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+              "top_k": top_k if top_k and top_k > 0 else None}
     return SamplingParams(**kwargs)
 
 
@@ -200,7 +190,7 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
     if out_dir is not None:
         summary = {
             "decoding": {"samples": params.n, "temperature": params.temperature, "top_p": params.top_p,
-                         "top_k": getattr(params, "top_k", None), "max_new_tokens": params.max_new_tokens,
+                         "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
                          "seed": params.seed},
             "datasets": {r.name: dataclasses.asdict(r) for r in results},
             **(meta or {}),
@@ -222,7 +212,7 @@ def format_table(results: Sequence[EvalResult]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _pair_graders(data: list[str], graders: list[str] | None) -> list[EvalSet]:
+def pair_graders(data: list[str], graders: list[str] | None) -> list[EvalSet]:
     graders = graders or ["boxed"]
     if len(graders) == 1:
         graders = graders * len(data)
@@ -264,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     from zppo_fast.engine import TransformersEngine
     from zppo_fast.model import load_model
 
-    sets = _pair_graders(args.data, args.grader)
+    sets = pair_graders(args.data, args.grader)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.cpu_threads)

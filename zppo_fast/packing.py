@@ -42,8 +42,8 @@ class MicroBatch:
     response_lengths: list[int]  # per sequence: its share of the N targets, in order
     rows: list[int]  # indices of the sequences in the rollout batch
 
-    def to(self, device: torch.device) -> "MicroBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    def to(self, device: torch.device) -> MicroBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.attention_mask),
                           move(self.cu_seqlens), move(self.hidden_index), move(self.targets), move(self.loss_mask),
                           self.response_lengths, self.rows)

@@ -151,8 +151,7 @@ def final_answer(text: str) -> str:
 
 # Commands whose braced argument is kept and whose name is dropped.
 _WRAPPERS = frozenset(
-    "text textbf textit textrm textsf texttt textnormal mathrm mathbf mathit mathsf mathtt "
-    "mathnormal mbox hbox operatorname boxed".split()
+    ["text", "textbf", "textit", "textrm", "textsf", "texttt", "textnormal", "mathrm", "mathbf", "mathit", "mathsf", "mathtt", "mathnormal", "mbox", "hbox", "operatorname", "boxed"]
 )
 _WRAPPER_PRESENT_RE = re.compile(r"\\(?:" + "|".join(sorted(_WRAPPERS)) + r")(?![A-Za-z])")
 _UNWRAP_TOKEN_RE = re.compile(r"\\([A-Za-z]+)(\s*\{)?|\\.|[{}]|[^\\{}]+", re.DOTALL)

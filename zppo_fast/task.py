@@ -84,5 +84,5 @@ class ArithmeticTask:
         steps = ", ".join(f"gets {b} more" if op == "+" else f"loses {b}" for op, b in fact[1:])
         question = f"{name} has {start} {item}, {steps}. How many {item} does {name} have now?"
         expr = f"{start}" + "".join(f"{op}{b}" for op, b in fact[1:])
-        answer = str(eval(expr))  # noqa: S307 - expr is digits and +/- built above
+        answer = str(eval(expr))
         return Problem(qid, question, answer, f"<think>{expr}={answer}</think>\n\\boxed{{{answer}}}")

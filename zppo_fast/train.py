@@ -72,15 +72,21 @@ from tqdm import tqdm
 
 from zppo_fast.baselines import GuidanceSettings, HintPrefixBuilder, check_shared_vocab, distillation_data
 from zppo_fast.batch import Rollout, RolloutBatch
-from zppo_fast.checkpoint import (CheckpointError, latest_checkpoint, load_sharded, read_trainer_state,
-                                  save_checkpoint, set_rng_state)
+from zppo_fast.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_sharded,
+    read_trainer_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from zppo_fast.config import Config, ConfigError, load_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
 from zppo_fast.datasets import DatasetError, DatasetFile
 from zppo_fast.distributed import destroy_distributed, init_distributed
 from zppo_fast.engine import KV_CACHE, WEIGHTS, SamplingParams, TransformersEngine
-from zppo_fast.eval import _pair_graders, accuracy, eval_sampling_params, evaluate_files
+from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
 from zppo_fast.graders import GRADERS, get_grader
 from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
@@ -181,7 +187,7 @@ class Trainer:
         heldout = self.task.heldout_ids()
         self.heldout = [self.task.problem(q) for q in
                         sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
-        self.heldout_sets = _pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
+        self.heldout_sets = pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
         for s in self.heldout_sets:
             DatasetFile(s.path)  # raises DatasetError now, naming the file, if it is missing or of no known format
         self.grader = get_grader(self.train_grader, **self.judge_kwargs(self.train_grader))
