@@ -53,6 +53,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -63,6 +64,7 @@ from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.reward import grade, normalize_answer
 from zppo_fast.selection import HARD_THRESHOLD, select_reformulations
 from zppo_fast.task import Problem
+from zppo_fast.zppo import GradeFn, boxed_grade, teacher_rollouts
 
 KINDS = ("hint", "prefix")
 
@@ -187,12 +189,18 @@ class HintPrefixBuilder:
         student_tokenizer: PreTrainedTokenizerBase,
         settings: GuidanceSettings = GuidanceSettings(),
         seed: int = 0,
+        processor: Any = None,
+        grade_fn: GradeFn = boxed_grade,
     ):
+        """`processor`: the teacher's, when it is a vision-language model (its rollouts then see the
+        question's images; the hint-writing prompt reads a rollout's text and stays text-only);
+        `grade_fn`: how its rollouts are graded (the trainer's grader; boxed by default)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         forced_prefix([], settings.prefix_fraction)  # validates the fraction up front
         self.kind, self.teacher, self.settings, self.seed = kind, teacher, settings, seed
         self.teacher_tokenizer, self.student_tokenizer = teacher_tokenizer, student_tokenizer
+        self.processor, self.grade_fn = processor, grade_fn
 
     def __call__(
         self,
@@ -218,10 +226,11 @@ class HintPrefixBuilder:
                 max_new_tokens=cfg.teacher_max_new_tokens,
                 seed=self.seed * 1_000_003 + step,
             )
-            ids = [chat_prompt_ids(self.teacher_tokenizer, problems[i].question) for i in hard]
-            for i, group in zip(hard, self.teacher.generate(ids, params)):
+            _, groups, right = teacher_rollouts(self.teacher, self.teacher_tokenizer, [problems[i] for i in hard],
+                                                params, self.processor, self.grade_fn)
+            for i, group, ok in zip(hard, groups, right):
                 metrics[f"{k}/teacher_tokens"] += sum(len(s.token_ids) for s in group)
-                correct[i] = [s.text for s in group if grade(s.text, problems[i].answer) == 1.0]
+                correct[i] = [s.text for s, r in zip(group, ok) if r]
             metrics[f"{k}/teacher_acc_on_hard"] = sum(map(len, correct.values())) / (len(hard) * params.n)
 
         eligible = [bool(correct.get(i)) for i in range(len(problems))]
@@ -302,9 +311,13 @@ def distillation_data(
     settings: GuidanceSettings,
     step: int,
     seed: int = 0,
+    grade_fn: GradeFn = boxed_grade,
 ) -> tuple[list[DistillExample], dict[str, float]]:
-    """Off-policy distillation's data step: G_T fresh teacher rollouts per question, graded; the
-    correct ones (in question order, then sample order) as examples. `tokenizer` is the shared one."""
+    """Off-policy distillation's data step: G_T fresh teacher rollouts per question, graded by
+    `grade_fn` (the trainer's grader; boxed by default); the correct ones (in question order, then
+    sample order) as examples. `tokenizer` is the shared one. Text only: a DistillExample holds
+    token ids, and the JSD's scoring forward takes no images (the trainer refuses distillation for
+    a vision-language student, so no image question reaches it)."""
     params = SamplingParams(
         n=settings.teacher_group_size,
         temperature=settings.teacher_temperature,
@@ -312,12 +325,11 @@ def distillation_data(
         max_new_tokens=settings.teacher_max_new_tokens,
         seed=seed * 1_000_003 + step,
     )
-    prompt_ids = [chat_prompt_ids(tokenizer, p.question) for p in problems]
-    groups = teacher.generate(prompt_ids, params) if problems else []
+    prompts_, groups, right = teacher_rollouts(teacher, tokenizer, problems, params, grade_fn=grade_fn)
     examples, tokens = [], 0
-    for i, (p, ids, group) in enumerate(zip(problems, prompt_ids, groups)):
+    for i, (q, group, ok) in enumerate(zip(prompts_, groups, right)):
         tokens += sum(len(s.token_ids) for s in group)
-        examples += [DistillExample(i, ids, list(s.token_ids)) for s in group if grade(s.text, p.answer) == 1.0]
+        examples += [DistillExample(i, q.input_ids, list(s.token_ids)) for s, r in zip(group, ok) if r]
     n = max(len(problems) * params.n, 1)
     metrics = {
         "distill/teacher_acc": len(examples) / n,

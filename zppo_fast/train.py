@@ -98,9 +98,9 @@ from zppo_fast.report import write_report
 from zppo_fast.reward import final_answer
 from zppo_fast.sft import ensure_warm_start
 from zppo_fast.task import ArithmeticTask, Problem
-from zppo_fast.vlm import VLMPolicy, VLMPrompt, is_vlm, load_processor, vlm_prompt
+from zppo_fast.vlm import VLMPolicy, VLMPrompt, is_vlm, load_processor, load_vlm, vlm_prompt
 from zppo_fast.weight_sync import iter_weight_buckets, weight_names, weight_shapes
-from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, replay_count
+from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, grader_scores, replay_count
 
 # Loss statistics, summed over tokens by the fused losses -> metric names (token means).
 POLICY_METRICS = {"loss": "loss/policy", "clip_low": "loss/clip_frac_low", "clip_high": "loss/clip_frac_high",
@@ -152,18 +152,21 @@ class Trainer:
 
         # 2. The frozen teacher (algos with one, and the LLM judge when a grader is "judge"), a full
         #    copy on every rank: a Hugging Face folder, or the tiny student architecture with a longer
-        #    warm-up whose early snapshot is the student.
+        #    warm-up whose early snapshot is the student. An image-text-to-text teacher (its config has
+        #    a vision tower) is loaded with its processor and sees the questions' images.
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
         for key, name in (("data.grader", cfg.data.grader), ("data.heldout_grader", self.heldout_grader)):
             if name not in GRADERS:
                 raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}")
         judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
-        self.teacher_engine = teacher_dir = teacher_tok = None
+        self.teacher_engine = teacher_dir = teacher_tok = self.teacher_processor = None
         if self.algo.teacher or judge:
             teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
                                                                    snapshots=(cfg.sft.steps,))
             teacher_tok = load_tokenizer(teacher_dir)
+            if is_vlm(model_from_config(teacher_dir, cfg.model.dtype, meta=True)):
+                self.teacher_processor = load_processor(teacher_dir)
             self.teacher_engine = self.make_engine("teacher", teacher_dir, teacher_tok)
             self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
         self.teacher_tokenizer = teacher_tok
@@ -210,12 +213,14 @@ class Trainer:
         #    (HintPrefixBuilder), or distillation, which compares the two models' distributions id by
         #    id: one shared vocabulary, checked here, and the teacher kept as a model that scores
         #    tokens (`scoring_teacher`).
+        #    The teacher's rollouts are graded by the training grader, as the student's are.
         self.guide = self.teacher_lm = None
+        teacher_kw = {"seed": cfg.run.seed, "processor": self.teacher_processor, "grade_fn": grader_scores(self.grader)}
         if {"bcq", "ncq"} & set(self.algo.kinds):
-            self.guide = Reformulator(self.teacher_engine, teacher_tok, cfg.zppo, self.algo.kinds, seed=cfg.run.seed)
+            self.guide = Reformulator(self.teacher_engine, teacher_tok, cfg.zppo, self.algo.kinds, **teacher_kw)
         elif self.algo.kinds:  # ("hint",) or ("prefix",)
             self.guide = HintPrefixBuilder(self.algo.kinds[0], self.teacher_engine, teacher_tok, self.tokenizer,
-                                           GuidanceSettings.from_config(cfg.zppo), seed=cfg.run.seed)
+                                           GuidanceSettings.from_config(cfg.zppo), **teacher_kw)
         if self.algo.distill:
             if self.processor is not None:  # distillation_data and the scoring forward are text-only
                 raise ConfigError(f"rl.algo = {cfg.rl.algo} runs on text students only: the teacher's rollouts and "
@@ -260,9 +265,12 @@ class Trainer:
         read from `folder` and never change."""
         cfg, dist, dtype = self.cfg.rollout, self.dist, self.cfg.model.dtype
         if cfg.engine == "transformers":
-            model = model_from_config(folder, dtype, device=self.device) if role == "student" else \
-                load_model(folder, dtype)[0].to(self.device).eval().requires_grad_(False)
-            processor = self.processor if role == "student" else None
+            processor = self.processor if role == "student" else self.teacher_processor
+            if role == "student":
+                model = model_from_config(folder, dtype, device=self.device)
+            else:  # an image-text-to-text teacher with its vision tower, or a causal LM
+                model = (load_vlm if processor is not None else load_model)(folder, dtype)[0]
+                model = model.to(self.device).eval().requires_grad_(False)
             return DataParallelEngine(TransformersEngine(model, tokenizer, cfg.batch_size, processor=processor), dist)
         if cfg.engine != "sglang":
             raise ConfigError(f"rollout.engine must be transformers or sglang, got {cfg.engine!r}")
@@ -382,7 +390,8 @@ class Trainer:
             t0 = time.perf_counter()
             self.teacher_engine.resume_memory()
             examples, dm = distillation_data(self.teacher_engine, self.tokenizer, problems,
-                                             GuidanceSettings.from_config(cfg.zppo), self.step_idx, seed=cfg.run.seed)
+                                             GuidanceSettings.from_config(cfg.zppo), self.step_idx, seed=cfg.run.seed,
+                                             grade_fn=grader_scores(self.grader))
             self.teacher_engine.release_memory()
             t["time/teacher"] = time.perf_counter() - t0
             m.update(dm)

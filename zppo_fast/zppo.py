@@ -38,22 +38,72 @@ Choices the paper leaves open (documented here, tested in tests/test_zppo.py):
   wrong answers (`zppo_fast.prompts.build_ncq`); its answer is the verifier's NO_ANSWER marker.
 * Empty or whitespace-only candidate texts are inserted as they are (an empty candidate block):
   the student still sees that such a rollout was wrong.
+
+The teacher's rollouts of a question (`teacher_rollouts`, shared by `Reformulator`,
+`zppo_fast.baselines.HintPrefixBuilder` and `zppo_fast.baselines.distillation_data`) are graded by
+the trainer's grader (`data.grader`, through `grader_scores`; the boxed grader by default), so a
+multiple-choice teacher answer counts when its letter is right. A vision-language teacher (one given
+its processor) sees the question's images, as the student does; a text teacher sees the question's
+text only, with today's exact prompt ids. The compression (and hint-writing) prompts stay text-only:
+they ask the teacher to summarize a candidate's *text*, which is all they read; the images come back
+in the student's BCQ / NCQ prompt, which is built on the question and keeps them.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from zppo_fast import prompts
 from zppo_fast.config import ZPPOConfig
 from zppo_fast.data import chat_prompt_ids
-from zppo_fast.engine import RolloutEngine, SamplingParams
+from zppo_fast.engine import RolloutEngine, Sample, SamplingParams
+from zppo_fast.file_task import grade_item
+from zppo_fast.graders import Grader
 from zppo_fast.reward import final_answer, grade
 from zppo_fast.selection import aug_cap, replay_count, select_reformulations  # noqa: F401 (public here)
 from zppo_fast.task import Problem
+from zppo_fast.vlm import VLMPrompt, vlm_prompt
+
+# Scores in {0, 1} of texts[k] as an answer to problems[k], one batched call.
+GradeFn = Callable[[Sequence[Problem], Sequence[str]], list[float]]
+
+
+def boxed_grade(problems: Sequence[Problem], texts: Sequence[str]) -> list[float]:
+    """The default GradeFn: the last \\boxed{} answer against the gold answer."""
+    return [grade(t, p.answer) for p, t in zip(problems, texts)]
+
+
+def grader_scores(grader: Grader) -> GradeFn:
+    """The GradeFn of a `zppo_fast.graders` grader (the trainer's `data.grader`): each text graded as
+    the student's rollouts are, with the problem's choices (`file_task.grade_item`)."""
+    def scores(problems: Sequence[Problem], texts: Sequence[str]) -> list[float]:
+        return [v.score for v in grader.grade_batch([grade_item(p, t) for p, t in zip(problems, texts)])]
+    return scores
+
+
+def teacher_rollouts(teacher: RolloutEngine, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
+                     params: SamplingParams, processor: Any = None, grade_fn: GradeFn = boxed_grade,
+                     ) -> tuple[list[VLMPrompt], list[list[Sample]], list[list[bool]]]:
+    """`params.n` teacher rollouts of each problem's question, graded: its prompts [Q], samples
+    [Q][n] and correctness [Q][n]. With `processor` (a vision-language teacher) each prompt is built
+    by `vlm_prompt`, the question's images in front of its text, and the images go to the engine;
+    without one the prompt is the text chat prompt (`chat_prompt_ids`), no images."""
+    if not problems:
+        return [], [], []
+    if processor is None:
+        prompts_ = [VLMPrompt(chat_prompt_ids(tokenizer, p.question), None) for p in problems]
+        groups = teacher.generate([q.input_ids for q in prompts_], params)
+    else:
+        prompts_ = [vlm_prompt(processor, p.question, p.images) for p in problems]
+        groups = teacher.generate([q.input_ids for q in prompts_], params, images=[p.images for p in problems])
+    flat = [(p, s.text) for p, group in zip(problems, groups) for s in group]
+    scores = iter(grade_fn([p for p, _ in flat], [t for _, t in flat]))
+    return prompts_, groups, [[next(scores) == 1.0 for _ in group] for group in groups]
 
 
 @dataclass(frozen=True)
@@ -99,10 +149,13 @@ class Reformulator:
     """Builds one step's BCQ/NCQ prompts from the student's plain rollouts and a frozen teacher."""
 
     def __init__(self, teacher: RolloutEngine, teacher_tokenizer: PreTrainedTokenizerBase, cfg: ZPPOConfig,
-                 kinds: tuple[str, ...], seed: int = 0):
+                 kinds: tuple[str, ...], seed: int = 0, processor: Any = None, grade_fn: GradeFn = boxed_grade):
+        """`processor`: the teacher's, when it is a vision-language model (it then sees the question's
+        images); `grade_fn`: how its rollouts are graded (the trainer's grader; boxed by default)."""
         if cfg.compression not in ("teacher", "none"):
             raise ValueError(f"zppo.compression must be 'teacher' or 'none', got {cfg.compression!r}")
         self.teacher, self.tokenizer, self.cfg, self.kinds, self.seed = teacher, teacher_tokenizer, cfg, kinds, seed
+        self.processor, self.grade_fn = processor, grade_fn
 
     def __call__(self, problems: list[Problem], student_texts: list[list[str]], student_rewards: list[list[float]],
                  cap: int, step: int) -> tuple[list[Reformulation], dict[str, float]]:
@@ -118,12 +171,13 @@ class Reformulator:
             params = SamplingParams(n=cfg.teacher_group_size, temperature=cfg.teacher_temperature,
                                     top_p=cfg.teacher_top_p, max_new_tokens=cfg.teacher_max_new_tokens,
                                     seed=self.seed * 1_000_003 + step)
-            groups = self.teacher.generate([chat_prompt_ids(self.tokenizer, problems[i].question) for i in hard], params)
+            _, groups, right = teacher_rollouts(self.teacher, self.tokenizer, [problems[i] for i in hard], params,
+                                                self.processor, self.grade_fn)
             n_right = 0
-            for i, group in zip(hard, groups):
-                for s in group:
+            for i, group, ok in zip(hard, groups, right):
+                for s, r in zip(group, ok):
                     metrics["zppo/teacher_tokens"] += len(s.token_ids)
-                    if grade(s.text, problems[i].answer) == 1.0:
+                    if r:
                         teacher_correct[i].append(s.text)
                         n_right += 1
             metrics["zppo/teacher_acc_on_hard"] = n_right / (len(hard) * cfg.teacher_group_size)
