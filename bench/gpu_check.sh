@@ -3,8 +3,9 @@
 #   1. the kernel tests on CUDA (compiled Triton; the CPU-interpreter cases skip themselves)
 #   2. bench_policy_loss.py on the issue's shapes (bf16, V = 248,320)
 #   3. bench_advantages.py
+#   4. bench_weight_sync.py (SGLang pushes when sglang is installed, else gather-and-bucket on the GPU)
 # then prints a short summary. Output files go to ${OUT:-bench/gpu_check_out}. Step time limits
-# (150 + 270 + 45 s) keep the whole run under 8 minutes; a cut-off bench keeps the rows it wrote.
+# (150 + 225 + 45 + 45 s) keep the whole run under 8 minutes; a cut-off bench keeps the rows it wrote.
 # Usage: bash bench/gpu_check.sh            (PYTHON=... to pick the interpreter)
 set -u
 cd "$(dirname "$0")/.."
@@ -32,19 +33,23 @@ except ImportError:
     print("liger-kernel not installed: the Liger baseline will be skipped")
 PY
 
-echo "== 1/3 tests (CUDA) =="
+echo "== 1/4 tests (CUDA) =="
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 tests/test_kernels_policy_loss.py tests/test_kernels_advantages.py \
     tests/test_kernels_linear.py -k "cuda or bad_inputs" 2>&1 | tee "$OUTDIR/tests.txt" | tail -15
 status+=("tests: rc=${PIPESTATUS[0]}")
 
-echo "== 2/3 bench_policy_loss (bf16, V=248320) =="
-timeout 270 "$PY" bench/bench_policy_loss.py --device cuda --reps 3 --warmup 1 --compile-max-n 4096 \
+echo "== 2/4 bench_policy_loss (bf16, V=248320) =="
+timeout 225 "$PY" bench/bench_policy_loss.py --device cuda --reps 3 --warmup 1 --compile-max-n 4096 \
     --json "$OUTDIR/policy_loss.jsonl" 2>&1 | tee "$OUTDIR/bench_policy_loss.md"
 status+=("bench_policy_loss: rc=${PIPESTATUS[0]}")
 
-echo "== 3/3 bench_advantages =="
+echo "== 3/4 bench_advantages =="
 timeout 45 "$PY" bench/bench_advantages.py --device cuda 2>&1 | tee "$OUTDIR/bench_advantages.md"
 status+=("bench_advantages: rc=${PIPESTATUS[0]}")
+
+echo "== 4/4 bench_weight_sync =="
+timeout 45 "$PY" bench/bench_weight_sync.py 2>&1 | tee "$OUTDIR/bench_weight_sync.md"
+status+=("bench_weight_sync: rc=${PIPESTATUS[0]}")
 
 echo "== summary ($(( $(date +%s) - start )) s) =="
 printf '%s\n' "${status[@]}"

@@ -64,3 +64,11 @@ def tiny_config(tiny_cache, tmp_path):
                                                    str(tmp_path / "run"), *overrides])
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _subnormals_back():
+    """The trainer flushes denormals process-wide (a speed setting for training); tests after it,
+    hypothesis's float strategies among them, need IEEE subnormals back."""
+    yield
+    torch.set_flush_denormal(False)
