@@ -81,3 +81,18 @@ def test_layout_bookkeeping_and_bad_input():
         pack([[1, 2], [3, 4]], [1, 3])
     with pytest.raises(ValueError, match="2 sequences, 1 prompt lengths"):
         pack([[1, 2], [3, 4]], [1])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packing_is_exact_with_each_cpu_attention_kernel(tmp_path, attention):
+    from zppo_fast.model import attention_kernel, model_from_config
+
+    build_tiny_model(ModelConfig(num_layers=4), Vocab()).save_pretrained(tmp_path)
+    lm = model_from_config(tmp_path, attention=attention)
+    assert lm.config._attn_implementation == attention
+    policy = Policy(lm)
+    seqs, prompts = sequences(2)
+    torch.testing.assert_close(logprobs(policy, pack(seqs, prompts, packed=True)),
+                               logprobs(policy, pack(seqs, prompts, packed=False)), rtol=0, atol=2e-5)
+    assert attention_kernel("auto", torch.device("cpu")) == "sdpa"
+    assert attention_kernel("eager", torch.device("cuda")) == "eager"

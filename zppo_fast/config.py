@@ -145,6 +145,9 @@ class ParallelConfig:
     # than the padding it saves (bench/RESULTS.md, "Train step").
     packing: bool | None = None
     max_tokens_per_microbatch: int = 4096  # positions per forward; does not change the gradient
+    # The trained model's attention kernel: auto = flash_attention_2 (varlen over packed rows) on
+    # CUDA when flash-attn is installed, else sdpa; or any transformers attn_implementation name.
+    attention: str = "auto"
     weight_bucket_mb: int = 512  # bucket size of the weight push into the rollout engine
 
 

@@ -10,6 +10,7 @@ model whose parameters live on the meta device, for FSDP2 to shard before memory
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -146,11 +147,19 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def attention_kernel(setting: str, device: torch.device) -> str:
+    """The transformers `attn_implementation` for `parallel.attention` on `device`."""
+    if setting != "auto":
+        return setting
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def model_from_config(path: str | Path, dtype: str = "float32", *, meta: bool = False,
-                      device: torch.device | str = "cpu") -> PreTrainedModel:
+                      device: torch.device | str = "cpu", attention: str | None = None) -> PreTrainedModel:
     """The causal LM described by `path`/config.json with freshly initialized weights, or with
     its parameters on the meta device (no memory) for FSDP2 to shard and fill. A config with a
-    vision tower builds the image-text-to-text model (`zppo_fast.vlm`), not its text half."""
+    vision tower builds the image-text-to-text model (`zppo_fast.vlm`), not its text half.
+    `attention`: a transformers attn_implementation (None: transformers' default)."""
     path = _model_folder(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -160,7 +169,7 @@ def model_from_config(path: str | Path, dtype: str = "float32", *, meta: bool = 
 
     auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
     with _parameters_on_meta() if meta else torch.device(device):
-        return auto.from_config(config, dtype=DTYPES[dtype])
+        return auto.from_config(config, dtype=DTYPES[dtype], **({"attn_implementation": attention} if attention else {}))
 
 
 class Policy(nn.Module):

@@ -91,7 +91,15 @@ from zppo_fast.file_task import FileTask, grade_item
 from zppo_fast.graders import GRADERS, get_grader
 from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, peak_memory_mb
-from zppo_fast.model import ModelLoadError, Policy, load_model, load_tokenizer, model_from_config, read_state_dict
+from zppo_fast.model import (
+    ModelLoadError,
+    Policy,
+    attention_kernel,
+    load_model,
+    load_tokenizer,
+    model_from_config,
+    read_state_dict,
+)
 from zppo_fast.parallelize import load_full_state, parallelize
 from zppo_fast.replay import PromptReplayBuffer
 from zppo_fast.report import write_report
@@ -178,7 +186,8 @@ class Trainer:
         #    `VLMPolicy`, which runs its image micro-batches through the vision tower.
         source = checkpoint or Path(cfg.model.path or self.warm_start(cfg.sft))
         self.tokenizer = load_tokenizer(source)
-        lm = model_from_config(source, cfg.model.dtype, meta=True)
+        lm = model_from_config(source, cfg.model.dtype, meta=True,
+                               attention=attention_kernel(cfg.parallel.attention, self.device))
         self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
         self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
 
