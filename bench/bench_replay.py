@@ -253,7 +253,7 @@ def verdict(rows: list[dict]) -> str:
     if any("update()" in m for m in missed):
         text += (
             "\nWhat bounds update(): per entry one index probe (duplicate check and membership in the same\n"
-            "probe, prefetched), the ring slot, and for each exit one index erase and one 48-byte life\n"
+            "probe, prefetched), the ring slot, and for each exit one index erase and one 32-byte life\n"
             "record appended to the C++ exit log. The log only grows, so every record lands in memory the\n"
             "process never touched: the kernel must fault in and zero it (first touch on this machine: "
             f"{first_touch_us_per_page():.1f} us\nper 4 KiB page; the log's big chunks ask for transparent huge "

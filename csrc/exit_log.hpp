@@ -14,9 +14,15 @@
 //   L1  Rows [0, size()) are chunk 0's rows, then chunk 1's, ...; every chunk but the last is
 //       full, and cur_ points at the last chunk's first unused row (or is null when none).
 //   L2  A row's bytes never move once written (no reallocation), so appending never copies.
+//   L3  runs_ is sorted by first row, runs_[0].first == 0 when size() > 0, and row r's exit
+//       step and flag are those of the last run with first <= r. far_ is sorted by row and
+//       holds exactly the rows whose admitted_ago is kFarAdmitted.
+//   L4  After reserve(n), the next n appends allocate nothing (cannot throw), provided they
+//       open at most kRunsPerReserve new runs.
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -32,8 +38,8 @@
 
 namespace zppo {
 
-// One exit, 48 bytes (the Python history row is 49 packed: visits widened to int64). The
-// graduated flag shares a word with the 32-bit visit count.
+// One exit as the Python history sees it (the logical row; 49 bytes packed there, visits
+// widened to int64). The log stores each as a 32-byte PackedExit plus shared run records.
 struct ExitRow {
   std::int64_t qid;
   std::int64_t step_admitted;
@@ -47,11 +53,27 @@ struct ExitRow {
 static_assert(sizeof(ExitRow) == 48, "life record layout");
 static_assert(std::is_trivially_copyable_v<ExitRow>, "rows are plain bytes");
 
+// What the log stores per exit: every fresh byte costs a kernel page zeroing, so exit_step and
+// graduated live once per run of rows that share them (a step's graduations, then its
+// evictions), and step_admitted as a 32-bit distance back from exit_step, with the rare row
+// whose distance does not fit kept exactly in a side table (kFarAdmitted).
+struct PackedExit {
+  std::int64_t qid;
+  double acc_admitted;
+  double last_acc;
+  std::int32_t visits;
+  std::int32_t admitted_ago;  // exit_step - step_admitted (mod 2**64), or kFarAdmitted
+};
+static_assert(sizeof(PackedExit) == 32, "two rows per cache line");
+static_assert(std::is_trivially_copyable_v<PackedExit>, "rows are plain bytes");
+
 class ExitLog {
  public:
   static constexpr std::size_t kFirstChunkRows = 256;
   static constexpr std::size_t kHugePage = std::size_t{2} << 20;
   static constexpr std::size_t kBigChunkBytes = 4 * kHugePage;
+  static constexpr std::int32_t kFarAdmitted = INT32_MIN;
+  static constexpr std::size_t kRunsPerReserve = 2;  // one step: its graduations, its evictions
 
   ExitLog() = default;
   ExitLog(const ExitLog&) = delete;
@@ -65,6 +87,8 @@ class ExitLog {
       cur_ = o.cur_;
       end_ = o.end_;
       size_ = o.size_;
+      runs_.swap(o.runs_);
+      far_.swap(o.far_);
       o.cur_ = o.end_ = nullptr;
       o.size_ = 0;
     }
@@ -74,14 +98,30 @@ class ExitLog {
 
   std::size_t size() const { return size_; }
 
-  // Appends one row (L1, L2). Throws std::bad_alloc (log unchanged) if memory runs out.
+  // Appends one row (L1-L3). Throws std::bad_alloc (log unchanged) if memory runs out,
+  // never after a reserve() that covers it (L4).
   void append(const ExitRow& row) {
     if (cur_ == end_) add_chunk();
-    *cur_++ = row;
+    const std::uint64_t ago = static_cast<std::uint64_t>(row.exit_step) - static_cast<std::uint64_t>(row.step_admitted);
+    const auto ago_signed = static_cast<std::int64_t>(ago);
+    const bool near = ago_signed > kFarAdmitted && ago_signed <= INT32_MAX;
+    const bool new_run = runs_.empty() || runs_.back().exit_step != row.exit_step ||
+                         runs_.back().graduated != row.graduated;
+    if (new_run) runs_.push_back(Run{size_, row.exit_step, row.graduated});  // no-op on throw
+    if (!near) {
+      try {
+        far_.push_back(Far{size_, row.step_admitted});
+      } catch (...) {
+        if (new_run) runs_.pop_back();
+        throw;
+      }
+    }
+    *cur_++ = PackedExit{row.qid, row.acc_admitted, row.last_acc, row.visits,
+                         near ? static_cast<std::int32_t>(ago_signed) : kFarAdmitted};
     ++size_;
   }
 
-  // Makes room for `n` more rows (allocating now), so that the next n appends cannot throw.
+  // Makes room for `n` more rows (allocating now), so that the next n appends cannot throw (L4).
   void reserve(std::size_t n) {
     std::size_t spare = static_cast<std::size_t>(end_ - cur_);
     for (std::size_t i = cur_ == nullptr ? 0 : current_chunk_ + 1; i < chunks_.size(); ++i) spare += chunks_[i].rows;
@@ -89,15 +129,29 @@ class ExitLog {
       chunks_.push_back(allocate(next_rows()));
       spare += chunks_.back().rows;
     }
+    grow_to(runs_, runs_.size() + kRunsPerReserve);
+    grow_to(far_, far_.size() + n);  // address space only until a far row appears
   }
 
   // Calls fn(const ExitRow&) for every row, oldest first.
   template <typename Fn>
   void for_each(Fn&& fn) const {
-    std::size_t left = size_;
+    std::size_t left = size_, row = 0, run = 0, far = 0;
     for (const Chunk& c : chunks_) {
       const std::size_t k = std::min(left, c.rows);
-      for (std::size_t i = 0; i < k; ++i) fn(c.data[i]);
+      for (std::size_t i = 0; i < k; ++i, ++row) {
+        while (run + 1 < runs_.size() && runs_[run + 1].first <= row) ++run;
+        const PackedExit& p = c.data[i];
+        std::int64_t admitted;
+        if (p.admitted_ago == kFarAdmitted) {
+          admitted = far_[far++].step_admitted;
+        } else {
+          admitted = static_cast<std::int64_t>(static_cast<std::uint64_t>(runs_[run].exit_step) -
+                                               static_cast<std::uint64_t>(static_cast<std::int64_t>(p.admitted_ago)));
+        }
+        fn(ExitRow{p.qid, admitted, p.acc_admitted, runs_[run].exit_step, p.last_acc, p.visits, runs_[run].graduated,
+                   {0, 0, 0}});
+      }
       left -= k;
       if (left == 0) break;
     }
@@ -106,8 +160,23 @@ class ExitLog {
   void clear() { release(); }
 
  private:
+  struct Run {
+    std::size_t first;  // its first row
+    std::int64_t exit_step;
+    std::uint8_t graduated;
+  };
+  struct Far {
+    std::size_t row;
+    std::int64_t step_admitted;
+  };
+
+  template <typename T>
+  static void grow_to(std::vector<T>& v, std::size_t n) {
+    if (v.capacity() < n) v.reserve(std::max(n, 2 * v.capacity()));
+  }
+
   struct Chunk {
-    ExitRow* data;
+    PackedExit* data;
     std::size_t rows;
     std::size_t mapped_bytes;  // > 0: an mmap'ed big chunk of this many bytes; 0: operator new
   };
@@ -115,7 +184,7 @@ class ExitLog {
   std::size_t next_rows() const {
     if (chunks_.empty()) return kFirstChunkRows;
     const std::size_t last = chunks_.back().rows;
-    return std::min(2 * last, kBigChunkBytes / sizeof(ExitRow));
+    return std::min(2 * last, kBigChunkBytes / sizeof(PackedExit));
   }
 
   // Moves cur_ to the next chunk, allocating it if reserve() has not already.
@@ -129,9 +198,9 @@ class ExitLog {
 
   static Chunk allocate(std::size_t rows) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (rows * sizeof(ExitRow) >= kHugePage) {
+    if (rows * sizeof(PackedExit) >= kHugePage) {
       // Whole huge pages, 2 MiB aligned: over-map by one huge page and trim both ends.
-      const std::size_t bytes = (rows * sizeof(ExitRow) + kHugePage - 1) & ~(kHugePage - 1);
+      const std::size_t bytes = (rows * sizeof(PackedExit) + kHugePage - 1) & ~(kHugePage - 1);
       const std::size_t span = bytes + kHugePage;
       void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (p == MAP_FAILED) throw std::bad_alloc();
@@ -140,10 +209,10 @@ class ExitLog {
       if (start != base) munmap(p, start - base);
       if (base + span != start + bytes) munmap(reinterpret_cast<void*>(start + bytes), base + span - (start + bytes));
       madvise(reinterpret_cast<void*>(start), bytes, MADV_HUGEPAGE);  // advice only: may fail
-      return Chunk{reinterpret_cast<ExitRow*>(start), bytes / sizeof(ExitRow), bytes};
+      return Chunk{reinterpret_cast<PackedExit*>(start), bytes / sizeof(PackedExit), bytes};
     }
 #endif
-    return Chunk{static_cast<ExitRow*>(::operator new(rows * sizeof(ExitRow))), rows, 0};
+    return Chunk{static_cast<PackedExit*>(::operator new(rows * sizeof(PackedExit))), rows, 0};
   }
 
   void release() {
@@ -157,6 +226,8 @@ class ExitLog {
       ::operator delete(c.data);
     }
     chunks_.clear();
+    runs_.clear();
+    far_.clear();
     cur_ = end_ = nullptr;
     current_chunk_ = 0;
     size_ = 0;
@@ -164,8 +235,10 @@ class ExitLog {
 
   std::vector<Chunk> chunks_;
   std::size_t current_chunk_ = 0;
-  ExitRow* cur_ = nullptr;
-  ExitRow* end_ = nullptr;
+  std::vector<Run> runs_;
+  std::vector<Far> far_;
+  PackedExit* cur_ = nullptr;
+  PackedExit* end_ = nullptr;
   std::size_t size_ = 0;
 };
 

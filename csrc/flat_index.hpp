@@ -59,6 +59,9 @@ class FlatIndex {
   // Hints the cache that `key` will be probed soon.
   void prefetch(std::int64_t key) const { __builtin_prefetch(&buckets_[home(key)], 1, 3); }
 
+  // Hints the cache that bucket position i (from position()) will be touched soon.
+  void prefetch_at(std::size_t i) const { __builtin_prefetch(&buckets_[i & mask_], 1, 3); }
+
   // The bucket holding `key`, or the empty bucket ending its probe run (fill it with
   // occupy() to insert; call reserve() first). One probe run, no hashing beyond home().
   Bucket& probe(std::int64_t key) {
