@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from batches import random_batch
+from batches import hidden_grad, random_batch
 from zppo_fast.kernels.distill_loss import fused_linear_jsd_reference
 
 from zppo_fast.batch import RolloutBatch
@@ -99,17 +99,7 @@ def test_prefix_is_context_graded_with_the_continuation_and_never_trained(tiny_c
 
     batch = RolloutBatch([forced, plain])
     old, _ = trainer.logprobs(batch)
-    captured = {}
-
-    def keep(module, inputs, output):
-        output.last_hidden_state.retain_grad()
-        captured["h"] = output.last_hidden_state
-
-    handle = trainer.policy.lm.get_decoder().register_forward_hook(keep)
-    trainer.optimizer.zero_grad()
-    trainer.backward_minibatch(batch, [0, 1], old, torch.tensor([1.0, -1.0]))
-    handle.remove()
-    grad = captured["h"].grad.abs().sum(-1).view(-1)[: len(forced)]  # (T,) of the Prefix rollout
+    grad = hidden_grad(trainer, batch, old, torch.tensor([1.0, -1.0]))[: len(forced)]  # (T,) of the Prefix rollout
     first = len(forced.prompt_ids) - 1  # predicts the first continuation token
     assert (grad[:first] == 0).all() and (grad[first : len(forced) - 1] > 0).all()
 

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from batches import hidden_grad
 
 from zppo_fast import prompts
 from zppo_fast.batch import Rollout, RolloutBatch
@@ -104,17 +105,7 @@ def test_no_teacher_token_is_trained(tiny_config):
         batch = RolloutBatch([Rollout(prompt, response, 1.0, 0), Rollout(prompt, response[:-2], 0.0, 0)])
         old, _ = trainer.logprobs(batch)
         (mb,) = trainer.microbatches(batch, [0, 1])  # one packed row: prompt, response, prompt, response[:-2]
-        captured = {}
-
-        def keep(module, inputs, output):
-            output.last_hidden_state.retain_grad()
-            captured["h"] = output.last_hidden_state
-
-        handle = trainer.policy.lm.get_decoder().register_forward_hook(keep)
-        trainer.optimizer.zero_grad()
-        trainer.backward_minibatch(batch, [0, 1], old, torch.tensor([1.0, -1.0]))
-        handle.remove()
-        grad = captured["h"].grad.abs().sum(-1).view(-1)  # (T,) over the packed row
+        grad = hidden_grad(trainer, batch, old, torch.tensor([1.0, -1.0]))  # (T,) over the packed row
         for start in (0, len(prompt) + len(response)):
             assert (grad[start : start + len(prompt) - 1] == 0).all()
         assert (grad[len(prompt) - 1 : len(prompt) - 1 + len(response)] > 0).all()
