@@ -328,7 +328,7 @@ class ReplayRing {
     }
     if (graduations) {
       count_.store(live - graduations, std::memory_order_relaxed);
-      compact();  // moves live entries: their buckets get new values in place
+      compact(live - graduations);  // moves live entries: their buckets get new values in place
     }
     // Pass 3: admissions fill their pending buckets; evictions pop the head.
     for (const Pending& a : admits_) {
@@ -542,11 +542,14 @@ class ReplayRing {
 
   // Owner only. Slides live entries toward the tail over the graduation holes, keeping
   // their order, and gives the freed slots to the next lap (I3, I4).
-  void compact() {
+  // `survivors` is the number of live entries (count_ after the graduations): once that many
+  // are placed, everything older is a hole, so the scan stops at the oldest survivor.
+  void compact(std::size_t survivors) {
     const std::uint64_t head = head_.load(std::memory_order_relaxed);
     const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
     std::uint64_t dst = tail;
-    for (std::uint64_t p = tail; p-- > head;) {
+    const std::uint64_t last = tail - survivors;  // dst once every survivor is placed
+    for (std::uint64_t p = tail; dst != last && p-- > head;) {
       if (slot(p).state != EntryState::kLive) continue;
       if (--dst != p) {  // dst > p: slot(dst) was already moved or was a hole
         slot(dst).set(slot(p).record());
