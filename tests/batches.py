@@ -33,3 +33,18 @@ def hidden_grad(trainer, batch: RolloutBatch, old, advantages) -> torch.Tensor:
     finally:
         handle.remove()
     return captured["h"].grad.abs().sum(-1).view(-1)
+
+
+def tiny_engine_world():
+    """(tokenizer, a tiny random Qwen3.5, 3 chat prompts) for the engine tests: a 400-token BPE of
+    the arithmetic task with operands up to 50, hidden 32, 4 layers, seed 1."""
+    from zppo_fast.config import ModelConfig
+    from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
+    from zppo_fast.model import build_tiny_model
+    from zppo_fast.task import ArithmeticTask
+    from zppo_fast.tokenizer import build_tokenizer
+
+    task = ArithmeticTask(max_operand=50)
+    tokenizer = build_tokenizer(tokenizer_corpus(task, size=500), vocab_size=400)
+    model = build_tiny_model(ModelConfig(hidden_size=32, num_layers=4), tokenizer, seed=1)
+    return tokenizer, model, [chat_prompt_ids(tokenizer, task.problem(q).question) for q in (3, 1000, 20000)]

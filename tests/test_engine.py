@@ -2,21 +2,14 @@
 
 import pytest
 import torch
+from batches import tiny_engine_world
 
-from zppo_fast.config import ModelConfig
-from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
 from zppo_fast.engine import SamplingParams, TransformersEngine
-from zppo_fast.model import build_tiny_model
-from zppo_fast.task import ArithmeticTask
-from zppo_fast.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def engine():
-    task = ArithmeticTask(max_operand=50)
-    tokenizer = build_tokenizer(tokenizer_corpus(task, size=500), vocab_size=400)
-    model = build_tiny_model(ModelConfig(hidden_size=32, num_layers=4), tokenizer, seed=1)
-    prompts = [chat_prompt_ids(tokenizer, task.problem(q).question) for q in (3, 1000, 20000)]
+    tokenizer, model, prompts = tiny_engine_world()
     prompts[1] = prompts[1] + prompts[1][:5]  # prompts of different lengths exercise left padding
     return TransformersEngine(model, tokenizer, batch_size=5), prompts
 

@@ -9,13 +9,11 @@ import importlib.util
 
 import pytest
 import torch
+from batches import tiny_engine_world
 
 from zppo_fast.config import ModelConfig
-from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
 from zppo_fast.engine import MEMORY_TAGS, SamplingParams, TransformersEngine
 from zppo_fast.model import build_tiny_model, save_model
-from zppo_fast.task import ArithmeticTask
-from zppo_fast.tokenizer import build_tokenizer
 from zppo_fast.weight_sync import iter_weight_buckets, weight_shapes
 
 HAS_SGLANG_GPU = torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None
@@ -27,11 +25,7 @@ TOLERANCE = {"transformers": 1e-4, "sglang": 5e-2}
 
 @pytest.fixture(scope="module")
 def world():
-    task = ArithmeticTask(max_operand=50)
-    tokenizer = build_tokenizer(tokenizer_corpus(task, size=500), vocab_size=400)
-    trainer = build_tiny_model(ModelConfig(hidden_size=32, num_layers=4), tokenizer, seed=1)
-    prompts = [chat_prompt_ids(tokenizer, task.problem(q).question) for q in (3, 1000, 20000)]
-    return tokenizer, trainer, prompts
+    return tiny_engine_world()
 
 
 @pytest.fixture(params=["transformers", pytest.param("sglang", marks=pytest.mark.skipif(

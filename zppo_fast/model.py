@@ -72,12 +72,15 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed:
 def load_model(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local Hugging Face folder (never from the network)."""
     path = _model_folder(path)
-    tokenizer = load_tokenizer(path)
+    return from_folder(AutoModelForCausalLM, path, dtype, "model"), load_tokenizer(path)
+
+
+def from_folder(auto_class, path: Path, dtype: str, what: str) -> PreTrainedModel:
+    """`auto_class.from_pretrained` on a local folder, its failures as ModelLoadError naming the path."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+        return auto_class.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
     except Exception as e:  # transformers raises many types; the user needs the path and the cause
-        raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
-    return model, tokenizer
+        raise ModelLoadError(f"cannot load {what} from {path}: {type(e).__name__}: {e}") from e
 
 
 def _model_folder(path: str | Path) -> Path:

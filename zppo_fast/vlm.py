@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3VLProcessor
 
 from zppo_fast.datasets import Record
-from zppo_fast.model import DTYPES, ModelLoadError, Policy, _model_folder
+from zppo_fast.model import DTYPES, ModelLoadError, Policy, _model_folder, from_folder
 from zppo_fast.packing import MicroBatch, pack
 from zppo_fast.prompts import with_closing
 
@@ -139,11 +139,7 @@ def load_vlm(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel,
     from transformers import AutoModelForImageTextToText
 
     processor = load_processor(path)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
-    except Exception as e:  # transformers raises many types; the user needs the path and the cause
-        raise ModelLoadError(f"cannot load an image-text-to-text model from {path}: {type(e).__name__}: {e}") from e
-    return model, processor
+    return from_folder(AutoModelForImageTextToText, Path(path), dtype, "an image-text-to-text model"), processor
 
 
 def load_processor(path: str | Path) -> Any:
