@@ -23,8 +23,9 @@ g_j = d JSD / d s_j, which simplifies to one expression per case:
     beta = 0:      Q_j - P_j
     beta = 1:      Q_j * (s_j - t_j - KL(Q || P))
 
-each divided by the temperature. So the backward needs, per token, the two log-sum-exps and one
-scalar (KL(Q || M) or KL(Q || P)): 12 bytes saved per token, never a [N, V] tensor.
+each divided by the temperature. So the backward needs, per token, the two log normalisers (two
+fp32 parts each, below) and one scalar (KL(Q || M) or KL(Q || P)): 20 bytes saved per token,
+never a [N, V] tensor.
 
 How (chunked PyTorch; used on CPU and, for now, on CUDA too -- there is no Triton kernel for
 this op yet, so on a GPU it runs cuBLAS GEMMs plus PyTorch element-wise ops per tile):
@@ -32,9 +33,11 @@ only the masked rows are processed (padding never costs a GEMM, and a padded row
 never reach a gradient). Rows are taken in blocks of ``chunk_rows`` and the vocabulary in
 slices of ``chunk_vocab``; one [chunk_rows, chunk_vocab] fp32 tile per model is live at a time.
 
-    pass 1  per vocab slice: both models' logits tile (fp32 GEMM), online log-sum-exp
-            (lse = logaddexp(lse, logsumexp(tile)), lse starting at -inf)
-    pass 2  per vocab slice: recompute the tiles, log-probs = tile - lse, accumulate the
+    pass 1  per vocab slice: both models' logits tile (fp32 GEMM), online log-sum-exp kept as
+            a running max (from -inf) and a running sum of exp(z - max), giving each row's
+            log normaliser in two parts (max, log sum) -- never rounded into one number of the
+            logits' size, which would cost near-certain tokens their log-prob's precision
+    pass 2  per vocab slice: recompute the tiles, log-probs = (tile - max) - log sum, accumulate the
             per-token JSD, KL(P || Q), KL(Q || P) and KL(Q || M) in fp32
     backward per vocab slice: recompute the tiles, form d JSD / d z in place, then
             dX[rows] += dZ @ W_slice and dW[slice] += dZ^T @ X (fp32 accumulators)
@@ -90,17 +93,19 @@ def fused_linear_jsd_reference(
     beta=0.5,
     temperature=1.0,
     normalizer=None,
+    dtype=torch.float64,
 ):
-    """Float64 reference that materialises both [N, V] logits. Returns (loss, stats) like
-    ``fused_linear_jsd``; differentiable w.r.t. the student's hidden and weight only."""
-    xs = student_hidden.reshape(-1, student_hidden.shape[-1]).double()
-    xt = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach().double()
-    s = torch.log_softmax(xs @ student_weight.double().T / temperature, dim=-1)
-    t = torch.log_softmax(xt @ teacher_weight.detach().double().T / temperature, dim=-1)
+    """Reference that materialises both [N, V] logits, computed in ``dtype`` (float64 unless a
+    test measures fp32's own rounding). Returns (loss, stats) like ``fused_linear_jsd``;
+    differentiable w.r.t. the student's hidden and weight only."""
+    xs = student_hidden.reshape(-1, student_hidden.shape[-1]).to(dtype)
+    xt = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach().to(dtype)
+    s = torch.log_softmax(xs @ student_weight.to(dtype).T / temperature, dim=-1)
+    t = torch.log_softmax(xt @ teacher_weight.detach().to(dtype).T / temperature, dim=-1)
     mask = loss_mask.reshape(-1).bool()
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=dtype)
     per_tok = torch.where(mask, generalized_jsd_reference(s, t, beta), zero)
-    norm = _prep_normalizer(normalizer, mask).double()
+    norm = _prep_normalizer(normalizer, mask).to(dtype)
     with torch.no_grad():
         stats = {
             "jsd": per_tok.detach().sum(),
@@ -131,21 +136,26 @@ def _tile_logits(x: torch.Tensor, w_slice: torch.Tensor, inv_temp: float) -> tor
 
 
 def _row_block_forward(xs, ws, xt, wt, inv_temp, beta, cols):
-    """One block of rows: (lse_s, lse_t, jsd, fkl, rkl, kl_qm), each [c] fp32.
+    """One block of rows: (norm_s, norm_t [c, 2] log normalisers as (max, log sum); jsd, fkl,
+    rkl, kl_qm [c]), fp32.
 
     kl_qm is the backward's per-token scalar: KL(Q || M) for 0 < beta < 1, KL(Q || P) for 1.
     """
     c, V = xs.shape[0], ws.shape[0]
     spans = [(v0, min(v0 + cols, V)) for v0 in range(0, V, cols)]
-    lse_s = torch.full((c,), float("-inf"), device=xs.device)
-    lse_t = torch.full_like(lse_s, float("-inf"))
+    # pass 1: online log-sum-exp of both models (module docstring)
+    run_max = [torch.full((c,), float("-inf"), device=xs.device) for _ in range(2)]
+    run_sum = [torch.zeros(c, device=xs.device) for _ in range(2)]
     cached = None
-    for v0, v1 in spans:  # pass 1: online log-sum-exp of both models
-        zs, zt = _tile_logits(xs, ws[v0:v1], inv_temp), _tile_logits(xt, wt[v0:v1], inv_temp)
-        lse_s = torch.logaddexp(lse_s, torch.logsumexp(zs, dim=1))
-        lse_t = torch.logaddexp(lse_t, torch.logsumexp(zt, dim=1))
+    for v0, v1 in spans:
+        tiles = (_tile_logits(xs, ws[v0:v1], inv_temp), _tile_logits(xt, wt[v0:v1], inv_temp))
+        for k, z in enumerate(tiles):
+            new_max = torch.maximum(run_max[k], z.amax(dim=1))
+            run_sum[k] = run_sum[k] * torch.exp(run_max[k] - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+            run_max[k] = new_max
         if len(spans) == 1:
-            cached = (zs, zt)
+            cached = tiles
+    norm_s, norm_t = (torch.stack([m, torch.log(l)], dim=1) for m, l in zip(run_max, run_sum))
     fkl, rkl, kl_pm, kl_qm = (torch.zeros(c, device=xs.device) for _ in range(4))
     for v0, v1 in spans:  # pass 2: the divergences, from the finished log-sum-exps
         zs, zt = (
@@ -153,7 +163,7 @@ def _row_block_forward(xs, ws, xt, wt, inv_temp, beta, cols):
             if cached is not None
             else (_tile_logits(xs, ws[v0:v1], inv_temp), _tile_logits(xt, wt[v0:v1], inv_temp))
         )
-        s, t = zs.sub_(lse_s[:, None]), zt.sub_(lse_t[:, None])  # log Q, log P (in place)
+        s, t = _log_probs(zs, norm_s), _log_probs(zt, norm_t)  # log Q, log P (in place)
         q, p = s.exp(), t.exp()
         diff = t - s
         fkl += torch.linalg.vecdot(p, diff)
@@ -169,16 +179,20 @@ def _row_block_forward(xs, ws, xt, wt, inv_temp, beta, cols):
         jsd, kl_qm = rkl, rkl
     else:
         jsd = beta * kl_pm + (1.0 - beta) * kl_qm
-    return lse_s, lse_t, jsd, fkl, rkl, kl_qm
+    return norm_s, norm_t, jsd, fkl, rkl, kl_qm
 
 
-def _grad_tile(zs, zt, lse_s, lse_t, kl_qm, scale, beta):
+def _log_probs(z: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Tempered logits [c, v] -> log-probs in place: (z - max) - log sum, log_softmax's order."""
+    return z.sub_(norm[:, :1]).sub_(norm[:, 1:])
+
+
+def _grad_tile(zs, zt, norm_s, norm_t, kl_qm, scale, beta):
     """d (scale * sum_i JSD_i) / d z for one tile ([c, v], in zs's and zt's storage).
 
     ``scale`` (0-dim) already includes the 1/temperature of d z / d hidden-logits.
     """
-    s = zs.sub_(lse_s[:, None])  # log Q
-    t = zt.sub_(lse_t[:, None])  # log P
+    s, t = _log_probs(zs, norm_s), _log_probs(zt, norm_t)  # log Q, log P
     if beta == 0.0:
         dz = s.exp_().sub_(t.exp_())  # Q - P
     elif beta == 1.0:
@@ -193,28 +207,29 @@ def _grad_tile(zs, zt, lse_s, lse_t, kl_qm, scale, beta):
 
 # ----------------------------------------------------------------------------- autograd
 class FusedLinearJSDFunction(torch.autograd.Function):
-    """Inputs are the masked rows only. Saves the inputs and 3 fp32 numbers per token."""
+    """Inputs are the masked rows only. Saves the inputs and 5 fp32 numbers per token."""
 
     @staticmethod
     def forward(ctx, xs, ws, xt, wt, normalizer, beta, temperature, chunk_rows, chunk_vocab):
         n = xs.shape[0]
         rows, cols = choose_tiles(n, ws.shape[0], xs.device, chunk_rows, chunk_vocab)
         inv_temp = 1.0 / temperature
-        lse_s, lse_t, kl_qm = (torch.empty(n, device=xs.device) for _ in range(3))
+        norm_s, norm_t = (torch.empty(n, 2, device=xs.device) for _ in range(2))
+        kl_qm = torch.empty(n, device=xs.device)
         sums = torch.zeros(3, device=xs.device)  # jsd, forward kl, reverse kl
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             ls, lt, jsd, fkl, rkl, kq = _row_block_forward(xs[r0:r1], ws, xt[r0:r1], wt, inv_temp, beta, cols)
-            lse_s[r0:r1], lse_t[r0:r1], kl_qm[r0:r1] = ls, lt, kq
+            norm_s[r0:r1], norm_t[r0:r1], kl_qm[r0:r1] = ls, lt, kq
             sums += torch.stack([jsd.sum(), fkl.sum(), rkl.sum()])
-        ctx.save_for_backward(xs, ws, xt, wt, lse_s, lse_t, kl_qm, normalizer)
+        ctx.save_for_backward(xs, ws, xt, wt, norm_s, norm_t, kl_qm, normalizer)
         ctx.cfg = (beta, inv_temp, rows, cols)
         ctx.mark_non_differentiable(sums)
         return sums[0] / normalizer, sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
-        xs, ws, xt, wt, lse_s, lse_t, kl_qm, normalizer = ctx.saved_tensors
+        xs, ws, xt, wt, norm_s, norm_t, kl_qm, normalizer = ctx.saved_tensors
         beta, inv_temp, rows, cols = ctx.cfg
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, V = xs.shape[0], ws.shape[0]
@@ -227,7 +242,7 @@ class FusedLinearJSDFunction(torch.autograd.Function):
             for v0 in range(0, V, cols):
                 v1 = min(v0 + cols, V)
                 zs, zt = _tile_logits(x_c, ws[v0:v1], inv_temp), _tile_logits(xt[r0:r1], wt[v0:v1], inv_temp)
-                dz = _grad_tile(zs, zt, lse_s[r0:r1], lse_t[r0:r1], kl_qm[r0:r1], scale, beta)
+                dz = _grad_tile(zs, zt, norm_s[r0:r1], norm_t[r0:r1], kl_qm[r0:r1], scale, beta)
                 del zt
                 if need_dx:
                     dx[r0:r1].addmm_(dz, ws[v0:v1].float())

@@ -4,9 +4,9 @@
                        old_logprobs, advantages, loss_mask, ...)
 
 Forward: per chunk of rows, GEMM to fp32 logits, then one streaming pass (online log-sum-exp,
-running max from -inf, fp32) giving logp, lse and entropy; then the element-wise policy-loss
+running max from -inf, fp32) giving logp, the log normaliser and entropy; then the element-wise policy-loss
 kernel over the N log-probs gives the loss, the stats and coef = d loss / d logp.
-Saved for backward: hidden, weight, targets, lse [N], coef [N] (a few bytes per token).
+Saved for backward: hidden, weight, targets, log_norm [N, 2], coef [N] (a few bytes per token).
 Backward: per chunk, recompute the logits, fold coef * grad / normalizer into the softmax
 gradient in place, then dX = dZ @ W and dW += dZ^T @ X in fp32. Gradients flow to hidden and
 weight only. Masked rows contribute exactly zero gradient (their coef is 0); their target ids
@@ -52,12 +52,14 @@ def fused_linear_policy_loss_reference(
     dual_clip=10.0,
     temperature=1.0,
     normalizer=None,
+    dtype=torch.float64,
 ):
-    """Float64 reference: materialised logits + policy_loss_reference. Returns (loss, stats)."""
+    """Reference in ``dtype`` (float64 by default): materialised logits + policy_loss_reference.
+    Returns (loss, stats)."""
     mask = loss_mask.reshape(-1).bool()
     tgt = torch.where(mask, target_ids.reshape(-1).long(), 0)
     logp, ent = linear_logprobs_reference(
-        hidden.reshape(-1, hidden.shape[-1]), weight, tgt, temperature=temperature, return_entropy=True
+        hidden.reshape(-1, hidden.shape[-1]), weight, tgt, temperature=temperature, return_entropy=True, dtype=dtype
     )
     loss, stats = policy_loss_reference(
         logp,
@@ -68,6 +70,7 @@ def fused_linear_policy_loss_reference(
         eps_high=eps_high,
         dual_clip=dual_clip,
         normalizer=normalizer,
+        dtype=dtype,
     )
     stats["entropy"] = torch.where(mask, ent.detach(), 0.0).sum()
     return loss, stats
@@ -92,7 +95,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         chunk_rows,
     ):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        logp, lse, ent = lm_head_forward(hidden, weight, tgt, temperature, True, backend, chunk_rows)
+        logp, log_norm, ent = lm_head_forward(hidden, weight, tgt, temperature, True, backend, chunk_rows)
         if backend == "triton":
             loss_sum, coef, stats = _policy_terms_triton(logp, old, adv, mask, eps_low, eps_high, dual_clip, need_grad)
         else:
@@ -101,7 +104,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
             )
         stats["entropy"] = torch.where(mask, ent, torch.zeros_like(ent)).sum()
         loss = loss_sum / normalizer
-        ctx.save_for_backward(hidden, weight, tgt, lse, coef if need_grad else None, normalizer)
+        ctx.save_for_backward(hidden, weight, tgt, log_norm, coef if need_grad else None, normalizer)
         ctx.cfg = (temperature, backend, chunk_rows)
         values = [stats[k] for k in FUSED_STAT_NAMES]
         ctx.mark_non_differentiable(*values)
@@ -109,7 +112,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        hidden, weight, tgt, lse, coef, normalizer = ctx.saved_tensors
+        hidden, weight, tgt, log_norm, coef, normalizer = ctx.saved_tensors
         temperature, backend, chunk_rows = ctx.cfg
         if coef is None:
             return (None,) * 13
@@ -119,7 +122,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
             weight,
             tgt,
             temperature,
-            lse,
+            log_norm,
             g,
             None,
             None,

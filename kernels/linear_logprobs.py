@@ -10,8 +10,13 @@ cuBLAS / MKL (fp32 output), and everything after it is one streaming pass over t
 logits (Triton on CUDA: online log-sum-exp with the running max initialised to -inf, fp32
 accumulation). The backward recomputes the chunk's logits, turns them into
 d loss / d logits = (g_logp * (onehot - p) + g_ent * dH/dz) / temperature with the saved
-log-sum-exp (in place; on CUDA with bf16 inputs into a bf16 chunk so the next GEMMs use tensor
+log normaliser (in place; on CUDA with bf16 inputs into a bf16 chunk so the next GEMMs use tensor
 cores), then does dX = dZ @ W and dW += dZ^T @ X (dW accumulated in fp32).
+
+The log normaliser is saved in two parts per row, ``log_norm [N, 2]`` = (max of the tempered
+logits, log sum exp(z - max)), and log p = (z - max) - log_sum, the order log_softmax uses: the
+single number max + log_sum, rounded at the logits' magnitude, would cost a near-certain token's
+log p (and its 1 - p in the gradient) most of its precision at low temperature.
 
 The same chunk machinery serves ``fused_linear_policy_loss`` (its backward is this backward
 with g_logp = d loss / d logp folded in).
@@ -30,9 +35,13 @@ CHUNK_ELEMS_CUDA = 1 << 28
 
 
 # ----------------------------------------------------------------------------- reference
-def linear_logprobs_reference(hidden, weight, target_ids, *, temperature=1.0, return_entropy=False):
-    """Float64 reference that materialises the logits. Differentiable w.r.t. hidden and weight."""
-    logits = hidden.double() @ weight.double().T / temperature
+def linear_logprobs_reference(
+    hidden, weight, target_ids, *, temperature=1.0, return_entropy=False, dtype=torch.float64
+):
+    """Reference that materialises the logits, computed in ``dtype`` (float64 to check kernels;
+    tests also run it in float32 to see what fp32 arithmetic alone loses on ill-conditioned
+    inputs). Differentiable w.r.t. hidden and weight."""
+    logits = hidden.to(dtype) @ weight.to(dtype).T / temperature
     logsm = torch.log_softmax(logits, dim=-1)
     logp = logsm.gather(-1, target_ids.long().reshape(-1, 1)).squeeze(-1)
     if not return_entropy:
@@ -93,23 +102,25 @@ def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> Non
 
 # ----------------------------------------------------------------------------- epilogues (torch)
 def _fwd_epilogue_torch(z, tgt, inv_temp, want_ent):
-    """z [c, V] fp32 raw logits (consumed) -> (lse [c], logp [c], ent [c] or None), all fp32."""
+    """z [c, V] fp32 raw logits (consumed) -> (log_norm [c, 2], logp [c], ent [c] or None), fp32."""
     if inv_temp != 1.0:
         z.mul_(inv_temp)
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(1, tgt.reshape(-1, 1)).squeeze(1) - lse
+    row_max = z.amax(dim=-1)
+    shifted = z.sub_(row_max[:, None])
+    log_sum = shifted.exp().sum(dim=-1).log_()
+    logp = shifted.gather(1, tgt.reshape(-1, 1)).squeeze(1) - log_sum
     ent = None
     if want_ent:
-        z.sub_(lse[:, None])  # log p, in place; H = -sum p log p (stable for |logits| ~ 1e4)
-        ent = -torch.linalg.vecdot(z.exp(), z)
-    return lse, logp, ent
+        logsm = shifted.sub_(log_sum[:, None])  # H = -sum p log p (stable for |logits| ~ 1e4)
+        ent = -torch.linalg.vecdot(logsm.exp(), logsm)
+    return torch.stack([row_max, log_sum], dim=1), logp, ent
 
 
-def _bwd_epilogue_torch(z, tgt, inv_temp, lse, g, g_ent, ent, out_dtype):
+def _bwd_epilogue_torch(z, tgt, inv_temp, log_norm, g, g_ent, ent, out_dtype):
     """z [c, V] fp32 raw logits -> d/dlogits [c, V] (in place)."""
     if inv_temp != 1.0:
         z.mul_(inv_temp)
-    logsm = z.sub_(lse[:, None])  # log p
+    logsm = z.sub_(log_norm[:, :1]).sub_(log_norm[:, 1:])  # log p
     if g_ent is not None:
         # dH/dz_j = -p_j (log p_j + H)
         coef_ent = (logsm + ent[:, None]).mul_(g_ent[:, None])
@@ -129,7 +140,7 @@ if HAVE_TRITON:
         # pointers
         Z,
         TGT,
-        LSE,
+        LOG_NORM,
         LOGP,
         ENT,
         # shapes
@@ -168,11 +179,12 @@ if HAVE_TRITON:
             s = s * alpha + tl.sum(p, axis=1)
             m = m_new
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        lse = m_safe + tl.log(s)
+        log_sum = tl.log(s)
         tgt = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
         zt = tl.load(Z + rows * stride_z + tgt, mask=rmask, other=0.0).to(tl.float32) * inv_temp
-        tl.store(LSE + rows, lse, mask=rmask)
-        tl.store(LOGP + rows, zt - lse, mask=rmask)
+        tl.store(LOG_NORM + 2 * rows, m_safe, mask=rmask)
+        tl.store(LOG_NORM + 2 * rows + 1, log_sum, mask=rmask)
+        tl.store(LOGP + rows, (zt - m_safe) - log_sum, mask=rmask)
         if HAS_ENT:
             tl.store(ENT + rows, tl.log(s) - u / s, mask=rmask)
 
@@ -181,7 +193,7 @@ if HAVE_TRITON:
         Z,
         DZ,
         TGT,
-        LSE,
+        LOG_NORM,
         G,
         GE,
         ENT,
@@ -209,10 +221,11 @@ if HAVE_TRITON:
         rmask = rows < n_rows
         valid = rmask[:, None] & (cols < V)[None, :]
         z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        row_max = tl.load(LOG_NORM + 2 * rows, mask=rmask, other=0.0)
+        log_sum = tl.load(LOG_NORM + 2 * rows + 1, mask=rmask, other=0.0)
         g = tl.load(G + rows, mask=rmask, other=0.0)
         tgt = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
-        logsm = z * inv_temp - lse[:, None]
+        logsm = (z * inv_temp - row_max[:, None]) - log_sum[:, None]
         p = tl.exp(logsm)
         dz = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - p * g[:, None]
         if HAS_ENT_GRAD:
@@ -245,14 +258,14 @@ def _launch_opts(device: torch.device, block_m: int, block_v: int) -> dict:
 
 def _fwd_epilogue_triton(z, tgt, inv_temp, want_ent):
     c, V = z.shape
-    lse = torch.empty(c, dtype=torch.float32, device=z.device)
-    logp = torch.empty_like(lse)
-    ent = torch.empty_like(lse) if want_ent else lse
+    log_norm = torch.empty((c, 2), dtype=torch.float32, device=z.device)
+    logp = torch.empty(c, dtype=torch.float32, device=z.device)
+    ent = torch.empty_like(logp) if want_ent else logp
     block_m, block_v = _tile(c, V, z.device)
     kernel(_lse_fwd_kernel, z.device)[(triton_cdiv(c, block_m),)](
         z,
         tgt,
-        lse,
+        log_norm,
         logp,
         ent,
         c,
@@ -264,10 +277,10 @@ def _fwd_epilogue_triton(z, tgt, inv_temp, want_ent):
         BLOCK_V=block_v,
         **_launch_opts(z.device, block_m, block_v),
     )
-    return lse, logp, (ent if want_ent else None)
+    return log_norm, logp, (ent if want_ent else None)
 
 
-def _bwd_epilogue_triton(z, tgt, inv_temp, lse, g, g_ent, ent, out_dtype):
+def _bwd_epilogue_triton(z, tgt, inv_temp, log_norm, g, g_ent, ent, out_dtype):
     c, V = z.shape
     dz = z if out_dtype == torch.float32 else torch.empty((c, V), dtype=out_dtype, device=z.device)
     block_m, block_v = _tile(c, V, z.device)
@@ -276,7 +289,7 @@ def _bwd_epilogue_triton(z, tgt, inv_temp, lse, g, g_ent, ent, out_dtype):
         z,
         dz,
         tgt,
-        lse,
+        log_norm,
         g,
         g_ent if has_ent else g,
         ent if has_ent else g,
@@ -301,13 +314,14 @@ def triton_cdiv(a: int, b: int) -> int:
 def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows=None):
     """Chunked forward. hidden [N, H], weight [V, H], tgt [N] int64 in [0, V).
 
-    Returns (logp [N], lse [N], ent [N] or None), fp32. Peak extra memory ~ chunk * V * 4 bytes.
+    Returns (logp [N], log_norm [N, 2], ent [N] or None), fp32 (log_norm: module docstring).
+    Peak extra memory ~ chunk * V * 4 bytes.
     """
     n, _ = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    log_norm = torch.empty((n, 2), dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev) if want_ent else None
     weight_f32 = weight.float() if (not hidden.is_cuda and weight.dtype != torch.float32) else None
     epi = _fwd_epilogue_triton if backend == "triton" else _fwd_epilogue_torch
@@ -316,13 +330,13 @@ def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_r
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         z = _logits_f32(hidden[s:e], weight, weight_f32)
-        l_c, lp_c, ent_c = epi(z, tgt[s:e], inv_temp, want_ent)
-        lse[s:e] = l_c
+        ln_c, lp_c, ent_c = epi(z, tgt[s:e], inv_temp, want_ent)
+        log_norm[s:e] = ln_c
         logp[s:e] = lp_c
         if want_ent:
             ent[s:e] = ent_c
         del z
-    return logp, lse, ent
+    return logp, log_norm, ent
 
 
 def _dz_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -331,7 +345,9 @@ def _dz_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype if hidden.is_cuda else torch.float32
 
 
-def lm_head_backward(hidden, weight, tgt, temperature, lse, g, g_ent, ent, need_dx, need_dw, backend, chunk_rows=None):
+def lm_head_backward(
+    hidden, weight, tgt, temperature, log_norm, g, g_ent, ent, need_dx, need_dw, backend, chunk_rows=None
+):
     """Chunked backward: recompute logits per chunk, fold g (= dL/dlogp [N] fp32) and optional
     g_ent (= dL/dentropy [N]) into d logits, then dX = dZ @ W, dW += dZ^T @ X (fp32 accumulator)."""
     n, _ = hidden.shape
@@ -352,7 +368,7 @@ def lm_head_backward(hidden, weight, tgt, temperature, lse, g, g_ent, ent, need_
             z,
             tgt[s:e],
             inv_temp,
-            lse[s:e],
+            log_norm[s:e],
             g[s:e],
             None if g_ent is None else g_ent[s:e],
             None if ent is None else ent[s:e],
@@ -420,12 +436,12 @@ def check_targets(tgt: torch.Tensor, vocab: int, valid: torch.Tensor | None = No
 
 # ----------------------------------------------------------------------------- autograd + op
 class LinearLogprobsFunction(torch.autograd.Function):
-    """Saves hidden, weight, targets, lse [N] (and entropy [N]); never the logits."""
+    """Saves hidden, weight, targets, log_norm [N, 2] (and entropy [N]); never the logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, tgt, temperature, want_ent, backend, chunk_rows):
-        logp, lse, ent = lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows)
-        ctx.save_for_backward(hidden, weight, tgt, lse, ent)
+        logp, log_norm, ent = lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows)
+        ctx.save_for_backward(hidden, weight, tgt, log_norm, ent)
         ctx.cfg = (temperature, backend, chunk_rows)
         if want_ent:
             return logp, ent
@@ -433,7 +449,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
-        hidden, weight, tgt, lse, ent = ctx.saved_tensors
+        hidden, weight, tgt, log_norm, ent = ctx.saved_tensors
         temperature, backend, chunk_rows = ctx.cfg
         n = hidden.shape[0]
         g = torch.zeros(n, dtype=torch.float32, device=hidden.device) if g_logp is None else g_logp.float().contiguous()
@@ -443,7 +459,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             weight,
             tgt,
             temperature,
-            lse,
+            log_norm,
             g,
             ge,
             ent,

@@ -38,15 +38,25 @@ Normalizer = float | int | torch.Tensor | None
 
 # ----------------------------------------------------------------------------- reference
 def policy_loss_reference(
-    logprobs, old_logprobs, advantages, loss_mask, *, eps_low=0.2, eps_high=0.28, dual_clip=10.0, normalizer=None
+    logprobs,
+    old_logprobs,
+    advantages,
+    loss_mask,
+    *,
+    eps_low=0.2,
+    eps_high=0.28,
+    dual_clip=10.0,
+    normalizer=None,
+    dtype=torch.float64,
 ):
-    """Readable float64 reference (verl's formulation). Returns (loss, stats) like policy_loss.
+    """Readable reference (verl's formulation) computed in ``dtype`` (float64 unless a test
+    measures fp32's own rounding). Returns (loss, stats) like policy_loss.
 
     Differentiable w.r.t. ``logprobs`` through plain autograd. Shapes: all [N].
     """
-    lp = logprobs.double().reshape(-1)
-    old = old_logprobs.double().reshape(-1)
-    adv = advantages.double().reshape(-1)
+    lp = logprobs.to(dtype).reshape(-1)
+    old = old_logprobs.to(dtype).reshape(-1)
+    adv = advantages.to(dtype).reshape(-1)
     mask = loss_mask.reshape(-1).bool()
     log_r = torch.clamp(lp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_r)
@@ -60,7 +70,7 @@ def policy_loss_reference(
         per_tok = clip1
     per_tok = torch.where(mask, per_tok, torch.zeros_like(per_tok))
     if normalizer is None:
-        normalizer = mask.sum().clamp(min=1).double()
+        normalizer = mask.sum().clamp(min=1).to(dtype)
     loss = per_tok.sum() / normalizer
     with torch.no_grad():
         m = mask.double()

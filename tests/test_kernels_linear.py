@@ -13,6 +13,7 @@ import zppo_fast.kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_cases import BACKENDS, HAS_CUDA, INTERP, NEEDS_INTERPRETER_CHILD, run_interpreter_cases_in_child
+from numerics import close
 
 # bf16: inputs are rounded to bf16 and the reference uses those same rounded values in float64,
 # so the tolerance covers only our arithmetic (fp32 logits; bf16 outputs / bf16 dZ on CUDA).
@@ -25,17 +26,6 @@ def make(n, h, v, dtype, device, seed, logit_scale=3.0):
     weight = torch.randn(v, h, generator=gen) * (logit_scale / h**0.5)
     tgt = torch.randint(0, v, (n,), generator=gen)
     return hidden.to(device, dtype), weight.to(device, dtype), tgt.to(device), gen
-
-
-def close(actual, expected, tol, what):
-    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    torch.testing.assert_close(
-        actual.detach().cpu().double(),
-        expected.detach().cpu().double(),
-        rtol=tol["rtol"],
-        atol=tol["atol"] * scale,
-        msg=lambda m: f"{what}: {m}",
-    )
 
 
 def check_linear(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=None, seed=0, logit_scale=3.0, tol=None):
@@ -54,11 +44,11 @@ def check_linear(n, h, v, dtype, device, backend, temperature=1.0, chunk_rows=No
     wr = weight.cpu().double().requires_grad_(True)
     logp_r, ent_r = K.linear_logprobs_reference(xr, wr, tgt.cpu(), temperature=temperature, return_entropy=True)
     (logp_r * g1.double()).sum().add((ent_r * g2.double()).sum()).backward()
-    close(logp, logp_r, tol, "logp")
-    close(ent, ent_r, tol, "entropy")
+    close(logp, logp_r, "logp", tol)
+    close(ent, ent_r, "entropy", tol)
     assert x.grad.dtype == dtype and w.grad.dtype == dtype
-    close(x.grad, xr.grad, tol, "d hidden")
-    close(w.grad, wr.grad, tol, "d weight")
+    close(x.grad, xr.grad, "d hidden", tol)
+    close(w.grad, wr.grad, "d weight", tol)
 
 
 def check_fused(
@@ -110,15 +100,15 @@ def check_fused(
         xr, wr, tgt.cpu(), old.cpu(), adv.cpu(), mask.cpu(), temperature=temperature, normalizer=normalizer
     )
     loss_r.backward()
-    close(loss, loss_r, tol, "loss")
-    close(x.grad, xr.grad, tol, "d hidden")
-    close(w.grad, wr.grad, tol, "d weight")
+    close(loss, loss_r, "loss", tol)
+    close(x.grad, xr.grad, "d hidden", tol)
+    close(w.grad, wr.grad, "d weight", tol)
     for k, vr in stats_r.items():
         assert not stats[k].requires_grad
         if k in ("clip_low", "clip_high", "dual_clip") and dtype == torch.bfloat16:
             assert abs(stats[k].item() - vr.item()) <= 2 + 0.02 * n, k  # borderline tokens may flip
         else:
-            close(stats[k], vr, {"rtol": tol["rtol"] * 10, "atol": tol["atol"] * 10}, k)
+            close(stats[k], vr, k, {"rtol": tol["rtol"] * 10, "atol": tol["atol"] * 10})
     return loss, stats, x.grad, w.grad
 
 
@@ -170,6 +160,33 @@ def test_logits_of_magnitude_1e4(device, backend):
     tol = {"rtol": 2e-3, "atol": 5e-3}
     check_linear(9, 16, 77, torch.float32, device, backend, seed=3, logit_scale=3e3, tol=tol)
     check_fused(9, 16, 77, torch.float32, device, backend, seed=3, logit_scale=3e3, tol=tol, spread=0.0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_near_certain_targets_keep_log_softmax_precision(device, backend):
+    """Targets 3 logits above the rest at temperature 0.3 (tempered logits ~1e3, runner-ups 10
+    below): log p ~ -1e-3 and its gradient's 1 - p must be as precise as fp32 log_softmax's,
+    which a single rounded log-sum-exp of size 1e3 (ulp 6e-5) would lose."""
+    n, v, temperature = 12, 40, 0.3
+    gen = torch.Generator().manual_seed(5)
+    logits = 297.0 - torch.rand(n, v, generator=gen)
+    tgt = torch.randint(0, v, (n,), generator=gen)
+    logits[torch.arange(n), tgt] = 300.0
+    weight = torch.eye(v)  # hidden @ weight.T is exactly the logits above
+    g = torch.randn(n, generator=gen)
+    ref = {}
+    x = logits.clone().to(device).requires_grad_(True)
+    logp = K.linear_logprobs(x, weight.to(device), tgt.to(device), temperature=temperature, backend=backend)
+    (logp * g.to(device)).sum().backward()
+    got = logp, x.grad
+    for dtype in (torch.float64, torch.float32):
+        xr = logits.clone().to(dtype).requires_grad_(True)
+        logp_r = K.linear_logprobs_reference(xr, weight, tgt, temperature=temperature, dtype=dtype)
+        (logp_r * g.to(dtype)).sum().backward()
+        ref[dtype] = logp_r, xr.grad
+    assert ref[torch.float64][0].max() > -1e-2
+    for i, what in enumerate(("logp", "d hidden")):
+        close(got[i], ref[torch.float64][i], what, {"rtol": 0.0, "atol": 1e-7}, fp32=ref[torch.float32][i])
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -346,14 +363,17 @@ def test_property_fused_matches_reference(n, h, v, temperature, eps_low, eps_hig
     kw = {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip, "temperature": temperature}
     loss, stats = K.fused_linear_policy_loss(x, w, tgt, old, adv, mask, backend="torch", chunk_rows=chunk_rows, **kw)
     loss.backward()
-    xr = hidden.double().requires_grad_(True)
-    wr = weight.double().requires_grad_(True)
-    loss_r, stats_r = K.fused_linear_policy_loss_reference(xr, wr, tgt, old, adv, mask, **kw)
-    loss_r.backward()
+    ref = {}
+    for dtype in (torch.float64, torch.float32):
+        xr, wr = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        loss_r, stats_r = K.fused_linear_policy_loss_reference(xr, wr, tgt, old, adv, mask, **kw, dtype=dtype)
+        loss_r.backward()
+        ref[dtype] = loss_r, stats_r, xr.grad, wr.grad
+    (loss_r, stats_r, dx_r, dw_r), (loss_32, _, dx_32, dw_32) = ref[torch.float64], ref[torch.float32]
     tol = TOL[torch.float32]
-    close(loss, loss_r, tol, "loss")
-    close(x.grad, xr.grad, tol, "d hidden")
-    close(w.grad, wr.grad, tol, "d weight")
+    close(loss, loss_r, "loss", tol, fp32=loss_32)
+    close(x.grad, dx_r, "d hidden", tol, fp32=dx_32)
+    close(w.grad, dw_r, "d weight", tol, fp32=dw_32)
     for k in ("clip_low", "clip_high", "dual_clip", "tokens"):
         assert stats[k].item() == stats_r[k].item(), k
 
