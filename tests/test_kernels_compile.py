@@ -95,7 +95,7 @@ def test_lse_kernels(flag, block_m, block_v):
         {
             "Z": "*fp32",
             "TGT": "*i64",
-            "LSE": "*fp32",
+            "LOG_NORM": "*fp32",
             "LOGP": "*fp32",
             "ENT": "*fp32",
             "n_rows": "i32",
@@ -115,7 +115,7 @@ def test_lse_kernels(flag, block_m, block_v):
                 "Z": "*fp32",
                 "DZ": f"*{dz}",
                 "TGT": "*i64",
-                "LSE": "*fp32",
+                "LOG_NORM": "*fp32",
                 "G": "*fp32",
                 "GE": "*fp32",
                 "ENT": "*fp32",
