@@ -120,17 +120,19 @@ def _bwd_epilogue_torch(z, tgt, inv_temp, log_norm, g, g_ent, ent, out_dtype):
     """z [c, V] fp32 raw logits -> d/dlogits [c, V] (in place)."""
     if inv_temp != 1.0:
         z.mul_(inv_temp)
-    logsm = z.sub_(log_norm[:, :1]).sub_(log_norm[:, 1:])  # log p
+    shifted = z.sub_(log_norm[:, :1])  # z - max
     if g_ent is not None:
         # dH/dz_j = -p_j (log p_j + H)
+        logsm = shifted.sub_(log_norm[:, 1:])
         coef_ent = (logsm + ent[:, None]).mul_(g_ent[:, None])
         dz = logsm.exp_().mul_(-(g[:, None] + coef_ent))
-    else:
-        dz = logsm.exp_().mul_(-g[:, None])
-    dz.scatter_add_(1, tgt.reshape(-1, 1), g.reshape(-1, 1))
-    if inv_temp != 1.0:
-        dz.mul_(inv_temp)
-    return dz if out_dtype == torch.float32 else dz.to(out_dtype)
+        dz.scatter_add_(1, tgt.reshape(-1, 1), g.reshape(-1, 1))
+        return (dz.mul_(inv_temp) if inv_temp != 1.0 else dz).to(out_dtype)
+    # p = exp(z - max) * exp(-log_sum): the per-row factor (with g and 1/T folded in) saves
+    # two passes over the chunk
+    dz = shifted.exp_().mul_((g * log_norm[:, 1].neg().exp()).mul_(-inv_temp)[:, None])
+    dz.scatter_add_(1, tgt.reshape(-1, 1), (g * inv_temp).reshape(-1, 1))
+    return dz.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- epilogues (triton)
