@@ -26,6 +26,13 @@ namespace {
 using I64Array = py::array_t<std::int64_t, py::array::c_style>;
 using F64Array = py::array_t<double, py::array::c_style>;
 
+// sample(k) below this k keeps the GIL: drawing k ids costs ~7 ns each, so a paper-sized
+// sample(96) is done in under a microsecond, less than handing a contended GIL to another
+// thread and waiting to get it back (measured: 4 Python threads calling sample(96) ran at
+// 53-64M ids/s releasing it, 87-90M holding it). Larger samples release it, as every batch call
+// that does real work does.
+constexpr std::size_t kSampleHoldsGil = 1024;
+
 void check_lengths(const I64Array& qids, const F64Array& accs) {
   if (qids.ndim() != 1 || accs.ndim() != 1)
     throw py::value_error("question_ids and accuracies must be 1-D");
@@ -172,7 +179,9 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
             py::array_t<std::int64_t> out(static_cast<py::ssize_t>(std::min(k, r.slot_count())));
             std::int64_t* data = out.mutable_data();
             std::size_t got;
-            {
+            if (k < kSampleHoldsGil) {
+              got = r.sample(k, data);
+            } else {
               py::gil_scoped_release nogil;
               got = r.sample(k, data);
             }
