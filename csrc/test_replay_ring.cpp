@@ -367,6 +367,7 @@ int main() {
   test_step_matches_model(17, 300, 3);
   test_step_matches_model(64, 100, 4);
   test_concurrent_stress(10000);
+  test_concurrent_stress(200);  // claim blocks of 2 (little slack)
   test_concurrent_stress(3);
   std::puts("test_replay_ring: all checks passed");
   return 0;
