@@ -263,23 +263,26 @@ class ReplayRing {
   //   sink.evicted(rec, step)    each eviction, oldest first (after all graduations).
   //
   // Cost per entry: one index probe (prefetched a few entries ahead) answers both the
-  // duplicate check (the bucket's stamp is this step's epoch) and membership, and leaves a
-  // pending bucket for a new id, which an admission then fills without hashing again.
+  // duplicate check (the bucket's stamp is this step's epoch) and membership, and gives a new
+  // id its bucket with its final value: admission j of this step lands at ticket tail_ + j
+  // whatever graduates or is evicted (compaction moves survivors toward the tail, never past
+  // it), so no later pass hashes it again, and graduates leave the index as they graduate.
   template <typename Sink>
   void step(const std::int64_t* qids, const double* accs, std::size_t n, std::int64_t step, double threshold,
             Sink& sink) {
     AccessGate::Exclusive guard(gate_);
     catch_up_index();
-    // Pass 1: classify every id; the ring is not touched, the index only gains pending
-    // buckets (undone on a duplicate) and stamps (made stale by the next epoch).
+    // Pass 1: classify every id; the ring is not touched, the index only gains buckets for
+    // new ids (undone on a duplicate) and stamps (made stale by the next epoch).
     const std::uint32_t epoch = next_epoch();
+    const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
     members_.clear();
     admits_.clear();
     drops_.clear();
     members_.reserve(n);  // may throw: before any change
     admits_.reserve(n);
     drops_.reserve(n);
-    index_.reserve(n);  // pending buckets below never grow the table (F1), so positions hold
+    index_.reserve(n);  // new ids' buckets below never grow the table (F1), so positions hold
     std::size_t graduations = 0;
     constexpr std::size_t kAhead = 8;  // probes in flight: hides the index's cache misses
     for (std::size_t i = 0; i < n && i < kAhead; ++i) index_.prefetch(qids[i]);
@@ -304,11 +307,15 @@ class ReplayRing {
         m.bucket = index_.position(b);
         continue;
       } else {  // a stale id (evicted by a concurrent admit()): reuse its bucket
-        b.value = kPending;
         b.stamp = epoch;
       }
-      if (accs[i] < threshold) admits_.push_back(Pending{i, index_.position(b)});
-      else drops_.push_back(i);
+      if (accs[i] < threshold) {
+        b.value = slot_index(tail + admits_.size());
+        admits_.push_back(i);
+      } else {
+        b.value = kPending;
+        drops_.push_back(i);
+      }
     }
     const std::size_t live = count_.load(std::memory_order_relaxed);
     const std::size_t after = live - graduations + admits_.size();
@@ -322,35 +329,31 @@ class ReplayRing {
       throw;
     }
 
-    // Pass 2: visits and graduations, in the order given. Nothing below throws.
-    for (const Member& m : members_) {
+    // Pass 2: visits and graduations, in the order given; a graduate leaves the index here
+    // (its bucket, scattered over the table, prefetched kAhead members early as in pass 1).
+    // Nothing below throws.
+    for (std::size_t j = 0; j < members_.size(); ++j) {
+      if (j + kAhead < members_.size()) index_.prefetch_at(members_[j + kAhead].bucket);
+      const Member& m = members_[j];
       Slot& s = slot(m.ticket);
       s.visits += 1;
       s.last_acc = accs[m.i];
       if (accs[m.i] >= threshold) {
         s.state = EntryState::kGraduated;
         sink.graduated(s.record(), step);
+        index_.erase_near(m.bucket, qids[m.i]);
       }
     }
     if (graduations) {
       count_.store(live - graduations, std::memory_order_relaxed);
       compact(live - graduations);  // moves live entries: their buckets get new values in place
     }
-    // Pass 3: admissions fill their pending buckets; evictions pop the head.
-    for (const Pending& a : admits_) {
-      const std::uint64_t p = tail_.load(std::memory_order_relaxed);
-      index_.at(a.bucket).value = static_cast<std::uint32_t>(p & mask_);
-      sink.admitted(qids[a.i]);
-      admit_owned(qids[a.i], accs[a.i], step, sink);
+    // Pass 3: admissions at the tickets pass 1 gave their buckets; evictions pop the head.
+    for (std::size_t i : admits_) {
+      sink.admitted(qids[i]);
+      admit_owned(qids[i], accs[i], step, sink);
     }
-    // Pass 4: drop from the index what left (bucket positions die here).
-    // The members' buckets are scattered over the table and the exit rows written since have
-    // pushed them out of cache: prefetch them kAhead members early, as pass 1 does.
-    for (std::size_t j = 0; j < members_.size(); ++j) {
-      if (j + kAhead < members_.size()) index_.prefetch_at(members_[j + kAhead].bucket);
-      const Member& m = members_[j];
-      if (accs[m.i] >= threshold) index_.erase_near(m.bucket, qids[m.i]);
-    }
+    // Pass 4: drop from the index what left without graduating.
     for (std::size_t j = 0; j < evicted_.size(); ++j) {
       if (j + kAhead < evicted_.size()) index_.prefetch(evicted_[j + kAhead]);
       index_.erase(evicted_[j]);
@@ -614,9 +617,9 @@ class ReplayRing {
     return epoch_;
   }
 
-  // Owner only: removes the pending buckets pass 1 of step() inserted (duplicate or failure).
+  // Owner only: removes the buckets pass 1 of step() gave new ids (duplicate or failure).
   void undo_pending(const std::int64_t* qids) {
-    for (const Pending& a : admits_) index_.erase(qids[a.i]);
+    for (std::size_t i : admits_) index_.erase(qids[i]);
     for (std::size_t i : drops_) index_.erase(qids[i]);
   }
 
@@ -655,18 +658,14 @@ class ReplayRing {
     std::uint64_t ticket;
     std::size_t bucket;   // its index bucket as of pass 1 (erasures may shift it back)
   };
-  struct Pending {
-    std::size_t i;        // position in the batch
-    std::size_t bucket;   // its pending index bucket
-  };
-  // A pending bucket's value: "id seen in this step, not (yet) live"; never a slot index.
+  // The bucket value of an id this step saw but will not admit; never a slot index.
   static constexpr std::uint32_t kPending = FlatIndex::kEmpty - 1;
 
   FlatIndex index_;              // qid -> slot index, owner only; may hold stale evicted ids
   FlatIndex scratch_;            // owner only: duplicate check in load()
   std::vector<Member> members_;
-  std::vector<Pending> admits_;
-  std::vector<std::size_t> drops_;          // pending buckets of ids neither live nor admitted
+  std::vector<std::size_t> admits_;         // batch positions of this step's admissions, in order
+  std::vector<std::size_t> drops_;          // batch positions of ids neither live nor admitted
   std::vector<std::int64_t> evicted_;       // ids evicted by this step, to drop from the index
   std::uint64_t indexed_upto_ = 0;
   std::uint32_t epoch_ = 0;
