@@ -235,6 +235,8 @@ load() belong to one step owner and raise RuntimeError if they overlap any other
           "One replay step, exits appended to `log`; returns (admitted, graduated, evicted) (a,), (g,), (e,) "
           "int64 ids, or the index of the first accuracy that is NaN or outside [0, 1] (nothing changed).")
       .def("contains", &ReplayRing::contains, py::arg("qid"))
+      .def("compact_holes", &ReplayRing::compact_holes,
+           "Move live entries over the graduation holes now (before a checkpoint: see replay_ring.hpp).")
       .def(
           "records", [](const ReplayRing& r) { return records_to_dict(r.records()); },
           "Live records, oldest first, as a dict of (n,) arrays.")

@@ -16,24 +16,28 @@
 //                                and are not being admitted by another thread (reward
 //                                workers own disjoint questions); step() is the checked path.
 //   sample()                     any number of threads, alongside admit() and sample().
-//   step(), contains(), records(), sampler_state(), load()
+//   step(), contains(), compact_holes(), records(), sampler_state(), load()
 //                                the single step owner, with no other call in flight.
-//   size(), capacity(), slot_count()  anywhere.
+//   size(), capacity(), slot_count(), window(), max_holes()  anywhere.
 // An owner call that overlaps any other call throws std::logic_error (AccessGate) instead
 // of corrupting the ring.
 //
 // Invariants (p is a ticket; slot(p) = slots_[p & mask_]; P = slots_.size()):
 //   I1  head_ <= tail_ <= head_ + P: the window [head_, tail_) fits in the slots.
 //   I2  p in [head_, tail_): slot(p).seq == p + 1 once its admitter has published it,
-//       <= p before (the evictor of ticket p - P may not have freed the slot yet, I3).
+//       <= p before (the evictor of ticket p - P may not have freed the slot yet, I3), and
+//       p + 2 once it graduated: a hole, never sampled, listed or counted as an eviction.
 //   I3  A slot is freed for ticket p (seq = p) by whoever evicted ticket p - P, right after
 //       claiming it; p is only ever claimed once p - P < head_ (tail_ <= head_ + P, I1).
-//   I4  Outside an owner call every published entry in the window is live: graduations
-//       leave holes only inside step(), which compacts them away before returning.
-//   I5  Once admitters are quiescent, size() == tail_ - head_ <= capacity and the window
-//       holds the most recently admitted entries in ticket order (exact FIFO).
-//   I6  Seq values of a slot only grow (p, p + 1, p + P, p + P + 1, ...), so a sampler that
-//       reads the same seq before and after reading a qid has read that ticket's qid.
+//   I4  Holes are made only by step(); evictions free holes they meet at the head, and
+//       step() compacts the window (moving live entries over the holes) once more than
+//       max_holes_ remain, so graduating costs O(1) amortized, not a shift of the ring.
+//       After every owner call, tail_ - head_ <= capacity + max_holes_.
+//   I5  Once admitters are quiescent, size() == live entries in the window <= capacity and
+//       the live entries are the most recently admitted ones in ticket order (exact FIFO).
+//   I6  Seq values of a slot only grow (p, p + 1 [, p + 2], p + P, p + P + 1, ...), so a
+//       sampler that reads seq p + 1 before and after reading a qid has read that ticket's
+//       qid, and of a live entry.
 #pragma once
 
 #include <algorithm>
@@ -172,19 +176,24 @@ class ReplayRing {
     if (capacity == 0) throw std::invalid_argument("capacity must be positive, got 0");
     if (capacity > (std::size_t{1} << 30))  // slot indices must stay below kPending
       throw std::invalid_argument("capacity must be at most 2**30, got " + std::to_string(capacity));
-    // I1 with room for every in-flight admitter: at most capacity published entries plus,
-    // per admitter, one claimed-but-unpublished block and one published-not-yet-evicted one.
+    // I1 with room for at least capacity / 2 holes (I4) and for every in-flight admitter: per
+    // admitter one claimed-but-unpublished block and one published-not-yet-evicted one.
+    claim_block_ = std::clamp<std::size_t>(capacity / (2 * kMaxConcurrentAdmitters), 1, kClaimBlock);
+    const std::size_t in_flight = 2 * kMaxConcurrentAdmitters * claim_block_;
     std::size_t n = 2;
-    while (n < capacity + 2 * kMaxConcurrentAdmitters) n <<= 1;
+    while (n < capacity + (capacity + 1) / 2 + in_flight) n <<= 1;
     slots_ = std::vector<Slot>(n);
     mask_ = n - 1;
-    claim_block_ = std::min(kClaimBlock, (n - capacity) / (2 * kMaxConcurrentAdmitters));  // >= 1
+    max_holes_ = n - capacity - in_flight;
     reset_slots();
   }
 
   std::size_t capacity() const { return capacity_; }
   // Upper bound on what one sample() can return, even mid-admission (I1).
   std::size_t slot_count() const { return slots_.size(); }
+  // Tickets from the oldest to the newest: live entries, holes, admissions in flight (I4).
+  std::size_t window() const { return tail_.load(std::memory_order_acquire) - head_.load(std::memory_order_acquire); }
+  std::size_t max_holes() const { return max_holes_; }
   // Live entries; exact once admitters are quiescent.
   std::size_t size() const { return count_.load(std::memory_order_acquire); }
 
@@ -207,8 +216,10 @@ class ReplayRing {
     const std::uint64_t window = tail - head;  // tail read after head, so tail >= head
     if (k == 0 || window == 0) return 0;
     // Rejection over the window is uniform among live entries (each position is equally
-    // likely, dead ones are redrawn); it pays off while k is well below the live count.
-    if (2 * k < size()) {
+    // likely, dead ones and holes are redrawn); it pays off while k is well below the live
+    // count. Its budget of draws scales with window / live, the draws per live hit (holes).
+    const std::size_t live_count = size();
+    if (2 * k < live_count) {
       // Already-chosen positions: one bit per slot (positions in the window map to distinct
       // slots, I1). Per thread, reused, and all-zero between calls: each call clears the words
       // it touched, which is cheaper than clearing the whole map or hashing positions.
@@ -218,7 +229,8 @@ class ReplayRing {
       touched.reserve(k);  // may throw: before any bit is set
       touched.clear();
       std::size_t got = 0;
-      for (std::size_t tries = 0; got < k && tries < 4 * k + 64; ++tries) {
+      const std::uint64_t budget = 4 * k * window / live_count + 64;
+      for (std::uint64_t tries = 0; got < k && tries < budget; ++tries) {
         const std::uint64_t p = head + rng.below(window);
         std::uint64_t& word = chosen[(p & mask_) >> 6];
         const std::uint64_t bit = std::uint64_t{1} << (p & 63);
@@ -341,12 +353,15 @@ class ReplayRing {
       if (accs[m.i] >= threshold) {
         s.state = EntryState::kGraduated;
         sink.graduated(s.record(), step);
+        s.seq.store(m.ticket + 2, std::memory_order_relaxed);  // a hole (I2)
         index_.erase_near(m.bucket, qids[m.i]);
       }
     }
     if (graduations) {
       count_.store(live - graduations, std::memory_order_relaxed);
-      compact(live - graduations);  // moves live entries: their buckets get new values in place
+      const std::uint64_t window = tail_.load(std::memory_order_relaxed) - head_.load(std::memory_order_relaxed);
+      // moves live entries: their buckets get new values in place (I4)
+      if (window - (live - graduations) > max_holes_) compact(live - graduations);
     }
     // Pass 3: admissions at the tickets pass 1 gave their buckets; evictions pop the head.
     for (std::size_t i : admits_) {
@@ -388,6 +403,16 @@ class ReplayRing {
     return find_live(qid, p);
   }
 
+  // Moves live entries over every graduation hole now (I4). Then where entries sit, which is
+  // what sample() draws over, follows from the live records alone: a checkpoint taken after
+  // this (PromptReplayBuffer.state_dict) and a ring loaded from it draw the same samples.
+  void compact_holes() {
+    AccessGate::Exclusive guard(gate_);
+    catch_up_index();
+    const std::size_t live = count_.load(std::memory_order_relaxed);
+    if (tail_.load(std::memory_order_relaxed) - head_.load(std::memory_order_relaxed) > live) compact(live);
+  }
+
   // Live records, oldest first.
   std::vector<Record> records() const {
     AccessGate::Exclusive guard(gate_);
@@ -396,7 +421,7 @@ class ReplayRing {
     std::vector<Record> out;
     out.reserve(tail - head);
     for (std::uint64_t p = head; p != tail; ++p)
-      out.push_back(slot(p).record());
+      if (slot(p).seq.load(std::memory_order_relaxed) == p + 1) out.push_back(slot(p).record());
     return out;
   }
 
@@ -508,7 +533,9 @@ class ReplayRing {
       count_.store(live, std::memory_order_relaxed);
       return;
     }
-    const std::uint64_t h = head_.load(std::memory_order_relaxed);
+    std::uint64_t h = head_.load(std::memory_order_relaxed);
+    for (; slot(h).seq.load(std::memory_order_relaxed) == h + 2; ++h)  // holes at the head: free them
+      slot(h).seq.store(h + slots_.size(), std::memory_order_relaxed);
     Slot& e = slot(h);
     Record r = e.record();
     r.state = EntryState::kEvicted;
@@ -518,15 +545,20 @@ class ReplayRing {
     head_.store(h + 1, std::memory_order_relaxed);
   }
 
-  // Vyukov dequeue of up to `most` tickets from head_: the run of published ones there, by one
-  // CAS. The head may belong to an admitter still writing (it claimed an older ticket than
-  // ours); wait for its publish rather than skip it. Returns how many it evicted (>= 1).
+  // Vyukov dequeue from head_, by one CAS, of the run of published tickets there that holds
+  // up to `most` live entries (and the holes among them, I2). The head may belong to an
+  // admitter still writing (it claimed an older ticket than ours); wait for its publish
+  // rather than skip it. Returns how many live entries it evicted (0 if the run was holes).
   std::size_t evict_oldest(std::size_t most, std::int64_t step, std::vector<Exit>* evicted) {
     std::uint64_t p = head_.load(std::memory_order_relaxed);
-    std::size_t run;
+    std::size_t run, live;
     for (;;) {  // a failed CAS leaves the current head in p: count again from there
-      run = 0;
-      while (run < most && slot(p + run).seq.load(std::memory_order_acquire) == p + run + 1) ++run;
+      run = live = 0;
+      for (; live < most; ++run) {
+        const std::uint64_t seq = slot(p + run).seq.load(std::memory_order_acquire);
+        if (seq == p + run + 1) ++live;
+        else if (seq != p + run + 2) break;
+      }
       if (run > 0 && head_.compare_exchange_weak(p, p + run, std::memory_order_relaxed)) break;
       if (run == 0) {
         std::this_thread::yield();
@@ -535,12 +567,14 @@ class ReplayRing {
     }
     for (std::size_t k = 0; k < run; ++k) {
       Slot& s = slot(p + k);
-      Record r = s.record();
-      r.state = EntryState::kEvicted;
-      evicted->push_back(Exit{r, step});
+      if (s.seq.load(std::memory_order_relaxed) == p + k + 1) {
+        Record r = s.record();
+        r.state = EntryState::kEvicted;
+        evicted->push_back(Exit{r, step});
+      }
       s.seq.store(p + k + slots_.size(), std::memory_order_release);  // free for lap p + k + P (I3)
     }
-    return run;
+    return live;
   }
 
   // Reads ticket p's qid if p is published and still live; never a torn or recycled value.
@@ -554,7 +588,8 @@ class ReplayRing {
   }
 
   // Owner only. Slides live entries toward the tail over the graduation holes, keeping
-  // their order, and gives the freed slots to the next lap (I3, I4).
+  // their order, and gives the freed slots to the next lap (I3, I4). O(window): step() calls
+  // it once more than max_holes_ holes have gathered.
   // `survivors` is the number of live entries (count_ after the graduations): once that many
   // are placed, everything older is a hole, so the scan stops at the oldest survivor.
   void compact(std::size_t survivors) {
@@ -566,6 +601,7 @@ class ReplayRing {
       if (slot(p).state != EntryState::kLive) continue;
       if (--dst != p) {  // dst > p: slot(dst) was already moved or was a hole
         slot(dst).set(slot(p).record());
+        slot(dst).seq.store(dst + 1, std::memory_order_relaxed);  // published, no longer a hole
         index_.assign_existing(slot(dst).qid.load(std::memory_order_relaxed), slot_index(dst));
       }
     }
@@ -584,7 +620,8 @@ class ReplayRing {
       indexed_upto_ = head;
     }
     for (std::uint64_t p = indexed_upto_ > head ? indexed_upto_ : head; p < tail; ++p)
-      index_.insert_or_assign(slot(p).qid.load(std::memory_order_relaxed), slot_index(p));
+      if (slot(p).seq.load(std::memory_order_relaxed) == p + 1)  // not a hole
+        index_.insert_or_assign(slot(p).qid.load(std::memory_order_relaxed), slot_index(p));
     indexed_upto_ = tail;
   }
 
@@ -602,7 +639,8 @@ class ReplayRing {
   bool live_ticket(std::uint32_t s, std::int64_t qid, std::uint64_t& p) const {
     const std::uint64_t head = head_.load(std::memory_order_relaxed);
     p = head + ((s - head) & mask_);
-    return p < tail_.load(std::memory_order_relaxed) && slot(p).qid.load(std::memory_order_relaxed) == qid;
+    return p < tail_.load(std::memory_order_relaxed) && slot(p).seq.load(std::memory_order_relaxed) == p + 1 &&
+           slot(p).qid.load(std::memory_order_relaxed) == qid;
   }
 
   std::uint32_t slot_index(std::uint64_t p) const { return static_cast<std::uint32_t>(p & mask_); }
@@ -652,6 +690,7 @@ class ReplayRing {
   std::vector<Slot> slots_;
   std::uint64_t mask_ = 0;
   std::size_t claim_block_ = 1;
+  std::size_t max_holes_ = 0;  // graduation holes step() leaves uncompacted (I4)
   // Owner-only step() scratch, kept between calls so a step allocates nothing once warm.
   struct Member {
     std::size_t i;        // position in the batch

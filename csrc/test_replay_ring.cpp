@@ -297,6 +297,83 @@ void test_concurrent_stress(std::size_t capacity) {
   for (int c : again) CHECK(c == 1);
 }
 
+// Graduation holes under concurrent admitters and samplers: owner steps graduate a random
+// third of the live entries (leaving holes, compacted once more than max_holes() gather), then
+// 4 threads admit fresh ids while another samples. No sample is ever a graduated id, the
+// holes stay within bounds, and every id ends up exactly once: live, graduated or evicted.
+// `per_round` admissions per thread per round: few leave holes to gather, many sweep them out.
+void test_holes_with_concurrent_admitters(std::size_t capacity, std::int64_t per_round, int rounds) {
+  constexpr int kThreads = 4;
+  const std::int64_t kPerRound = per_round;
+  ReplayRing ring(capacity);
+  std::size_t most_holes = 0;
+  std::mt19937_64 rng(capacity);
+  std::vector<std::vector<Exit>> evicted(kThreads);
+  std::vector<Exit> graduated;
+  std::unordered_set<std::int64_t> graduated_ids;
+  std::int64_t next_id = 0;
+  for (int round = 0; round < rounds; ++round) {
+    std::vector<std::int64_t> ids;
+    for (const Record& r : ring.records())
+      if (rng() % 3 == 0) ids.push_back(r.qid);
+    std::vector<double> ones(ids.size(), 1.0);
+    auto res = ring.step(ids.data(), ones.data(), ids.size(), round, 0.5);
+    CHECK(res.graduated.size() == ids.size() && res.admitted.empty() && res.evicted.empty());
+    CHECK(ring.window() - ring.size() <= ring.max_holes());
+    most_holes = std::max(most_holes, ring.window() - ring.size());
+    for (const Exit& e : res.graduated) {
+      graduated.push_back(e);
+      graduated_ids.insert(e.record.qid);
+    }
+    std::atomic<bool> done{false};
+    std::vector<std::thread> pool;
+    const std::int64_t base = next_id;
+    for (int t = 0; t < kThreads; ++t) {
+      pool.emplace_back([&, t] {
+        std::mt19937_64 local(static_cast<std::uint64_t>(round * kThreads + t));
+        std::vector<std::int64_t> batch;
+        std::vector<double> accs;
+        for (std::int64_t i = 0; i < kPerRound;) {
+          const std::int64_t n = std::min<std::int64_t>(1 + static_cast<std::int64_t>(local() % 64), kPerRound - i);
+          batch.clear();
+          for (std::int64_t j = 0; j < n; ++j) batch.push_back(base + t * kPerRound + i + j);
+          accs.assign(batch.size(), 0.25);
+          ring.admit(batch.data(), accs.data(), batch.size(), round, &evicted[t]);
+          i += n;
+        }
+      });
+    }
+    std::thread sampler([&] {
+      std::vector<std::int64_t> out(64);
+      for (std::uint64_t c = 0; !done.load(std::memory_order_acquire); ++c) {
+        const std::size_t got = ring.sample(1 + c % 64, out.data());
+        for (std::size_t i = 0; i < got; ++i) {
+          CHECK(out[i] >= 0 && out[i] < base + kThreads * kPerRound);
+          CHECK(graduated_ids.count(out[i]) == 0);  // holes are never sampled
+        }
+      }
+    });
+    for (auto& th : pool) th.join();
+    done.store(true, std::memory_order_release);
+    sampler.join();
+    next_id = base + kThreads * kPerRound;
+  }
+  std::vector<int> seen(static_cast<std::size_t>(next_id), 0);
+  for (const Exit& e : graduated) seen[static_cast<std::size_t>(e.record.qid)] += 1;
+  for (const auto& ev : evicted)
+    for (const Exit& e : ev) {
+      CHECK(e.record.state == EntryState::kEvicted && graduated_ids.count(e.record.qid) == 0);
+      seen[static_cast<std::size_t>(e.record.qid)] += 1;
+    }
+  const auto live = ring.records();
+  CHECK(live.size() == ring.size() && live.size() <= capacity);
+  for (const Record& r : live) seen[static_cast<std::size_t>(r.qid)] += 1;
+  for (int c : seen) CHECK(c == 1);  // nothing lost, nothing duplicated, no hole evicted
+  CHECK(most_holes > 0);
+  ring.compact_holes();
+  CHECK(ring.window() == ring.size() && ring.records().size() == live.size());
+}
+
 // The exit log keeps every row, in order, across small and huge-page chunks.
 void test_exit_log() {
   zppo::ExitLog log;
@@ -369,6 +446,9 @@ int main() {
   test_concurrent_stress(10000);
   test_concurrent_stress(200);  // claim blocks of 2 (little slack)
   test_concurrent_stress(3);
+  test_holes_with_concurrent_admitters(10000, 6000, 6);  // admissions sweep the holes out
+  test_holes_with_concurrent_admitters(10000, 625, 12);   // holes gather until compaction
+  test_holes_with_concurrent_admitters(200, 12, 30);
   std::puts("test_replay_ring: all checks passed");
   return 0;
 }

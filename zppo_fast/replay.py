@@ -121,7 +121,11 @@ class PromptReplayBuffer:
         return history
 
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: plain ints/floats/strings and numpy arrays."""
+        """Everything needed to resume exactly: plain ints/floats/strings and numpy arrays.
+
+        Compacts the ring first (no change to its contents), so this buffer and one loaded
+        from the result draw the same samples from here on."""
+        self._ring.compact_holes()
         return {
             "format": STATE_FORMAT,
             "capacity": self.capacity,
