@@ -4,7 +4,9 @@ Three implementations in the same run, capacity 10,000 (the paper's), batches of
   python  the same rules in plain Python: dict + deque + dense list + threading.Lock
   ours    zppo_fast.replay / zppo_fast._replay called from Python with numpy batches
   c++     the same ring operation driven by a C++ loop (zppo_fast._replay.bench)
-Admissions go into a full buffer, so each one also evicts. update() is the step owner's
+Admissions go into a full buffer, so each one also evicts. Graduations: the whole buffer in
+one call (oldest first), and, as training makes them, 1,024 ids drawn at random from the full
+buffer per call (refilled untimed after each). update() is the step owner's
 checked path (membership, duplicates; one thread); the concurrent path admits without
 membership checks (PythonReplayBuffer.admit under its lock vs the lock-free Ring.admit).
 Samples are sample(96) calls (96 = 0.25 * 384, the paper's replay count).
@@ -190,6 +192,29 @@ def bench_graduate(kind: str, n: int) -> float:
     return rounds * CAPACITY / total
 
 
+def bench_graduate_random(kind: str, n: int) -> float:
+    """Graduations through update() as a training run makes them: BATCH live ids drawn at
+    random from a full buffer per call, each call followed (untimed) by BATCH fresh admissions."""
+    rng = np.random.default_rng(0)
+    buf = full(PythonReplayBuffer if kind == "python" else PromptReplayBuffer)
+    live = np.arange(-CAPACITY, 0, dtype=np.int64)
+    ones, zeros = np.ones(BATCH), np.zeros(BATCH)
+    if kind == "python":
+        ones, zeros = ones.tolist(), zeros.tolist()
+    total, calls = 0.0, max(1, n // BATCH)
+    for call in range(calls):
+        pick = rng.choice(CAPACITY, BATCH, replace=False)
+        ids, fresh = live[pick], np.arange(call * BATCH, (call + 1) * BATCH, dtype=np.int64)
+        live[pick] = fresh
+        if kind == "python":
+            ids, fresh = ids.tolist(), fresh.tolist()
+        t0 = time.perf_counter()
+        buf.update(ids, ones, 2 * call + 1)
+        total += time.perf_counter() - t0
+        buf.update(fresh, zeros, 2 * call + 2)
+    return calls * BATCH / total
+
+
 def bench_sample(kind: str, threads: int, n: int) -> float:
     """sample(96) calls on a full buffer, from `threads` threads at once."""
     calls = n // SAMPLE_K // threads
@@ -207,7 +232,8 @@ CASES = [
     ("admit via update()", "step_admit", 1, lambda kind, n: bench_step_admit(kind, n)),
     ("admit, concurrent path", "admit", 1, lambda kind, n: bench_admit(kind, 1, n)),
     ("admit, concurrent path", "admit", 4, lambda kind, n: bench_admit(kind, 4, n)),
-    ("graduate via update()", "graduate", 1, lambda kind, n: bench_graduate(kind, n)),
+    ("graduate via update(), whole buffer", "graduate", 1, lambda kind, n: bench_graduate(kind, n)),
+    ("graduate via update(), random 1,024", "graduate_random", 1, lambda kind, n: bench_graduate_random(kind, n)),
     ("sample(96)", "sample", 1, lambda kind, n: bench_sample(kind, 1, n)),
     ("sample(96)", "sample", 4, lambda kind, n: bench_sample(kind, 4, n)),
 ]

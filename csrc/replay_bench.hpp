@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -19,6 +20,8 @@ namespace zppo {
 //   admit       fresh ids through the lock-free admit() into a full ring (each also evicts)
 //   step_admit  fresh ids through step() batches into a full ring (owner: 1 thread)
 //   graduate    step() calls that graduate a full ring's worth of entries (owner: 1 thread)
+//   graduate_random  step() calls that graduate kBatch live entries drawn at random from the
+//              full ring, each followed (untimed) by kBatch fresh admissions (owner: 1 thread)
 // step_admit and graduate run step() with the UpdateSink that PromptReplayBuffer.update()
 // uses: the same id outputs and life records (an ExitLog), just no Python around it.
 //   sample      sample(96) calls on a full ring (96 = 0.25 * 384, the paper's replay count)
@@ -35,7 +38,7 @@ inline double bench_replay(const std::string& op, std::size_t capacity, std::siz
     ring.step(ids.data(), low.data(), capacity, 0, 0.5);
   };
 
-  if ((op == "graduate" || op == "step_admit") && threads != 1)
+  if ((op == "graduate" || op == "graduate_random" || op == "step_admit") && threads != 1)
     throw std::invalid_argument(op + " runs on the step owner only: threads must be 1");
   ExitLog log;
   if (op == "step_admit") {
@@ -63,6 +66,29 @@ inline double bench_replay(const std::string& op, std::size_t capacity, std::siz
       ring.step(ids.data(), high.data(), capacity, 1, 0.5, sink);
       seconds += std::chrono::duration<double>(Clock::now() - t0).count();
       done += capacity;
+    }
+    return static_cast<double>(done) / seconds;
+  }
+  if (op == "graduate_random") {
+    if (capacity < kBatch) throw std::invalid_argument("graduate_random needs capacity >= " + std::to_string(kBatch));
+    fill(0);
+    std::vector<std::int64_t> live(ids), batch(kBatch), out(2 * kBatch);
+    std::vector<double> high(kBatch, 1.0), zeros(kBatch, 0.0);
+    std::mt19937_64 rng(0);
+    std::int64_t next = static_cast<std::int64_t>(capacity);
+    double seconds = 0;
+    std::size_t done = 0;
+    for (std::int64_t step = 1; done < n; step += 2, done += kBatch) {
+      // kBatch distinct live ids (a partial shuffle of `live`), replaced there by fresh ones
+      for (std::size_t i = 0; i < kBatch; ++i) std::swap(live[i], live[i + rng() % (capacity - i)]);
+      std::copy(live.begin(), live.begin() + kBatch, batch.begin());
+      const auto t0 = Clock::now();
+      UpdateSink sink{out.data(), &log};
+      ring.step(batch.data(), high.data(), kBatch, step, 0.5, sink);
+      seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+      for (std::size_t i = 0; i < kBatch; ++i) live[i] = batch[i] = next++;
+      UpdateSink refill{out.data(), &log};
+      ring.step(batch.data(), zeros.data(), kBatch, step + 1, 0.5, refill);
     }
     return static_cast<double>(done) / seconds;
   }
