@@ -177,7 +177,7 @@ def chi_square_critical(df, z=3.09):
 def test_sampling_is_uniform(live, k):
     buf = PromptReplayBuffer(100, seed=1)
     buf.update(np.arange(2 * live), np.zeros(2 * live), 0)
-    buf.update(np.arange(0, 2 * live, 2), np.ones(live), 1)  # graduate half: holes compacted
+    buf.update(np.arange(0, 2 * live, 2), np.ones(live), 1)  # graduate every other: half the window holes
     ids = buf.ids()
     assert len(ids) == live
     draws = 20_000
