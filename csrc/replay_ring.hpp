@@ -192,7 +192,10 @@ class ReplayRing {
   // Upper bound on what one sample() can return, even mid-admission (I1).
   std::size_t slot_count() const { return slots_.size(); }
   // Tickets from the oldest to the newest: live entries, holes, admissions in flight (I4).
-  std::size_t window() const { return tail_.load(std::memory_order_acquire) - head_.load(std::memory_order_acquire); }
+  std::size_t window() const {
+    const std::uint64_t head = head_.load(std::memory_order_acquire);
+    return tail_.load(std::memory_order_acquire) - head;  // tail read after head: never negative
+  }
   std::size_t max_holes() const { return max_holes_; }
   // Live entries; exact once admitters are quiescent.
   std::size_t size() const { return count_.load(std::memory_order_acquire); }
@@ -202,7 +205,8 @@ class ReplayRing {
   void admit(const std::int64_t* qids, const double* accs, std::size_t n, std::int64_t step,
              std::vector<Exit>* evicted) {
     AccessGate::Shared guard(gate_);
-    for (std::size_t i = 0; i < n; i += claim_block_) admit_block(qids + i, accs + i, std::min(n - i, claim_block_), step, evicted);
+    for (std::size_t i = 0; i < n; i += claim_block_)
+      admit_block(qids + i, accs + i, std::min(n - i, claim_block_), step, evicted);
   }
 
   // Writes min(k, live) distinct live ids, uniformly chosen, to out (room for
@@ -359,9 +363,8 @@ class ReplayRing {
     }
     if (graduations) {
       count_.store(live - graduations, std::memory_order_relaxed);
-      const std::uint64_t window = tail_.load(std::memory_order_relaxed) - head_.load(std::memory_order_relaxed);
-      // moves live entries: their buckets get new values in place (I4)
-      if (window - (live - graduations) > max_holes_) compact(live - graduations);
+      // compaction moves live entries: their buckets get new values in place (I4)
+      if (window() - (live - graduations) > max_holes_) compact(live - graduations);
     }
     // Pass 3: admissions at the tickets pass 1 gave their buckets; evictions pop the head.
     for (std::size_t i : admits_) {
@@ -410,7 +413,7 @@ class ReplayRing {
     AccessGate::Exclusive guard(gate_);
     catch_up_index();
     const std::size_t live = count_.load(std::memory_order_relaxed);
-    if (tail_.load(std::memory_order_relaxed) - head_.load(std::memory_order_relaxed) > live) compact(live);
+    if (window() > live) compact(live);
   }
 
   // Live records, oldest first.
