@@ -205,6 +205,21 @@ void test_gate() {
   CHECK(threw);
 }
 
+// Admits ids first, ..., first + count - 1 through the concurrent path, in batches of 1 to 64.
+void admit_in_batches(ReplayRing& ring, std::int64_t first, std::int64_t count, std::mt19937_64& rng,
+                      std::int64_t step, std::vector<Exit>* evicted) {
+  std::vector<std::int64_t> batch;
+  std::vector<double> accs;
+  for (std::int64_t done = 0; done < count;) {
+    const std::int64_t n = std::min<std::int64_t>(1 + static_cast<std::int64_t>(rng() % 64), count - done);
+    batch.clear();
+    for (std::int64_t i = 0; i < n; ++i) batch.push_back(first + done + i);
+    accs.assign(batch.size(), 0.25);
+    ring.admit(batch.data(), accs.data(), batch.size(), step, evicted);
+    done += n;
+  }
+}
+
 // 4 admitters on disjoint id ranges plus a sampler, 1,000,000 admissions in total; then
 // every id must be live or evicted exactly once, and each thread's survivors must be the
 // newest of its own ids (FIFO by ticket).
@@ -219,19 +234,7 @@ void test_concurrent_stress(std::size_t capacity) {
   for (int t = 0; t < kThreads; ++t) {
     pool.emplace_back([&, t] {
       std::mt19937_64 rng(static_cast<std::uint64_t>(t));
-      std::vector<std::int64_t> batch;
-      std::vector<double> accs;
-      for (std::int64_t next = 0; next < kPerThread;) {
-        const std::int64_t n = std::min<std::int64_t>(1 + static_cast<std::int64_t>(rng() % 64), kPerThread - next);
-        batch.clear();
-        accs.clear();
-        for (std::int64_t i = 0; i < n; ++i) {
-          batch.push_back(t * kPerThread + next + i);
-          accs.push_back(0.25);
-        }
-        ring.admit(batch.data(), accs.data(), batch.size(), t, &evicted[t]);
-        next += n;
-      }
+      admit_in_batches(ring, t * kPerThread, kPerThread, rng, t, &evicted[t]);
     });
   }
   std::thread sampler([&] {
@@ -331,16 +334,7 @@ void test_holes_with_concurrent_admitters(std::size_t capacity, std::int64_t per
     for (int t = 0; t < kThreads; ++t) {
       pool.emplace_back([&, t] {
         std::mt19937_64 local(static_cast<std::uint64_t>(round * kThreads + t));
-        std::vector<std::int64_t> batch;
-        std::vector<double> accs;
-        for (std::int64_t i = 0; i < kPerRound;) {
-          const std::int64_t n = std::min<std::int64_t>(1 + static_cast<std::int64_t>(local() % 64), kPerRound - i);
-          batch.clear();
-          for (std::int64_t j = 0; j < n; ++j) batch.push_back(base + t * kPerRound + i + j);
-          accs.assign(batch.size(), 0.25);
-          ring.admit(batch.data(), accs.data(), batch.size(), round, &evicted[t]);
-          i += n;
-        }
+        admit_in_batches(ring, base + t * kPerRound, kPerRound, local, round, &evicted[t]);
       });
     }
     std::thread sampler([&] {
