@@ -12,7 +12,7 @@ from zppo_fast.config import ConfigError
 from zppo_fast.data import QuestionStream
 from zppo_fast.engine import SamplingParams
 from zppo_fast.eval import accuracy
-from zppo_fast.model import ModelLoadError
+from zppo_fast.model import ModelLoadError, load_tokenizer
 from zppo_fast.train import Trainer, main
 
 
@@ -114,6 +114,12 @@ def test_bad_model_path_and_corrupt_checkpoint(tiny_config, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         Trainer(tiny_config("--model.path", str(tmp_path / "empty")), progress=False)
+    for model_type, error in (("llama", "cannot load the tokenizer from"), ("qwen3_5_text", "no tokenizer files")):
+        folder = tmp_path / f"no_tokenizer_{model_type}"  # a config.json and nothing else
+        folder.mkdir()
+        (folder / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+        with pytest.raises(ModelLoadError, match=error):
+            load_tokenizer(folder)
     trainer = Trainer(tiny_config("--run.steps", "1"), progress=False)
     trainer.fit()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):

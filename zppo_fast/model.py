@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -72,13 +73,14 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed:
 def load_model(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local Hugging Face folder (never from the network)."""
     path = _model_folder(path)
-    return from_folder(AutoModelForCausalLM, path, dtype, "model"), load_tokenizer(path)
+    return from_folder(AutoModelForCausalLM, path, "model", dtype=DTYPES[dtype]), load_tokenizer(path)
 
 
-def from_folder(auto_class, path: Path, dtype: str, what: str) -> PreTrainedModel:
-    """`auto_class.from_pretrained` on a local folder, its failures as ModelLoadError naming the path."""
+def from_folder(auto_class, path: Path, what: str, **kwargs) -> Any:
+    """`auto_class.from_pretrained(path, **kwargs)` on a local folder (model, tokenizer or
+    processor), its failures as ModelLoadError naming `what` and the path."""
     try:
-        return auto_class.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+        return auto_class.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as e:  # transformers raises many types; the user needs the path and the cause
         raise ModelLoadError(f"cannot load {what} from {path}: {type(e).__name__}: {e}") from e
 
@@ -98,11 +100,9 @@ def _model_folder(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    path = _model_folder(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises many types; the user needs the path and the cause
-        raise ModelLoadError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {e}") from e
+    tokenizer = from_folder(AutoTokenizer, _model_folder(path), "the tokenizer")
+    if len(tokenizer) < 2:  # some tokenizer classes build an empty one when the files are missing
+        raise ModelLoadError(f"the tokenizer in {path} has {len(tokenizer)} token(s): no tokenizer files there")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -139,7 +139,8 @@ def load_vlm(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel,
     from transformers import AutoModelForImageTextToText
 
     processor = load_processor(path)
-    return from_folder(AutoModelForImageTextToText, Path(path), dtype, "an image-text-to-text model"), processor
+    model = from_folder(AutoModelForImageTextToText, Path(path), "an image-text-to-text model", dtype=DTYPES[dtype])
+    return model, processor
 
 
 def load_processor(path: str | Path) -> Any:
@@ -147,10 +148,7 @@ def load_processor(path: str | Path) -> Any:
     from transformers import AutoProcessor
 
     path = _model_folder(path)
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises many types; the user needs the path and the cause
-        raise ModelLoadError(f"cannot load the processor from {path}: {type(e).__name__}: {e}") from e
+    processor = from_folder(AutoProcessor, path, "the processor")
     if getattr(processor, "image_processor", None) is None and importlib.util.find_spec("torchvision") is None:
         # Without torchvision AutoProcessor cannot build a Qwen-VL processor (its video half) and
         # quietly returns the bare tokenizer; build the images-only one from the same files.
