@@ -10,6 +10,13 @@
 // pages: one fault per 2 MiB instead of one per 4 KiB. Where THP is off the chunks simply
 // get ordinary pages.
 //
+// Why prefault(): even with huge pages, the kernel zeroing fresh memory cost as much as the
+// rest of a graduation (and up to 4x more on a VM whose host backs guest memory lazily). The
+// replay buffer keeps room faulted in for every live entry's exit record (UpdateSink::end),
+// so that cost is paid when an entry is admitted, like the allocation of its record in any
+// other store, and a step's exits write to memory that is already there. Rows faulted in but
+// not yet written are at most the buffer's capacity.
+//
 // Invariants:
 //   L1  Rows [0, size()) are chunk 0's rows, then chunk 1's, ...; every chunk but the last is
 //       full, and cur_ points at the last chunk's first unused row (or is null when none).
@@ -19,6 +26,7 @@
 //       holds exactly the rows whose admitted_ago is kFarAdmitted.
 //   L4  After reserve(n), the next n appends allocate nothing (cannot throw), provided they
 //       open at most kRunsPerReserve new runs.
+//   L5  Rows [0, faulted_) lie in allocated chunks whose pages have been written to.
 #pragma once
 
 #include <algorithm>
@@ -87,10 +95,11 @@ class ExitLog {
       cur_ = o.cur_;
       end_ = o.end_;
       size_ = o.size_;
+      faulted_ = o.faulted_;
       runs_.swap(o.runs_);
       far_.swap(o.far_);
       o.cur_ = o.end_ = nullptr;
-      o.size_ = 0;
+      o.size_ = o.faulted_ = 0;
     }
     return *this;
   }
@@ -131,6 +140,34 @@ class ExitLog {
     }
     grow_to(runs_, runs_.size() + kRunsPerReserve);
     grow_to(far_, far_.size() + n);  // address space only until a far row appears
+  }
+
+  // Writes to every page of rows [size(), size() + n) now, allocating chunks as needed (L5), so
+  // the appends that fill them never wait on the kernel. Best effort: out of memory, it stops
+  // (append() and reserve() still allocate what they need).
+  void prefault(std::size_t n) noexcept {
+    const std::size_t from = std::max(faulted_, size_);  // never touch a written row
+    const std::size_t want = size_ + n;
+    if (from >= want) return;
+    try {
+      reserve(n);
+    } catch (const std::bad_alloc&) {
+      return;
+    }
+    std::size_t first = 0;  // row number of the chunk's first row (L1)
+    for (const Chunk& c : chunks_) {
+      const std::size_t end = first + c.rows;
+      if (end > from) {
+        // One write per page: with huge pages the first one faults in all 2 MiB.
+        const auto lo = reinterpret_cast<std::uintptr_t>(c.data + (std::max(first, from) - first));
+        const auto hi = reinterpret_cast<std::uintptr_t>(c.data + (std::min(end, want) - first));
+        for (std::uintptr_t a = lo; a < hi; a = (a & ~std::uintptr_t{4095}) + 4096)
+          *reinterpret_cast<volatile unsigned char*>(a) = 0;
+        if (end >= want) break;
+      }
+      first = end;
+    }
+    faulted_ = want;
   }
 
   // Calls fn(const ExitRow&) for every row, oldest first.
@@ -230,7 +267,7 @@ class ExitLog {
     far_.clear();
     cur_ = end_ = nullptr;
     current_chunk_ = 0;
-    size_ = 0;
+    size_ = faulted_ = 0;
   }
 
   std::vector<Chunk> chunks_;
@@ -240,6 +277,7 @@ class ExitLog {
   PackedExit* cur_ = nullptr;
   PackedExit* end_ = nullptr;
   std::size_t size_ = 0;
+  std::size_t faulted_ = 0;
 };
 
 // ReplayRing::step() sink for the buffer's update: ids go straight into one caller-provided
@@ -271,6 +309,8 @@ struct UpdateSink {
     *next_evicted++ = r.qid;
     log_exit(r, step, false);
   }
+  // Room for every live entry's exit record, faulted in now (see ExitLog::prefault).
+  void end(std::size_t live) { log->prefault(live); }
   void log_exit(const Record& r, std::int64_t step, bool grad) {
     log->append(ExitRow{r.qid, r.step_admitted, r.acc_admitted, step, r.last_acc, r.visits,
                         static_cast<std::uint8_t>(grad), {0, 0, 0}});

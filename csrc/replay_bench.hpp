@@ -32,15 +32,16 @@ inline double bench_replay(const std::string& op, std::size_t capacity, std::siz
   if (threads == 0) throw std::invalid_argument("threads must be positive");
   ReplayRing ring(capacity);
   std::vector<double> low(capacity, 0.0);
-  std::vector<std::int64_t> ids(capacity);
-  auto fill = [&](std::int64_t first) {
+  std::vector<std::int64_t> ids(capacity), fill_out(2 * capacity);
+  ExitLog log;
+  auto fill = [&](std::int64_t first) {  // untimed, through the same sink as the timed steps
     for (std::size_t i = 0; i < capacity; ++i) ids[i] = first + static_cast<std::int64_t>(i);
-    ring.step(ids.data(), low.data(), capacity, 0, 0.5);
+    UpdateSink sink{fill_out.data(), &log};
+    ring.step(ids.data(), low.data(), capacity, 0, 0.5, sink);
   };
 
   if ((op == "graduate" || op == "graduate_random" || op == "step_admit") && threads != 1)
     throw std::invalid_argument(op + " runs on the step owner only: threads must be 1");
-  ExitLog log;
   if (op == "step_admit") {
     fill(-static_cast<std::int64_t>(capacity));
     std::vector<std::int64_t> batch(kBatch), out(2 * kBatch);

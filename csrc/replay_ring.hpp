@@ -276,7 +276,8 @@ class ReplayRing {
   //                              the calls below must not throw.
   //   sink.graduated(rec, step)  each graduation, in the order given;
   //   sink.admitted(qid)         each admission, in the order given;
-  //   sink.evicted(rec, step)    each eviction, oldest first (after all graduations).
+  //   sink.evicted(rec, step)    each eviction, oldest first (after all graduations);
+  //   sink.end(live)             once, last, with the number of live entries now.
   //
   // Cost per entry: one index probe (prefetched a few entries ahead) answers both the
   // duplicate check (the bucket's stamp is this step's epoch) and membership, and gives a new
@@ -292,14 +293,15 @@ class ReplayRing {
     // new ids (undone on a duplicate) and stamps (made stale by the next epoch).
     const std::uint32_t epoch = next_epoch();
     const std::uint64_t tail = tail_.load(std::memory_order_relaxed);
-    members_.clear();
+    stayers_.clear();
+    graduates_.clear();
     admits_.clear();
     drops_.clear();
-    members_.reserve(n);  // may throw: before any change
+    stayers_.reserve(n);  // may throw: before any change
+    graduates_.reserve(n);
     admits_.reserve(n);
     drops_.reserve(n);
     index_.reserve(n);  // new ids' buckets below never grow the table (F1), so positions hold
-    std::size_t graduations = 0;
     constexpr std::size_t kAhead = 8;  // probes in flight: hides the index's cache misses
     for (std::size_t i = 0; i < n && i < kAhead; ++i) index_.prefetch(qids[i]);
     for (std::size_t i = 0; i < n; ++i) {
@@ -314,10 +316,9 @@ class ReplayRing {
         throw std::invalid_argument("question_ids contains duplicate id " + std::to_string(q));
       } else if (live_ticket(b.value, q, p)) {
         b.stamp = epoch;
-        graduations += accs[i] >= threshold;
         // Field by field into reserved room: a braced temporary here made the compiler store
         // two words and reload them as one (a store-forwarding stall: ~2 of this pass's ~17 ns/entry).
-        Member& m = members_.emplace_back();
+        Member& m = accs[i] >= threshold ? graduates_.emplace_back() : stayers_.emplace_back();
         m.i = i;
         m.ticket = p;
         m.bucket = index_.position(b);
@@ -333,6 +334,7 @@ class ReplayRing {
         drops_.push_back(i);
       }
     }
+    const std::size_t graduations = graduates_.size();
     const std::size_t live = count_.load(std::memory_order_relaxed);
     const std::size_t after = live - graduations + admits_.size();
     const std::size_t evictions = after > capacity_ ? after - capacity_ : 0;
@@ -345,21 +347,27 @@ class ReplayRing {
       throw;
     }
 
-    // Pass 2: visits and graduations, in the order given; a graduate leaves the index here
-    // (its bucket, scattered over the table, prefetched kAhead members early as in pass 1).
+    // Pass 2: entries that stay get their visit; graduates get theirs, leave their exit record
+    // and a hole, in the order given, and then leave the index (their buckets, scattered over
+    // the table, prefetched kAhead early as in pass 1). Three loops rather than one: each
+    // keeps fewer memory streams in flight (graduating a full ring: 28 -> 25 cycles/entry).
     // Nothing below throws.
-    for (std::size_t j = 0; j < members_.size(); ++j) {
-      if (j + kAhead < members_.size()) index_.prefetch_at(members_[j + kAhead].bucket);
-      const Member& m = members_[j];
+    for (const Member& m : stayers_) {
       Slot& s = slot(m.ticket);
       s.visits += 1;
       s.last_acc = accs[m.i];
-      if (accs[m.i] >= threshold) {
-        s.state = EntryState::kGraduated;
-        sink.graduated(s.record(), step);
-        s.seq.store(m.ticket + 2, std::memory_order_relaxed);  // a hole (I2)
-        index_.erase_near(m.bucket, qids[m.i]);
-      }
+    }
+    for (const Member& m : graduates_) {
+      Slot& s = slot(m.ticket);
+      s.visits += 1;
+      s.last_acc = accs[m.i];
+      s.state = EntryState::kGraduated;
+      sink.graduated(s.record(), step);
+      s.seq.store(m.ticket + 2, std::memory_order_relaxed);  // a hole (I2)
+    }
+    for (std::size_t j = 0; j < graduations; ++j) {
+      if (j + kAhead < graduations) index_.prefetch_at(graduates_[j + kAhead].bucket);
+      index_.erase_near(graduates_[j].bucket, qids[graduates_[j].i]);
     }
     if (graduations) {
       count_.store(live - graduations, std::memory_order_relaxed);
@@ -378,6 +386,7 @@ class ReplayRing {
     }
     for (std::size_t i : drops_) index_.erase(qids[i]);
     indexed_upto_ = tail_.load(std::memory_order_relaxed);
+    sink.end(count_.load(std::memory_order_relaxed));
   }
 
   // step() collecting into vectors (tests, and the raw Ring.step binding).
@@ -391,6 +400,7 @@ class ReplayRing {
     void admitted(std::int64_t qid) { result.admitted.push_back(qid); }
     void graduated(const Record& r, std::int64_t step) { result.graduated.push_back(Exit{r, step}); }
     void evicted(const Record& r, std::int64_t step) { result.evicted.push_back(Exit{r, step}); }
+    void end(std::size_t) {}
   };
 
   StepResult step(const std::int64_t* qids, const double* accs, std::size_t n, std::int64_t step, double threshold) {
@@ -705,7 +715,8 @@ class ReplayRing {
 
   FlatIndex index_;              // qid -> slot index, owner only; may hold stale evicted ids
   FlatIndex scratch_;            // owner only: duplicate check in load()
-  std::vector<Member> members_;
+  std::vector<Member> stayers_;              // live ids of this step below the threshold
+  std::vector<Member> graduates_;            // live ids of this step at or above it, in order
   std::vector<std::size_t> admits_;         // batch positions of this step's admissions, in order
   std::vector<std::size_t> drops_;          // batch positions of ids neither live nor admitted
   std::vector<std::int64_t> evicted_;       // ids evicted by this step, to drop from the index

@@ -388,6 +388,34 @@ void test_exit_log() {
   CHECK(moved.size() == n && log.size() == 0);
 }
 
+// prefault() between appends, across small and huge-page chunks, never changes a written row
+// or the size, and leaves the log appending as before.
+void test_exit_log_prefault() {
+  zppo::ExitLog log;
+  std::mt19937_64 rng(3);
+  auto row = [](std::size_t i) {
+    return zppo::ExitRow{static_cast<std::int64_t>(i) * 7 - 3, static_cast<std::int64_t>(i / 3), 0.125 * (i % 9),
+                         static_cast<std::int64_t>(i / 3 + i % 4), 0.5, static_cast<std::int32_t>(i % 11),
+                         static_cast<std::uint8_t>(i % 2), {0, 0, 0}};
+  };
+  std::size_t n = 0;
+  for (int round = 0; round < 300; ++round) {
+    log.prefault(rng() % 4000);
+    CHECK(log.size() == n);
+    const std::size_t k = rng() % 3000;
+    for (std::size_t j = 0; j < k; ++j, ++n) log.append(row(n));
+  }
+  log.prefault(0);
+  std::size_t i = 0;
+  log.for_each([&](const zppo::ExitRow& r) {
+    const zppo::ExitRow want = row(i++);
+    CHECK(r.qid == want.qid && r.step_admitted == want.step_admitted && r.acc_admitted == want.acc_admitted &&
+          r.exit_step == want.exit_step && r.last_acc == want.last_acc && r.visits == want.visits &&
+          r.graduated == want.graduated);
+  });
+  CHECK(i == n && n > 262144);  // past the first huge-page chunk
+}
+
 // A duplicate anywhere in a batch leaves ring and index as they were (pending buckets undone),
 // and the UpdateSink path reports what the vector path reports.
 void test_step_duplicate_and_sink() {
@@ -428,6 +456,7 @@ void test_step_duplicate_and_sink() {
 
 int main() {
   test_exit_log();
+  test_exit_log_prefault();
   test_step_duplicate_and_sink();
   test_flat_index();
   test_gate();
