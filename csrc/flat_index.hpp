@@ -56,16 +56,41 @@ class FlatIndex {
     while (2 * (size_ + extra) > buckets_.size()) grow();
   }
 
-  // Hints the cache that `key` will be probed soon.
-  void prefetch(std::int64_t key) const { __builtin_prefetch(&buckets_[home(key)], 1, 3); }
+  // The home buckets of keys[0, n), each hashed once and prefetched kAhead keys before it is
+  // asked for: a batch's probes overlap their cache misses, and pay the hash once, not twice.
+  // Call home(0), home(1), ... in order; valid until the table grows.
+  class Lookahead {
+   public:
+    static constexpr std::size_t kAhead = 8;
+    Lookahead(const FlatIndex& index, const std::int64_t* keys, std::size_t n) : index_(index), keys_(keys), n_(n) {
+      for (std::size_t i = 0; i < n && i < kAhead; ++i) fetch(i);
+    }
+    std::size_t home(std::size_t i) {
+      const std::size_t h = homes_[i % kAhead];
+      if (i + kAhead < n_) fetch(i + kAhead);
+      return h;
+    }
+
+   private:
+    void fetch(std::size_t i) {
+      homes_[i % kAhead] = index_.home(keys_[i]);
+      index_.prefetch_at(homes_[i % kAhead]);
+    }
+    const FlatIndex& index_;
+    const std::int64_t* keys_;
+    std::size_t n_;
+    std::size_t homes_[kAhead];
+  };
 
   // Hints the cache that bucket position i (from position()) will be touched soon.
   void prefetch_at(std::size_t i) const { __builtin_prefetch(&buckets_[i & mask_], 1, 3); }
 
   // The bucket holding `key`, or the empty bucket ending its probe run (fill it with
   // occupy() to insert; call reserve() first). One probe run, no hashing beyond home().
-  Bucket& probe(std::int64_t key) {
-    for (std::size_t i = home(key);; i = (i + 1) & mask_) {
+  Bucket& probe(std::int64_t key) { return probe_from(home(key), key); }
+  // probe() for a key whose home bucket (from a Lookahead) is `home`.
+  Bucket& probe_from(std::size_t home, std::int64_t key) {
+    for (std::size_t i = home;; i = (i + 1) & mask_) {
       Bucket& b = buckets_[i];
       if (b.value == kEmpty || b.key == key) return b;
     }
@@ -115,8 +140,10 @@ class FlatIndex {
   }
 
   // Removes `key` if present; returns whether it was.
-  bool erase(std::int64_t key) {
-    std::size_t i = home(key);
+  bool erase(std::int64_t key) { return erase_from(home(key), key); }
+  // erase() for a key whose home bucket (from a Lookahead) is `home`.
+  bool erase_from(std::size_t home, std::int64_t key) {
+    std::size_t i = home;
     for (;; i = (i + 1) & mask_) {
       if (buckets_[i].value == kEmpty) return false;
       if (buckets_[i].key == key) break;

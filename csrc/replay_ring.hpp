@@ -279,7 +279,7 @@ class ReplayRing {
   //   sink.evicted(rec, step)    each eviction, oldest first (after all graduations);
   //   sink.end(live)             once, last, with the number of live entries now.
   //
-  // Cost per entry: one index probe (prefetched a few entries ahead) answers both the
+  // Cost per entry: one index probe (hashed once, prefetched a few entries ahead) answers both the
   // duplicate check (the bucket's stamp is this step's epoch) and membership, and gives a new
   // id its bucket with its final value: admission j of this step lands at ticket tail_ + j
   // whatever graduates or is evicted (compaction moves survivors toward the tail, never past
@@ -302,12 +302,10 @@ class ReplayRing {
     admits_.reserve(n);
     drops_.reserve(n);
     index_.reserve(n);  // new ids' buckets below never grow the table (F1), so positions hold
-    constexpr std::size_t kAhead = 8;  // probes in flight: hides the index's cache misses
-    for (std::size_t i = 0; i < n && i < kAhead; ++i) index_.prefetch(qids[i]);
+    FlatIndex::Lookahead ahead(index_, qids, n);
     for (std::size_t i = 0; i < n; ++i) {
-      if (i + kAhead < n) index_.prefetch(qids[i + kAhead]);
       const std::int64_t q = qids[i];
-      FlatIndex::Bucket& b = index_.probe(q);
+      FlatIndex::Bucket& b = index_.probe_from(ahead.home(i), q);
       std::uint64_t p;
       if (b.value == FlatIndex::kEmpty) {
         index_.occupy(b, q, kPending, epoch);
@@ -365,6 +363,7 @@ class ReplayRing {
       sink.graduated(s.record(), step);
       s.seq.store(m.ticket + 2, std::memory_order_relaxed);  // a hole (I2)
     }
+    constexpr std::size_t kAhead = FlatIndex::Lookahead::kAhead;
     for (std::size_t j = 0; j < graduations; ++j) {
       if (j + kAhead < graduations) index_.prefetch_at(graduates_[j + kAhead].bucket);
       index_.erase_near(graduates_[j].bucket, qids[graduates_[j].i]);
@@ -380,10 +379,8 @@ class ReplayRing {
       admit_owned(qids[i], accs[i], step, sink);
     }
     // Pass 4: drop from the index what left without graduating.
-    for (std::size_t j = 0; j < evicted_.size(); ++j) {
-      if (j + kAhead < evicted_.size()) index_.prefetch(evicted_[j + kAhead]);
-      index_.erase(evicted_[j]);
-    }
+    FlatIndex::Lookahead evicted_ahead(index_, evicted_.data(), evicted_.size());
+    for (std::size_t j = 0; j < evicted_.size(); ++j) index_.erase_from(evicted_ahead.home(j), evicted_[j]);
     for (std::size_t i : drops_) index_.erase(qids[i]);
     indexed_upto_ = tail_.load(std::memory_order_relaxed);
     sink.end(count_.load(std::memory_order_relaxed));
