@@ -25,7 +25,7 @@ graduating step included.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,8 +48,7 @@ _LIVE_FIELDS = {
 }
 
 
-@dataclass(frozen=True)
-class ReplayUpdate:
+class ReplayUpdate(NamedTuple):
     """What one `update` did: (a,), (g,), (e,) int64 ids."""
 
     admitted: np.ndarray  # in the order given (includes any evicted again in the same step)
@@ -83,13 +82,7 @@ class PromptReplayBuffer:
         NaN or out-of-range accuracies, or a non-integer step.
         """
         ids = _as_ids(question_ids, "question_ids")
-        accs = np.asarray(accuracies)
-        if accs.ndim != 1:
-            raise ValueError(f"accuracies must be 1-D, got shape {accs.shape}")
-        if accs.dtype != np.float64:
-            if accs.size and accs.dtype.kind not in "fiu":
-                raise TypeError(f"accuracies must hold numbers, got dtype {accs.dtype}")
-            accs = accs.astype(np.float64)
+        accs = _as_accuracies(accuracies)
         if len(ids) != len(accs):
             raise ValueError(f"question_ids has {len(ids)} entries but accuracies has {len(accs)}")
         if not (type(step) is int or _is_int(step)):
@@ -99,7 +92,7 @@ class PromptReplayBuffer:
         out = self._ring.update(ids, accs, int(step), self.threshold, self._log)
         if type(out) is int:
             raise ValueError(f"accuracies[{out}] = {accs[out]} (question id {ids[out]}) is not in [0, 1]")
-        return ReplayUpdate(*out)
+        return ReplayUpdate._make(out)
 
     def __contains__(self, qid) -> bool:
         if not _is_int(qid):
@@ -197,8 +190,13 @@ def _is_int(x) -> bool:
     return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)))
 
 
+_INT64, _FLOAT64 = np.dtype(np.int64), np.dtype(np.float64)
+
+
 def _as_ids(values, name: str) -> np.ndarray:
     """(n,) int64 from any integer sequence; anything else is a TypeError/ValueError naming `name`."""
+    if type(values) is np.ndarray and values.dtype is _INT64 and values.ndim == 1:
+        return values  # the common case (the ring copies it if it is strided)
     try:
         arr = np.asarray(values)
     except (OverflowError, ValueError) as err:
@@ -212,6 +210,20 @@ def _as_ids(values, name: str) -> np.ndarray:
     if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} has id {arr.max()} outside the int64 range")
     return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _as_accuracies(values) -> np.ndarray:
+    """(n,) float64 from any real sequence (range and NaN are the ring's check)."""
+    if type(values) is np.ndarray and values.dtype is _FLOAT64 and values.ndim == 1:
+        return values  # the common case
+    accs = np.asarray(values)
+    if accs.ndim != 1:
+        raise ValueError(f"accuracies must be 1-D, got shape {accs.shape}")
+    if accs.dtype != np.float64:
+        if accs.size and accs.dtype.kind not in "fiu":
+            raise TypeError(f"accuracies must hold numbers, got dtype {accs.dtype}")
+        accs = accs.astype(np.float64)
+    return accs
 
 
 def _record_arrays(table, fields: dict, where: str) -> dict:
