@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 from zppo_fast.config import ModelConfig
 from zppo_fast.data import tokenizer_corpus
+from zppo_fast.distributed import destroy_distributed
 from zppo_fast.model import build_tiny_model
 from zppo_fast.task import ArithmeticTask
 from zppo_fast.tokenizer import build_tokenizer
@@ -94,33 +95,38 @@ def test_bad_bucket_size():
 
 def _fsdp_worker(rank: int, world: int, port: int, out_dir: str):
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.set_num_threads(1)
-        reference = {n: p.detach().clone() for n, p in tiny(seed=3).named_parameters()}
-        model = tiny(seed=3)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        assert all(isinstance(p, DTensor) for p in model.parameters())
-        # Sharded for real: rank-local pieces are smaller than the full tensors.
-        assert sum(p.to_local().numel() for p in model.parameters()) < sum(t.numel() for t in reference.values())
-        assert weight_shapes(model) == {n: t.shape for n, t in reference.items()}
-        buckets = list(iter_weight_buckets(model, bucket_bytes=8192))
-        got = {n: t for b in buckets for n, t in b}
-        assert sorted(got) == sorted(reference) and len(got) == sum(len(b) for b in buckets)
-        for n, t in got.items():
-            assert not isinstance(t, DTensor) and torch.equal(t, reference[n]), n
-        assert len(buckets) > 1
+        _check_fsdp_gather(world)  # its model and mesh are gone when it returns
         open(os.path.join(out_dir, f"ok{rank}"), "w").close()
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
+
+
+def _check_fsdp_gather(world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    reference = {n: p.detach().clone() for n, p in tiny(seed=3).named_parameters()}
+    model = tiny(seed=3)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    # Sharded for real: rank-local pieces are smaller than the full tensors.
+    assert sum(p.to_local().numel() for p in model.parameters()) < sum(t.numel() for t in reference.values())
+    assert weight_shapes(model) == {n: t.shape for n, t in reference.items()}
+    buckets = list(iter_weight_buckets(model, bucket_bytes=8192))
+    got = {n: t for b in buckets for n, t in b}
+    assert sorted(got) == sorted(reference) and len(got) == sum(len(b) for b in buckets)
+    for n, t in got.items():
+        assert not isinstance(t, DTensor) and torch.equal(t, reference[n]), n
+    assert len(buckets) > 1
 
 
 def _free_port() -> int:

@@ -11,6 +11,7 @@ collectives are the gathers and sums below, FSDP2's own, and DCP's.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,5 +99,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Distrib
 
 
 def destroy_distributed() -> None:
+    """Destroys the process group. Call it after dropping the model and mesh: a gloo work item
+    that outlives the group until interpreter shutdown frees its tensors there and aborts the
+    process (pytorch/pytorch#190489; seen here as SIGABRT after a successful FSDP2 run)."""
     if torch_dist.is_initialized():
+        gc.collect()  # module graphs hold reference cycles: free them while Python still runs
         torch_dist.destroy_process_group()

@@ -716,14 +716,20 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     try:
-        trainer = Trainer(cfg, resume=resume)
-        if trainer.dist.is_main:
-            print(cfg.to_json())
-        trainer.fit()
+        _train(cfg, resume)
     except (ConfigError, CheckpointError, ModelLoadError, DatasetError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         destroy_distributed()
+
+
+def _train(cfg: Config, resume: str | None) -> None:
+    """Builds and runs the trainer; returning drops it (model, mesh, optimizer) before main()
+    destroys the process group, as destroy_distributed() asks."""
+    trainer = Trainer(cfg, resume=resume)
+    if trainer.dist.is_main:
+        print(cfg.to_json())
+    trainer.fit()
 
 
 if __name__ == "__main__":
