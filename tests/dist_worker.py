@@ -19,6 +19,7 @@ from conftest import TINY_OVERRIDES
 
 from zppo_fast.config import load_config
 from zppo_fast.data_parallel import DataParallelEngine
+from zppo_fast.distributed import destroy_distributed
 from zppo_fast.engine import Sample, SamplingParams
 from zppo_fast.train import Trainer
 from zppo_fast.weight_sync import iter_weight_buckets
@@ -62,4 +63,7 @@ def update(out: str, cache: str, run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    {"update": update}[sys.argv[1]](*sys.argv[2:])
+    try:
+        {"update": update}[sys.argv[1]](*sys.argv[2:])  # its trainer is gone when it returns
+    finally:
+        destroy_distributed()
