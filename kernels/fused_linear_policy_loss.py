@@ -47,31 +47,18 @@ def fused_linear_policy_loss_reference(
     advantages,
     loss_mask,
     *,
-    eps_low=0.2,
-    eps_high=0.28,
-    dual_clip=10.0,
     temperature=1.0,
-    normalizer=None,
     dtype=torch.float64,
+    **clip,
 ):
-    """Reference in ``dtype`` (float64 by default): materialised logits + policy_loss_reference.
-    Returns (loss, stats)."""
+    """Reference in ``dtype`` (float64 by default): materialised logits + policy_loss_reference,
+    which takes ``clip`` (eps_low, eps_high, dual_clip, normalizer). Returns (loss, stats)."""
     mask = loss_mask.reshape(-1).bool()
     tgt = torch.where(mask, target_ids.reshape(-1).long(), 0)
     logp, ent = linear_logprobs_reference(
         hidden.reshape(-1, hidden.shape[-1]), weight, tgt, temperature=temperature, return_entropy=True, dtype=dtype
     )
-    loss, stats = policy_loss_reference(
-        logp,
-        old_logprobs,
-        advantages,
-        loss_mask,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        normalizer=normalizer,
-        dtype=dtype,
-    )
+    loss, stats = policy_loss_reference(logp, old_logprobs, advantages, loss_mask, dtype=dtype, **clip)
     stats["entropy"] = torch.where(mask, ent.detach(), 0.0).sum()
     return loss, stats
 
