@@ -104,7 +104,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         if coef is None:
             return (None,) * 13
         g = coef * (grad_loss.float() / normalizer)  # dL/dlogp [N] fp32, one tiny element-wise op
-        dx, dw = lm_head_backward(
+        dx, dw, _ = lm_head_backward(
             hidden,
             weight,
             tgt,

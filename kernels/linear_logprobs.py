@@ -313,8 +313,17 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 # ----------------------------------------------------------------------------- chunk drivers
-def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows=None):
-    """Chunked forward. hidden [N, H], weight [V, H], tgt [N] int64 in [0, V).
+def _gemm_weights(hidden, weight, bias):
+    """(weight in the hidden states' dtype for the GEMMs, fp32 weight for the CPU path or None,
+    fp32 bias or None). An fp32 lm_head with bf16 hidden states (autocast) is cast once per call,
+    as autocast's own linear would; its gradient still accumulates in fp32."""
+    w = weight if weight.dtype == hidden.dtype or not hidden.is_cuda else weight.to(hidden.dtype)
+    weight_f32 = None if hidden.is_cuda else weight.float()
+    return w, weight_f32, (None if bias is None else bias.float())
+
+
+def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows=None, bias=None):
+    """Chunked forward. hidden [N, H], weight [V, H], tgt [N] int64 in [0, V), bias [V] or None.
 
     Returns (logp [N], log_norm [N, 2], ent [N] or None), fp32 (log_norm: module docstring).
     Peak extra memory ~ chunk * V * 4 bytes.
@@ -325,13 +334,15 @@ def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_r
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     log_norm = torch.empty((n, 2), dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev) if want_ent else None
-    weight_f32 = weight.float() if (not hidden.is_cuda and weight.dtype != torch.float32) else None
+    weight, weight_f32, bias_f32 = _gemm_weights(hidden, weight, bias)
     epi = _fwd_epilogue_triton if backend == "triton" else _fwd_epilogue_torch
     chunk = choose_chunk_rows(n, V, dev, chunk_rows)
     inv_temp = 1.0 / temperature
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         z = _logits_f32(hidden[s:e], weight, weight_f32)
+        if bias_f32 is not None:
+            z.add_(bias_f32)
         ln_c, lp_c, ent_c = epi(z, tgt[s:e], inv_temp, want_ent)
         log_norm[s:e] = ln_c
         logp[s:e] = lp_c
@@ -348,16 +359,32 @@ def _dz_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def lm_head_backward(
-    hidden, weight, tgt, temperature, log_norm, g, g_ent, ent, need_dx, need_dw, backend, chunk_rows=None
+    hidden,
+    weight,
+    tgt,
+    temperature,
+    log_norm,
+    g,
+    g_ent,
+    ent,
+    need_dx,
+    need_dw,
+    backend,
+    chunk_rows=None,
+    bias=None,
+    need_db=False,
 ):
     """Chunked backward: recompute logits per chunk, fold g (= dL/dlogp [N] fp32) and optional
-    g_ent (= dL/dentropy [N]) into d logits, then dX = dZ @ W, dW += dZ^T @ X (fp32 accumulator)."""
+    g_ent (= dL/dentropy [N]) into d logits, then dX = dZ @ W, dW += dZ^T @ X and, with a bias,
+    db += sum of dZ's rows (fp32 accumulators). Returns (dx, dw, db), None where not needed."""
     n, _ = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     dx = torch.empty_like(hidden) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_dw else None
-    weight_f32 = weight.float() if (not hidden.is_cuda and weight.dtype != torch.float32) else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    w_dtype = weight.dtype
+    weight, weight_f32, bias_f32 = _gemm_weights(hidden, weight, bias)
     dz_dtype = _dz_dtype(hidden)
     epi = _bwd_epilogue_triton if backend == "triton" else _bwd_epilogue_torch
     chunk = choose_chunk_rows(n, V, dev, chunk_rows)
@@ -366,6 +393,8 @@ def lm_head_backward(
         e = min(s + chunk, n)
         h_c = hidden[s:e]
         z = _logits_f32(h_c, weight, weight_f32)
+        if bias_f32 is not None:
+            z.add_(bias_f32)
         dz = epi(
             z,
             tgt[s:e],
@@ -378,15 +407,19 @@ def lm_head_backward(
         )
         del z
         if need_dx:
-            w = weight if dz.dtype == weight.dtype else (weight_f32 if weight_f32 is not None else weight.to(dz.dtype))
-            dx[s:e] = (dz @ w).to(hidden.dtype)
+            dx[s:e] = (dz @ (weight if dz.dtype == weight.dtype else weight_f32)).to(hidden.dtype)
         if need_dw:
             _accumulate_dw(dw, dz, h_c)
+        if db is not None:
+            db.add_(dz.sum(0, dtype=torch.float32))
         del dz
-    return dx, (dw.to(weight.dtype) if need_dw else None)
+    return dx, (dw.to(w_dtype) if need_dw else None), (db.to(bias.dtype) if db is not None else None)
 
 
 # ----------------------------------------------------------------------------- validation
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def check_lm_head_args(hidden, weight, target_ids, temperature, extra=()):
     """Shared argument checks; returns (hidden2d, target1d int64). ``extra``: [(name, tensor)] per-token."""
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
@@ -397,7 +430,8 @@ def check_lm_head_args(hidden, weight, target_ids, temperature, extra=()):
         raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden has H={hidden.shape[-1]} but weight has H={weight.shape[1]}")
-    if hidden.dtype != weight.dtype:
+    # the one mix accepted: an fp32 lm_head with bf16/fp16 hidden states (autocast, fp32 master weights)
+    if hidden.dtype != weight.dtype and not (weight.dtype == torch.float32 and hidden.dtype in _LOW_PRECISION):
         raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them")
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
@@ -436,27 +470,70 @@ def check_targets(tgt: torch.Tensor, vocab: int, valid: torch.Tensor | None = No
     return tgt.clamp(0, vocab - 1) if valid is not None else tgt
 
 
-# ----------------------------------------------------------------------------- autograd + op
-class LinearLogprobsFunction(torch.autograd.Function):
-    """Saves hidden, weight, targets, log_norm [N, 2] (and entropy [N]); never the logits."""
+# ----------------------------------------------------------------------------- custom ops + autograd
+# torch.library ops, so torch.compile(fullgraph=True) sees one opaque node per pass (the chunk
+# loop, the Triton launches and the target check's host sync stay outside the graph) and
+# AOTAutograd calls the registered backward. Autocast is off inside: the logits are fp32 by design.
+def _valid_targets(target_ids: torch.Tensor, vocab: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid rows [N] bool, targets clamped into [0, V)); raises on a valid target out of range."""
+    valid = target_ids != ignore_index
+    return valid, check_targets(target_ids, vocab, valid=valid)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, tgt, temperature, want_ent, backend, chunk_rows):
-        logp, log_norm, ent = lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows)
-        ctx.save_for_backward(hidden, weight, tgt, log_norm, ent)
-        ctx.cfg = (temperature, backend, chunk_rows)
-        if want_ent:
-            return logp, ent
-        return logp
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent=None):
-        hidden, weight, tgt, log_norm, ent = ctx.saved_tensors
-        temperature, backend, chunk_rows = ctx.cfg
-        n = hidden.shape[0]
-        g = torch.zeros(n, dtype=torch.float32, device=hidden.device) if g_logp is None else g_logp.float().contiguous()
-        ge = None if g_ent is None else g_ent.float().contiguous()
-        dx, dw = lm_head_backward(
+@torch.library.custom_op("zppo_fast::linear_logprobs", mutates_args=())
+def _linear_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target_ids: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    want_ent: bool,
+    backend: str,
+    chunk_rows: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (logp [N], log_norm [N, 2], entropy [N] or [0]), fp32; rows whose target is
+    ignore_index hold 0."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        valid, tgt = _valid_targets(target_ids, weight.shape[0], ignore_index)
+        logp, log_norm, ent = lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows, bias)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ent = torch.where(valid, ent, zero) if want_ent else logp.new_empty(0)
+        return torch.where(valid, logp, zero), log_norm, ent
+
+
+@_linear_logprobs_op.register_fake
+def _(hidden, weight, bias, target_ids, ignore_index, temperature, want_ent, backend, chunk_rows):
+    n = hidden.shape[0]
+    f32 = {"dtype": torch.float32, "device": hidden.device}
+    return hidden.new_empty(n, **f32), hidden.new_empty((n, 2), **f32), hidden.new_empty(n if want_ent else 0, **f32)
+
+
+@torch.library.custom_op("zppo_fast::linear_logprobs_backward", mutates_args=())
+def _linear_logprobs_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target_ids: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    log_norm: torch.Tensor,
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor | None,
+    ent: torch.Tensor,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+    chunk_rows: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (d hidden, d weight, d bias), each empty when not needed."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        valid, tgt = _valid_targets(target_ids, weight.shape[0], ignore_index)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        g = torch.where(valid, g_logp.float(), zero).contiguous()
+        ge = None if g_ent is None else torch.where(valid, g_ent.float(), zero).contiguous()
+        dx, dw, db = lm_head_backward(
             hidden,
             weight,
             tgt,
@@ -464,13 +541,62 @@ class LinearLogprobsFunction(torch.autograd.Function):
             log_norm,
             g,
             ge,
-            ent,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
+            ent if ge is not None else None,
+            need_dx,
+            need_dw,
             backend,
             chunk_rows,
+            bias,
+            need_db,
         )
-        return dx, dw, None, None, None, None, None
+    # a fresh empty tensor per missing gradient: a custom op's outputs may not alias each other
+    return tuple(hidden.new_empty(0) if t is None else t for t in (dx, dw, db))
+
+
+@_linear_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, target_ids, ignore_index, temperature, log_norm, g_logp, g_ent, ent, need_dx, need_dw,
+      need_db, backend, chunk_rows):  # fmt: skip
+    return (
+        torch.empty_like(hidden) if need_dx else hidden.new_empty(0),
+        torch.empty_like(weight) if need_dw else hidden.new_empty(0),
+        torch.empty_like(bias) if need_db else hidden.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target_ids, ignore_index, temperature, want_ent, backend, chunk_rows = inputs
+    _, log_norm, ent = output
+    ctx.save_for_backward(hidden, weight, bias, target_ids, log_norm, ent)
+    ctx.cfg = (ignore_index, temperature, backend, chunk_rows)
+
+
+def _backward(ctx, g_logp, g_log_norm, g_ent):
+    hidden, weight, bias, target_ids, log_norm, ent = ctx.saved_tensors
+    ignore_index, temperature, backend, chunk_rows = ctx.cfg
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    if g_logp is None:
+        g_logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    dx, dw, db = _linear_logprobs_backward_op(
+        hidden,
+        weight,
+        bias,
+        target_ids,
+        ignore_index,
+        temperature,
+        log_norm,
+        g_logp,
+        g_ent if ent.numel() else None,
+        ent,
+        need_dx,
+        need_dw,
+        need_db and bias is not None,
+        backend,
+        chunk_rows,
+    )
+    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None, None, None
+
+
+_linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_logprobs(
@@ -478,31 +604,41 @@ def linear_logprobs(
     weight: torch.Tensor,
     target_ids: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
     temperature: float = 1.0,
     return_entropy: bool = False,
     backend: str = "auto",
     chunk_rows: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log_softmax(hidden @ weight.T / temperature)[target] without materialising [N, V].
+    """log_softmax(hidden @ weight.T + bias) / temperature)[target] without materialising [N, V].
 
     Args:
-        hidden: [N, H] (or [..., H], flattened) float; weight: [V, H] same dtype/device.
-        target_ids: [N] integers in [0, V).
+        hidden: [N, H] (or [..., H], flattened) float; weight: [V, H], the same dtype and device,
+            or fp32 with bf16/fp16 hidden states (autocast's mix: the GEMMs run in the hidden
+            states' dtype on CUDA, in fp32 on the CPU; d weight accumulates in fp32).
+        target_ids: [N] integers in [0, V), or ``ignore_index`` for rows to skip (log-prob and
+            entropy 0, no gradient). bias: [V] or None (the lm_head's bias; receives a gradient).
         return_entropy: also return the per-token entropy of the tempered distribution.
         backend: "auto" | "torch" | "triton"; chunk_rows: override the rows per chunk.
     Returns:
-        logp [N] fp32 (and entropy [N] fp32), differentiable w.r.t. hidden and weight.
+        logp [N] fp32 (and entropy [N] fp32), differentiable w.r.t. hidden, weight and bias.
     """
     h2, tgt = check_lm_head_args(hidden, weight, target_ids, temperature)
-    tgt = check_targets(tgt, weight.shape[0])
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != weight.device):
+        raise ValueError(
+            f"bias must be [V={weight.shape[0]}] on {weight.device}, got {tuple(bias.shape)} on {bias.device}"
+        )
     backend = resolve_backend(backend, h2.device)
-    out = LinearLogprobsFunction.apply(
+    logp, _, ent = _linear_logprobs_op(
         h2.contiguous(),
         weight.contiguous(),
+        bias,
         tgt.contiguous(),
+        int(ignore_index),
         float(temperature),
         bool(return_entropy),
         backend,
         chunk_rows,
     )
-    return out
+    return (logp, ent) if return_entropy else logp
