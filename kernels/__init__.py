@@ -7,6 +7,7 @@ Ops (each file: Triton kernel(s) + launcher + autograd.Function + PyTorch refere
     fused_linear_policy_loss  fused_linear_policy_loss.py  lm_head + policy loss, no [N, V]
     fused_linear_jsd          distill_loss.py              teacher/student generalized JSD, no [N, V]
                                                            (chunked PyTorch on every device for now)
+    FusedLinearPolicyLoss     policy_loss_module.py        nn.Module drop-in for Liger's GRPO loss
 Dispatch: Triton on CUDA; chunked PyTorch on CPU (``backend="triton"`` on CPU runs Triton's
 interpreter, for tests).
 """
@@ -18,10 +19,13 @@ from .distill_loss import DISTILL_STAT_NAMES, fused_linear_jsd, fused_linear_jsd
 from .fused_linear_policy_loss import fused_linear_policy_loss, fused_linear_policy_loss_reference
 from .linear_logprobs import linear_logprobs, linear_logprobs_reference
 from .policy_loss import STAT_NAMES, policy_loss, policy_loss_reference
+from .policy_loss_module import LOSS_TYPES, FusedLinearPolicyLoss
 
 __all__ = [
     "ADVANTAGE_MODES",
     "DISTILL_STAT_NAMES",
+    "LOSS_TYPES",
+    "FusedLinearPolicyLoss",
     "HAVE_TRITON",
     "STAT_NAMES",
     "advantages_reference",
