@@ -474,13 +474,18 @@ def check_targets(tgt: torch.Tensor, vocab: int, valid: torch.Tensor | None = No
 # torch.library ops, so torch.compile(fullgraph=True) sees one opaque node per pass (the chunk
 # loop, the Triton launches and the target check's host sync stay outside the graph) and
 # AOTAutograd calls the registered backward. Autocast is off inside: the logits are fp32 by design.
+# Namespaced by this package's import name, so a vendored copy (kernels/ under another name) and
+# zppo_fast.kernels can live in one process without registering the same op twice.
+_OP_NS = __name__.rpartition(".")[0].replace(".", "_") or "zppo_kernels"
+
+
 def _valid_targets(target_ids: torch.Tensor, vocab: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid rows [N] bool, targets clamped into [0, V)); raises on a valid target out of range."""
     valid = target_ids != ignore_index
     return valid, check_targets(target_ids, vocab, valid=valid)
 
 
-@torch.library.custom_op("zppo_fast::linear_logprobs", mutates_args=())
+@torch.library.custom_op(f"{_OP_NS}::linear_logprobs", mutates_args=())
 def _linear_logprobs_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -509,7 +514,7 @@ def _(hidden, weight, bias, target_ids, ignore_index, temperature, want_ent, bac
     return hidden.new_empty(n, **f32), hidden.new_empty((n, 2), **f32), hidden.new_empty(n if want_ent else 0, **f32)
 
 
-@torch.library.custom_op("zppo_fast::linear_logprobs_backward", mutates_args=())
+@torch.library.custom_op(f"{_OP_NS}::linear_logprobs_backward", mutates_args=())
 def _linear_logprobs_backward_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,

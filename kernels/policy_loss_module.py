@@ -135,10 +135,10 @@ class FusedLinearPolicyLoss(nn.Module):
         logp = linear_logprobs(_input, lin_weight, ids, bias=bias, **lp_kw).view(B, T)
 
         old = logp.detach() if old_per_token_logps is None else old_per_token_logps.float()
+        if advantages.shape not in ((B,), (B, T)):
+            raise ValueError(f"advantages must be [B={B}] or [B, T]=[{B}, {T}], got {tuple(advantages.shape)}")
         adv = advantages.float()
         adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv
-        if adv.shape != (B, T):
-            raise ValueError(f"advantages must be [B={B}] or [B, T]=[{B}, {T}], got {tuple(advantages.shape)}")
         per_token, _, (clip_low, clip_high, _), _, _ = _token_terms_torch(
             logp, old, adv, mask, self.epsilon_low, self.epsilon_high, self.dual if self.dual else float("inf")
         )
