@@ -384,3 +384,52 @@ if NEEDS_INTERPRETER_CHILD:
         """Triton was imported before tests/conftest.py could set TRITON_INTERPRET=1, so
         the interpreter cases above skip in this process: run them in a child that has it."""
         run_interpreter_cases_in_child(__file__)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=INTERP)])
+def test_bias_and_ignored_rows(backend):
+    """lm_head bias (with its gradient) and ignore_index targets: those rows give log-prob and
+    entropy 0 and no gradient; the rest match the float64 reference."""
+    hidden, weight, tgt, gen = make(29, 40, 301, torch.float32, "cpu", seed=31)
+    bias = torch.randn(301, generator=gen)
+    tgt[::3] = -100
+    x, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    logp, ent = K.linear_logprobs(x, w, tgt, bias=b, return_entropy=True, backend=backend, chunk_rows=8)
+    g1, g2 = torch.randn(29, generator=gen), torch.randn(29, generator=gen)
+    ((logp * g1).sum() + (ent * g2).sum()).backward()
+    keep = tgt != -100
+    xr, wr, br = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    logits = xr @ wr.T + br
+    logsm = torch.log_softmax(logits, -1)
+    logp_r = torch.where(keep, logsm.gather(-1, tgt.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    ent_r = torch.where(keep, -(logsm.exp() * logsm).sum(-1), 0.0)
+    ((logp_r * g1.double()).sum() + (ent_r * g2.double()).sum()).backward()
+    tol = TOL[torch.float32]
+    for a, e, name in ((logp, logp_r, "logp"), (ent, ent_r, "entropy"), (x.grad, xr.grad, "d hidden"),
+                       (w.grad, wr.grad, "d weight"), (b.grad, br.grad, "d bias")):  # fmt: skip
+        close(a, e, name, tol)
+    assert (logp[~keep] == 0).all() and (x.grad[~keep] == 0).all()
+    with pytest.raises(ValueError, match="target_ids"):  # -1 is no ignore_index: still out of range
+        K.linear_logprobs(x, w, torch.full_like(tgt, -1))
+
+
+def test_fp32_lm_head_with_bf16_hidden_states():
+    """autocast's mix (bf16 hidden states, fp32 master lm_head) is accepted: the reference sees the
+    same bf16 hidden and fp32 weight; d weight comes back fp32, d hidden bf16."""
+    hidden, weight, tgt, gen = make(23, 48, 257, torch.float32, "cpu", seed=41)
+    x = hidden.bfloat16().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = K.linear_logprobs(x, w, tgt)
+    g = torch.randn(23, generator=gen)
+    (logp * g).sum().backward()
+    xr = x.detach().double().requires_grad_(True)
+    wr = weight.double().requires_grad_(True)
+    logp_r = K.linear_logprobs_reference(xr, wr, tgt)
+    (logp_r * g.double()).sum().backward()
+    assert logp.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    close(logp, logp_r, "logp", TOL[torch.float32])
+    close(w.grad, wr.grad, "d weight", TOL[torch.float32])
+    close(x.grad, xr.grad, "d hidden", TOL[torch.bfloat16])
+    with pytest.raises(TypeError, match="weight"):  # the other way round stays an error
+        K.linear_logprobs(hidden, weight.bfloat16(), tgt)
