@@ -99,7 +99,9 @@ setup(
         # (commit 001067ff): flattened-bucket weight pushes, memory-saver tags, sampling_seed.
         "sglang": ["sglang>=0.5.19"],
         "liger": ["liger-kernel"],
-        "test": ["pytest", "hypothesis"],
+        # liger-kernel and trl: tests/test_kernels_policy_module.py and tests/test_examples.py compare
+        # FusedLinearPolicyLoss with LigerFusedLinearGRPOLoss and GRPOTrainer's own loss (CPU).
+        "test": ["pytest", "hypothesis", "liger-kernel", "trl"],
         "tensorboard": ["tensorboard"],
         # zppo_fast/datasets.py: Parquet files and `datasets.save_to_disk` folders.
         "data": ["pyarrow", "datasets"],
