@@ -226,14 +226,15 @@ def test_bad_arguments_are_named():
         run(module, {**batch, "adv": batch["adv"][:-1]})
 
 
-def test_fullgraph_compile_matches_eager():
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_fullgraph_compile_matches_eager(loss_type):
     """A step calling the module compiles with fullgraph=True (the lm_head passes are torch.library
     ops with fake and autograd implementations). aot_eager: Dynamo + AOTAutograd, the part that
     must trace; Inductor's C++ code generation would only add minutes on a 2-core CI machine."""
     batch = make_batch(torch.float32, seed=11)
     gen = torch.Generator().manual_seed(12)
     ref_x, ref_w = torch.randn(B, T, H, generator=gen), torch.randn(V, H, generator=gen) * 0.5
-    module = K.FusedLinearPolicyLoss(beta=0.04, loss_type="grpo", epsilon_high=EPS_HIGH, dual_clip=3.0)
+    module = K.FusedLinearPolicyLoss(beta=0.04, loss_type=loss_type, epsilon_high=EPS_HIGH, dual_clip=3.0)
 
     def step(x, w, b, ids, mask, adv, old, ref_x, ref_w):
         return module(x, w, ids, mask, adv, b, None, old, ref_x, ref_w)
