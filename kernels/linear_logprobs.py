@@ -516,16 +516,16 @@ def _(hidden, weight, bias, target_ids, ignore_index, temperature, want_ent, bac
 
 @torch.library.custom_op(f"{_OP_NS}::linear_logprobs_backward", mutates_args=())
 def _linear_logprobs_backward_op(
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor | None,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     target_ids: torch.Tensor,
+    log_norm: torch.Tensor,
+    ent: torch.Tensor,
     ignore_index: int,
     temperature: float,
-    log_norm: torch.Tensor,
-    g_logp: torch.Tensor,
-    g_ent: torch.Tensor | None,
-    ent: torch.Tensor,
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
@@ -559,7 +559,7 @@ def _linear_logprobs_backward_op(
 
 
 @_linear_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, target_ids, ignore_index, temperature, log_norm, g_logp, g_ent, ent, need_dx, need_dw,
+def _(g_logp, g_ent, hidden, weight, bias, target_ids, log_norm, ent, ignore_index, temperature, need_dx, need_dw,
       need_db, backend, chunk_rows):  # fmt: skip
     return (
         torch.empty_like(hidden) if need_dx else hidden.new_empty(0),
@@ -582,16 +582,16 @@ def _backward(ctx, g_logp, g_log_norm, g_ent):
     if g_logp is None:
         g_logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     dx, dw, db = _linear_logprobs_backward_op(
+        g_logp,
+        g_ent if ent.numel() else None,
         hidden,
         weight,
         bias,
         target_ids,
+        log_norm,
+        ent,
         ignore_index,
         temperature,
-        log_norm,
-        g_logp,
-        g_ent if ent.numel() else None,
-        ent,
         need_dx,
         need_dw,
         need_db and bias is not None,
