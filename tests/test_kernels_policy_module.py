@@ -21,8 +21,6 @@ import zppo_fast.kernels as K
 from kernel_cases import INTERP
 from numerics import close
 
-liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
-
 B, T, H, V = 3, 7, 24, 97
 EPS32 = torch.finfo(torch.float32).eps
 EPS_BF16 = torch.finfo(torch.bfloat16).eps
@@ -128,6 +126,7 @@ def check_against_reference(loss, metrics, grads, ref, dtype, beta):
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("loss_type", K.LOSS_TYPES)
 def test_matches_liger_and_reference(loss_type, beta, old, dtype):
+    liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
     batch = make_batch(dtype, seed=K.LOSS_TYPES.index(loss_type) * 4 + 2 * (beta > 0) + old, old=old)
     kw = {"beta": beta, "epsilon_low": EPS_LOW, "epsilon_high": EPS_HIGH, "loss_type": loss_type}
     kw["max_completion_length"] = T + 2
@@ -182,6 +181,7 @@ def test_ref_logprobs_computed_from_ref_model_and_per_token_advantages():
 
 
 def test_delta_is_the_dual_clip_and_liger_agrees():
+    liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
     batch = make_batch(torch.float32, seed=7)
     batch["old"] = batch["old"] - 0.8 * (batch["adv"][:, None] < 0)  # ratios above delta on A < 0
     kw = {"beta": 0.0, "epsilon_high": EPS_HIGH, "delta": 1.6}
