@@ -62,7 +62,8 @@ NOT_AN_IMAGE = b"this is text, not a PNG"
 
 # (row as written on line 2, reason, a fragment the message must contain)
 BAD_ROWS = [
-    ({"question": "q?", "answer": "1"}, "missing_field", "missing field 'id'"),
+    ({"question": "q?", "answer": "1"}, "missing_field",
+     "missing field 'id' (the id column: data.id_key, --id-key); the row has columns 'question', 'answer'"),
     ({"id": "x", "answer": "1"}, "missing_field", "missing field 'question'"),
     ({"id": "x", "question": "q?", "answer": None}, "missing_field", "missing field 'answer'"),
     ({"id": "x", "question": "q?", "answer": ""}, "empty", "field 'answer' is empty"),
@@ -80,7 +81,9 @@ BAD_ROWS = [
     ({"id": "x", "question": "q?", "answer": "1", "images": [{"bytes": base64.b64encode(NOT_AN_IMAGE).decode()}]},
      "bad_image", f"images[0] ({len(NOT_AN_IMAGE)} bytes) is not a readable image"),
     ({"id": "x", "question": "q?", "answer": "1", "images": [{"bytes": "%%%"}]}, "bad_image", "not valid base64"),
-    ({"id": "x", "question": "q?", "answer": "1", "images": "a.png"}, "bad_type", "field 'images' must be a list"),
+    ({"id": "x", "question": "q?", "answer": "1", "images": 7}, "bad_type",
+     "field 'images' must be a list of images or one image, got int"),
+    ({"id": "x", "question": "q?", "answer": "1", "images": "a.png"}, "bad_image", "images[0]: file"),  # one path
     ({"id": "g", "question": "again", "answer": "1"}, "duplicate_id", "duplicate id 'g'"),
     (b'{"id": "x", "question": "caf\xe9", "answer": "1"}\n', "bad_utf8", "not valid UTF-8 (byte 0xe9 at offset 28)"),
     (b'{"id": "x", "question": "\\udc80", "answer": "1"}\n', "bad_utf8", "holds a lone surrogate (\\udc80)"),

@@ -48,10 +48,19 @@ class DataConfig:
 
     train: list[str] = field(default_factory=list)  # .jsonl / .parquet files or datasets folders
     heldout: list[str] = field(default_factory=list)  # evaluated every run.eval_every steps
-    grader: str = "boxed"  # boxed | choice | math_verify | judge (the teacher judges), in training
+    # boxed | choice | math_verify | judge (the teacher judges), in training; or a reward function of
+    # the user's, "my_module:my_fn" / "path/to/file.py:my_fn" (the protocol: zppo_fast/user_grader.py)
+    grader: str = "boxed"
     heldout_grader: str | None = None  # None: the same as `grader`
     skip_bad_rows: bool = True  # count and skip invalid rows (reported at startup) instead of stopping
     max_prompt_tokens: int = 4096  # plain prompts longer than this are dropped at load, and counted
+    # The columns holding each field, for a Hugging Face data set's own names (train and heldout files
+    # alike); id_key none: no id column, each row's position ("line 3", "row 7") is its id
+    question_key: str = "question"
+    answer_key: str = "answer"
+    id_key: str | None = "id"
+    images_key: str = "images"  # a list of images, or one image (a datasets.Image column)
+    choices_key: str = "choices"
 
 
 @dataclass
@@ -171,6 +180,10 @@ class RunConfig:
     # OpenMP hand-offs (and any other process on the cores) cost more than the work itself.
     cpu_threads: int = 1
     tensorboard: bool = True  # used when the tensorboard package is installed
+    # Weights & Biases beside metrics.jsonl: offline (files under RUN_DIR/wandb, `wandb sync` them later)
+    # unless the environment sets WANDB_MODE=online; needs `pip install wandb` (an error when missing)
+    wandb: bool = False
+    wandb_project: str = "zppo_fast"
     overwrite: bool = False  # replace an existing run folder instead of refusing
 
 

@@ -5,15 +5,22 @@ Every format yields the same `Record`s, one at a time (never the whole file in m
     for record in DatasetFile("train.jsonl", tokenizer=tok):   # streams, validates, filters
         ...
     records, stats = load_records("heldout.parquet", tokenizer=tok)   # small files: a list
+    DatasetFile("gsm8k", columns=Columns(question="problem", answer="solution", id=None))  # HF names
 
-Row schema (one JSON object per line, or one table row):
+Row schema (one JSON object per line, or one table row). The names are the default `Columns`; a data
+set with its own (a Hugging Face data set's "problem", "solution", "image", ...) is read through
+`Columns` (the trainer's `data.question_key`, `data.answer_key`, `data.id_key`, `data.images_key`,
+`data.choices_key`; the eval CLI's --question-key ...) without being rewritten, and messages name
+its own column names. Other columns are ignored.
 
-    id        str or int, non-empty; unique within the file
+    id        str or int, non-empty; unique within the file. `Columns(id=None)`: the data set has
+              no id column, and each row's position ("line 3", "row 7") is its id
     question  str, non-empty
     answer    str or int (a float is refused: write "0.1" to keep its exact digits), non-empty
-    images    optional list; each item a path (str, relative to the file's folder unless
-              absolute), raw bytes (Parquet/Arrow binary), or an object {"bytes": ..., "path": ...}
-              as `datasets.Image` stores it (in JSONL, "bytes" is base64 text)
+    images    optional list, or one image (a `datasets.Image` column); each image a path (str,
+              relative to the file's folder unless absolute), raw bytes (Parquet/Arrow binary), or an
+              object {"bytes": ..., "path": ...} as `datasets.Image` stores it (in JSONL, "bytes" is
+              base64 text)
     choices   optional list of 2..26 non-empty str; the student sees them lettered A., B., ...
               under the question (`Record.prompt_text`)
 
@@ -23,7 +30,8 @@ Bad input and what happens to it. Each of these is a *bad row*: with `skip_bad_r
 few messages are kept in `LoadStats.examples`). All checks run when the row is read, before it
 can join a training batch, so a bad row never stops a step halfway.
 
-    missing_field   id / question / answer absent or null
+    missing_field   id / question / answer absent or null (an absent column: the message lists
+                    the row's columns, to pick the right `Columns` name from)
     bad_type        a field of the wrong type (e.g. a float answer, choices not a list)
     empty           empty (or all-whitespace) id, question or answer. An empty gold answer
                     can never be matched (the graders score it 0 for every response), so such a
@@ -78,6 +86,7 @@ from zppo_fast.data import chat_prompt_ids
 
 __all__ = [
     "CHOICE_LETTERS",
+    "Columns",
     "DEFAULT_MAX_PROMPT_TOKENS",
     "DEFAULT_MAX_ROW_BYTES",
     "DatasetError",
@@ -92,6 +101,17 @@ DEFAULT_MAX_ROW_BYTES = 64 << 20  # room for a few large base64 images in a JSON
 CHOICE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ARROW_BATCH_ROWS = 256  # rows converted to Python at a time from Parquet/Arrow
 _MAX_EXAMPLES = 5  # bad-row messages kept for the report when skipping
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The column (JSON key) holding each field of a row. id None: no id column (row positions)."""
+
+    id: str | None = "id"
+    question: str = "question"
+    answer: str = "answer"
+    images: str = "images"
+    choices: str = "choices"
 
 
 @dataclass(frozen=True)
@@ -175,8 +195,9 @@ class DatasetFile:
         skip_bad_rows: bool = False,
         max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
         check_images: bool = True,
+        columns: Columns = Columns(),
     ):
-        self.path = Path(path)
+        self.path, self.columns = Path(path), columns
         self.tokenizer, self.max_prompt_tokens = tokenizer, max_prompt_tokens
         self.skip_bad_rows, self.max_row_bytes, self.check_images = skip_bad_rows, max_row_bytes, check_images
         self.format = _detect_format(self.path)
@@ -296,46 +317,55 @@ class DatasetFile:
     # --- validation ----------------------------------------------------------------------------
 
     def _validate(self, raw: dict, where: str) -> Record:
-        qid = _required(raw, "id")
-        if isinstance(qid, bool) or not isinstance(qid, (str, int, bytes)):
-            raise _BadRow("bad_type", f"field 'id' must be a string or an integer, got {type(qid).__name__}")
-        qid = _text(qid, "id") if not isinstance(qid, int) else str(qid)
-        question = _required(raw, "question")
+        col = self.columns
+        if col.id is None:
+            qid = where
+        else:
+            qid = _required(raw, col.id, "id")
+            if isinstance(qid, bool) or not isinstance(qid, (str, int, bytes)):
+                raise _BadRow("bad_type", f"field {col.id!r} must be a string or an integer, got {type(qid).__name__}")
+            qid = _text(qid, col.id) if not isinstance(qid, int) else str(qid)
+        question = _required(raw, col.question, "question")
         if not isinstance(question, (str, bytes)):
-            raise _BadRow("bad_type", f"field 'question' must be a string, got {type(question).__name__}")
-        question = _text(question, "question")
-        answer = _required(raw, "answer")
+            raise _BadRow("bad_type", f"field {col.question!r} must be a string, got {type(question).__name__}")
+        question = _text(question, col.question)
+        answer = _required(raw, col.answer, "answer")
         if isinstance(answer, float):
-            raise _BadRow("bad_type", f"field 'answer' is a float ({answer!r}): write it as a string to keep its digits")
+            raise _BadRow("bad_type", f"field {col.answer!r} is a float ({answer!r}): write it as a string to keep "
+                                      "its digits")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, bytes)):
-            raise _BadRow("bad_type", f"field 'answer' must be a string or an integer, got {type(answer).__name__}")
-        answer = _text(answer, "answer") if not isinstance(answer, int) else str(answer)
-        choices = self._choices(raw.get("choices"))
-        images = self._images(raw.get("images"))
+            raise _BadRow("bad_type", f"field {col.answer!r} must be a string or an integer, got {type(answer).__name__}")
+        answer = _text(answer, col.answer) if not isinstance(answer, int) else str(answer)
+        choices = self._choices(raw.get(col.choices))
+        images = self._images(raw.get(col.images))
         return Record(qid, question, answer, images, choices, f"{self.path}, {where}")
 
     def _choices(self, value) -> tuple[str, ...]:
+        key = self.columns.choices
         if value is None:
             return ()
         if not isinstance(value, (list, tuple)):
-            raise _BadRow("bad_type", f"field 'choices' must be a list of strings, got {type(value).__name__}")
+            raise _BadRow("bad_type", f"field {key!r} must be a list of strings, got {type(value).__name__}")
         if not 2 <= len(value) <= len(CHOICE_LETTERS):
-            raise _BadRow("bad_choices", f"field 'choices' has {len(value)} entries; 2 to {len(CHOICE_LETTERS)} allowed")
+            raise _BadRow("bad_choices", f"field {key!r} has {len(value)} entries; 2 to {len(CHOICE_LETTERS)} allowed")
         out = []
         for i, c in enumerate(value):
             if not isinstance(c, (str, bytes)):
-                raise _BadRow("bad_type", f"choices[{i}] must be a string, got {type(c).__name__}")
+                raise _BadRow("bad_type", f"{key}[{i}] must be a string, got {type(c).__name__}")
             try:
-                out.append(_text(c, f"choices[{i}]"))
+                out.append(_text(c, f"{key}[{i}]"))
             except _BadRow as e:
                 raise _BadRow("bad_choices" if e.reason == "empty" else e.reason, str(e)) from None
         return tuple(out)
 
     def _images(self, value) -> tuple[str | bytes, ...]:
+        key = self.columns.images
         if value is None:
             return ()
+        if isinstance(value, (dict, str, bytes, bytearray, memoryview)):
+            value = [value]  # one image, as a `datasets.Image` column (not a Sequence of them) holds it
         if not isinstance(value, (list, tuple)):
-            raise _BadRow("bad_type", f"field 'images' must be a list, got {type(value).__name__}")
+            raise _BadRow("bad_type", f"field {key!r} must be a list of images or one image, got {type(value).__name__}")
         out: list[str | bytes] = []
         for i, item in enumerate(value):
             if isinstance(item, dict):  # `datasets.Image` storage: {"bytes": ..., "path": ...}; bytes win
@@ -344,19 +374,19 @@ class DatasetFile:
                     try:
                         data = base64.b64decode(data, validate=True)
                     except (binascii.Error, ValueError):
-                        raise _BadRow("bad_image", f"images[{i}].bytes is not valid base64") from None
+                        raise _BadRow("bad_image", f"{key}[{i}].bytes is not valid base64") from None
                 item = data or item.get("path")
             if isinstance(item, str):
                 path = Path(item) if os.path.isabs(item) else self.path.parent / item
                 if not path.is_file():
-                    raise _BadRow("bad_image", f"images[{i}]: file {path} does not exist")
+                    raise _BadRow("bad_image", f"{key}[{i}]: file {path} does not exist")
                 image: str | bytes = str(path.resolve())
             elif isinstance(item, (bytes, bytearray, memoryview)):
                 image = bytes(item)
             else:
-                raise _BadRow("bad_type", f"images[{i}] must be a path, bytes or {{bytes, path}}, got {type(item).__name__}")
+                raise _BadRow("bad_type", f"{key}[{i}] must be a path, bytes or {{bytes, path}}, got {type(item).__name__}")
             if self.check_images:
-                _verify_image(image, i)
+                _verify_image(image, f"{key}[{i}]")
             out.append(image)
         return tuple(out)
 
@@ -375,10 +405,20 @@ def _skip_line(f) -> int:
     return end - pos
 
 
-def _required(raw: dict, key: str):
-    if raw.get(key) is None:
-        raise _BadRow("missing_field", f"missing field {key!r}")
+def _required(raw: dict, key: str, role: str):
+    """raw[key]: the row's `role` (id / question / answer) under the data set's column name `key`."""
+    if key not in raw:  # the message says which setting names the column, and what the row offers instead
+        raise _BadRow("missing_field", f"missing field {key!r} (the {role} column: data.{role}_key, "
+                                       f"--{role}-key); the row has {_listing(raw)}")
+    if raw[key] is None:
+        raise _BadRow("missing_field", f"missing field {key!r} (null)")
     return raw[key]
+
+
+def _listing(raw: dict, limit: int = 12) -> str:
+    keys = [repr(k) for k in list(raw)[:limit]]
+    more = f" and {len(raw) - limit} more" if len(raw) > limit else ""
+    return ("columns " + ", ".join(keys) + more) if keys else "no columns"
 
 
 def _text(value: str | bytes, key: str) -> str:
@@ -397,7 +437,7 @@ def _text(value: str | bytes, key: str) -> str:
     return value
 
 
-def _verify_image(image: str | bytes, index: int) -> None:
+def _verify_image(image: str | bytes, label: str) -> None:
     """Identify the image and check its file structure (PIL's `verify`, no pixel decoding)."""
     from PIL import Image  # a dependency of matplotlib, so installed with the default extras
 
@@ -406,7 +446,7 @@ def _verify_image(image: str | bytes, index: int) -> None:
             im.verify()
     except Exception as e:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError
         what = image if isinstance(image, str) else f"{len(image)} bytes"
-        raise _BadRow("bad_image", f"images[{index}] ({what}) is not a readable image: {type(e).__name__}: {e}") from None
+        raise _BadRow("bad_image", f"{label} ({what}) is not a readable image: {type(e).__name__}: {e}") from None
 
 
 def _detect_format(path: Path) -> str:

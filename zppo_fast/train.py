@@ -90,7 +90,7 @@ from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_
 from zppo_fast.file_task import FileTask, grade_item
 from zppo_fast.graders import GRADERS, get_grader
 from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
-from zppo_fast.metrics import MetricsLogger, peak_memory_mb
+from zppo_fast.metrics import MetricsLogger, import_wandb, peak_memory_mb
 from zppo_fast.model import (
     ModelLoadError,
     Policy,
@@ -122,6 +122,8 @@ class Trainer:
         if cfg.rl.algo not in ALGOS:
             raise ConfigError(f"rl.algo must be one of {', '.join(ALGOS)}, got {cfg.rl.algo!r}")
         self.algo = ALGOS[cfg.rl.algo]
+        if cfg.run.wandb:
+            import_wandb()  # a missing package fails now, not after the models have loaded
 
         # 0. The process group (a world of one without torchrun) and this rank's device.
         self.dist = dist = init_distributed(cfg.run.device)
@@ -262,8 +264,9 @@ class Trainer:
                 self.buffer.load_state_dict(state["replay"])
             set_rng_state(state["rng"])
             self.step_idx = state["step"]
-        self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard,
-                                     resume_step=self.step_idx if state else None) if dist.is_main else None
+        self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard, resume_step=self.step_idx if state else None,
+                                     wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
+                                     config=cfg.to_dict()) if dist.is_main else None
 
         # 10. The engine starts from the trainer's weights.
         self.push_weights()
