@@ -101,8 +101,16 @@ setup(
         "liger": ["liger-kernel"],
         # liger-kernel and trl: tests/test_kernels_policy_module.py and tests/test_examples.py compare
         # FusedLinearPolicyLoss with LigerFusedLinearGRPOLoss and GRPOTrainer's own loss (CPU).
-        "test": ["pytest", "hypothesis", "liger-kernel", "trl"],
+        # wandb: tests/test_metrics.py's offline W&B run; datasets: the Hugging Face folder in
+        # tests/test_columns.py.
+        "test": ["pytest", "hypothesis", "liger-kernel", "trl", "wandb", "datasets"],
         "tensorboard": ["tensorboard"],
+        # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
+        "wandb": ["wandb"],
+        # parallel.attention = auto picks flash_attention_2 on CUDA when this is installed (varlen
+        # attention over packed rows). It compiles against the installed torch: install torch first,
+        # then `pip install --no-build-isolation "zppo_fast[flash-attn]"`.
+        "flash-attn": ["flash-attn"],
         # zppo_fast/datasets.py: Parquet files and `datasets.save_to_disk` folders.
         "data": ["pyarrow", "datasets"],
         # zppo_fast/graders.py: the optional math_verify grader.

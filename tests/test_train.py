@@ -82,12 +82,19 @@ def test_resume_reproduces_the_next_step(tiny_config, tmp_path):
     assert [x["step"] for x in lines] == [1, 2, 3]
 
 
-def test_trains_from_a_hugging_face_folder(tiny_config):
-    """A config naming a model folder loads model and tokenizer from it, through the same path."""
+def test_trains_from_a_hugging_face_folder(tiny_config, tmp_path):
+    """A config naming a model folder loads model and tokenizer from it, through the same path; the
+    folder is published in bfloat16 (as Qwen3.5 is), trained in float32 masters, and exported in
+    bfloat16 by default, or in float32 when --dtype says so."""
     cfg = tiny_config("--run.steps", "1")
+    from safetensors import safe_open
+
+    from zppo_fast.model import load_model, save_model
     from zppo_fast.sft import cache_path
 
-    folder = cache_path(cfg.model, cfg.task, cfg.sft, cfg.run.seed)
+    folder = tmp_path / "bf16_model"
+    save_model(*load_model(cache_path(cfg.model, cfg.task, cfg.sft, cfg.run.seed), "bfloat16"), folder)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
     trainer = Trainer(tiny_config("--run.steps", "1", "--model.path", str(folder)), progress=False)
     (metrics,) = trainer.fit()
     assert 0.0 <= metrics["reward/mean"] <= 1.0 and metrics["perf/student_tokens"] > 0
@@ -95,9 +102,19 @@ def test_trains_from_a_hugging_face_folder(tiny_config):
 
     from zppo_fast.export import main as export
 
-    export([str(trainer.run_dir / "checkpoints" / "step_1"), str(trainer.run_dir / "exported")])
-    saved = AutoModelForCausalLM.from_pretrained(trainer.run_dir / "exported")
-    torch.testing.assert_close(saved.lm_head.weight, trainer.policy.lm.lm_head.weight.full_tensor())
+    trained = {k: v.full_tensor() for k, v in trainer.policy.lm.state_dict().items()}
+    assert trained["lm_head.weight"].dtype == torch.float32  # model.dtype: the masters
+    checkpoint = trainer.run_dir / "checkpoints" / "step_1"
+    for args, dtype in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32)):
+        out = trainer.run_dir / f"exported_{dtype}"
+        export([str(checkpoint), str(out), *args])
+        assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+        with safe_open(out / "model.safetensors", "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert tensors and {t.dtype for t in tensors.values()} == {dtype}
+        for k, t in tensors.items():  # the trained weights, rounded once to the written dtype
+            assert torch.equal(t, trained[k].to(dtype)), k
+    saved = AutoModelForCausalLM.from_pretrained(trainer.run_dir / "exported_torch.float32")
     # The engine generates with the same weights the trainer holds.
     torch.testing.assert_close(trainer.engine.engine.model.lm_head.weight, saved.lm_head.weight)
 

@@ -66,8 +66,11 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, optimizer, tokenizer, state: dict, dist,
-                    keep_last: int = 2) -> Path:
-    """Write step `step` collectively (every rank calls this); returns the final folder."""
+                    keep_last: int = 2, config_dtype: str | None = None) -> Path:
+    """Write step `step` collectively (every rank calls this); returns the final folder.
+
+    config_dtype: the dtype config.json declares, the source model's (`model.declared_dtype`), which
+    `zppo_fast.export` writes by default; None keeps the training weights' (e.g. float32 masters)."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     if dist.is_main:
@@ -78,6 +81,10 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, tokenizer, stat
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / "dcp")
     if dist.is_main:
         policy.lm.config.save_pretrained(tmp)
+        if config_dtype is not None:
+            config_file = tmp / "config.json"
+            config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "dtype": config_dtype},
+                                              indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)

@@ -38,7 +38,8 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from zppo_fast.data import chat_prompt_ids
-from zppo_fast.datasets import DEFAULT_MAX_PROMPT_TOKENS, DatasetFile, Record
+from zppo_fast.config import ConfigError
+from zppo_fast.datasets import DEFAULT_MAX_PROMPT_TOKENS, Columns, DatasetError, DatasetFile, Record
 from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.graders import GradeItem, Grader, get_grader
 from zppo_fast.reward import grade
@@ -142,12 +143,12 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
                    judge_engine: RolloutEngine | None = None, judge_tokenizer: PreTrainedTokenizerBase | None = None,
                    judge_max_new_tokens: int = 512, max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, skip_bad_rows: bool = False,
                    batch_questions: int = 32, progress: bool = True, meta: dict | None = None,
-                   processor=None) -> list[EvalResult]:
+                   processor=None, columns: Columns = Columns()) -> list[EvalResult]:
     """Evaluate every data set; return one `EvalResult` each, and write them when `out_dir` is set.
 
     samples: K samples per question (overrides `params.n`; None keeps it). The judge grader uses
     `judge_engine`/`judge_tokenizer`; `processor` (VLM students) puts each record's images in its
-    prompt. With `out_dir`: out_dir/eval.json (results, decoding and
+    prompt; `columns`: the files' column names (`zppo_fast.datasets.Columns`). With `out_dir`: out_dir/eval.json (results, decoding and
     `meta`) and out_dir/responses.jsonl (every sample with its verdict), written as they come.
     """
     from tqdm.auto import tqdm
@@ -170,7 +171,7 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
             log = stack.enter_context(open(out_dir / "responses.jsonl", "w", encoding="utf-8"))
         for s in sets:
             data = DatasetFile(s.path, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
-                               skip_bad_rows=skip_bad_rows)
+                               skip_bad_rows=skip_bad_rows, columns=columns)
 
             def write(r: Record, j: int, sample, v, name=s.name) -> None:
                 log.write(json.dumps({"dataset": name, "id": r.id, "sample": j, "gold": r.answer,
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     ap.add_argument("--model", required=True, help="a Hugging Face model folder (zppo_fast.model.load_model)")
     ap.add_argument("--data", action="append", required=True, help="a .jsonl / .parquet file or datasets folder")
     ap.add_argument("--samples", type=int, default=1, help="K samples per question; pass@1 averages over them")
-    ap.add_argument("--grader", action="append", help="boxed | choice | math_verify | judge; once or per --data")
+    ap.add_argument("--grader", action="append", help="boxed | choice | math_verify | judge | MODULE:FUNCTION "
+                    "(a reward function, zppo_fast/user_grader.py); once or per --data")
     ap.add_argument("--out", default="eval_out", help="folder for eval.json and responses.jsonl")
     ap.add_argument("--judge-model", help="model folder of the LLM judge (needed by --grader judge)")
     ap.add_argument("--judge-max-new-tokens", type=int, default=512)
@@ -240,6 +242,10 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     ap.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
     ap.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
     ap.add_argument("--skip-bad-rows", action="store_true", help="count and skip invalid rows instead of stopping")
+    for role, default in ((f.name, f.default) for f in dataclasses.fields(Columns)):  # a data set's own column names
+        ap.add_argument(f"--{role}-key", default=default,
+                        help=f"the column holding the {role} (default {default!r})" + ("; none: no id column, "
+                             "row positions are the ids" if role == "id" else ""))
     ap.add_argument("--batch-questions", type=int, default=32, help="questions per engine call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -255,6 +261,9 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     from zppo_fast.model import load_model
 
     sets = pair_graders(args.data, args.grader)
+    columns = Columns(**{f.name: getattr(args, f"{f.name}_key") for f in dataclasses.fields(Columns)})
+    if columns.id is not None and columns.id.lower() == "none":
+        columns = dataclasses.replace(columns, id=None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.cpu_threads)
@@ -267,12 +276,15 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
         judge, judge_tokenizer = load_model(args.judge_model, args.dtype)
         judge_engine = TransformersEngine(judge.to(device), judge_tokenizer)
     params = eval_sampling_params(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
-    results = evaluate_files(engine, tokenizer, sets, params, out_dir=args.out, judge_engine=judge_engine,
-                             judge_tokenizer=judge_tokenizer, judge_max_new_tokens=args.judge_max_new_tokens,
-                             max_prompt_tokens=args.max_prompt_tokens,
-                             skip_bad_rows=args.skip_bad_rows, batch_questions=args.batch_questions,
-                             progress=not args.no_progress,
-                             meta={"model": str(args.model), "judge_model": args.judge_model, "device": device})
+    try:
+        results = evaluate_files(engine, tokenizer, sets, params, out_dir=args.out, judge_engine=judge_engine,
+                                 judge_tokenizer=judge_tokenizer, judge_max_new_tokens=args.judge_max_new_tokens,
+                                 max_prompt_tokens=args.max_prompt_tokens,
+                                 skip_bad_rows=args.skip_bad_rows, batch_questions=args.batch_questions,
+                                 progress=not args.no_progress, columns=columns,
+                                 meta={"model": str(args.model), "judge_model": args.judge_model, "device": device})
+    except (ConfigError, DatasetError) as e:  # a grader that cannot be imported, a bad row: the message says which
+        raise SystemExit(f"error: {e}") from None
     print(format_table(results))
     print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'responses.jsonl'}")
     return results

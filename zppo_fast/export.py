@@ -3,6 +3,10 @@
 Reads the sharded model of a checkpoint (any world size wrote it) into one full model on the
 CPU and writes safetensors, config and tokenizer, loadable with `from_pretrained` (and by
 `--model.path`, the eval CLI, or a serving engine). The optimizer state is not read.
+
+The weights are written in the dtype the checkpoint's config.json declares -- the model the run
+started from (bfloat16 for Qwen3.5), not the float32 masters it trained -- or float32 when it
+declares none; `--dtype` chooses another.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from zppo_fast.checkpoint import STATE_FILE, CheckpointError
-from zppo_fast.model import ModelLoadError, Policy, load_tokenizer, model_from_config, save_model
+from zppo_fast.model import ModelLoadError, Policy, declared_dtype, load_tokenizer, model_from_config, save_model
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+def export(checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """Write `checkpoint`'s model to `out_dir` in `dtype` (None: the dtype its config.json declares)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not (checkpoint / STATE_FILE).is_file() or not (checkpoint / "dcp").is_dir():
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint folder (expected {STATE_FILE} and dcp/)")
+    if dtype is None:
+        dtype = declared_dtype(checkpoint)
+        print(f"writing {dtype} weights, as {checkpoint / 'config.json'} declares" if dtype else
+              f"writing float32 weights: {checkpoint / 'config.json'} declares no dtype (--dtype chooses one)")
+        dtype = dtype or "float32"
     policy = Policy(model_from_config(checkpoint, dtype))
     state = {"model": policy.state_dict()}
     try:
@@ -41,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m zppo_fast.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N")
     parser.add_argument("out_dir", help="folder to write (replaced if it exists)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: the dtype the checkpoint's config.json declares (the source model's)")
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.out_dir, args.dtype)

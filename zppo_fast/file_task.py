@@ -39,23 +39,33 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from zppo_fast.datasets import CHOICE_LETTERS, DEFAULT_MAX_PROMPT_TOKENS, DatasetError, DatasetFile, LoadStats, Record
+from zppo_fast.datasets import (
+    CHOICE_LETTERS,
+    DEFAULT_MAX_PROMPT_TOKENS,
+    Columns,
+    DatasetError,
+    DatasetFile,
+    LoadStats,
+    Record,
+)
 from zppo_fast.graders import GradeItem
 from zppo_fast.task import Problem
 
 
 class FileTask:
-    """The kept records of `paths`, addressed by integer id 0 .. len - 1 (all of them train)."""
+    """The kept records of `paths`, addressed by integer id 0 .. len - 1 (all of them train).
+    `columns`: the files' column names (`data.question_key` ...), the same for every file."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], *, tokenizer: PreTrainedTokenizerBase | None = None,
-                 max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, skip_bad_rows: bool = True):
+                 max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, skip_bad_rows: bool = True,
+                 columns: Columns = Columns()):
         if not paths:
             raise DatasetError("no training data files given ([data] train is empty)", "")
         self.records: list[Record] = []
         self.stats: list[LoadStats] = []
         for path in paths:
             data = DatasetFile(path, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
-                               skip_bad_rows=skip_bad_rows)
+                               skip_bad_rows=skip_bad_rows, columns=columns)
             self.records.extend(data)
             self.stats.append(data.stats)
             if data.stats.kept == 0:

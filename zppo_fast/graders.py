@@ -6,6 +6,8 @@ Registered by name, chosen per data set (`get_grader(name, ...)`):
 ``choice``       multiple-choice letters, see `ChoiceGrader`.
 ``math_verify``  Hugging Face's math-verify (optional: ``pip install math-verify``), imported
                  when the grader is built, with a clear message when missing.
+``MODULE:FN``    the user's reward function (``my_rewards:exact_match``, ``path/to/file.py:fn``),
+                 called per item or batched: the protocol is in `zppo_fast.user_grader`.
 ``judge``        an LLM judge: the paper's judge prompt (Fig. 9) through a teacher
                  `RolloutEngine`, one batched `generate` call per `grade_batch`, temperature 0,
                  512 new tokens; only a strict JSON ``{"verdict": "correct"|"wrong"}`` counts
@@ -84,7 +86,12 @@ def register_grader(name: str):
 
 
 def get_grader(name: str, **kwargs) -> Grader:
-    """Build the grader registered as `name`; kwargs go to its constructor (judge: engine, tokenizer)."""
+    """Build the grader registered as `name`; kwargs go to its constructor (judge: engine, tokenizer).
+    "MODULE:FUNCTION" wraps the user's reward function (zppo_fast/user_grader.py)."""
+    if ":" in name:
+        from zppo_fast.user_grader import FunctionGrader  # it builds on this module's GradeItem and Verdict
+
+        return FunctionGrader(name)
     if name not in GRADERS:
         raise ValueError(f"unknown grader {name!r}; registered: {', '.join(sorted(GRADERS))}")
     return GRADERS[name](**kwargs)

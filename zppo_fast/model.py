@@ -99,6 +99,18 @@ def _model_folder(path: str | Path) -> Path:
     return path
 
 
+def declared_dtype(path: str | Path) -> str | None:
+    """The dtype a model folder's config.json declares ("dtype", or transformers 4's "torch_dtype"; at
+    the top level, else in its text_config): the precision it is published in, e.g. bfloat16 for
+    Qwen3.5. None when it declares none of `DTYPES`."""
+    config = json.loads((_model_folder(path) / "config.json").read_text())
+    for part in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if part.get(key) in DTYPES:
+                return part[key]
+    return None
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     tokenizer = from_folder(AutoTokenizer, _model_folder(path), "the tokenizer")
     if len(tokenizer) < 2:  # some tokenizer classes build an empty one when the files are missing

@@ -83,7 +83,7 @@ from zppo_fast.checkpoint import (
 from zppo_fast.config import Config, ConfigError, load_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
-from zppo_fast.datasets import DatasetError, DatasetFile
+from zppo_fast.datasets import Columns, DatasetError, DatasetFile
 from zppo_fast.distributed import destroy_distributed, init_distributed
 from zppo_fast.engine import KV_CACHE, WEIGHTS, SamplingParams, TransformersEngine
 from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
@@ -95,6 +95,7 @@ from zppo_fast.model import (
     ModelLoadError,
     Policy,
     attention_kernel,
+    declared_dtype,
     load_model,
     load_tokenizer,
     model_from_config,
@@ -167,8 +168,11 @@ class Trainer:
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
         for key, name in (("data.grader", cfg.data.grader), ("data.heldout_grader", self.heldout_grader)):
-            if name not in GRADERS:
-                raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}")
+            if ":" in name:  # the user's reward function: imported now, so a typo fails before any model loads
+                get_grader(name)
+            elif name not in GRADERS:
+                raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}; "
+                                  "or a reward function, MODULE:FUNCTION")
         judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
         self.teacher_engine = teacher_dir = teacher_tok = self.teacher_processor = None
         if self.algo.teacher or judge:
@@ -188,6 +192,7 @@ class Trainer:
         #    `VLMPolicy`, which runs its image micro-batches through the vision tower.
         source = checkpoint or Path(cfg.model.path or self.warm_start(cfg.sft))
         self.tokenizer = load_tokenizer(source)
+        self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
         lm = model_from_config(source, cfg.model.dtype, meta=True,
                                attention=attention_kernel(cfg.parallel.attention, self.device))
         self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
@@ -337,7 +342,7 @@ class Trainer:
         if not cfg.data.train:
             return ArithmeticTask(**vars(cfg.task))
         task = FileTask(cfg.data.train, tokenizer=self.tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                        skip_bad_rows=cfg.data.skip_bad_rows)
+                        skip_bad_rows=cfg.data.skip_bad_rows, columns=self.columns())
         if len(set(self.dist.all_gather(task.fingerprint))) > 1:
             raise DatasetError(f"the ranks read different records from {cfg.data.train}: every rank needs the same "
                                "files (a shared file system, or identical copies)", str(cfg.data.train[0]))
@@ -349,6 +354,12 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(task.report())
         return task
+
+    def columns(self) -> Columns:
+        """The data files' column names (`data.question_key` ...), for train and held-out files alike."""
+        d = self.cfg.data
+        return Columns(id=d.id_key, question=d.question_key, answer=d.answer_key, images=d.images_key,
+                       choices=d.choices_key)
 
     def judge_kwargs(self, grader: str) -> dict:
         """The judge grader's engine: the teacher's, with the teacher's tokenizer."""
@@ -630,7 +641,7 @@ class Trainer:
             out_dir=self.run_dir / "eval" / f"step_{self.step_idx}" if self.dist.is_main else None,
             judge_engine=kw.get("engine"), judge_tokenizer=kw.get("tokenizer"),
             max_prompt_tokens=cfg.data.max_prompt_tokens, skip_bad_rows=cfg.data.skip_bad_rows,
-            progress=self.progress, processor=self.processor, meta={"step": self.step_idx})
+            progress=self.progress, processor=self.processor, meta={"step": self.step_idx}, columns=self.columns())
         if judge:
             self.teacher_engine.release_memory()
         return {f"eval/{r.name}_acc": r.accuracy for r in results}
@@ -643,7 +654,7 @@ class Trainer:
             if self.dist.is_main:
                 self.write_replay_telemetry()
         return save_checkpoint(self.run_dir, self.step_idx, self.policy, self.optimizer, self.tokenizer, state,
-                               self.dist, keep_last=self.cfg.run.keep_last)
+                               self.dist, keep_last=self.cfg.run.keep_last, config_dtype=self.declared_dtype)
 
     def write_replay_telemetry(self) -> None:
         """replay_history.jsonl (one line per exit) and replay_live.jsonl, read by zppo_fast.report."""
