@@ -64,6 +64,9 @@ class MetricsLogger:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+            # finish() returns before W&B's writer process has flushed the run's file; teardown waits for it,
+            # so the offline folder is complete (ready for `wandb sync`) when close() returns.
+            import_wandb().teardown()
 
 
 def import_wandb():
@@ -79,11 +82,14 @@ def import_wandb():
 def start_wandb(run_dir: Path, project: str, config: dict | None, resume: bool):
     """A W&B run writing under RUN_DIR/wandb, offline unless WANDB_MODE says otherwise; on resume the
     run whose id RUN_DIR/wandb/run_id holds."""
+    # Set in the environment, not only passed to init(): W&B's process-wide settings (its usage
+    # telemetry among them, which otherwise contacts the W&B server) read the mode from there.
+    os.environ.setdefault("WANDB_MODE", "offline")
     wandb = import_wandb()
     id_file = run_dir / "wandb" / "run_id"
     run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
-    run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config,
-                     mode=os.environ.get("WANDB_MODE", "offline"), id=run_id, resume="allow" if run_id else None)
+    run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config, id=run_id,
+                     resume="allow" if run_id else None)
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.id + "\n")
     run.define_metric("step")
