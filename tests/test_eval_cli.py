@@ -8,6 +8,7 @@ from tiny_judge import tiny_judge
 
 from zppo_fast.config import ModelConfig
 from zppo_fast.data import chat_prompt_ids
+from zppo_fast.datasets import Columns, DatasetError
 from zppo_fast.engine import Sample, SamplingParams
 from zppo_fast.eval import EvalSet, accuracy, eval_sampling_params, evaluate_files, format_table, main
 from zppo_fast.model import build_tiny_model, save_model
@@ -150,3 +151,55 @@ def test_cli_rejects_mismatched_graders(tmp_path):
     with pytest.raises(SystemExit, match="--grader given 2 times for 3 --data files"):
         main(["--model", str(tmp_path), "--data", "a.jsonl", "--data", "b.jsonl", "--data", "c.jsonl",
               "--grader", "boxed", "--grader", "choice"])
+
+
+MY_REWARDS = '''
+import re
+
+def boxed_sum(response, gold):
+    """1 for the right boxed sum; 0.25 for a box one off (the engine's wrong answers), else 0."""
+    got = re.findall(r"\\\\boxed\\{(\\d+)\\}", response)
+    return 1.0 if got and got[-1] == gold else 0.25 if got and abs(int(got[-1]) - int(gold)) == 1 else 0.0
+'''
+
+
+def hub_layout(path, n):
+    """The sums file as a hub data set lays it out: "query" and "target" columns, no id."""
+    write_sum_file(path, n)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({"query": r["question"], "target": r["answer"], "split": "test"}) + "\n"
+                            for r in rows))
+
+
+def test_column_mapping_and_a_user_reward_function(tmp_path, tokenizer):
+    hub_layout(tmp_path / "hub.jsonl", 6)
+    (tmp_path / "my_rewards.py").write_text(MY_REWARDS)
+    engine = HalfRightEngine(tokenizer, lambda i, j: (i + j) % 2 == 0)
+    columns = Columns(id=None, question="query", answer="target")
+    dataset = EvalSet(str(tmp_path / "hub.jsonl"), f"{tmp_path / 'my_rewards.py'}:boxed_sum")
+    [r] = evaluate_files(engine, tokenizer, [dataset], eval_sampling_params(max_new_tokens=8), samples=2,
+                         out_dir=tmp_path / "out", progress=False, columns=columns)
+    # Half the samples right (1), half one off (0.25): pass@1 = 0.625, graded against the 'target' column.
+    assert (r.questions, r.accuracy) == (6, 0.625)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines[:4]] == ["line 1", "line 1", "line 2", "line 2"]
+    assert {(x["score"], x["verdict"]) for x in lines} == {(1.0, "correct"), (0.25, "partial")}
+    with pytest.raises(DatasetError, match=r"hub\.jsonl, line 1: missing field 'question' \(the question column"):
+        evaluate_files(engine, tokenizer, [str(tmp_path / "hub.jsonl")], SamplingParams(), progress=False,
+                       columns=Columns(id=None, answer="target"))
+
+
+def test_cli_column_flags_and_reward_function(tmp_path, tokenizer, capsys):
+    save_model(build_tiny_model(ModelConfig(hidden_size=32, num_layers=4), tokenizer, seed=0), tokenizer,
+               tmp_path / "student")
+    hub_layout(tmp_path / "hub.jsonl", 3)
+    (tmp_path / "my_rewards.py").write_text(MY_REWARDS)
+    args = ["--model", str(tmp_path / "student"), "--data", str(tmp_path / "hub.jsonl"), "--question-key", "query",
+            "--answer-key", "target", "--id-key", "none", "--max-new-tokens", "4", "--no-progress",
+            "--out", str(tmp_path / "out")]
+    [result] = main([*args, "--grader", f"{tmp_path / 'my_rewards.py'}:boxed_sum"])
+    assert result.questions == 3 and result.grader.endswith("my_rewards.py:boxed_sum")
+    lines = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["line 1", "line 2", "line 3"]
+    with pytest.raises(SystemExit, match=r"error: grader '.*my_rewards\.py:boxed_summ': .* has no 'boxed_summ'"):
+        main([*args, "--grader", f"{tmp_path / 'my_rewards.py'}:boxed_summ"])

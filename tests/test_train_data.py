@@ -202,3 +202,74 @@ def test_vlm_student_trains_two_steps_with_images(tiny_config, tiny_vlm_folder, 
     after = vision()
     assert not torch.equal(before, after)
     torch.testing.assert_close(trainer.engine.engine.model.model.visual.blocks[0].attn.qkv.weight, after)
+
+
+REWARDS = '''
+import json, os, re
+
+LOG = os.path.join(os.path.dirname(__file__), "calls.jsonl")
+
+def _log(kind, responses, golds, scores):
+    with open(LOG, "a") as f:
+        f.write(json.dumps({"kind": kind, "responses": responses, "golds": golds, "scores": scores}) + "\\n")
+
+def partial(responses, golds):
+    """1 for the right boxed answer, 0.5 for any other box, 0 without one."""
+    scores = []
+    for r, g in zip(responses, golds):
+        boxed = re.findall(r"\\\\boxed\\{([^}]*)\\}", r)
+        scores.append(1.0 if boxed and boxed[-1].strip() == g else 0.5 if boxed else 0.0)
+    _log("batched", responses, golds, scores)
+    return scores
+partial.batched = True
+
+def has_digit(response, gold):
+    score = float(any(c.isdigit() for c in response))
+    _log("item", [response], [gold], [score])
+    return score
+'''
+
+
+def test_trains_on_a_hugging_face_layout_with_a_user_reward_function(tiny_config, tmp_path):
+    """A `datasets` folder with its own column names and no id column trains through `data.*_key`,
+    rewarded by the user's batched function; held-out rows in the same layout are graded per item."""
+    datasets = pytest.importorskip("datasets")
+    rows = arithmetic_rows(8)
+    datasets.Dataset.from_dict({"problem": [r["question"] for r in rows], "solution": [r["answer"] for r in rows],
+                                "source": ["tiny"] * 8}).save_to_disk(str(hub := tmp_path / "hub_set"))
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"problem": r["question"], "solution": r["answer"]}
+                                                       for r in arithmetic_rows(3, offset=20)])
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    keys = ["--data.question_key", "problem", "--data.answer_key", "solution", "--data.id_key", "none"]
+    rewards = tmp_path / "rewards.py"
+    trainer = Trainer(tiny_config("--run.steps", "1", "--run.eval_every", "1", "--data.train", str(hub),
+                                  "--data.heldout", str(heldout), "--data.grader", f"{rewards}:partial",
+                                  "--data.heldout_grader", f"{rewards}:has_digit", *keys, *FAST), progress=False)
+    assert [trainer.task.record(i).id for i in range(8)] == [f"row {i}" for i in range(8)]
+    (metrics,) = trainer.fit()
+    calls = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    batched = [c for c in calls if c["kind"] == "batched"]
+    # One call for the step's 4 x 4 plain rollouts, against the 'solution' column's answers; the
+    # step's rewards are the function's scores, fractions included.
+    assert len(batched) == 1 and len(batched[0]["scores"]) == 16
+    assert set(batched[0]["golds"]) <= {r["answer"] for r in rows}
+    assert metrics["reward/mean"] == pytest.approx(sum(batched[0]["scores"]) / 16)
+    assert metrics["loss/trained_tokens"] > 0
+    # Held-out: per-item calls (3 questions, one sample each, at steps 0 and 1), logged with row ids.
+    items = [c for c in calls if c["kind"] == "item"]
+    assert len(items) == 2 * 3
+    log = trainer.run_dir / "eval" / "step_1" / "responses.jsonl"
+    responses = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["id"] for r in responses] == ["line 1", "line 2", "line 3"]
+    assert [r["score"] for r in responses] == [c["scores"][0] for c in items[3:]]
+    assert metrics["eval/heldout_acc"] == pytest.approx(sum(r["score"] for r in responses) / 3)
+
+
+def test_a_reward_function_that_cannot_be_imported_stops_the_run_at_startup(tiny_config, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    for spec, message in [(f"{tmp_path / 'rewards.py'}:partal",
+                           r"rewards\.py' has no 'partal'; its functions: has_digit, partial"),
+                          ("not_a_module_here:fn", r"cannot import 'not_a_module_here': ModuleNotFoundError")]:
+        with pytest.raises(ConfigError, match=message):
+            Trainer(tiny_config("--data.train", str(train), "--data.grader", spec), progress=False)

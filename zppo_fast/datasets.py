@@ -334,7 +334,8 @@ class DatasetFile:
             raise _BadRow("bad_type", f"field {col.answer!r} is a float ({answer!r}): write it as a string to keep "
                                       "its digits")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, bytes)):
-            raise _BadRow("bad_type", f"field {col.answer!r} must be a string or an integer, got {type(answer).__name__}")
+            raise _BadRow("bad_type",
+                          f"field {col.answer!r} must be a string or an integer, got {type(answer).__name__}")
         answer = _text(answer, col.answer) if not isinstance(answer, int) else str(answer)
         choices = self._choices(raw.get(col.choices))
         images = self._images(raw.get(col.images))
@@ -365,7 +366,8 @@ class DatasetFile:
         if isinstance(value, (dict, str, bytes, bytearray, memoryview)):
             value = [value]  # one image, as a `datasets.Image` column (not a Sequence of them) holds it
         if not isinstance(value, (list, tuple)):
-            raise _BadRow("bad_type", f"field {key!r} must be a list of images or one image, got {type(value).__name__}")
+            raise _BadRow("bad_type",
+                          f"field {key!r} must be a list of images or one image, got {type(value).__name__}")
         out: list[str | bytes] = []
         for i, item in enumerate(value):
             if isinstance(item, dict):  # `datasets.Image` storage: {"bytes": ..., "path": ...}; bytes win
@@ -384,7 +386,8 @@ class DatasetFile:
             elif isinstance(item, (bytes, bytearray, memoryview)):
                 image = bytes(item)
             else:
-                raise _BadRow("bad_type", f"{key}[{i}] must be a path, bytes or {{bytes, path}}, got {type(item).__name__}")
+                raise _BadRow("bad_type",
+                              f"{key}[{i}] must be a path, bytes or {{bytes, path}}, got {type(item).__name__}")
             if self.check_images:
                 _verify_image(image, f"{key}[{i}]")
             out.append(image)

@@ -148,7 +148,8 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
 
     samples: K samples per question (overrides `params.n`; None keeps it). The judge grader uses
     `judge_engine`/`judge_tokenizer`; `processor` (VLM students) puts each record's images in its
-    prompt; `columns`: the files' column names (`zppo_fast.datasets.Columns`). With `out_dir`: out_dir/eval.json (results, decoding and
+    prompt; `columns`: the files' column names (`zppo_fast.datasets.Columns`). With `out_dir`:
+    out_dir/eval.json (results, decoding and
     `meta`) and out_dir/responses.jsonl (every sample with its verdict), written as they come.
     """
     from tqdm.auto import tqdm
