@@ -65,6 +65,9 @@ def test_per_item_function_by_module_or_file(rewards):
         assert [(v.score, v.verdict) for v in verdicts] == [(1.0, "correct"), (1.0, "correct"), (0.0, "wrong")]
         assert all(type(v.score) is float for v in verdicts)
         assert sys.modules[grader.fn.__module__].CALLS[-3:] == [("12", "12"), (" 12 ", "12"), ("13", "12")]
+    # A file is executed once per process, like an import: every grader built from it shares the module.
+    assert get_grader(f"{rewards}:exact").fn is get_grader(f"{rewards}:exact").fn
+    assert len(sys.modules["zppo_user_grader_my_rewards"].CALLS) == 3
 
 
 def test_batched_function_gets_one_call_per_batch(rewards):

@@ -18,6 +18,10 @@ function may return a list, tuple, numpy array or tensor of them, one per item).
 partial rewards: advantages and accuracies use them as they are; where the trainer needs a yes/no
 (a teacher rollout counts as a correct candidate, eval's verdict) only 1.0 is correct.
 
+Every rank of a torchrun world grades the whole batch, as with the built-in graders, and computes
+advantages and replay decisions from its own scores: the function must give the same score for the
+same (response, gold) on every rank (no sampling; a remote verifier at temperature 0).
+
 Errors name the function: a spec that cannot be imported, or names no callable, is a ConfigError
 when the grader is built (the trainer builds it before loading any model); a score that is not a
 number in [0, 1] (a str, None, NaN, 2.0, a list of the wrong length), or an exception raised
@@ -71,9 +75,14 @@ def load_function(spec: str) -> Callable:
 
 
 def _import_file(path: Path):
+    """The module of a Python file, executed once per process (as an import would be): the trainer and
+    every evaluation build their graders from the same spec, and the file may load something costly."""
     if not path.is_file():
         raise ConfigError(f"grader file {path} does not exist (relative paths are from {Path.cwd()})")
+    path = path.resolve()
     name = f"zppo_user_grader_{path.stem}"
+    if getattr(sys.modules.get(name), "__file__", None) == str(path):
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # so the module's own dataclasses and pickling find it
