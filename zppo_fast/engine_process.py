@@ -260,9 +260,16 @@ class EngineProcess:
             self._send(("push", None if names is None else list(names)))
             pending = iter(buckets)
             while True:
-                message = self._receive("update_weights", self.timeout_s)
-                self.transport.release()  # the child is done with the previous bucket
+                try:
+                    message = self._receive("update_weights", self.timeout_s)
+                finally:
+                    self.transport.release()  # the child is done with the previous bucket (or gone)
                 if message[0] != "next":
+                    if message[0] == "error":
+                        # Draw the rest, as every other rank does: gathering sharded weights is a
+                        # collective, and a rank that stopped early would leave the others waiting.
+                        for _ in pending:
+                            pass
                     return self._result(message, "update_weights")
                 bucket = next(pending, None)
                 self._send(("end",) if bucket is None else ("bucket", self.transport.encode(bucket)))

@@ -372,6 +372,9 @@ class CudaIpcTransport:
     SGLang's own serializer, once per TP rank (each rank releases its own IPC reference). The flat
     tensor is kept until the engine asks for the next bucket (it has loaded this one), then
     `torch.cuda.ipc_collect()` drops the handles the engine is done with, so copies do not pile up.
+    SGLang's reduction patch names a tensor's device by UUID: the engine's process numbers its GPUs
+    from 0, the trainer's does not. These are the only parts of SGLang the trainer imports; importing
+    the package applies its transformers compatibility patches and cache-folder defaults there too.
     """
 
     def __init__(self, tp_size: int):
