@@ -157,6 +157,19 @@ def test_unknown_names_rejected_before_anything_is_loaded(engine):
         eng.update_weights([bucket])
     with pytest.raises(ValueError, match="not_a_weight"):  # checked before the first bucket is drawn
         eng.update_weights(iter(()), names=["model.layers.0.not_a_weight"])
+    if kind != "transformers":
+        # An engine in its own process refused the push: its host still draws every bucket, as the
+        # other ranks do (each draw gathers sharded weights, a collective).
+        drawn = []
+
+        def counted():
+            for b in iter_weight_buckets(trainer, 4096, dtype=PUSH_DTYPE[kind]):
+                drawn.append(b)
+                yield b
+
+        with pytest.raises(ValueError, match="not_a_weight"):
+            eng.update_weights(counted(), names=["model.layers.0.not_a_weight"])
+        assert len(drawn) == len(list(iter_weight_buckets(trainer, 4096, dtype=PUSH_DTYPE[kind])))
     if kind == "sglang":
         push(eng, trainer, PUSH_DTYPE[kind])  # a refused bucket marks the SGLang student stale until a complete push
     assert greedy(eng, prompts) == before

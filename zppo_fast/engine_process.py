@@ -255,24 +255,27 @@ class EngineProcess:
             self.call("resume_memory", tuple(tags))
 
     def update_weights(self, buckets: Iterable[Bucket], names: Collection[str] | None = None) -> None:
-        """Stream the push: the child's engine asks for each bucket as it draws it."""
+        """Stream the push: the child's engine asks for each bucket as it draws it. On a failure
+        (the engine refused a bucket, or died) the rest of the buckets are still drawn, as every
+        other rank draws them: gathering sharded weights is a collective, and a rank that stopped
+        early would leave the others waiting."""
+        pending = iter(buckets)
         with self._lock, self.timings.measure("push"), self.transport.push_context():
-            self._send(("push", None if names is None else list(names)))
-            pending = iter(buckets)
-            while True:
-                try:
-                    message = self._receive("update_weights", self.timeout_s)
-                finally:
-                    self.transport.release()  # the child is done with the previous bucket (or gone)
-                if message[0] != "next":
-                    if message[0] == "error":
-                        # Draw the rest, as every other rank does: gathering sharded weights is a
-                        # collective, and a rank that stopped early would leave the others waiting.
-                        for _ in pending:
-                            pass
-                    return self._result(message, "update_weights")
-                bucket = next(pending, None)
-                self._send(("end",) if bucket is None else ("bucket", self.transport.encode(bucket)))
+            try:
+                self._send(("push", None if names is None else list(names)))
+                while True:
+                    try:
+                        message = self._receive("update_weights", self.timeout_s)
+                    finally:
+                        self.transport.release()  # the child is done with the previous bucket (or gone)
+                    if message[0] != "next":
+                        return self._result(message, "update_weights")
+                    bucket = next(pending, None)
+                    self._send(("end",) if bucket is None else ("bucket", self.transport.encode(bucket)))
+            except Exception:
+                for _ in pending:
+                    pass
+                raise
 
     def pop_timings(self) -> dict[str, float]:
         return self.timings.pop()
