@@ -320,6 +320,13 @@ class Trainer:
                 expected=weight_shapes(self.policy.lm) if role == "student" else {})
         return DataParallelEngine(engine, dist, owners)
 
+    def shutdown_engines(self) -> None:
+        """Shut down the engines that run in processes of their own (those left at exit are ended
+        by their finalizers, without a graceful engine shutdown)."""
+        for wrapped in (self.engine, self.teacher_engine):
+            if isinstance(getattr(wrapped, "engine", None), EngineProcess):
+                wrapped.engine.shutdown()
+
     def scoring_teacher(self, folder: Path) -> Policy:
         """The frozen teacher as the distillation loss reads it: a packed micro-batch in, final
         hidden states out (`Policy` makes its Gated-DeltaNet mixers packing-safe), plus lm_head.
@@ -770,7 +777,10 @@ def _train(cfg: Config, resume: str | None) -> None:
     trainer = Trainer(cfg, resume=resume)
     if trainer.dist.is_main:
         print(cfg.to_json())
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown_engines()
 
 
 if __name__ == "__main__":
