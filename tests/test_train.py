@@ -186,4 +186,5 @@ def test_trains_with_the_engine_in_a_child_process(tiny_config):
     assert trainer.check_push() <= 1e-3  # the push check the constructor ran, once more
     metrics = trainer.step()
     assert metrics["loss/trained_tokens"] > 0 and "engine/student_push_s" in metrics
-    engine.shutdown()
+    trainer.shutdown_engines()
+    assert engine.process.poll() is not None, "the engine's process ended with training"
