@@ -136,3 +136,24 @@ def test_engine_child_under_torchrun_gets_no_torchrun_variables(tmp_path):
     assert not leaked, f"torchrun variables reached the engine: {sorted(leaked)}"
     assert env["engine"]["PATH"] == env["rank"]["PATH"], "the rest of the environment is inherited"
     assert Path(env["engine"]["PYTHONPATH"]).exists()
+
+
+def test_engine_dies_with_the_trainer(tmp_path):
+    """A trainer killed without a shutdown takes its engine along (no orphaned engine holding GPUs)."""
+    script = ("import os, sys, time\n"
+              "from engine_factories import ProcessProbe\n"
+              "from zppo_fast.engine_process import EngineProcess\n"
+              "engine = EngineProcess(ProcessProbe, 'probe')\n"
+              "print(engine.call('ids')[0], flush=True)\n"
+              "time.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
+    trainer = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        engine_pid = int(trainer.stdout.readline())
+        assert alive(engine_pid)
+        trainer.kill()
+        trainer.wait()
+        assert wait_dead(engine_pid), "the engine outlived the trainer"  # SGLang's schedulers die with it
+    finally:
+        trainer.kill()
+        trainer.wait()

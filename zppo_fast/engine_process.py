@@ -200,6 +200,8 @@ class EngineProcess:
     log_path: the file the child's stdout and stderr go to (appended); None: the trainer's.
     timeout_s: the longest any one call may take (None: as long as the child lives); a start
         waits up to start_timeout_s.
+    The child is killed when the thread that started it ends (PR_SET_PDEATHSIG follows the
+    creating thread, not the process): start engines from the main thread, as the trainer does.
     Timings ("generate", "release", "resume", "push") are the trainer's wall time of each call.
     """
 
@@ -232,8 +234,8 @@ class EngineProcess:
         # Ends the engine's process group if the trainer exits (or drops this object) without shutdown.
         self._finalizer = weakref.finalize(self, _end_group, self.pid, self.process, self._conn, self.transport)
         try:
-            self._conn.send(list(sys.path))
-            self._conn.send((factory, self.transport.child()))
+            self._send(list(sys.path))
+            self._send((factory, self.transport.child()))
             self._result(self._receive("start", start_timeout_s), "start")
         except BaseException:
             self.shutdown()
@@ -302,13 +304,13 @@ class EngineProcess:
 
     # -- the channel ----------------------------------------------------------------------
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: Any) -> None:
         if self._dead is not None:
             raise EngineDiedError(f"{self.name}: not running ({self._dead}); {self._log_hint()}")
         try:
             self._conn.send(message)
         except OSError as e:
-            raise self._died(f"sending {message[0]}", e) from e
+            raise self._died("a send", e) from e
 
     def _receive(self, op: str, timeout_s: float | None) -> tuple:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
