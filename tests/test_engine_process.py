@@ -131,8 +131,9 @@ def test_engine_child_under_torchrun_gets_no_torchrun_variables(tmp_path):
     env = json.loads(out.read_text())
     assert env["rank"]["TORCHELASTIC_USE_AGENT_STORE"] == "True" and "MASTER_PORT" in env["rank"], \
         "the rank itself runs under torchrun"
-    leaked = {k for k in env["engine"] if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                              "MASTER_PORT", "GROUP_RANK", "ROLE_RANK") or k.startswith("TORCHELASTIC_")}
+    torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                "ROLE_RANK")
+    leaked = {k for k in env["engine"] if k in torchrun or k.startswith("TORCHELASTIC_")}
     assert not leaked, f"torchrun variables reached the engine: {sorted(leaked)}"
     assert env["engine"]["PATH"] == env["rank"]["PATH"], "the rest of the environment is inherited"
     assert Path(env["engine"]["PYTHONPATH"]).exists()

@@ -583,7 +583,8 @@ class SGLangEngine:
         if self.processor is None:
             raise ValueError(f"{self.name}: images given, but {self.cfg.model_path} has no vision tower")
         if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts (give [] for a prompt without images)")
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts (give [] for a prompt "
+                             "without images)")
         data = []
         for i, (prompt, imgs) in enumerate(zip(prompts, images)):
             enc = encode_images(self.processor, imgs, prompt, where=f"prompt {i}")

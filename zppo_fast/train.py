@@ -290,8 +290,9 @@ class Trainer:
         log_path = self.run_dir / "logs" / f"{role}_rank{dist.rank}.log"
         if cfg.engine == "transformers":
             if cfg.engine_process == "inline":
-                return DataParallelEngine(build_transformers_engine(str(folder), role, self.cfg.model.dtype,
-                                                                   str(self.device), cfg.batch_size, processor_path), dist)
+                engine = build_transformers_engine(str(folder), role, self.cfg.model.dtype, str(self.device),
+                                                   cfg.batch_size, processor_path)
+                return DataParallelEngine(engine, dist)
             # In its own process the engine sees this rank's GPU only, as cuda:0.
             cuda = self.device.type == "cuda"
             factory = partial(build_transformers_engine, str(folder), role, self.cfg.model.dtype,
