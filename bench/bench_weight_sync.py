@@ -1,8 +1,10 @@
 """Weight resync from the trainer into the rollout engine: seconds per push, per bucket size.
 
 With a CUDA GPU and sglang: a Qwen3.5-architecture student at 0.8B / 2B / 9B scale (random bf16
-weights on the GPU) is pushed into a colocated SGLang student engine (`SGLangEngine.update_weights`:
-bucketing, flattening, CUDA-IPC send, load, one cache flush) at bucket sizes 128 / 512 / 2048 MB.
+weights on the GPU; with a one-block vision tower, as SGLang serves Qwen3.5 only as the
+image-text-to-text model) is pushed into a colocated SGLang student engine in its own process
+(`start_sglang_engine(...).update_weights`: bucketing, flattening, CUDA-IPC send, load, each load's
+status checked, one cache flush) at bucket sizes 128 / 512 / 2048 MB.
 The target is under 0.5 s for 0.8B on one H100. With a GPU but no sglang: the gather-and-bucket
 part only (`iter_weight_buckets` + `flatten_bucket` of each bucket). Without a GPU: the same on the
 CPU for the tiny model, in one process and gathered from FSDP2 over 2 gloo ranks; this says nothing
@@ -53,16 +55,45 @@ def qwen35_config(hidden: int, layers: int, intermediate: int):
 
 
 def random_model(config, device: str):
-    """A causal LM of `config` with random bf16 weights on `device`, built without a CPU copy."""
-    from transformers import AutoModelForCausalLM
+    """A model of `config` (causal LM, or image-text-to-text with a vision config) with random bf16
+    weights on `device`, built without a CPU copy."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = auto.from_config(config, dtype=torch.bfloat16)
     model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model
+
+
+def servable_folder(text_config) -> tuple[object, str]:
+    """SGLang serves Qwen3.5 only as the image-text-to-text model (its text-only class is not
+    registered): `text_config` wrapped with a one-block vision tower and multimodal rotary sections
+    as in the published configs, saved with the tiny in-process processor (a push reads no tokens).
+    Returns (config, folder)."""
+    from transformers import Qwen3_5Config, Qwen3_5VisionConfig
+
+    from zppo_fast.vlm import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, build_processor
+
+    processor = build_processor(tiny_tokenizer())
+    tok = processor.tokenizer
+    text_config.rope_parameters = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                                   "mrope_section": [11, 11, 10], "mrope_interleaved": True}
+    vision = Qwen3_5VisionConfig(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                                 spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text_config.hidden_size,
+                                 num_position_embeddings=64)
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in
+           [("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END),
+            ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD)]}
+    config = Qwen3_5Config(text_config=text_config, vision_config=vision, dtype="bfloat16", **ids)
+    config.architectures = ["Qwen3_5ForConditionalGeneration"]  # what SGLang picks its model class by
+    folder = tempfile.mkdtemp()
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return config, folder
 
 
 def time_it(fn, sync) -> float:
@@ -86,16 +117,17 @@ def gather_and_bucket(model, bucket_bytes: int) -> None:
 def bench_gpu(configs: dict, with_sglang: bool) -> list[str]:
     rows = []
     for label, config in configs.items():
+        folder = None
+        if with_sglang:
+            config, folder = servable_folder(config)
         model = random_model(config, "cuda")
         params = sum(p.numel() for p in model.parameters())
         engine = None
         if with_sglang:
-            from zppo_fast.sglang_engine import SGLangEngine, SGLangEngineConfig, teacher_placement
+            from zppo_fast.sglang_engine import EnginePlacement, SGLangEngineConfig, start_sglang_engine
 
-            folder = tempfile.mkdtemp()
-            config.save_pretrained(folder)
-            engine = SGLangEngine(SGLangEngineConfig(folder, teacher_placement("colocated", 0, 1, 1).student,
-                                                     mem_fraction_static=0.3), None, weight_shapes(model))
+            engine = start_sglang_engine(SGLangEngineConfig(folder, EnginePlacement("student", 0, 1),
+                                                            mem_fraction_static=0.3), weight_shapes(model))
         for mb in BUCKET_MB:
             if engine is not None:
                 s = time_it(lambda e=engine, m=model, b=mb << 20: e.update_weights(iter_weight_buckets(m, b)),
@@ -111,15 +143,19 @@ def bench_gpu(configs: dict, with_sglang: bool) -> list[str]:
     return rows
 
 
-def tiny_model(seed: int = 0):
-    from zppo_fast.config import ModelConfig
+def tiny_tokenizer():
     from zppo_fast.data import tokenizer_corpus
-    from zppo_fast.model import build_tiny_model
     from zppo_fast.task import ArithmeticTask
     from zppo_fast.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(tokenizer_corpus(ArithmeticTask(max_operand=20), size=200), vocab_size=300)
-    return build_tiny_model(ModelConfig(hidden_size=64, num_layers=4), tokenizer, seed=seed)
+    return build_tokenizer(tokenizer_corpus(ArithmeticTask(max_operand=20), size=200), vocab_size=300)
+
+
+def tiny_model(seed: int = 0):
+    from zppo_fast.config import ModelConfig
+    from zppo_fast.model import build_tiny_model
+
+    return build_tiny_model(ModelConfig(hidden_size=64, num_layers=4), tiny_tokenizer(), seed=seed)
 
 
 def _fsdp_rank(rank: int, port: int, bucket_bytes: int, out: dict) -> None:

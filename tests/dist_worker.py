@@ -2,6 +2,11 @@
 
     torchrun --nproc_per_node N tests/dist_worker.py update OUT CACHE RUN_DIR
 
+    torchrun --nproc_per_node N tests/dist_worker.py engine_env OUT
+
+`engine_env`: each rank starts an engine in a child process (zppo_fast/engine_process.py) and rank 0
+writes its own environment and its engine's to OUT (JSON).
+
 `update`: the tiny trainer takes two optimizer steps on a fixed random rollout batch (the same on
 every rank and at every world size); rank 0 saves the full weights afterwards to OUT, and the
 results of data-parallel generate calls through a scripted engine to OUT.json.
@@ -62,8 +67,26 @@ def update(out: str, cache: str, run_dir: str) -> None:
     dist.barrier()
 
 
+def engine_env(out: str) -> None:
+    from engine_factories import ProcessProbe
+
+    from zppo_fast.distributed import init_distributed
+    from zppo_fast.engine_process import EngineProcess
+
+    dist = init_distributed()
+    engine = EngineProcess(ProcessProbe, f"probe engine (rank {dist.rank})")
+    try:
+        child = engine.call("environ")
+    finally:
+        engine.shutdown()
+    if dist.is_main:
+        with open(out, "w") as f:
+            json.dump({"rank": dict(os.environ), "engine": child}, f)
+    dist.barrier()
+
+
 if __name__ == "__main__":
     try:
-        {"update": update}[sys.argv[1]](*sys.argv[2:])  # its trainer is gone when it returns
+        {"update": update, "engine_env": engine_env}[sys.argv[1]](*sys.argv[2:])  # its trainer is gone when it returns
     finally:
         destroy_distributed()

@@ -11,13 +11,15 @@ import torch
 
 from zppo_fast.engine import KV_CACHE, WEIGHTS, check_push
 from zppo_fast.sglang_engine import (
-    PORT_STRIDE,
     EngineDiedError,
     SGLangEngineConfig,
+    check_architectures,
+    check_sglang_result,
     dead_pids,
     engine_args,
     import_sglang,
     mem_fraction_static,
+    model_architectures,
     parse_output,
     step_order,
     teacher_placement,
@@ -34,16 +36,15 @@ def node(mode, local_world_size, gpus_per_node, tp=1):
 @pytest.mark.parametrize("mode,world,gpus,tp", [("colocated", 8, 8, 1), ("colocated", 8, 8, 2),
                                                 ("dedicated", 6, 8, 1), ("dedicated", 6, 8, 2),
                                                 ("colocated", 1, 1, 1)])
-def test_placement_ports_distinct_and_gpus_in_range(mode, world, gpus, tp):
+def test_placement_gpus_in_range(mode, world, gpus, tp):
     engines = [e for p in node(mode, world, gpus, tp) for e in p if e is not None]
-    ports = [q for e in engines for q in (e.port, e.nccl_port)]
-    assert len(ports) == len(set(ports))
     for e in engines:
         assert 0 <= e.base_gpu_id and e.base_gpu_id + e.tp_size <= gpus
+        assert e.gpus == list(range(e.base_gpu_id, e.base_gpu_id + e.tp_size))
     students = [p.student for p in node(mode, world, gpus, tp)]
     assert [s.base_gpu_id for s in students] == list(range(world)) and {s.tp_size for s in students} == {1}
     teachers = [e for e in engines if e.role == "teacher"]
-    teacher_gpus = [g for t in teachers for g in range(t.base_gpu_id, t.base_gpu_id + t.tp_size)]
+    teacher_gpus = [g for t in teachers for g in t.gpus]
     assert len(teacher_gpus) == len(set(teacher_gpus)), "no GPU in two teacher engines"
     if mode == "dedicated":
         assert sorted(teacher_gpus) == list(range(world, gpus)), "teachers on exactly the GPUs training leaves"
@@ -52,13 +53,12 @@ def test_placement_ports_distinct_and_gpus_in_range(mode, world, gpus, tp):
 
 
 def test_placement_examples_and_errors():
-    p = teacher_placement("dedicated", 1, 6, 8, teacher_tp_size=1, base_port=40000)
-    assert (p.student.base_gpu_id, p.student.port, p.student.nccl_port) == (1, 40000 + 2 * PORT_STRIDE,
-                                                                             40000 + 2 * PORT_STRIDE + PORT_STRIDE // 2)
-    assert (p.teacher.base_gpu_id, p.teacher.tp_size, p.teacher.port) == (7, 1, 40000 + 3 * PORT_STRIDE)
+    p = teacher_placement("dedicated", 1, 6, 8, teacher_tp_size=1)
+    assert p.student.base_gpu_id == 1
+    assert (p.teacher.base_gpu_id, p.teacher.tp_size) == (7, 1)
     assert teacher_placement("dedicated", 2, 6, 8).teacher is None  # two teacher engines, owned by ranks 0, 1
     assert teacher_placement("colocated", 3, 8, 8, teacher_tp_size=2).teacher is None
-    assert teacher_placement("colocated", 2, 8, 8, teacher_tp_size=2).teacher.base_gpu_id == 2
+    assert teacher_placement("colocated", 2, 8, 8, teacher_tp_size=2).teacher.gpus == [2, 3]
     with pytest.raises(ValueError, match="'colocated' or 'dedicated'"):
         teacher_placement("shared", 0, 2, 2)
     with pytest.raises(ValueError, match="dedicated teacher"):
@@ -69,8 +69,6 @@ def test_placement_examples_and_errors():
         teacher_placement("colocated", 0, 6, 8, teacher_tp_size=4)
     with pytest.raises(ValueError, match="local_rank"):
         teacher_placement("colocated", 8, 8, 8)
-    with pytest.raises(ValueError, match="ports"):
-        teacher_placement("colocated", 0, 8, 8, base_port=65500)
 
 
 def test_mem_fraction_static():
@@ -97,15 +95,64 @@ def test_step_order():
 
 def test_engine_args_student_and_teacher():
     s, t = teacher_placement("colocated", 1, 2, 2)
-    student = engine_args(SGLangEngineConfig("/m/student", s, mem_fraction_static=0.3))
-    teacher = engine_args(SGLangEngineConfig("/m/teacher", t, extra_args={"context_length": 4096}))
+    student = engine_args(SGLangEngineConfig("/m/student", s, mem_fraction_static=0.3, port=31000, nccl_port=31001))
+    teacher = engine_args(SGLangEngineConfig("/m/teacher", t, deterministic=True, extra_args={"context_length": 4096}))
     assert student["load_format"] == "dummy" and not student["enable_weights_cpu_backup"]
     assert teacher["load_format"] == "auto" and teacher["enable_weights_cpu_backup"]
     for args, p in ((student, s), (teacher, t)):
         assert args["enable_memory_saver"] and args["skip_tokenizer_init"]
-        assert (args["base_gpu_id"], args["tp_size"], args["port"], args["nccl_port"]) == (
-            p.base_gpu_id, p.tp_size, p.port, p.nccl_port)
+        # The engine's process sees only its own GPUs: SGLang counts from 0 there.
+        assert (args["base_gpu_id"], args["tp_size"]) == (0, p.tp_size)
+    assert (student["port"], student["nccl_port"]) == (31000, 31001)
+    assert not student["enable_deterministic_inference"] and teacher["enable_deterministic_inference"]
     assert student["mem_fraction_static"] == 0.3 and teacher["context_length"] == 4096
+
+
+# What SGLang 0.5.19's ModelRegistry registers for Qwen3.5 (srt/models/qwen3_5.py's EntryClass), and
+# two unrelated architectures: the check is against whatever set the installed SGLang reports.
+SGLANG_0_5_19_QWEN = {"Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration", "LlamaForCausalLM",
+                      "Qwen3ForCausalLM"}
+
+
+def test_architecture_check_refuses_what_sglang_does_not_serve(tmp_path):
+    from zppo_fast.config import ModelConfig
+    from zppo_fast.model import build_tiny_model, save_model
+    from zppo_fast.tokenizer import build_tokenizer
+    from zppo_fast.vlm import build_tiny_vlm
+
+    tokenizer = build_tokenizer(["1 + 2 = 3", "4 + 5 = 9"] * 20, vocab_size=300)
+    save_model(build_tiny_model(ModelConfig(hidden_size=32, num_layers=4), tokenizer), tokenizer, tmp_path / "text")
+    vlm, _ = build_tiny_vlm(tokenizer)
+    save_model(vlm, tokenizer, tmp_path / "vlm")
+    assert model_architectures(tmp_path / "text") == ["Qwen3_5ForCausalLM"]
+    check_architectures(tmp_path / "vlm", SGLANG_0_5_19_QWEN, "0.5.19")  # served: no error
+    with pytest.raises(ValueError, match=r"text/config.json: architectures \['Qwen3_5ForCausalLM'\] are not served by "
+                                         r"the installed SGLang 0.5.19 .*Qwen3_5ForCausalLM class is not registered"):
+        check_architectures(tmp_path / "text", SGLANG_0_5_19_QWEN, "0.5.19")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text('{"model_type": "qwen3_5"}')
+    with pytest.raises(ValueError, match=r'bare/config.json: no "architectures" list'):
+        model_architectures(tmp_path / "bare")
+
+
+def test_sglang_results_are_asserted():
+    """The statuses SGLang's control calls return: (success, message) from update_weights_from_tensor,
+    FlushCacheReqOutput(success, message) from flush_cache (its fields, as a dataclass here)."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class FlushCacheReqOutput:
+        success: bool
+        message: str = ""
+
+    check_sglang_result("update_weights_from_tensor", (True, "Succeeded to update model weights."), "eng")
+    check_sglang_result("flush_cache", FlushCacheReqOutput(True), "eng")
+    with pytest.raises(RuntimeError, match="eng: update_weights_from_tensor failed: Failed to load: size mismatch"):
+        check_sglang_result("update_weights_from_tensor", (False, "Failed to load: size mismatch"), "eng")
+    with pytest.raises(RuntimeError, match=r"eng: flush_cache failed: \(no message\)"):
+        check_sglang_result("flush_cache", FlushCacheReqOutput(False), "eng")
+    with pytest.raises(RuntimeError, match="eng: flush_cache returned None, not a success status"):
+        check_sglang_result("flush_cache", None, "eng")
 
 
 def test_flat_bucket_round_trip():
@@ -167,43 +214,45 @@ def test_missing_sglang_says_how_to_install(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# The engine itself (skipped without sglang and a GPU).
+# The engine itself (skipped without sglang and a GPU). SGLang serves Qwen3.5 as the
+# image-text-to-text model only, so these start the tiny VLM.
 
 gpu = pytest.mark.skipif(not HAS_SGLANG_GPU, reason="needs sglang and a CUDA GPU")
 
 
 @pytest.fixture
-def tiny_student(tmp_path):
-    from zppo_fast.config import ModelConfig
-    from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
-    from zppo_fast.model import build_tiny_model, save_model
+def tiny_vlm(tmp_path):
+    from zppo_fast.data import tokenizer_corpus
+    from zppo_fast.model import save_model
     from zppo_fast.task import ArithmeticTask
     from zppo_fast.tokenizer import build_tokenizer
+    from zppo_fast.vlm import build_tiny_vlm, vlm_prompt
 
     task = ArithmeticTask(max_operand=50)
     tokenizer = build_tokenizer(tokenizer_corpus(task, size=500), vocab_size=400)
-    model = build_tiny_model(ModelConfig(hidden_size=32, num_layers=4), tokenizer, seed=1)
+    model, processor = build_tiny_vlm(tokenizer, seed=1)
     save_model(model, tokenizer, tmp_path / "model")
-    prompts = [chat_prompt_ids(tokenizer, task.problem(q).question) for q in (3, 1000)]
-    return tmp_path, model, tokenizer, prompts
+    processor.save_pretrained(tmp_path / "model")
+    prompts = [vlm_prompt(processor, task.problem(q).question).input_ids for q in (3, 1000)]
+    return tmp_path, model, processor, prompts
 
 
-def make_engine(tmp_path, role, model, tokenizer, port_slot=0):
-    from zppo_fast.sglang_engine import EnginePlacement, SGLangEngine
+def make_engine(tmp_path, role, model):
+    from zppo_fast.sglang_engine import EnginePlacement, start_sglang_engine
     from zppo_fast.weight_sync import weight_shapes
 
-    placement = EnginePlacement(role, 0, 1, 31000 + port_slot * PORT_STRIDE, 31000 + port_slot * PORT_STRIDE + 5)
-    return SGLangEngine(SGLangEngineConfig(str(tmp_path / "model"), placement, mem_fraction_static=0.15,
-                                           log_path=str(tmp_path / f"{role}.log")), tokenizer, weight_shapes(model))
+    return start_sglang_engine(SGLangEngineConfig(str(tmp_path / "model"), EnginePlacement(role, 0, 1),
+                                                  mem_fraction_static=0.15, log_path=str(tmp_path / f"{role}.log")),
+                               weight_shapes(model))
 
 
 @gpu
-def test_student_refuses_to_generate_before_a_push_and_while_released(tiny_student):
+def test_student_refuses_to_generate_before_a_push_and_while_released(tiny_vlm):
     from zppo_fast.engine import SamplingParams
     from zppo_fast.weight_sync import iter_weight_buckets
 
-    tmp_path, model, tokenizer, prompts = tiny_student
-    eng = make_engine(tmp_path, "student", model, tokenizer)
+    tmp_path, model, _, prompts = tiny_vlm
+    eng = make_engine(tmp_path, "student", model)
     try:
         with pytest.raises(RuntimeError, match="no complete weight push"):
             eng.generate(prompts, SamplingParams())
@@ -218,11 +267,11 @@ def test_student_refuses_to_generate_before_a_push_and_while_released(tiny_stude
 
 
 @gpu
-def test_teacher_keeps_weights_across_release_and_release_waits_for_generate(tiny_student):
+def test_teacher_keeps_weights_across_release_and_release_waits_for_generate(tiny_vlm):
     from zppo_fast.engine import SamplingParams
 
-    tmp_path, model, tokenizer, prompts = tiny_student
-    eng = make_engine(tmp_path, "teacher", model, tokenizer, port_slot=1)
+    tmp_path, model, _, prompts = tiny_vlm
+    eng = make_engine(tmp_path, "teacher", model)
     try:
         greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
         before = eng.generate(prompts, greedy)
@@ -234,5 +283,48 @@ def test_teacher_keeps_weights_across_release_and_release_waits_for_generate(tin
         assert result["out"][: len(prompts)] == before
         eng.resume_memory()
         assert eng.generate(prompts, greedy) == before
+    finally:
+        eng.shutdown()
+
+
+@gpu
+def test_image_prompts_are_sampled_from_the_trainers_ids(tiny_vlm):
+    """SGLang runs an image prompt as exactly the ids the trainer trains on (the processor's output
+    goes with the ids, so SGLang does not re-tokenize them), and samples from it."""
+    from PIL import Image
+
+    from zppo_fast.engine import SamplingParams
+    from zppo_fast.vlm import vlm_prompt
+
+    tmp_path, model, processor, text_prompts = tiny_vlm
+    images = [[Image.new("RGB", (64, 48), (200, 30, 30))], []]
+    prompts = [vlm_prompt(processor, "What color is this?", images[0]).input_ids, text_prompts[0]]
+    eng = make_engine(tmp_path, "teacher", model)
+    try:
+        assert eng.call("prompt_ids", prompts, images) == prompts
+        groups = eng.generate(prompts, SamplingParams(n=2, max_new_tokens=4), images=images)
+        assert [len(g) for g in groups] == [2, 2]
+    finally:
+        eng.shutdown()
+
+
+@gpu
+def test_a_killed_scheduler_becomes_engine_died_error(tiny_vlm):
+    """SGLang's scheduler is killed: its SIGQUIT ends the engine's process (not the trainer's), and
+    the next call raises EngineDiedError."""
+    import os
+    import signal
+
+    from zppo_fast.engine import SamplingParams
+
+    tmp_path, model, _, prompts = tiny_vlm
+    eng = make_engine(tmp_path, "teacher", model)
+    try:
+        children = [int(p) for p in open(f"/proc/{eng.pid}/task/{eng.pid}/children").read().split()]
+        os.kill(children[0], signal.SIGKILL)
+        with pytest.raises(EngineDiedError):
+            for _ in range(30):
+                eng.generate(prompts, SamplingParams(max_new_tokens=2))
+                time.sleep(1)
     finally:
         eng.shutdown()

@@ -1,6 +1,7 @@
 """The RL trainer end to end on the tiny warmed-up student."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -189,3 +190,18 @@ def test_keeps_only_the_last_checkpoints(tiny_config):
                       progress=False)
     trainer.fit()
     assert sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir()) == ["step_2", "step_3"]
+
+
+def test_trains_with_the_engine_in_a_child_process(tiny_config):
+    """rollout.engine_process = child: the student's engine lives in a process of its own (weights
+    pushed through shared memory, checked by log-probs after the first push) and a step trains."""
+    from zppo_fast.engine_process import EngineProcess
+
+    trainer = Trainer(tiny_config("--run.steps", "1", "--rollout.engine_process", "child"), progress=False)
+    engine = trainer.engine.engine
+    assert isinstance(engine, EngineProcess) and engine.pid != os.getpid()
+    assert trainer.check_push() <= 1e-3  # the push check the constructor ran, once more
+    metrics = trainer.step()
+    assert metrics["loss/trained_tokens"] > 0 and "engine/student_push_s" in metrics
+    trainer.shutdown_engines()
+    assert engine.process.poll() is not None, "the engine's process ended with training"

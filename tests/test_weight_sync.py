@@ -60,9 +60,26 @@ def test_one_dtype_per_bucket_and_cast():
     dtypes = {n: t.dtype for b in buckets for n, t in b}
     assert {dtypes[n] for n in dtypes if n.startswith("model.layers.1.")} == {torch.bfloat16}
     assert {dtypes[n] for n in dtypes if not n.startswith("model.layers.1.")} == {torch.float32}
-    cast = list(iter_weight_buckets(model, 4096, dtype=torch.bfloat16))
+    cast = list(iter_weight_buckets(model, 4096, dtype=torch.bfloat16, keep=()))
     assert {t.dtype for b in cast for _, t in b} == {torch.bfloat16}
     assert sum(nbytes(t) for b in cast for _, t in b) * 2 == sum(p.numel() for p in model.parameters()) * 4
+
+
+def test_cast_keeps_full_precision_parameters_in_their_own_dtype():
+    """Gated-DeltaNet's A_log, which SGLang keeps in fp32, is never cast: fp32 A_log goes in an
+    fp32 bucket with its exact values, and every other tensor is cast to the engine's bf16."""
+    model = tiny()
+    model.model.layers[1].to(torch.bfloat16)
+    buckets = list(iter_weight_buckets(model, 4096, dtype=torch.bfloat16))
+    assert all(len({t.dtype for _, t in b}) == 1 for b in buckets)
+    cast = {n: t for b in buckets for n, t in b}
+    params = dict(model.named_parameters())
+    a_log = {n for n in cast if n.endswith(".A_log")}
+    assert len(a_log) == 3, "three Gated-DeltaNet layers in the tiny Qwen3.5"
+    for n, t in cast.items():
+        assert t.dtype == (params[n].dtype if n in a_log else torch.bfloat16), n
+    assert {cast[n].dtype for n in a_log} == {torch.float32, torch.bfloat16}  # layer 1's is bf16 already
+    assert all(torch.equal(cast[n], params[n]) for n in a_log)
 
 
 def test_tied_weights_yielded_once():

@@ -17,6 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,17 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 24
     batch_size: int = 256  # sequences generated together
+    # The transformers engine in the trainer's process, or in a child process of its own with the
+    # weights pushed through shared memory: the process architecture every SGLang engine has
+    # (zppo_fast/engine_process.py). SGLang engines always run in their own processes.
+    engine_process: Literal["inline", "child"] = "inline"
+    # Reproducible rollouts. SGLang uses sampling seeds only with its deterministic inference, which
+    # this turns on (batch-invariant kernels, slower); false: SGLang rollouts are not reproducible.
+    # The transformers engine samples from a seeded generator either way.
+    reproducible: bool = False
+    # The largest mean |engine - trainer| log-prob per token on a fixed prompt after the first push;
+    # None: by the lower precision of the two (zppo_fast/engine.py, PUSH_CHECK_TOLERANCE)
+    push_check_tolerance: float | None = None
 
 
 @dataclass
@@ -213,6 +225,11 @@ def _closest(name: str, options: typing.Iterable[str]) -> str:
 
 def _coerce(value: object, kind: object, key: str) -> object:
     """Convert a TOML or command-line value to the declared field type, or raise naming the key."""
+    if typing.get_origin(kind) is Literal:
+        if value in typing.get_args(kind):
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, typing.get_args(kind)))}, "
+                          f"got {value!r}")
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):

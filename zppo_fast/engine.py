@@ -20,12 +20,12 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from zppo_fast.vlm import check_image_engine, encode_images, vision_inputs
+if TYPE_CHECKING:  # transformers and the model code load where an engine is built, not where one is used
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Memory kinds an engine can release and resume separately; the strings are SGLang's tags.
 WEIGHTS, KV_CACHE = "weights", "kv_cache"
@@ -51,6 +51,10 @@ class Sample:
 
 
 Bucket = list[tuple[str, torch.Tensor]]  # (HF parameter name, full tensor), see weight_sync
+
+
+class EngineDiedError(RuntimeError):
+    """An engine process is gone or failed a call; the message names the engine and its log."""
 
 
 class RolloutEngine(Protocol):
@@ -91,6 +95,63 @@ def check_push(items: Iterable[tuple[str, torch.Size]], shapes: Mapping[str, tor
     bad = [f"{n}: pushed {tuple(s)}, engine has {tuple(shapes[n])}" for n, s in items if tuple(s) != tuple(shapes[n])]
     if bad:
         raise ValueError(f"{engine}: shape mismatch, nothing was loaded: {'; '.join(bad)}")
+
+
+# The largest mean |engine log-prob - trainer log-prob| over a fixed prompt's sampled tokens that
+# `check_push_took_effect` accepts, by the lower of the two sides' compute precisions. float32:
+# both sides agree to rounding (~1e-6 on the tiny models); 1e-3 leaves room for other kernels and
+# summation orders and is still orders of magnitude below any weight error. bfloat16 keeps 8
+# significant bits: each rounding moves a logit by ~2^-9 of its size, and over a deep model logits
+# of size 10-20 drift by ~0.1, so a correct bf16 push agrees to a few hundredths to ~0.1 nats on
+# average; 0.25 accepts that. A stale or wrong push (random dummy weights, the previous step's
+# weights of a model that moved) is off by nats, far above either bound.
+PUSH_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25}
+
+
+def check_push_took_effect(engine: RolloutEngine, prompt: list[int], score: Any, params: SamplingParams,
+                           tolerance: float, name: str) -> float:
+    """Sample from `engine` on one fixed prompt and compare its sampling log-probs with the
+    trainer's; raise RuntimeError when they disagree by more than `tolerance` (mean |difference|).
+
+    score(prompt, completion) -> (T,) the trainer's log-probs of the completion's tokens at the same
+    temperature (no top-p / top-k in `params`: the engine's log-probs are then of the full
+    distribution too). This is what catches a push that reported success but did not take effect
+    (an engine whose loader skipped names it does not know, a dummy-loaded student sampling from
+    random weights). Returns the mean difference.
+    """
+    (sample,) = engine.generate([prompt], params)[0]
+    if not sample.token_ids:
+        raise RuntimeError(f"{name}: the engine returned an empty completion for the push check")
+    ref = score(prompt, sample.token_ids).float().cpu()
+    gap = (torch.tensor(sample.logprobs) - ref).abs().mean().item()
+    if not gap <= tolerance:  # also catches NaN
+        raise RuntimeError(
+            f"{name}: after the weight push the engine's sampling log-probs differ from the trainer's by "
+            f"{gap:.4g} nats per token on average (tolerance {tolerance:g}) over {len(ref)} sampled tokens: the "
+            f"engine is not sampling from the pushed weights (a loader that skipped names, a wrong dtype, or "
+            f"a push that did not arrive)")
+    return gap
+
+
+def build_transformers_engine(folder: str, role: str, dtype: str = "float32", device: str = "cpu",
+                              batch_size: int = 256, processor_path: str | None = None) -> TransformersEngine:
+    """The transformers engine of `role`, in this process or an engine child (a picklable factory).
+
+    student: the architecture of `folder` with arbitrary weights, which every push overwrites.
+    teacher: the weights of `folder`, frozen. A vision-language model also gets its processor,
+    from `processor_path` (the student's HF folder, which a checkpoint folder may lack) or `folder`.
+    """
+    from zppo_fast.model import load_model, load_tokenizer, model_from_config
+    from zppo_fast.vlm import is_vlm, load_processor, load_vlm
+
+    if role == "student":
+        model = model_from_config(folder, dtype, device=device)
+    else:
+        model = model_from_config(folder, dtype, meta=True)
+        model = (load_vlm if is_vlm(model) else load_model)(folder, dtype)[0]
+        model = model.to(device).eval().requires_grad_(False)
+    processor = load_processor(processor_path or folder) if is_vlm(model) else None
+    return TransformersEngine(model, load_tokenizer(folder), batch_size, processor=processor)
 
 
 class Timings:
@@ -173,6 +234,8 @@ class TransformersEngine:
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], params: SamplingParams,
                   images: Sequence[Sequence[Any]] | None) -> list[list[Sample]]:
+        from zppo_fast.vlm import check_image_engine, encode_images, vision_inputs
+
         if (params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1
                 or (params.top_k is not None and params.top_k < 0)):
             raise ValueError(f"invalid sampling parameters: {params}")

@@ -1,10 +1,14 @@
-"""SGLang rollout engines colocated with FSDP training on the same GPUs.
+"""SGLang rollout engines colocated with FSDP training on the same GPUs, each in a process of its own.
 
-Each training rank runs SGLang's offline `sglang.Engine` in its own process (the engine spawns its
-scheduler processes on the GPUs its placement names): one student engine, re-synced with the
-trained weights every step, and a frozen teacher engine. Engines and training time-share the GPU
-memory: an engine releases its weights and KV cache while the trainer runs and takes them back
-afterwards (SGLang's memory saver keeps the virtual addresses, so CUDA graphs stay valid).
+Each training rank owns a student engine (re-synced with the trained weights every step) and,
+depending on the placement, a frozen teacher engine. Each engine is SGLang's offline
+`sglang.Engine` inside an `EngineProcess` child (`zppo_fast.engine_process`): its own environment
+(torchrun's variables removed, CUDA_VISIBLE_DEVICES set to its GPUs), its own log file, signal
+handlers and process group; SGLang's scheduler processes are that child's children. The trainer
+talks to it through `start_sglang_engine`, which returns a `RolloutEngine`. Engines and training
+time-share the GPU memory: an engine releases its weights and KV cache while the trainer runs and
+takes them back afterwards (SGLang's memory saver keeps the virtual addresses, so CUDA graphs stay
+valid).
 
 The order of one step (`step_order`) is the one verl and slime use: generate → release →
 train → resume the student's weights → push the weights → flush the cache → resume the KV cache,
@@ -12,50 +16,76 @@ so the weights are written before the KV cache is allocated again and peak memor
 max(training, weights + KV cache) rather than their sum. The teacher is resumed only in steps that
 need teacher rollouts, compression or judging.
 
-Every SGLang call here was checked against SGLang's source at sgl-project/sglang commit 001067ff
-(`python/sglang/srt/entrypoints/engine.py`: `Engine(**server_args)`, `generate(input_ids=,
-sampling_params=, image_data=, return_logprob=)`, `release_memory_occupation(tags)`,
-`resume_memory_occupation(tags)`, `update_weights_from_tensor(named_tensors, load_format,
-flush_cache)`, `flush_cache()`, `shutdown()`; `srt/weight_sync/tensor_bucket.py`:
-`FlattenedTensorMetadata`; `srt/constants.py`: the "weights" / "kv_cache" tags), the 0.5.19
-release line (it pins sglang-kernel 0.4.6.post1 and torch 2.13, as this project does), and
-against SGLang's test `test/srt/rl/test_update_weights_from_tensor.py` for the flattened-bucket
-payload. The `sglang` extra of setup.py names the same floor.
+Every push is checked: each `update_weights_from_tensor` returns (success, message) and
+`flush_cache` a status with `success`, both asserted (`check_sglang_result`); SGLang's loader only
+logs a warning for a name it does not know, so the trainer also compares the engine's sampling
+log-probs with its own on a fixed prompt after the first push (`engine.check_push_took_effect`).
+Reading tensors back with `get_weights_by_name` is no check for Qwen3.5: SGLang implements it for
+a few models only (llama, granite, opt, exaone4 in 0.5.19) and answers None for the others.
+Tensors keep their dtype in the push (fp32 buckets for fp32 parameters such as Gated-DeltaNet's
+A_log, which SGLang's Qwen3.5 also keeps in fp32), as `weight_sync.iter_weight_buckets` groups them.
+
+Seeds: SGLang uses a request's `sampling_seed` only with deterministic inference on
+(`enable_deterministic_inference`; `SamplingBatchInfo` builds the seed tensor only then, and the
+sampler then draws with `multinomial_with_seed`); otherwise sampling follows the GPU's global
+generator and rollouts are not reproducible. `rollout.reproducible = true` turns deterministic
+inference on (batch-invariant kernels, slower); the engine log states which mode runs.
+
+Images (VLM students): SGLang decodes and re-tokenizes a prompt whose images are raw (paths, PIL
+images), which can change its ids. The engine instead sends each prompt's images already run
+through the model's processor (`{"format": "processor_output", pixel_values, image_grid_thw}`) with
+the prompt ids: SGLang then keeps the ids as given (`load_mm_data`'s fast path for preprocessed
+data). Each answer's `prompt_tokens` is compared with the prompt's length, and a GPU test compares
+the ids themselves.
+
+Every SGLang call here was checked against SGLang's source: `python/sglang/srt/entrypoints/engine.py`
+at sgl-project/sglang commit 001067ff and in the 0.5.19 wheel (`Engine(**server_args)`,
+`generate(input_ids=, sampling_params=, image_data=, return_logprob=)`,
+`release_memory_occupation(tags)`, `resume_memory_occupation(tags)`,
+`update_weights_from_tensor(named_tensors, load_format, flush_cache)` -> (success, message),
+`flush_cache()` -> FlushCacheReqOutput(success, message), `get_all_child_pids()`, `shutdown()`),
+`srt/weight_sync/tensor_bucket.py` (`FlattenedTensorMetadata`), `srt/constants.py` (the "weights" /
+"kv_cache" tags), `srt/models/registry.py` (`ModelRegistry.get_supported_archs()`), and SGLang's
+test `test/srt/rl/test_update_weights_from_tensor.py` for the flattened-bucket payload. Qwen3.5's
+classes (`Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration`) are registered
+from SGLang 0.5.9 on (0.5.8 has no qwen3_5 module); the text-only `Qwen3_5ForCausalLM` is defined
+but not registered (up to 0.5.19 at least), so a text-only Qwen3.5 folder cannot be served and is
+refused at start (`check_architectures`). The `sglang` extra of setup.py pins the 0.5 line from 0.5.19,
+the release these calls were checked against (it pins sglang-kernel 0.4.6.post1 and torch 2.13, as
+this project does).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from zppo_fast.engine import (
     KV_CACHE,
     MEMORY_TAGS,
     WEIGHTS,
     Bucket,
+    EngineDiedError,
     Sample,
     SamplingParams,
-    Timings,
     check_push,
     check_weight_names,
 )
+from zppo_fast.engine_process import EngineProcess, reserve_port
 from zppo_fast.weight_sync import DEFAULT_BUCKET_BYTES, flatten_bucket
 
 SGLANG_CHECKED = "0.5.19 (sgl-project/sglang commit 001067ff)"
 INSTALL_HINT = "pip install zppo-fast[sglang]"
-
-# Each engine on a node gets a block of PORT_STRIDE TCP ports: `port` at its start and
-# `nccl_port` (SGLang's torch.distributed rendezvous) in its middle. SGLang's other channels
-# between its processes are IPC files, so these two are the only TCP ports an engine binds.
-PORT_STRIDE = 10
-DEFAULT_BASE_PORT = 30000
+log = logging.getLogger(__name__)
 
 
 def import_sglang():
@@ -69,18 +99,24 @@ def import_sglang():
 
 
 # --------------------------------------------------------------------------------------------
-# Placement: which GPUs and ports each engine of a node uses (pure, testable without a GPU).
+# Placement: which GPUs each engine of a node uses (pure, testable without a GPU).
 
 
 @dataclass(frozen=True)
 class EnginePlacement:
-    """Where one SGLang engine runs: GPUs base_gpu_id .. base_gpu_id + tp_size - 1 of the node."""
+    """Where one SGLang engine runs: GPUs base_gpu_id .. base_gpu_id + tp_size - 1 of the node.
+
+    Its process sees exactly these GPUs (CUDA_VISIBLE_DEVICES), as cuda:0 .. cuda:tp_size - 1.
+    Its TCP ports are not part of the placement: `start_sglang_engine` reserves free ones.
+    """
 
     role: str  # "student" | "teacher"
     base_gpu_id: int
     tp_size: int
-    port: int
-    nccl_port: int
+
+    @property
+    def gpus(self) -> list[int]:
+        return list(range(self.base_gpu_id, self.base_gpu_id + self.tp_size))
 
 
 class Placement(NamedTuple):
@@ -89,7 +125,7 @@ class Placement(NamedTuple):
 
 
 def teacher_placement(mode: str, local_rank: int, local_world_size: int, gpus_per_node: int,
-                      teacher_tp_size: int = 1, base_port: int = DEFAULT_BASE_PORT) -> Placement:
+                      teacher_tp_size: int = 1) -> Placement:
     """The engines a training rank owns, given where the teacher goes.
 
     Every rank owns a student engine with tp_size 1 on its own GPU (`local_rank`), since its
@@ -100,23 +136,13 @@ def teacher_placement(mode: str, local_rank: int, local_world_size: int, gpus_pe
     - "dedicated": on the GPUs training does not use, local_world_size .. gpus_per_node - 1 (the
       paper's 6 + 2 per node); local ranks 0 .. k - 1 own the k = (gpus_per_node - local_world_size)
       / t teacher engines.
-    Ports are distinct for every engine of the node: slot 2 * local_rank for the student, slot
-    2 * local_rank + 1 for the teacher, PORT_STRIDE ports per slot from base_port.
     """
     if not 0 <= local_rank < local_world_size <= gpus_per_node:
         raise ValueError(f"need 0 <= local_rank < local_world_size <= gpus_per_node, got {local_rank}, "
                          f"{local_world_size}, {gpus_per_node}")
     if teacher_tp_size < 1:
         raise ValueError(f"teacher_tp_size must be >= 1, got {teacher_tp_size}")
-    last_port = base_port + 2 * local_world_size * PORT_STRIDE
-    if base_port < 1024 or last_port > 65535:
-        raise ValueError(f"ports {base_port}..{last_port} needed by {local_world_size} ranks fall outside 1024..65535")
-
-    def ports(slot: int) -> tuple[int, int]:
-        port = base_port + slot * PORT_STRIDE
-        return port, port + PORT_STRIDE // 2
-
-    student = EnginePlacement("student", local_rank, 1, *ports(2 * local_rank))
+    student = EnginePlacement("student", local_rank, 1)
     if mode == "colocated":
         if local_world_size % teacher_tp_size:
             raise ValueError(f"colocated teacher: teacher_tp_size {teacher_tp_size} must divide the "
@@ -133,7 +159,7 @@ def teacher_placement(mode: str, local_rank: int, local_world_size: int, gpus_pe
         teacher_gpu = local_world_size + local_rank * teacher_tp_size
     else:
         raise ValueError(f"teacher_placement must be 'colocated' or 'dedicated', got {mode!r}")
-    teacher = EnginePlacement("teacher", teacher_gpu, teacher_tp_size, *ports(2 * local_rank + 1)) if owns else None
+    teacher = EnginePlacement("teacher", teacher_gpu, teacher_tp_size) if owns else None
     return Placement(student, teacher)
 
 
@@ -186,7 +212,7 @@ def step_order(needs_teacher: bool) -> list[Action]:
 
 
 # --------------------------------------------------------------------------------------------
-# The engine.
+# The engine's configuration and the checks around it (pure, testable without a GPU).
 
 
 @dataclass
@@ -196,13 +222,20 @@ class SGLangEngineConfig:
     mem_fraction_static: float = 0.35  # of the memory free at the engine's start: see mem_fraction_static()
     dtype: str = "bfloat16"
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # size of one flattened bucket of a weight push
-    log_path: str | None = None  # where the engine's scheduler processes write; None: this process's stderr
+    log_path: str | None = None  # the engine process's log (SGLang's processes too); None: the trainer's stderr
     random_seed: int = 0
+    # SGLang's deterministic inference: the only mode in which it uses each request's sampling_seed,
+    # so the only one in which rollouts are reproducible (batch-invariant kernels, slower).
+    deterministic: bool = False
+    processor_path: str | None = None  # a VLM's processor folder when model_path lacks it (a checkpoint)
+    port: int | None = None  # None: reserved by start_sglang_engine
+    nccl_port: int | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)  # more sglang ServerArgs fields
 
 
 def engine_args(cfg: SGLangEngineConfig) -> dict[str, Any]:
-    """The keyword arguments of `sglang.Engine` (SGLang's ServerArgs fields) for this engine."""
+    """The keyword arguments of `sglang.Engine` (SGLang's ServerArgs fields) for this engine, as
+    its process sees the world: its GPUs are cuda:0 .. tp_size - 1."""
     student = cfg.placement.role == "student"
     return {
         "model_path": cfg.model_path,
@@ -219,18 +252,54 @@ def engine_args(cfg: SGLangEngineConfig) -> dict[str, Any]:
         "enable_weights_cpu_backup": not student,
         "mem_fraction_static": cfg.mem_fraction_static,
         "tp_size": cfg.placement.tp_size,
-        "base_gpu_id": cfg.placement.base_gpu_id,
-        "port": cfg.placement.port,
-        "nccl_port": cfg.placement.nccl_port,
+        "base_gpu_id": 0,  # CUDA_VISIBLE_DEVICES of the engine's process names its GPUs
+        "port": cfg.port,
+        "nccl_port": cfg.nccl_port,
         "dtype": cfg.dtype,
         "random_seed": cfg.random_seed,
+        "enable_deterministic_inference": cfg.deterministic,
         "log_level": "error",
         **cfg.extra_args,
     }
 
 
-class EngineDiedError(RuntimeError):
-    """An engine process is gone or failed a call; the message names the engine and its log."""
+def model_architectures(folder: str | Path) -> list[str]:
+    """config.json's "architectures" of a Hugging Face folder; ValueError naming the file if absent."""
+    path = Path(folder) / "config.json"
+    try:
+        archs = json.loads(path.read_text()).get("architectures")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the model's architectures: {e}") from e
+    if not archs:
+        raise ValueError(f'{path}: no "architectures" list: SGLang picks its model class from it')
+    return list(archs)
+
+
+def check_architectures(folder: str | Path, supported: Collection[str], version: str) -> None:
+    """Raise ValueError unless one of `folder`'s architectures is among SGLang's `supported` ones."""
+    archs = model_architectures(folder)
+    if any(a in supported for a in archs):
+        return
+    qwen = sorted(a for a in supported if a.startswith("Qwen3_5"))
+    hint = (" SGLang registers Qwen3.5 only as the image-text-to-text model (" + ", ".join(qwen) + "): its "
+            "text-only Qwen3_5ForCausalLM class is not registered; serve the full Qwen3.5 folder (with its "
+            "vision tower) or use rollout.engine = transformers." if any(a.startswith("Qwen3_5") for a in archs)
+            else "")
+    raise ValueError(f"{Path(folder) / 'config.json'}: architectures {archs} are not served by the installed "
+                     f"SGLang {version} ({len(supported)} registered architectures).{hint}")
+
+
+def check_sglang_result(op: str, result: Any, engine: str) -> None:
+    """Raise RuntimeError unless an SGLang control call reports success: `(success, message)` from
+    update_weights_from_tensor, an object with `.success` / `.message` from flush_cache."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], bool):
+        ok, message = result
+    elif hasattr(result, "success"):
+        ok, message = result.success, getattr(result, "message", "")
+    else:
+        raise RuntimeError(f"{engine}: {op} returned {result!r}, not a success status")
+    if not ok:
+        raise RuntimeError(f"{engine}: {op} failed: {message or '(no message)'}")
 
 
 def parse_output(out: dict, engine: str) -> tuple[list[int], str, list[float]]:
@@ -261,6 +330,10 @@ def dead_pids(pids: Iterable[int]) -> list[int]:
     return dead
 
 
+# --------------------------------------------------------------------------------------------
+# The push's transport: CUDA IPC handles made in the trainer, opened by SGLang's schedulers.
+
+
 @contextmanager
 def _expandable_segments_off() -> Iterator[None]:
     """Allocate with plain cudaMalloc segments while a push runs.
@@ -278,176 +351,246 @@ def _expandable_segments_off() -> Iterator[None]:
             torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
-@contextmanager
-def _stdio_to(path: str | None) -> Iterator[None]:
-    """Point fds 1 and 2 at `path` while SGLang spawns its processes, which inherit them."""
-    if path is None:
-        yield
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    saved = [os.dup(1), os.dup(2)]
-    with open(path, "ab") as log:
-        try:
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
+@dataclass
+class IpcBucket:
+    """One flattened bucket as the engine's process receives it: what it holds, and one serialized
+    payload (the flat tensor's CUDA IPC handle + SGLang's FlattenedTensorMetadata) per TP rank."""
+
+    items: list[tuple[str, tuple[int, ...]]]
+    payloads: list[str]
 
 
-class SGLangEngine:
-    """A `RolloutEngine` backed by an in-process `sglang.Engine` on the GPUs of its placement.
+class IpcBucketReader:
+    def decode(self, message: tuple) -> IpcBucket:
+        return IpcBucket(*message)
 
-    expected: the HF parameter names and full shapes a push may carry (`weight_sync.weight_shapes`
-        of the trainer's model); a bucket with any other name or shape fails before it is sent.
-    Calls are serialized by a lock: a release or push requested while a generate is in flight on
-    another thread waits for it to finish. Sampling log-probs are those SGLang reports: of the
-    temperature-scaled distribution (SGLANG_RETURN_ORIGINAL_LOGPROB unset); with top_p < 1 they are
-    not renormalized over the nucleus.
+
+class CudaIpcTransport:
+    """The trainer's side of a push into an SGLang engine (see `EngineProcess`'s transports).
+
+    Each bucket (one dtype, GPU tensors) is concatenated into one flat tensor and serialized with
+    SGLang's own serializer, once per TP rank (each rank releases its own IPC reference). The flat
+    tensor is kept until the engine asks for the next bucket (it has loaded this one), then
+    `torch.cuda.ipc_collect()` drops the handles the engine is done with, so copies do not pile up.
+    SGLang's reduction patch names a tensor's device by UUID: the engine's process numbers its GPUs
+    from 0, the trainer's does not. These are the only parts of SGLang the trainer imports; importing
+    the package applies its transformers compatibility patches and cache-folder defaults there too.
     """
 
-    def __init__(self, cfg: SGLangEngineConfig, tokenizer: PreTrainedTokenizerBase,
-                 expected: Mapping[str, torch.Size]):
-        sglang = import_sglang()
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.expected = dict(expected)
-        p = cfg.placement
-        self.name = f"SGLang {p.role} engine (GPUs {p.base_gpu_id}..{p.base_gpu_id + p.tp_size - 1}, port {p.port})"
-        self.timings = Timings()
-        self._lock = threading.Lock()
-        self._released: set[str] = set()
-        # A dummy-loaded student samples from random weights until its first complete push.
-        self._weights_valid = p.role != "student"
-        with _stdio_to(cfg.log_path):
-            self._engine = sglang.Engine(**engine_args(cfg))
-        self._child_pids = list(self._engine.get_all_child_pids())  # schedulers and detokenizer
+    def __init__(self, tp_size: int):
+        self.tp_size = tp_size
+        self._inflight: torch.Tensor | None = None
 
-    # -- liveness --------------------------------------------------------------------------
-
-    def _log_hint(self) -> str:
-        return f"its log: {self.cfg.log_path}" if self.cfg.log_path else "its log is this process's stderr"
-
-    def _call(self, op: str, fn, *args, **kwargs):
-        """Run one SGLang call, turning a failure into an error that names the engine and its log.
-
-        The engine's processes are checked first: a request sent to a dead scheduler would wait
-        for an answer that never comes.
-        """
-        dead = dead_pids(self._child_pids)
-        if dead:
-            raise EngineDiedError(f"{self.name}: process(es) {dead} exited before {op}; {self._log_hint()}")
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            died = " (an engine process died)" if dead_pids(self._child_pids) else ""
-            raise EngineDiedError(f"{self.name}: {op} failed{died}: {type(e).__name__}: {e}; "
-                                  f"{self._log_hint()}") from e
-
-    # -- RolloutEngine ------------------------------------------------------------------------
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 images: Sequence[Any] | None = None) -> list[list[Sample]]:
-        """n samples per prompt, grouped per prompt; `images[i]` (any form SGLang's `image_data`
-        accepts: a path, PIL image, or a list of them) goes with prompts[i] for a VLM student."""
-        if (params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1
-                or (params.top_k is not None and params.top_k < 0)):
-            raise ValueError(f"invalid sampling parameters: {params}")
-        if images is not None and len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        with self._lock, self.timings.measure("generate"):
-            if self._released:
-                raise RuntimeError(f"{self.name}: generate with {sorted(self._released)} released; resume first")
-            if not self._weights_valid:
-                raise RuntimeError(f"{self.name}: no complete weight push yet; its weights are random")
-            # Each prompt is repeated n times as its own request rather than sent with SGLang's `n`:
-            # the grouping is then ours to define, and the radix cache still computes the shared
-            # prompt's KV once. Each request gets its own seed, derived from params.seed.
-            flat = [p for p in prompts for _ in range(params.n)]
-            eos = self.tokenizer.eos_token_id
-            # SGLang's "no top-k" is -1 (it refuses 0).
-            sampling = [{"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
-                         "max_new_tokens": params.max_new_tokens, "stop_token_ids": [eos],
-                         "sampling_seed": params.seed * 1_000_003 + i} for i in range(len(flat))]
-            kwargs = {}
-            if images is not None:
-                kwargs["image_data"] = [im for im in images for _ in range(params.n)]
-            outs = self._call("generate", self._engine.generate, input_ids=flat, sampling_params=sampling,
-                              return_logprob=True, **kwargs)
-        samples = []
-        for out in outs:
-            ids, reason, logprobs = parse_output(out, self.name)
-            samples.append(Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True), reason, logprobs))
-        return [samples[i : i + params.n] for i in range(0, len(samples), params.n)]
-
-    def release_memory(self, tags: Sequence[str] = MEMORY_TAGS) -> None:
-        """Free the GPU memory of `tags` (KV cache first, then weights: the verl/slime order)."""
-        tags = self._check_tags(tags)
-        with self._lock, self.timings.measure("release"):
-            todo = [t for t in (KV_CACHE, WEIGHTS) if t in tags and t not in self._released]
-            if todo:
-                self._call("release_memory_occupation", self._engine.release_memory_occupation, tags=todo)
-                self._released.update(todo)
-
-    def resume_memory(self, tags: Sequence[str] = MEMORY_TAGS) -> None:
-        """Map the memory of `tags` back (weights before KV cache). The student's resumed weights
-        hold garbage until the next push; the teacher's come back from their host copy."""
-        tags = self._check_tags(tags)
-        with self._lock, self.timings.measure("resume"):
-            todo = [t for t in (WEIGHTS, KV_CACHE) if t in tags and t in self._released]
-            if todo:
-                self._call("resume_memory_occupation", self._engine.resume_memory_occupation, tags=todo)
-                self._released.difference_update(todo)
-                if WEIGHTS in todo and self.cfg.placement.role == "student":
-                    self._weights_valid = False
-
-    def update_weights(self, buckets: Iterable[Bucket], names: Collection[str] | None = None) -> None:
-        """Push full tensors by HF name: one flattened bucket per `update_weights_from_tensor` call.
-
-        Each bucket (one dtype, GPU tensors) is concatenated into one flat tensor that the engine
-        maps by CUDA IPC and loads; `torch.cuda.ipc_collect()` after each bucket drops the IPC
-        handles the engine has finished with, so the pushed copies do not pile up. The cache is
-        flushed once at the end. With `names`, every name is checked before the first bucket is
-        drawn; without, each bucket is checked before it is sent, and a bad name met after some
-        buckets went out leaves the student unusable until a complete push (generate refuses).
-        """
-        if WEIGHTS in self._released:
-            raise RuntimeError(f"{self.name}: push with the weights released; resume {WEIGHTS!r} first")
-        if names is not None:
-            check_weight_names(names, self.expected, self.name)
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-
+    @contextmanager
+    def push_context(self) -> Iterator[None]:
         try:  # CUDA IPC handles that name the device by UUID, so TP ranks map the right GPU
             from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
         except ImportError:  # the module's older home
             from sglang.srt.patch_torch import monkey_patch_torch_reductions
         monkey_patch_torch_reductions()
-        with self._lock, self.timings.measure("push"), _expandable_segments_off():
-            self._weights_valid = False
-            for bucket in buckets:
-                check_push(((n, t.shape) for n, t in bucket), self.expected, self.name)
-                flat, entries = flatten_bucket(bucket)
-                payload = {"flattened_tensor": flat,
-                           "metadata": [FlattenedTensorMetadata(e.name, e.shape, e.dtype, e.start_idx, e.end_idx,
-                                                                e.numel) for e in entries]}
-                # One serialized copy per TP rank: each rank releases its own IPC reference.
-                serialized = [MultiprocessingSerializer.serialize(payload, output_str=True)
-                              for _ in range(self.cfg.placement.tp_size)]
-                self._call("update_weights_from_tensor", self._engine.update_weights_from_tensor,
-                           named_tensors=serialized, load_format="flattened_bucket", flush_cache=False)
-                del flat, payload, serialized
-                torch.cuda.ipc_collect()
-            self._call("flush_cache", self._engine.flush_cache)
-            self._weights_valid = True
+        with _expandable_segments_off():
+            yield
 
-    def pop_timings(self) -> dict[str, float]:
-        return self.timings.pop()
+    def encode(self, bucket: Bucket) -> tuple:
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+        flat, entries = flatten_bucket(bucket)
+        payload = {"flattened_tensor": flat,
+                   "metadata": [FlattenedTensorMetadata(e.name, e.shape, e.dtype, e.start_idx, e.end_idx, e.numel)
+                                for e in entries]}
+        serialized = [MultiprocessingSerializer.serialize(payload, output_str=True) for _ in range(self.tp_size)]
+        self._inflight = flat
+        return [(e.name, tuple(e.shape)) for e in entries], serialized
+
+    def release(self) -> None:
+        if self._inflight is not None:
+            self._inflight = None
+            torch.cuda.ipc_collect()
+
+    def child(self) -> IpcBucketReader:
+        return IpcBucketReader()
+
+    def close(self) -> None:
+        self._inflight = None
+
+
+# --------------------------------------------------------------------------------------------
+# The engine: `SGLangEngine` runs in the engine's process; the trainer starts it with
+# `start_sglang_engine`.
+
+
+def start_sglang_engine(cfg: SGLangEngineConfig, expected: Mapping[str, torch.Size],
+                        timeout_s: float | None = None) -> EngineProcess:
+    """Start one SGLang engine in a process of its own and return it as a `RolloutEngine`.
+
+    Its TCP ports are reserved here (`reserve_port`) unless `cfg` names them. Fails (ValueError from
+    the engine's start, naming config.json) when the installed SGLang does not serve the folder's
+    architecture. `expected`: the HF names and full shapes a push may carry (`weight_sync.weight_shapes`
+    of the trainer's model; empty for a teacher, which is never pushed).
+    """
+    cfg = replace(cfg, port=cfg.port or reserve_port(), nccl_port=cfg.nccl_port or reserve_port())
+    p = cfg.placement
+    name = f"SGLang {p.role} engine (GPUs {p.base_gpu_id}..{p.base_gpu_id + p.tp_size - 1})"
+    return EngineProcess(partial(SGLangEngine, cfg, dict(expected)), name, gpus=p.gpus, log_path=cfg.log_path,
+                         transport=CudaIpcTransport(p.tp_size), timeout_s=timeout_s)
+
+
+class SGLangEngine:
+    """A `RolloutEngine` backed by `sglang.Engine`; built inside its `EngineProcess` child.
+
+    expected: the HF parameter names and full shapes a push may carry; a bucket with any other
+        name or shape fails before it is loaded.
+    Sampling log-probs are those SGLang reports: of the temperature-scaled distribution
+    (SGLANG_RETURN_ORIGINAL_LOGPROB unset); with top_p < 1 they are not renormalized over the nucleus.
+    """
+
+    def __init__(self, cfg: SGLangEngineConfig, expected: Mapping[str, torch.Size]):
+        from zppo_fast.model import load_tokenizer
+        from zppo_fast.vlm import load_processor
+
+        sglang = import_sglang()
+        self.cfg, self.expected = cfg, dict(expected)
+        p = cfg.placement
+        self.name = f"SGLang {p.role} engine (GPUs {p.base_gpu_id}..{p.base_gpu_id + p.tp_size - 1})"
+        self._released: set[str] = set()
+        # A dummy-loaded student samples from random weights until its first complete push.
+        self._weights_valid = p.role != "student"
+        self.tokenizer = load_tokenizer(cfg.model_path)
+        vlm = "vision_config" in json.loads((Path(cfg.model_path) / "config.json").read_text())
+        self.processor = load_processor(cfg.processor_path or cfg.model_path) if vlm else None
+        try:
+            from sglang.srt.models.registry import ModelRegistry
+        except ImportError as e:
+            log.warning("cannot read SGLang's model registry (%s): the architecture of %s is not checked "
+                        "before the engine starts", e, cfg.model_path)
+        else:
+            check_architectures(cfg.model_path, set(ModelRegistry.get_supported_archs()), sglang.__version__)
+        log.warning("%s: rollouts are %s", self.name,
+                    "reproducible: deterministic inference is on, each request's sampling_seed is used"
+                    if cfg.deterministic else "not reproducible: deterministic inference is off, so SGLang "
+                    "ignores sampling_seed (rollout.reproducible = true turns it on)")
+        self._engine = sglang.Engine(**engine_args(cfg))
+        self._child_pids = list(self._engine.get_all_child_pids())  # schedulers and detokenizer
+
+    def _call(self, op: str, fn, *args, **kwargs):
+        """Run one SGLang call, turning a failure into an error that names the engine.
+
+        The scheduler processes are checked first: a request sent to a dead scheduler would wait
+        for an answer that never comes.
+        """
+        dead = dead_pids(self._child_pids)
+        if dead:
+            raise EngineDiedError(f"{self.name}: SGLang process(es) {dead} exited before {op}")
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            died = " (an SGLang process died)" if dead_pids(self._child_pids) else ""
+            raise EngineDiedError(f"{self.name}: {op} failed{died}: {type(e).__name__}: {e}") from e
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: Sequence[Sequence[Any]] | None = None) -> list[list[Sample]]:
+        """n samples per prompt, grouped per prompt; `images[i]` (a VLM student's) is prompts[i]'s
+        list of images, whose expanded placeholders the prompt ids hold (`zppo_fast.vlm.vlm_prompt`)."""
+        if (params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1
+                or (params.top_k is not None and params.top_k < 0)):
+            raise ValueError(f"invalid sampling parameters: {params}")
+        if self._released:
+            raise RuntimeError(f"{self.name}: generate with {sorted(self._released)} released; resume first")
+        if not self._weights_valid:
+            raise RuntimeError(f"{self.name}: no complete weight push yet; its weights are random")
+        kwargs = {}
+        if images is not None:
+            kwargs["image_data"] = [d for d in self._image_data(prompts, images) for _ in range(params.n)]
+        # Each prompt is repeated n times as its own request rather than sent with SGLang's `n`:
+        # the grouping is then ours to define, and the radix cache still computes the shared
+        # prompt's KV once. Each request gets its own sampling_seed, derived from params.seed; SGLang
+        # uses it only with deterministic inference on (see the module docstring).
+        flat = [p for p in prompts for _ in range(params.n)]
+        eos = self.tokenizer.eos_token_id
+        # SGLang's "no top-k" is -1 (it refuses 0).
+        sampling = [{"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
+                     "max_new_tokens": params.max_new_tokens, "stop_token_ids": [eos],
+                     "sampling_seed": params.seed * 1_000_003 + i} for i in range(len(flat))]
+        outs = self._call("generate", self._engine.generate, input_ids=flat, sampling_params=sampling,
+                          return_logprob=True, **kwargs)
+        samples = []
+        for i, (prompt, out) in enumerate(zip(flat, outs)):
+            seen = out["meta_info"].get("prompt_tokens")
+            if seen != len(prompt):
+                raise RuntimeError(f"{self.name}: request {i} was sampled from {seen} prompt tokens, but the "
+                                   f"trainer sent {len(prompt)}: SGLang changed the prompt ids")
+            ids, reason, logprobs = parse_output(out, self.name)
+            samples.append(Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True), reason, logprobs))
+        return [samples[i : i + params.n] for i in range(0, len(samples), params.n)]
+
+    def prompt_ids(self, prompts: list[list[int]], images: Sequence[Sequence[Any]] | None = None) -> list[list[int]]:
+        """The ids SGLang runs each prompt as (from its prompt log-probs): for tests that check it
+        samples from exactly the trainer's ids."""
+        kwargs = {} if images is None else {"image_data": self._image_data(prompts, images)}
+        outs = self._call("generate", self._engine.generate, input_ids=prompts, return_logprob=True,
+                          logprob_start_len=0, sampling_params={"max_new_tokens": 1, "temperature": 0.0}, **kwargs)
+        return [[int(e[1]) for e in out["meta_info"]["input_token_logprobs"]] for out in outs]
+
+    def release_memory(self, tags: Sequence[str] = MEMORY_TAGS) -> None:
+        """Free the GPU memory of `tags` (KV cache first, then weights: the verl/slime order)."""
+        tags = self._check_tags(tags)
+        todo = [t for t in (KV_CACHE, WEIGHTS) if t in tags and t not in self._released]
+        if todo:
+            self._call("release_memory_occupation", self._engine.release_memory_occupation, tags=todo)
+            self._released.update(todo)
+
+    def resume_memory(self, tags: Sequence[str] = MEMORY_TAGS) -> None:
+        """Map the memory of `tags` back (weights before KV cache). The student's resumed weights
+        hold garbage until the next push; the teacher's come back from their host copy."""
+        tags = self._check_tags(tags)
+        todo = [t for t in (WEIGHTS, KV_CACHE) if t in tags and t in self._released]
+        if todo:
+            self._call("resume_memory_occupation", self._engine.resume_memory_occupation, tags=todo)
+            self._released.difference_update(todo)
+            if WEIGHTS in todo and self.cfg.placement.role == "student":
+                self._weights_valid = False
+
+    def update_weights(self, buckets: Iterable[IpcBucket], names: Collection[str] | None = None) -> None:
+        """Load pushed buckets (from `CudaIpcTransport`): one `update_weights_from_tensor` call each,
+        its (success, message) asserted, then one `flush_cache`, asserted too.
+
+        With `names`, every name is checked before the first bucket is drawn; each bucket's names
+        and shapes are checked before it is loaded. A failure after some buckets were loaded leaves
+        the student unusable until a complete push (generate refuses).
+        """
+        if WEIGHTS in self._released:
+            raise RuntimeError(f"{self.name}: push with the weights released; resume {WEIGHTS!r} first")
+        if names is not None:
+            check_weight_names(names, self.expected, self.name)
+        self._weights_valid = False
+        for bucket in buckets:
+            check_push(((n, torch.Size(s)) for n, s in bucket.items), self.expected, self.name)
+            result = self._call("update_weights_from_tensor", self._engine.update_weights_from_tensor,
+                                named_tensors=bucket.payloads, load_format="flattened_bucket", flush_cache=False)
+            check_sglang_result("update_weights_from_tensor", result, self.name)
+        check_sglang_result("flush_cache", self._call("flush_cache", self._engine.flush_cache), self.name)
+        self._weights_valid = True
 
     def shutdown(self) -> None:
         self._engine.shutdown()
+
+    def _image_data(self, prompts: list[list[int]], images: Sequence[Sequence[Any]]) -> list[list[dict] | None]:
+        """Per prompt, its images as the processor's output, the form in which SGLang keeps the
+        prompt's ids as given (raw images make it decode and re-tokenize them); None: no images."""
+        from zppo_fast.vlm import encode_images
+
+        if self.processor is None:
+            raise ValueError(f"{self.name}: images given, but {self.cfg.model_path} has no vision tower")
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts (give [] for a prompt "
+                             "without images)")
+        data = []
+        for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+            enc = encode_images(self.processor, imgs, prompt, where=f"prompt {i}")
+            data.append(None if enc is None else [{"format": "processor_output", "pixel_values": enc.pixel_values,
+                                                   "image_grid_thw": enc.image_grid_thw}])
+        return data
 
     def _check_tags(self, tags: Sequence[str]) -> set[str]:
         unknown = set(tags) - set(MEMORY_TAGS)

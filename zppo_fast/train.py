@@ -65,6 +65,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,7 +86,16 @@ from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
 from zppo_fast.datasets import Columns, DatasetError, DatasetFile
 from zppo_fast.distributed import destroy_distributed, init_distributed
-from zppo_fast.engine import KV_CACHE, WEIGHTS, SamplingParams, TransformersEngine
+from zppo_fast.engine import (
+    KV_CACHE,
+    PUSH_CHECK_TOLERANCE,
+    WEIGHTS,
+    SamplingParams,
+    TransformersEngine,
+    build_transformers_engine,
+    check_push_took_effect,
+)
+from zppo_fast.engine_process import EngineProcess
 from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
 from zppo_fast.graders import GRADERS, get_grader
@@ -107,7 +117,7 @@ from zppo_fast.report import write_report
 from zppo_fast.reward import final_answer
 from zppo_fast.sft import ensure_warm_start
 from zppo_fast.task import ArithmeticTask, Problem
-from zppo_fast.vlm import VLMPolicy, VLMPrompt, is_vlm, load_processor, load_vlm, vlm_prompt
+from zppo_fast.vlm import VLMPolicy, VLMPrompt, is_vlm, load_processor, vlm_prompt
 from zppo_fast.weight_sync import iter_weight_buckets, weight_names, weight_shapes
 from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, grader_scores, replay_count
 
@@ -181,7 +191,7 @@ class Trainer:
             teacher_tok = load_tokenizer(teacher_dir)
             if is_vlm(model_from_config(teacher_dir, cfg.model.dtype, meta=True)):
                 self.teacher_processor = load_processor(teacher_dir)
-            self.teacher_engine = self.make_engine("teacher", teacher_dir, teacher_tok)
+            self.teacher_engine = self.make_engine("teacher", teacher_dir)
             self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
         self.teacher_tokenizer = teacher_tok
 
@@ -223,7 +233,7 @@ class Trainer:
             load_full_state(self.policy, read_state_dict(source) if dist.is_main else None)
 
         # 6. The student's rollout engine holds its own full copy of the weights, set by pushes.
-        self.engine = self.make_engine("student", source, self.tokenizer)
+        self.engine = self.make_engine("student", source)
 
         # 7. The teacher's part of a step: BCQ / NCQ prompts (Reformulator), Hint or Prefix prompts
         #    (HintPrefixBuilder), or distillation, which compares the two models' distributions id by
@@ -273,25 +283,33 @@ class Trainer:
                                      wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
                                      config=cfg.to_dict()) if dist.is_main else None
 
-        # 10. The engine starts from the trainer's weights.
+        # 10. The engine starts from the trainer's weights, and must be seen to sample from them.
         self.push_weights()
+        self.check_push()
 
-    def make_engine(self, role: str, folder: Path, tokenizer) -> DataParallelEngine:
+    def make_engine(self, role: str, folder: Path) -> DataParallelEngine:
         """This rank's rollout engine for `role` ("student" | "teacher"), wrapped for data-parallel
         calls. The student's starts with arbitrary weights until the first push; the teacher's are
-        read from `folder` and never change."""
-        cfg, dist, dtype = self.cfg.rollout, self.dist, self.cfg.model.dtype
+        read from `folder` and never change. SGLang engines always run in processes of their own
+        (zppo_fast/engine_process.py); the transformers engine in this process or, with
+        `rollout.engine_process = "child"`, in one of its own as well."""
+        cfg, dist = self.cfg.rollout, self.dist
+        processor_path = str(self.cfg.model.path) if role == "student" and self.processor is not None else None
+        log_path = self.run_dir / "logs" / f"{role}_rank{dist.rank}.log"
         if cfg.engine == "transformers":
-            processor = self.processor if role == "student" else self.teacher_processor
-            if role == "student":
-                model = model_from_config(folder, dtype, device=self.device)
-            else:  # an image-text-to-text teacher with its vision tower, or a causal LM
-                model = (load_vlm if processor is not None else load_model)(folder, dtype)[0]
-                model = model.to(self.device).eval().requires_grad_(False)
-            return DataParallelEngine(TransformersEngine(model, tokenizer, cfg.batch_size, processor=processor), dist)
+            if cfg.engine_process == "inline":
+                engine = build_transformers_engine(str(folder), role, self.cfg.model.dtype, str(self.device),
+                                                   cfg.batch_size, processor_path)
+                return DataParallelEngine(engine, dist)
+            # In its own process the engine sees this rank's GPU only, as cuda:0.
+            cuda = self.device.type == "cuda"
+            factory = partial(build_transformers_engine, str(folder), role, self.cfg.model.dtype,
+                              "cuda" if cuda else "cpu", cfg.batch_size, processor_path)
+            return DataParallelEngine(EngineProcess(factory, f"transformers {role} engine (rank {dist.rank})",
+                                                    gpus=[dist.local_rank] if cuda else None, log_path=log_path), dist)
         if cfg.engine != "sglang":
             raise ConfigError(f"rollout.engine must be transformers or sglang, got {cfg.engine!r}")
-        from zppo_fast.sglang_engine import SGLangEngine, SGLangEngineConfig, import_sglang, teacher_placement
+        from zppo_fast.sglang_engine import SGLangEngineConfig, import_sglang, start_sglang_engine, teacher_placement
 
         if self.device.type != "cuda":
             raise ConfigError("rollout.engine = sglang runs on CUDA GPUs; use rollout.engine = transformers on the CPU")
@@ -303,12 +321,20 @@ class Trainer:
         owners = [r for r, owns in enumerate(dist.all_gather(mine is not None)) if owns]
         engine = None
         if mine is not None:
-            engine = SGLangEngine(
+            engine = start_sglang_engine(
                 SGLangEngineConfig(str(folder), mine, cfg.student_mem_fraction if role == "student"
                                    else cfg.teacher_mem_fraction, random_seed=self.cfg.run.seed,
-                                   log_path=str(self.run_dir / "logs" / f"{role}_rank{dist.rank}.log")),
-                tokenizer, expected=weight_shapes(self.policy.lm) if role == "student" else {})
+                                   deterministic=cfg.reproducible, processor_path=processor_path,
+                                   log_path=str(log_path)),
+                expected=weight_shapes(self.policy.lm) if role == "student" else {})
         return DataParallelEngine(engine, dist, owners)
+
+    def shutdown_engines(self) -> None:
+        """Shut down the engines that run in processes of their own (those left at exit are ended
+        by their finalizers, without a graceful engine shutdown)."""
+        for wrapped in (self.engine, self.teacher_engine):
+            if isinstance(getattr(wrapped, "engine", None), EngineProcess):
+                wrapped.engine.shutdown()
 
     def scoring_teacher(self, folder: Path) -> Policy:
         """The frozen teacher as the distillation loss reads it: a packed micro-batch in, final
@@ -598,13 +624,36 @@ class Trainer:
 
     def push_weights(self) -> None:
         """The student's engine gets the trainer's weights: its weight memory back, every bucket
-        (each rank gathers the full tensors; the engine owners load them), then its KV cache."""
+        (each rank gathers the full tensors; the engine owners load them), then its KV cache.
+        SGLang gets bf16 buckets (its compute dtype) but fp32 ones for the parameters it keeps in
+        fp32 (`weight_sync.FULL_PRECISION`, e.g. A_log); the transformers engine every parameter in
+        its own dtype."""
         lm, sglang = self.policy.lm, self.cfg.rollout.engine == "sglang"
         self.engine.resume_memory((WEIGHTS,))
         self.engine.update_weights(iter_weight_buckets(lm, self.cfg.parallel.weight_bucket_mb << 20,
                                                        dtype=torch.bfloat16 if sglang else None),
                                    names=weight_names(lm))
         self.engine.resume_memory((KV_CACHE,))
+
+    def check_push(self) -> float:
+        """Raise unless the student's engine samples from the pushed weights: its sampling log-probs
+        on a fixed prompt against the trainer's own (`engine.check_push_took_effect`). Every rank
+        takes part (a data-parallel generate, then the trainer's forward). Returns the mean gap."""
+        cfg = self.cfg
+        low = (cfg.rollout.engine == "sglang" or self.device.type == "cuda" or cfg.model.dtype == "bfloat16"
+               or cfg.parallel.param_dtype == "bfloat16")
+        tolerance = cfg.rollout.push_check_tolerance or PUSH_CHECK_TOLERANCE[torch.bfloat16 if low else torch.float32]
+        prompt = chat_prompt_ids(self.tokenizer, "What is 12 + 30?")
+        params = SamplingParams(temperature=cfg.rollout.temperature or 1.0, max_new_tokens=8, seed=cfg.run.seed)
+
+        def trainer_logprobs(prompt: list[int], completion: list[int]) -> torch.Tensor:
+            # One row per rank, so every rank's forward has work; all rows are the same sequence.
+            rows = RolloutBatch([Rollout(prompt, completion, 0.0, 0) for _ in range(self.dist.world_size)])
+            mine, _ = self.logprobs(rows)
+            return torch.tensor([r for part in self.dist.all_gather([v.tolist() for v in mine.values()])
+                                 for r in part][0])
+
+        return check_push_took_effect(self.engine, prompt, trainer_logprobs, params, tolerance, "the student's engine")
 
     def rollout_metrics(self, batch: RolloutBatch, accuracy: list[float], samples, entropy: float | None
                         ) -> dict[str, float]:
@@ -743,7 +792,10 @@ def _train(cfg: Config, resume: str | None) -> None:
     trainer = Trainer(cfg, resume=resume)
     if trainer.dist.is_main:
         print(cfg.to_json())
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown_engines()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ from torch.distributed.tensor import DTensor
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 
+# Parameters an engine keeps in fp32 whatever its compute dtype, by the last segment of their
+# name: SGLang's Qwen3.5 Gated-DeltaNet creates A_log as float32 (srt/models/qwen3_5.py), so a push
+# cast to bf16 would round it before SGLang widens it back. `iter_weight_buckets` never casts these.
+FULL_PRECISION = ("A_log",)
+
 # Wrappers that insert a path segment into parameter names without changing the model:
 # torch.compile (`_orig_mod`) and activation checkpointing (`_checkpoint_wrapped_module`).
 # FSDP2's fully_shard wraps nothing, so it adds no segment.
@@ -73,7 +78,8 @@ def weight_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def iter_weight_buckets(
-    model: nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None
+    model: nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
+    keep: tuple[str, ...] = FULL_PRECISION,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield the model's full weights as buckets: lists of (HF name, full tensor).
 
@@ -81,8 +87,9 @@ def iter_weight_buckets(
         parameters may be DTensors sharded on any mesh.
     bucket_bytes: upper bound on the sum of `t.numel() * t.element_size()` over a bucket. A tensor
         larger than the bound is yielded alone in a bucket of its own.
-    dtype: cast every tensor to this dtype first (e.g. fp32 training weights to a bf16 engine);
-        None keeps each parameter's dtype.
+    dtype: cast every tensor to this dtype first (e.g. fp32 training weights to a bf16 engine),
+        except those whose name's last segment is in `keep`, which stay in their own dtype (fp32
+        A_log goes in an fp32 bucket); None keeps each parameter's dtype.
 
     Each bucket holds one dtype only. A tensor has the parameter's full (unsharded) shape, e.g.
     `model.embed_tokens.weight` (V, H), on the parameter's device: for a DTensor, the mesh's
@@ -100,7 +107,7 @@ def iter_weight_buckets(
     open_bytes: dict[torch.dtype, int] = {}
     for name, p in named_weights(model):
         full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-        if dtype is not None:
+        if dtype is not None and name.rsplit(".", 1)[-1] not in keep:
             full = full.to(dtype)
         size = full.numel() * full.element_size()
         if size > bucket_bytes:
