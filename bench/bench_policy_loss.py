@@ -52,7 +52,7 @@ def load_kernels():
 
 
 K = load_kernels()
-from zppo_fast.kernels.linear_logprobs import _accumulate_dw, _logits_f32, choose_chunk_rows
+from zppo_fast.kernels.linear_logprobs import addmm_, choose_chunk_rows, gemm_operand, mm_f32
 
 EPS_LOW, EPS_HIGH, DUAL = 0.2, 0.28, 10.0
 SEQ = 1024  # tokens per sequence for Liger, which takes [B, T] tensors and per-sequence advantages
@@ -72,17 +72,20 @@ def device_name(device: str) -> str:
 
 
 def make_inputs(n, h, v, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = (torch.randn(n, h, generator=g) * 1.0).to(device, dtype).requires_grad_(True)
-    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_(True)
-    tgt = torch.randint(0, v, (n,), generator=g).to(device)
-    old = (-torch.rand(n, generator=g) * 8 - 4).to(device)  # plausible log-probs
+    """Generated on ``device`` itself (a [V, H] weight is ~1e9 elements at the GPU shapes: made
+    on the host it would cost seconds per shape), once per shape and shared by every variant."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = {"generator": g, "device": device}
+    hidden = torch.randn(n, h, **kw).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, **kw) / h**0.5).to(dtype).requires_grad_(True)
+    tgt = torch.randint(0, v, (n,), **kw)
+    old = -torch.rand(n, **kw) * 8 - 4  # plausible log-probs
     n_seq = max(1, n // SEQ)
-    adv_seq = torch.randn(n_seq, generator=g).to(device)
+    adv_seq = torch.randn(n_seq, **kw)
     adv = adv_seq.repeat_interleave(n // n_seq)[:n]
     if adv.numel() < n:
         adv = torch.cat([adv, adv_seq[-1].expand(n - adv.numel())])
-    mask = (torch.rand(n, generator=g) < 0.9).to(device)
+    mask = torch.rand(n, **kw) < 0.9
     return hidden, weight, tgt, old, adv, mask, adv_seq
 
 
@@ -146,21 +149,21 @@ def floor_gemms(hidden, weight, tgt, old, adv, mask):
         n, _ = hidden.shape
         v = weight.shape[0]
         chunk = choose_chunk_rows(n, v, hidden.device)
-        w32 = weight.float() if (not hidden.is_cuda and weight.dtype != torch.float32) else None
+        w_op = gemm_operand(weight)
         dz_dtype = hidden.dtype if hidden.is_cuda else torch.float32
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
         dx = torch.empty_like(hidden)
         dz = None
         for s in range(0, n, chunk):
-            h_c = hidden[s : s + chunk]
-            z = _logits_f32(h_c, weight, w32)  # forward logits
+            h_c = gemm_operand(hidden[s : s + chunk])
+            z = mm_f32(h_c, w_op.t())  # forward logits
             del z
-            z = _logits_f32(h_c, weight, w32)  # recomputed in the backward
+            z = mm_f32(h_c, w_op.t())  # recomputed in the backward
             if dz is None or dz.shape[0] != z.shape[0]:
                 dz = z.to(dz_dtype) if dz_dtype != torch.float32 else z
             del z
-            dx[s : s + chunk] = (dz @ (weight if dz.dtype == weight.dtype else w32)).to(hidden.dtype)
-            _accumulate_dw(dw, dz, h_c)
+            dx[s : s + chunk] = mm_f32(dz, w_op).to(hidden.dtype)
+            addmm_(dw, dz.t(), h_c)
 
 
 VARIANTS = ["eager", "compile", "chunked", "liger", "ours", "floor"]
@@ -187,9 +190,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(name, n, h, v, dtype, device, reps, warmup):
+def measure(name, inputs, device, reps, warmup):
     """Returns dict(ms=median fwd+bwd ms, peak_mb=peak extra MB) or dict(error=...)."""
-    inputs = make_inputs(n, h, v, dtype, device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -210,7 +212,8 @@ def measure(name, n, h, v, dtype, device, reps, warmup):
             run_variant(name, inputs, device)
             sync(device)
             times.append(time.perf_counter() - t0)
-    except torch.cuda.OutOfMemoryError:
+    except torch.OutOfMemoryError:
+        inputs[0].grad = inputs[1].grad = None  # the next variant starts from the inputs alone
         return {"error": "OOM"}
     except ImportError as e:
         return {"error": f"skipped: {e.name or e} not installed"}
@@ -235,7 +238,7 @@ def _proc_status_kb(key):
 def child_main(args):
     n, h, v = map(int, args.child_shape.split("x"))
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    res = measure(args.child, n, h, v, torch.float32, "cpu", args.reps, args.warmup)
+    res = measure(args.child, make_inputs(n, h, v, torch.float32, "cpu"), "cpu", args.reps, args.warmup)
     print("RESULT " + json.dumps(res))
 
 
@@ -283,6 +286,13 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for n, h, v in shapes:
         results = {}
+        inputs = None
+        if dev != "cpu":  # on the CPU each variant's child process makes its own
+            try:
+                inputs = make_inputs(n, h, v, dtype, dev)
+            except torch.OutOfMemoryError:
+                print(f"| {n} | {h} | {v} | inputs | OOM | | | | |", flush=True)
+                continue
         for name in args.variants:
             if name == "ours" and dev == "cpu":
                 results[name] = {"error": "on CPU = chunked (PyTorch path)"}
@@ -320,7 +330,7 @@ def main():
                     else {"error": (out.stderr.strip().splitlines() or ["crashed"])[-1][:120]}
                 )
             else:
-                results[name] = measure(name, n, h, v, dtype, dev, reps, args.warmup)
+                results[name] = measure(name, inputs, dev, reps, args.warmup)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(

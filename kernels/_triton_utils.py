@@ -51,6 +51,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def concrete_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index ("cuda" -> "cuda:<current>"): per-device caches get one key per GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def interpreter_active() -> bool:
     """True when Triton was imported with TRITON_INTERPRET=1 (its own tl.* helpers are then
     interpreted, which is what lets our kernels run on CPU tensors)."""

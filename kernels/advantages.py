@@ -13,28 +13,37 @@ of any int64 value in any order):
 All std are *population* std (divide by the count, not count-1); eps is added to the std,
 outside the square root. Output float32 [R].
 
-Triton: one kernel launch. A persistent kernel with one program per SM (all resident) walks
-the rollouts in a grid-stride loop through five phases separated by grid barriers on a
-never-reset counter: (0) clear a hash table, (1) map group ids to slots by open addressing with
-atomic compare-and-swap and accumulate per-group sum / count / min / max with atomics (no sort
-or unique), (2) A' and per-program sums over S, (3) two-pass variance over S, (4) write A.
+Triton: one kernel launch. A persistent kernel with one program per SM walks the rollouts in a
+grid-stride loop through five phases separated by grid barriers on a never-reset counter:
+(0) clear a hash table, (1) map group ids to slots by open addressing with atomic
+compare-and-swap and accumulate per-group sum / count / min / max with atomics (no sort or
+unique), (2) A' and per-program sums over S, (3) two-pass variance over S, (4) write A.
 Not safe to run concurrently on two CUDA streams (they would share the barrier counter).
-ZPPO_ADVANTAGES_PHASED=1 runs the same phases as five barrier-free launches instead (for GPUs
-that cannot hold one program per SM at once); Triton's interpreter always does this.
+
+A grid barrier needs every program resident at once, which a normal launch does not promise
+(an MPS client capped below the SM count, another kernel holding SMs): it would spin forever.
+So the one launch is cooperative (``launch_cooperative_grid=True``): the driver either makes
+all programs co-resident or refuses the launch. Whether it accepts is probed once per device
+on a tiny batch; where it refuses, or with ZPPO_ADVANTAGES_PHASED=1, the same phases run as
+five barrier-free launches ("phased"), which is also what Triton's interpreter runs. The
+choice is reported once through logging.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 import torch
 
-from ._triton_utils import HAVE_TRITON, _wrap, interpreter_active, kernel, resolve_backend, tl
+from ._triton_utils import HAVE_TRITON, _wrap, concrete_device, interpreter_active, kernel, resolve_backend, tl
 
 MODES = ("batch_wo_zero", "batch_w_zero", "none", "group")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
 _EMPTY = -(2**63)  # hash-table sentinel: int64 min is the one group id we cannot accept
+LAUNCHES = ("cooperative", "phased")
+_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -308,7 +317,7 @@ if HAVE_TRITON:
         """Grid-wide barrier on a monotonically increasing int64 counter (never reset, so no
         memset launch): each program's arrival ticket says which generation it is in, and it
         waits until all ``n_programs`` arrivals of that generation are in. Needs all programs
-        resident at once (the launcher uses at most one program per SM) and ``n_programs`` equal
+        resident at once (a cooperative launch of at most one program per SM) and ``n_programs`` equal
         for every launch that shares BAR (the launcher caches one counter per device x size)."""
         tl.debug_barrier()  # this program's stores are done before it arrives
         ticket = tl.atomic_add(BAR, 1, sem="acq_rel")  # scalar atomic: one thread per program
@@ -334,26 +343,69 @@ def _barrier_counter(device: torch.device, n_programs: int) -> torch.Tensor:
     return _BARRIERS[key]
 
 
-def _advantages_triton(r, g, mode, eps, n_programs=None, phased=None):
-    """One launch of a persistent kernel on CUDA (one program per SM, up to what the batch needs).
+_LAUNCH: dict[str, str] = {}  # per device: "cooperative" or "phased", probed once
 
-    In the interpreter (CPU) the phases run as separate launches over the same program count,
-    because programs run one after another there and cannot meet in a grid barrier.
-    Scratch ~ 28 bytes x 2R (hash table at most half full).
-    """
+
+def advantages_launch(device: torch.device) -> str:
+    """How the Triton kernel runs on ``device``: "cooperative" (one launch, grid barriers) or
+    "phased" (five launches). Probed once per CUDA device with a cooperative launch of the largest
+    grid used (one program per SM) on a 2-rollout batch, and reported once. OutOfMemoryError
+    propagates and records nothing."""
+    device = concrete_device(device)
+    key = str(device)
+    if key in _LAUNCH:
+        return _LAUNCH[key]
+    if device.type != "cuda" or interpreter_active():
+        return "phased"  # the interpreter runs programs one after another: no grid barrier
+    if os.environ.get("ZPPO_ADVANTAGES_PHASED") == "1":
+        launch, why = "phased", "ZPPO_ADVANTAGES_PHASED=1"
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        r = torch.tensor([0.0, 1.0], device=device)
+        g = torch.zeros(2, dtype=torch.int64, device=device)
+        try:
+            _run_kernel(r, g, "none", 0.0, sms, "cooperative")
+            launch, why = "cooperative", f"the driver accepted a cooperative launch of {sms} programs"
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # e.g. CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: nothing ran
+            launch, why = "phased", f"a cooperative launch of {sms} programs was refused: {str(e)[:160]}"
+    _LAUNCH[key] = launch
+    _log.log(
+        logging.INFO if launch == "cooperative" else logging.WARNING,
+        "zppo_fast.kernels normalize_advantages on %s: %s launch (%s)",
+        key,
+        launch,
+        why,
+    )
+    return launch
+
+
+def _advantages_triton(r, g, mode, eps, n_programs=None, launch=None):
+    """The persistent kernel: one program per SM on CUDA (up to what the batch needs), one
+    cooperative launch or five phased ones (``advantages_launch``). Scratch ~ 28 bytes x 2R
+    (hash table at most half full)."""
     n = r.numel()
     on_gpu = r.device.type == "cuda" and not interpreter_active()
-    block = 512 if on_gpu else 1024
     if n_programs is None:
         if on_gpu:
             sms = torch.cuda.get_device_properties(r.device).multi_processor_count
-            n_programs = max(1, min(sms, triton_cdiv(n, block)))
+            n_programs = max(1, min(sms, triton_cdiv(n, _block(on_gpu))))
         else:
             n_programs = 1
-    if phased is None:
-        # ZPPO_ADVANTAGES_PHASED=1: five launches without grid barriers, for GPUs where all
-        # programs may not be resident at once (e.g. an MPS client capped below the SM count).
-        phased = (not on_gpu) or os.environ.get("ZPPO_ADVANTAGES_PHASED") == "1"
+    if launch not in (None, *LAUNCHES):
+        raise ValueError(f"launch must be one of {LAUNCHES}, got {launch!r}")
+    return _run_kernel(r, g, mode, eps, n_programs, launch or advantages_launch(r.device))
+
+
+def _block(on_gpu: bool) -> int:
+    return 512 if on_gpu else 1024
+
+
+def _run_kernel(r, g, mode, eps, n_programs, launch):
+    n = r.numel()
+    on_gpu = r.device.type == "cuda" and not interpreter_active()
+    block = _block(on_gpu)
     table = max(_next_pow2(2 * n), block)
     keys = torch.empty(table + n_programs * block, dtype=torch.int64, device=r.device)
     stats = torch.empty((5, table), dtype=torch.float32, device=r.device)
@@ -362,9 +414,12 @@ def _advantages_triton(r, g, mode, eps, n_programs=None, phased=None):
     out = torch.empty(n, dtype=torch.float32, device=r.device)
     bar = _barrier_counter(r.device, n_programs)
     extra = {"num_warps": 4} if on_gpu else {}
-    launch = kernel(_advantages_kernel, r.device)[(n_programs,)]
-    for phase in range(5) if phased else [-1]:
-        launch(
+    if launch == "cooperative":
+        # Triton 3.x launch option: CU_LAUNCH_ATTRIBUTE_COOPERATIVE (the interpreter ignores it)
+        extra["launch_cooperative_grid"] = True
+    launch_fn = kernel(_advantages_kernel, r.device)[(n_programs,)]
+    for phase in range(5) if launch == "phased" else [-1]:
+        launch_fn(
             r,
             g,
             out,

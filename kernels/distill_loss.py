@@ -28,23 +28,30 @@ fp32 parts each, below) and one scalar (KL(Q || M) or KL(Q || P)): 20 bytes save
 never a [N, V] tensor.
 
 How (chunked PyTorch; used on CPU and, for now, on CUDA too -- there is no Triton kernel for
-this op yet, so on a GPU it runs cuBLAS GEMMs plus PyTorch element-wise ops per tile):
-only the masked rows are processed (padding never costs a GEMM, and a padded row's garbage can
-never reach a gradient). Rows are taken in blocks of ``chunk_rows`` and the vocabulary in
-slices of ``chunk_vocab``; one [chunk_rows, chunk_vocab] fp32 tile per model is live at a time.
+this op yet, so on a GPU it runs cuBLAS GEMMs plus PyTorch element-wise ops per tile): rows
+outside the mask are zeroed first (their garbage, NaN included, can never reach a result or a
+gradient) and weigh nothing; every row is computed, so selecting the masked rows costs no host
+sync (a caller that knows its rows on the host, as the trainer does, passes only those). GEMMs
+read bf16 operands and write fp32 results like ``linear_logprobs`` (tensor cores; the weights
+are never re-cast per tile; where the device lacks such GEMMs, one fp32 copy per call). Rows are
+taken in blocks of ``chunk_rows`` and the vocabulary in slices of ``chunk_vocab``; one
+[chunk_rows, chunk_vocab] fp32 tile per model is live at a time.
 
-    pass 1  per vocab slice: both models' logits tile (fp32 GEMM), online log-sum-exp kept as
+    pass 1  per vocab slice: both models' logits tile (fp32 result), online log-sum-exp kept as
             a running max (from -inf) and a running sum of exp(z - max), giving each row's
             log normaliser in two parts (max, log sum) -- never rounded into one number of the
             logits' size, which would cost near-certain tokens their log-prob's precision
     pass 2  per vocab slice: recompute the tiles, log-probs = (tile - max) - log sum, accumulate the
             per-token JSD, KL(P || Q), KL(Q || P) and KL(Q || M) in fp32
-    backward per vocab slice: recompute the tiles, form d JSD / d z in place, then
-            dX[rows] += dZ @ W_slice and dW[slice] += dZ^T @ X (fp32 accumulators)
+    backward per vocab slice: recompute the tiles, form d JSD / d z in place (cast to bf16 on
+            CUDA for bf16 inputs, as linear_logprobs does), then dX[rows] += dZ @ W_slice and
+            dW[slice] += dZ^T @ X (fp32 accumulators; dW in the weight's dtype with
+            ``dw_accum="weight"``)
 
 When the whole vocabulary fits in one slice, pass 2 reuses pass 1's tiles (one GEMM per model
 in the forward instead of two). Peak extra memory: a few tiles (``TILE_ELEMS`` fp32 elements
-each) plus dW [V, H] fp32, independent of N.
+each) plus dW [V, H] (fp32, or the weight's dtype with ``dw_accum="weight"``), independent of N
+(plus the zeroed copies of the [N, H] hidden states).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import math
 
 import torch
 
+from .linear_logprobs import _dz_dtype, addmm_, check_dw_accum, dw_buffer, gemm_operand, mm_f32
 from .policy_loss import Normalizer, _prep_mask, _prep_normalizer
 
 # fp32 elements of one [rows, vocab] logits tile (about six such tiles are live in pass 2 /
@@ -130,14 +138,15 @@ def choose_tiles(
 
 
 def _tile_logits(x: torch.Tensor, w_slice: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    """[c, H] x [v, H]^T -> tempered fp32 logits [c, v] (inputs upcast: fp32 accumulation)."""
-    z = x.float() @ w_slice.float().t()
+    """[c, H] x [v, H]^T -> tempered fp32 logits [c, v]; operands from ``gemm_operand`` (fp32
+    accumulation and result)."""
+    z = mm_f32(x, w_slice.t())
     return z.mul_(inv_temp) if inv_temp != 1.0 else z
 
 
 def _row_block_forward(xs, ws, xt, wt, inv_temp, beta, cols):
     """One block of rows: (norm_s, norm_t [c, 2] log normalisers as (max, log sum); jsd, fkl,
-    rkl, kl_qm [c]), fp32.
+    rkl, kl_qm [c]), fp32. Operands from ``gemm_operand``.
 
     kl_qm is the backward's per-token scalar: KL(Q || M) for 0 < beta < 1, KL(Q || P) for 1.
     """
@@ -188,9 +197,9 @@ def _log_probs(z: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_tile(zs, zt, norm_s, norm_t, kl_qm, scale, beta):
-    """d (scale * sum_i JSD_i) / d z for one tile ([c, v], in zs's and zt's storage).
+    """d (sum_i scale_i * JSD_i) / d z for one tile ([c, v], in zs's and zt's storage).
 
-    ``scale`` (0-dim) already includes the 1/temperature of d z / d hidden-logits.
+    ``scale`` ([c, 1] per row) already includes the 1/temperature of d z / d hidden-logits.
     """
     s, t = _log_probs(zs, norm_s), _log_probs(zt, norm_t)  # log Q, log P
     if beta == 0.0:
@@ -207,52 +216,61 @@ def _grad_tile(zs, zt, norm_s, norm_t, kl_qm, scale, beta):
 
 # ----------------------------------------------------------------------------- autograd
 class FusedLinearJSDFunction(torch.autograd.Function):
-    """Inputs are the masked rows only. Saves the inputs and 5 fp32 numbers per token."""
+    """Rows outside ``mask`` [N] are zero vectors (the caller zeroes them) and weigh nothing.
+    Saves the inputs and 5 fp32 numbers per token."""
 
     @staticmethod
-    def forward(ctx, xs, ws, xt, wt, normalizer, beta, temperature, chunk_rows, chunk_vocab):
+    def forward(ctx, xs, ws, xt, wt, mask, normalizer, beta, temperature, chunk_rows, chunk_vocab, dw_accum):
         n = xs.shape[0]
         rows, cols = choose_tiles(n, ws.shape[0], xs.device, chunk_rows, chunk_vocab)
         inv_temp = 1.0 / temperature
+        ws_op, wt_op = gemm_operand(ws), gemm_operand(wt)  # once per call, never per tile
         norm_s, norm_t = (torch.empty(n, 2, device=xs.device) for _ in range(2))
         kl_qm = torch.empty(n, device=xs.device)
         sums = torch.zeros(3, device=xs.device)  # jsd, forward kl, reverse kl
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            ls, lt, jsd, fkl, rkl, kq = _row_block_forward(xs[r0:r1], ws, xt[r0:r1], wt, inv_temp, beta, cols)
+            xs_c, xt_c = gemm_operand(xs[r0:r1]), gemm_operand(xt[r0:r1])
+            ls, lt, jsd, fkl, rkl, kq = _row_block_forward(xs_c, ws_op, xt_c, wt_op, inv_temp, beta, cols)
             norm_s[r0:r1], norm_t[r0:r1], kl_qm[r0:r1] = ls, lt, kq
-            sums += torch.stack([jsd.sum(), fkl.sum(), rkl.sum()])
-        ctx.save_for_backward(xs, ws, xt, wt, norm_s, norm_t, kl_qm, normalizer)
-        ctx.cfg = (beta, inv_temp, rows, cols)
+            m = mask[r0:r1]
+            sums += torch.stack([torch.where(m, t, 0.0).sum() for t in (jsd, fkl, rkl)])
+        ctx.save_for_backward(xs, ws, xt, wt, mask, norm_s, norm_t, kl_qm, normalizer)
+        ctx.cfg = (beta, inv_temp, rows, cols, dw_accum)
         ctx.mark_non_differentiable(sums)
         return sums[0] / normalizer, sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
-        xs, ws, xt, wt, norm_s, norm_t, kl_qm, normalizer = ctx.saved_tensors
-        beta, inv_temp, rows, cols = ctx.cfg
+        xs, ws, xt, wt, mask, norm_s, norm_t, kl_qm, normalizer = ctx.saved_tensors
+        beta, inv_temp, rows, cols, dw_accum = ctx.cfg
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, V = xs.shape[0], ws.shape[0]
         dx = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device) if need_dx else None
-        dw = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need_dw else None
-        scale = grad_loss.float() * inv_temp / normalizer  # every token has the same weight
+        dw = dw_buffer(ws, dw_accum) if need_dw else None
+        ws_op, wt_op = gemm_operand(ws), gemm_operand(wt)
+        dz_dtype = _dz_dtype(xs)
+        # every masked token has the same weight; the others none (their rows are zero vectors,
+        # so their tiles are finite and 0 * tile is exactly 0)
+        row_scale = torch.where(mask, grad_loss.float() * inv_temp / normalizer, 0.0)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            x_c = xs[r0:r1].float()
+            xs_c, xt_c = gemm_operand(xs[r0:r1]), gemm_operand(xt[r0:r1])
             for v0 in range(0, V, cols):
                 v1 = min(v0 + cols, V)
-                zs, zt = _tile_logits(x_c, ws[v0:v1], inv_temp), _tile_logits(xt[r0:r1], wt[v0:v1], inv_temp)
-                dz = _grad_tile(zs, zt, norm_s[r0:r1], norm_t[r0:r1], kl_qm[r0:r1], scale, beta)
+                zs, zt = _tile_logits(xs_c, ws_op[v0:v1], inv_temp), _tile_logits(xt_c, wt_op[v0:v1], inv_temp)
+                dz = _grad_tile(zs, zt, norm_s[r0:r1], norm_t[r0:r1], kl_qm[r0:r1], row_scale[r0:r1, None], beta)
                 del zt
+                dz = dz.to(dz_dtype)
                 if need_dx:
-                    dx[r0:r1].addmm_(dz, ws[v0:v1].float())
+                    addmm_(dx[r0:r1], dz, ws_op[v0:v1])
                 if need_dw:
-                    dw[v0:v1].addmm_(dz.t(), x_c)
+                    addmm_(dw[v0:v1], dz.t(), xs_c)
                 del dz, zs
         return (
             None if dx is None else dx.to(xs.dtype),
             None if dw is None else dw.to(ws.dtype),
-        ) + (None,) * 7
+        ) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------- validation
@@ -320,6 +338,7 @@ def fused_linear_jsd(
     normalizer: Normalizer = None,
     chunk_rows: int | None = None,
     chunk_vocab: int | None = None,
+    dw_accum: str = "fp32",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Generalized JSD between teacher and student lm_head distributions, memory bounded.
 
@@ -328,12 +347,14 @@ def fused_linear_jsd(
         teacher_hidden [N, Ht] (or [..., Ht]); teacher_weight [V, Ht], same dtype as each other
             (may differ from the student's). Treated as constants: they never get a gradient.
         loss_mask [N] bool or 0/1: the tokens that count (response tokens); other rows are
-            skipped entirely (no GEMM, exactly zero gradient, NaN there cannot leak).
+            zeroed before any GEMM (exactly zero gradient, NaN there cannot leak) but still
+            computed: pass only the rows you need when you know them on the host.
         beta in [0, 1]: 0 = KL(teacher || student), 1 = KL(student || teacher), in between the
             mixture JSD (module docstring). temperature > 0 divides both models' logits.
         normalizer: the loss's denominator (default max(mask sum, 1)); pass the global token
             count so micro-batched gradients equal the full batch's.
         chunk_rows / chunk_vocab: override the tile (rows x vocab slice) sizes.
+        dw_accum: "fp32" or "weight", as in ``linear_logprobs``.
     Returns:
         loss (0-dim fp32, gradients to student_hidden and student_weight), stats: detached 0-dim
         fp32 sums over masked tokens: "jsd" (loss * normalizer), "forward_kl" (KL(P||Q)),
@@ -342,21 +363,26 @@ def fused_linear_jsd(
     beta, temperature = _check_args(
         student_hidden, student_weight, teacher_hidden, teacher_weight, loss_mask, beta, temperature
     )
+    check_dw_accum(dw_accum)
     mask = _prep_mask(loss_mask.reshape(-1))
     norm = _prep_normalizer(normalizer, mask)
-    idx = mask.nonzero().squeeze(1)  # one host sync: only masked rows are computed
-    xs = student_hidden.reshape(-1, student_hidden.shape[-1])[idx]  # autograd scatters dX back to [N, H]
-    xt = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[idx]
+    # rows outside the mask become zero vectors (no host sync, unlike selecting them with
+    # nonzero()); autograd gives their hidden states exactly zero gradient
+    keep = mask[:, None]
+    xs = torch.where(keep, student_hidden.reshape(-1, student_hidden.shape[-1]), 0.0)
+    xt = torch.where(keep, teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), 0.0)
     loss, sums = FusedLinearJSDFunction.apply(
         xs.contiguous(),
         student_weight.contiguous(),
         xt.contiguous(),
         teacher_weight.detach().contiguous(),
+        mask,
         norm,
         beta,
         temperature,
         chunk_rows,
         chunk_vocab,
+        dw_accum,
     )
     stats = dict(zip(DISTILL_STAT_NAMES[:3], sums.detach().unbind()))
     stats["tokens"] = mask.sum(dtype=torch.float32)

@@ -19,6 +19,7 @@ import torch
 
 from ._triton_utils import resolve_backend
 from .linear_logprobs import (
+    check_dw_accum,
     check_lm_head_args,
     check_targets,
     linear_logprobs_reference,
@@ -80,6 +81,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         temperature,
         backend,
         chunk_rows,
+        dw_accum,
     ):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         logp, log_norm, ent = lm_head_forward(hidden, weight, tgt, temperature, True, backend, chunk_rows)
@@ -92,7 +94,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         stats["entropy"] = torch.where(mask, ent, torch.zeros_like(ent)).sum()
         loss = loss_sum / normalizer
         ctx.save_for_backward(hidden, weight, tgt, log_norm, coef if need_grad else None, normalizer)
-        ctx.cfg = (temperature, backend, chunk_rows)
+        ctx.cfg = (temperature, backend, chunk_rows, dw_accum)
         values = [stats[k] for k in FUSED_STAT_NAMES]
         ctx.mark_non_differentiable(*values)
         return (loss, *values)
@@ -100,9 +102,9 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         hidden, weight, tgt, log_norm, coef, normalizer = ctx.saved_tensors
-        temperature, backend, chunk_rows = ctx.cfg
+        temperature, backend, chunk_rows, dw_accum = ctx.cfg
         if coef is None:
-            return (None,) * 13
+            return (None,) * 14
         g = coef * (grad_loss.float() / normalizer)  # dL/dlogp [N] fp32, one tiny element-wise op
         dx, dw, _ = lm_head_backward(
             hidden,
@@ -117,8 +119,9 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
             ctx.needs_input_grad[1],
             backend,
             chunk_rows,
+            dw_accum=dw_accum,
         )
-        return (dx, dw) + (None,) * 11
+        return (dx, dw) + (None,) * 12
 
 
 def fused_linear_policy_loss(
@@ -136,6 +139,7 @@ def fused_linear_policy_loss(
     normalizer: Normalizer = None,
     backend: str = "auto",
     chunk_rows: int | None = None,
+    dw_accum: str = "fp32",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss on log_softmax(hidden @ weight.T / temperature)[target], memory bounded.
 
@@ -143,11 +147,13 @@ def fused_linear_policy_loss(
         hidden [N, H] (or [..., H]); weight [V, H] (lm_head, same dtype/device); target_ids [N] int
         (must be in [0, V) where loss_mask is set); old_logprobs, advantages, loss_mask [N].
         eps_low, eps_high, dual_clip, normalizer: as in ``policy_loss``.
+        dw_accum: "fp32" or "weight", as in ``linear_logprobs``.
     Returns:
         loss (0-dim fp32, gradients to hidden and weight), stats: the ``policy_loss`` sums plus
         "entropy" = sum over masked tokens of the tempered distribution's entropy.
     """
     _check_clip_args(eps_low, eps_high, dual_clip)
+    check_dw_accum(dw_accum)
     h2, tgt = check_lm_head_args(
         hidden,
         weight,
@@ -173,5 +179,6 @@ def fused_linear_policy_loss(
         float(temperature),
         backend,
         chunk_rows,
+        dw_accum,
     )
     return outs[0], {k: v.detach() for k, v in zip(FUSED_STAT_NAMES, outs[1:])}

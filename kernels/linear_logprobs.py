@@ -6,12 +6,14 @@
 
 How: rows are processed in chunks of ``chunk`` rows, chosen so that chunk * V stays under a
 fixed element budget (so peak extra memory is independent of N). Per chunk, the GEMM is left to
-cuBLAS / MKL (fp32 output), and everything after it is one streaming pass over the chunk's
+cuBLAS / MKL (fp32 output; bf16 operands on the tensor cores where ``gemm_modes`` found the
+out_dtype GEMMs, probed once per device), and everything after it is one streaming pass over the chunk's
 logits (Triton on CUDA: online log-sum-exp with the running max initialised to -inf, fp32
 accumulation). The backward recomputes the chunk's logits, turns them into
 d loss / d logits = (g_logp * (onehot - p) + g_ent * dH/dz) / temperature with the saved
 log normaliser (in place; on CUDA with bf16 inputs into a bf16 chunk so the next GEMMs use tensor
-cores), then does dX = dZ @ W and dW += dZ^T @ X (dW accumulated in fp32).
+cores), then does dX = dZ @ W and dW += dZ^T @ X (dW accumulated in fp32, or with
+``dw_accum="weight"`` in the weight's dtype).
 
 The log normaliser is saved in two parts per row, ``log_norm [N, 2]`` = (max of the tempered
 logits, log sum exp(z - max)), and log p = (z - max) - log_sum, the order log_softmax uses: the
@@ -24,14 +26,19 @@ with g_logp = d loss / d logp folded in).
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 
-from ._triton_utils import HAVE_TRITON, interpreter_active, kernel, resolve_backend, tl
+from ._triton_utils import HAVE_TRITON, concrete_device, interpreter_active, kernel, resolve_backend, tl
 
 # Element budget of one [chunk, V] fp32 buffer. CPU: 64 MiB (256 rows at V = 65,536: bigger
 # GEMMs ran ~25% faster than 64 rows); CUDA: 1 GiB (GEMMs big enough for the tensor cores).
 CHUNK_ELEMS_CPU = 1 << 24
 CHUNK_ELEMS_CUDA = 1 << 28
+
+_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -62,42 +69,150 @@ def choose_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_rows:
     return max(1, min(rows, max(n_rows, 1)))
 
 
-def _logits_f32(h_c: torch.Tensor, weight: torch.Tensor, weight_f32: torch.Tensor | None) -> torch.Tensor:
-    """[c, H] x [V, H]^T -> [c, V] fp32 (fp32 accumulation and output, whatever the input dtype)."""
-    if h_c.dtype == torch.float32:
-        return h_c @ weight.t()
-    if h_c.is_cuda:
-        try:  # bf16/fp16 tensor cores with an fp32 result (torch >= 2.8)
-            return torch.mm(h_c, weight.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            return torch.mm(h_c, weight.t()).float()
-    return h_c.float() @ weight_f32.t()
+# ----------------------------------------------------------------------------- GEMMs with fp32 results
+@dataclass(frozen=True)
+class GemmModes:
+    """How one device multiplies low-precision (bf16 / fp16) operands into fp32 results.
+
+    logits: "out_dtype"  torch.mm(a, b, out_dtype=float32): tensor cores, fp32 accumulation and output
+            "upcast"     fp32 GEMM on fp32 copies of the operands (the weight's copy made once per call)
+    dw:     "inplace"    torch.addmm(acc, a, b, out_dtype=float32, out=acc): fp32 C read and written in place
+            "temp"       the same GEMM into a temporary the size of acc, copied back
+            "upcast"     acc.addmm_(a.float(), b.float())
+    reason: why (the probe's findings), for the one-time report.
+    """
+
+    logits: str
+    dw: str
+    reason: str
 
 
-_DW_MODE: dict = {}  # per device: which accumulation form works (probed once)
+_GEMM_MODES: dict[str, GemmModes] = {}
+_PROBE_ERRORS = (RuntimeError, TypeError)  # unsupported overload / backend; OutOfMemoryError is re-raised first
 
 
-def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> None:
-    """dw [V, H] fp32 += dz^T [V, c] @ h_c [c, H], accumulating in fp32 whatever dz's dtype."""
-    if dz.dtype == torch.float32:
-        dw.addmm_(dz.t(), h_c if h_c.dtype == torch.float32 else h_c.float())
+def gemm_modes(device: torch.device | str) -> GemmModes:
+    """The GEMM forms ``device`` supports, probed once per device on tiny bf16 tensors (whose exact
+    fp32 results a bf16-rounded output cannot match) and reported once through logging. An
+    OutOfMemoryError during the probe propagates and nothing is recorded, so the next call probes
+    again: memory pressure never switches a mode."""
+    device = concrete_device(device)
+    key = str(device)
+    modes = _GEMM_MODES.get(key)
+    if modes is None:
+        modes = _probe_gemm_modes(device)
+        _GEMM_MODES[key] = modes
+        fast = modes.logits == "out_dtype" and modes.dw == "inplace"
+        level = logging.INFO if fast or device.type != "cuda" else logging.WARNING
+        _log.log(
+            level,
+            "zppo_fast.kernels on %s: low-precision lm_head GEMMs: logits %s, dW %s (%s)",
+            key,
+            modes.logits,
+            modes.dw,
+            modes.reason,
+        )
+    return modes
+
+
+def _probe_operands(device):
+    """Small operands exact in bf16 whose products (multiples of 1/128 below 16) are exact in fp32
+    while about half of them need more than bf16's 8 significant bits, so a result rounded to
+    bf16 anywhere fails the probe's exact comparison."""
+    k = torch.arange(8 * 16, dtype=torch.float32)
+    a = (((k % 13) - 6) * 0.375 + 0.125).reshape(8, 16)
+    b = (((k % 11) - 5) * 0.3125).reshape(16, 8)
+    c = (k[:64] * 0.125 + 100.0).reshape(8, 8)
+    return a.to(device, torch.bfloat16), b.to(device, torch.bfloat16), c.to(device)
+
+
+def _probe_gemm_modes(device: torch.device) -> GemmModes:
+    a, b, c = _probe_operands(device)
+    product = (a.double() @ b.double()).float()
+    reasons = []
+    logits = "upcast"
+    try:
+        z = torch.mm(a, b, out_dtype=torch.float32)
+        if z.dtype == torch.float32 and torch.equal(z, product):
+            logits = "out_dtype"
+        else:
+            reasons.append(f"torch.mm(out_dtype=float32) returned {z.dtype} without the exact fp32 product")
+    except torch.OutOfMemoryError:
+        raise
+    except _PROBE_ERRORS as e:
+        reasons.append(f"torch.mm(out_dtype=float32): {type(e).__name__}: {_first_line(e)}")
+    expected = c + product
+    dw = "upcast"
+    for mode in ("inplace", "temp"):
+        try:
+            acc = c.clone()
+            if mode == "inplace":
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            else:
+                acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))
+            if torch.equal(acc, expected):
+                dw = mode
+                break
+            reasons.append(f"addmm(out_dtype=float32) {mode}: not the exact fp32 sum")
+        except torch.OutOfMemoryError:
+            raise
+        except _PROBE_ERRORS as e:
+            reasons.append(f"addmm(out_dtype=float32) {mode}: {type(e).__name__}: {_first_line(e)}")
+    return GemmModes(logits, dw, "; ".join(reasons) or "bf16 operands, fp32 results on the tensor cores")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
+
+
+def gemm_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the fp32-result GEMMs read it: itself when fp32 or when the device multiplies
+    low-precision operands into fp32 results, else an fp32 copy (make it once per call for a weight)."""
+    if t.dtype == torch.float32 or gemm_modes(t.device).logits == "out_dtype":
+        return t
+    return t.float()
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, k] @ b [k, n] -> [m, n] fp32 with fp32 accumulation, operands from ``gemm_operand``."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.dtype != b.dtype or gemm_modes(a.device).logits != "out_dtype":
+        return a.float() @ b.float()  # one side was upcast (CPU, or a device without out_dtype GEMMs)
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b. An fp32 ``acc`` accumulates in fp32 whatever the operands' dtype (the probed
+    dW form); a low-precision ``acc`` (``dw_accum="weight"``) adds each product rounded once."""
+    if acc.dtype != torch.float32:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
         return
-    key = str(dw.device)
-    mode = _DW_MODE.get(key, "out")
-    if mode == "out":
-        try:  # bf16 tensor-core GEMM, fp32 C read and written in place (beta = 1)
-            torch.addmm(dw, dz.t(), h_c, out_dtype=torch.float32, out=dw)
-            _DW_MODE[key] = "out"
-            return
-        except (RuntimeError, TypeError):
-            mode = _DW_MODE[key] = "copy"
-    if mode == "copy":
-        try:  # same GEMM, fp32 result in a temporary (one [V, H] fp32 buffer, independent of N)
-            dw.copy_(torch.addmm(dw, dz.t(), h_c, out_dtype=torch.float32))
-            return
-        except (RuntimeError, TypeError):
-            _DW_MODE[key] = "round"
-    dw.add_(torch.mm(dz.t(), h_c).float())  # last resort: per-chunk product rounded to bf16
+    if a.dtype == torch.float32 or b.dtype == torch.float32:
+        acc.addmm_(a.float(), b.float())
+        return
+    mode = gemm_modes(acc.device).dw
+    if mode == "inplace":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif mode == "temp":
+        acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+DW_ACCUM = ("fp32", "weight")
+
+
+def dw_buffer(weight: torch.Tensor, dw_accum: str) -> torch.Tensor:
+    """The zeroed dW accumulator: fp32 (``dw_accum="fp32"``) or the weight's own dtype ("weight")."""
+    dtype = torch.float32 if dw_accum == "fp32" else weight.dtype
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+
+def check_dw_accum(dw_accum: str) -> str:
+    if dw_accum not in DW_ACCUM:
+        raise ValueError(f"dw_accum must be one of {DW_ACCUM}, got {dw_accum!r}")
+    return dw_accum
 
 
 # ----------------------------------------------------------------------------- epilogues (torch)
@@ -314,12 +429,14 @@ def triton_cdiv(a: int, b: int) -> int:
 
 # ----------------------------------------------------------------------------- chunk drivers
 def _gemm_weights(hidden, weight, bias):
-    """(weight in the hidden states' dtype for the GEMMs, fp32 weight for the CPU path or None,
-    fp32 bias or None). An fp32 lm_head with bf16 hidden states (autocast) is cast once per call,
-    as autocast's own linear would; its gradient still accumulates in fp32."""
-    w = weight if weight.dtype == hidden.dtype or not hidden.is_cuda else weight.to(hidden.dtype)
-    weight_f32 = None if hidden.is_cuda else weight.float()
-    return w, weight_f32, (None if bias is None else bias.float())
+    """(the weight as the GEMMs read it, ``gemm_operand``; fp32 bias or None). An fp32 lm_head with
+    bf16 hidden states (autocast) is cast to their dtype once per call where the device has the
+    bf16 -> fp32 GEMMs, as autocast's own linear would (elsewhere it stays fp32); its gradient
+    still accumulates in fp32."""
+    w = weight
+    if weight.dtype != hidden.dtype and gemm_modes(hidden.device).logits == "out_dtype":
+        w = weight.to(hidden.dtype)
+    return gemm_operand(w), (None if bias is None else bias.float())
 
 
 def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows=None, bias=None):
@@ -334,13 +451,13 @@ def lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_r
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     log_norm = torch.empty((n, 2), dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev) if want_ent else None
-    weight, weight_f32, bias_f32 = _gemm_weights(hidden, weight, bias)
+    w_op, bias_f32 = _gemm_weights(hidden, weight, bias)
     epi = _fwd_epilogue_triton if backend == "triton" else _fwd_epilogue_torch
     chunk = choose_chunk_rows(n, V, dev, chunk_rows)
     inv_temp = 1.0 / temperature
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        z = _logits_f32(hidden[s:e], weight, weight_f32)
+        z = mm_f32(gemm_operand(hidden[s:e]), w_op.t())
         if bias_f32 is not None:
             z.add_(bias_f32)
         ln_c, lp_c, ent_c = epi(z, tgt[s:e], inv_temp, want_ent)
@@ -373,26 +490,28 @@ def lm_head_backward(
     chunk_rows=None,
     bias=None,
     need_db=False,
+    dw_accum="fp32",
 ):
     """Chunked backward: recompute logits per chunk, fold g (= dL/dlogp [N] fp32) and optional
     g_ent (= dL/dentropy [N]) into d logits, then dX = dZ @ W, dW += dZ^T @ X and, with a bias,
-    db += sum of dZ's rows (fp32 accumulators). Returns (dx, dw, db), None where not needed."""
+    db += sum of dZ's rows (fp32 accumulators; dW in the weight's dtype with
+    ``dw_accum="weight"``, kernels/README.md: memory). Returns (dx, dw, db), None where not needed."""
     n, _ = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     dx = torch.empty_like(hidden) if need_dx else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_dw else None
+    dw = dw_buffer(weight, dw_accum) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
     w_dtype = weight.dtype
-    weight, weight_f32, bias_f32 = _gemm_weights(hidden, weight, bias)
+    w_op, bias_f32 = _gemm_weights(hidden, weight, bias)
     dz_dtype = _dz_dtype(hidden)
     epi = _bwd_epilogue_triton if backend == "triton" else _bwd_epilogue_torch
     chunk = choose_chunk_rows(n, V, dev, chunk_rows)
     inv_temp = 1.0 / temperature
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        h_c = hidden[s:e]
-        z = _logits_f32(h_c, weight, weight_f32)
+        h_c = gemm_operand(hidden[s:e])
+        z = mm_f32(h_c, w_op.t())
         if bias_f32 is not None:
             z.add_(bias_f32)
         dz = epi(
@@ -407,9 +526,9 @@ def lm_head_backward(
         )
         del z
         if need_dx:
-            dx[s:e] = (dz @ (weight if dz.dtype == weight.dtype else weight_f32)).to(hidden.dtype)
+            dx[s:e] = mm_f32(dz, w_op).to(hidden.dtype)
         if need_dw:
-            _accumulate_dw(dw, dz, h_c)
+            addmm_(dw, dz.t(), h_c)
         if db is not None:
             db.add_(dz.sum(0, dtype=torch.float32))
         del dz
@@ -459,20 +578,29 @@ def check_lm_head_args(hidden, weight, target_ids, temperature, extra=()):
 
 
 def check_targets(tgt: torch.Tensor, vocab: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Raise if a (valid) target is outside [0, V); one host sync. Returns tgt clamped into range
-    (entries that are not ``valid`` - padding - are don't-cares and may hold e.g. -100)."""
+    """Check that every (valid) target is in [0, V); returns tgt clamped into range, so the kernels
+    never index outside the logits (entries that are not ``valid`` - padding - are don't-cares and
+    may hold e.g. -100).
+
+    CPU: a ValueError naming the first bad index. CUDA: a device-side assert, so the loss path
+    never waits for the GPU; a bad target stops the process at the next synchronisation with
+    "device-side assert triggered" (CUDA_LAUNCH_BLOCKING=1 points at this check)."""
+    if not tgt.numel():
+        return tgt
     bad = (tgt < 0) | (tgt >= vocab)
     if valid is not None:
         bad = bad & valid
-    if tgt.numel() and bool(bad.any()):
+    if tgt.is_cuda:
+        torch._assert_async(~bad.any(), f"zppo_fast.kernels: a target id is outside [0, V={vocab})")
+    elif bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"target_ids[{i}] = {int(tgt[i])} is outside [0, V={vocab})")
-    return tgt.clamp(0, vocab - 1) if valid is not None else tgt
+    return tgt.clamp(0, vocab - 1)
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
 # torch.library ops, so torch.compile(fullgraph=True) sees one opaque node per pass (the chunk
-# loop, the Triton launches and the target check's host sync stay outside the graph) and
+# loop, the Triton launches and the target check stay outside the graph) and
 # AOTAutograd calls the registered backward. Autocast is off inside: the logits are fp32 by design.
 # Namespaced by this package's import name, so a vendored copy (kernels/ under another name) and
 # zppo_fast.kernels can live in one process without registering the same op twice.
@@ -496,9 +624,10 @@ def _linear_logprobs_op(
     want_ent: bool,
     backend: str,
     chunk_rows: int | None,
+    dw_accum: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (logp [N], log_norm [N, 2], entropy [N] or [0]), fp32; rows whose target is
-    ignore_index hold 0."""
+    ignore_index hold 0. ``dw_accum`` is for the backward (it reaches it through the context)."""
     with torch.autocast(hidden.device.type, enabled=False):
         valid, tgt = _valid_targets(target_ids, weight.shape[0], ignore_index)
         logp, log_norm, ent = lm_head_forward(hidden, weight, tgt, temperature, want_ent, backend, chunk_rows, bias)
@@ -508,7 +637,7 @@ def _linear_logprobs_op(
 
 
 @_linear_logprobs_op.register_fake
-def _(hidden, weight, bias, target_ids, ignore_index, temperature, want_ent, backend, chunk_rows):
+def _(hidden, weight, bias, target_ids, ignore_index, temperature, want_ent, backend, chunk_rows, dw_accum):
     n = hidden.shape[0]
     f32 = {"dtype": torch.float32, "device": hidden.device}
     return hidden.new_empty(n, **f32), hidden.new_empty((n, 2), **f32), hidden.new_empty(n if want_ent else 0, **f32)
@@ -531,6 +660,7 @@ def _linear_logprobs_backward_op(
     need_db: bool,
     backend: str,
     chunk_rows: int | None,
+    dw_accum: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (d hidden, d weight, d bias), each empty when not needed."""
     with torch.autocast(hidden.device.type, enabled=False):
@@ -553,6 +683,7 @@ def _linear_logprobs_backward_op(
             chunk_rows,
             bias,
             need_db,
+            dw_accum=dw_accum,
         )
     # a fresh empty tensor per missing gradient: a custom op's outputs may not alias each other
     return tuple(hidden.new_empty(0) if t is None else t for t in (dx, dw, db))
@@ -560,7 +691,7 @@ def _linear_logprobs_backward_op(
 
 @_linear_logprobs_backward_op.register_fake
 def _(g_logp, g_ent, hidden, weight, bias, target_ids, log_norm, ent, ignore_index, temperature, need_dx, need_dw,
-      need_db, backend, chunk_rows):  # fmt: skip
+      need_db, backend, chunk_rows, dw_accum):  # fmt: skip
     return (
         torch.empty_like(hidden) if need_dx else hidden.new_empty(0),
         torch.empty_like(weight) if need_dw else hidden.new_empty(0),
@@ -569,15 +700,15 @@ def _(g_logp, g_ent, hidden, weight, bias, target_ids, log_norm, ent, ignore_ind
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target_ids, ignore_index, temperature, want_ent, backend, chunk_rows = inputs
+    hidden, weight, bias, target_ids, ignore_index, temperature, want_ent, backend, chunk_rows, dw_accum = inputs
     _, log_norm, ent = output
     ctx.save_for_backward(hidden, weight, bias, target_ids, log_norm, ent)
-    ctx.cfg = (ignore_index, temperature, backend, chunk_rows)
+    ctx.cfg = (ignore_index, temperature, backend, chunk_rows, dw_accum)
 
 
 def _backward(ctx, g_logp, g_log_norm, g_ent):
     hidden, weight, bias, target_ids, log_norm, ent = ctx.saved_tensors
-    ignore_index, temperature, backend, chunk_rows = ctx.cfg
+    ignore_index, temperature, backend, chunk_rows, dw_accum = ctx.cfg
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     if g_logp is None:
         g_logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -597,8 +728,10 @@ def _backward(ctx, g_logp, g_log_norm, g_ent):
         need_db and bias is not None,
         backend,
         chunk_rows,
+        dw_accum,
     )
-    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None, None, None
+    grads = (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None)
+    return grads + (None,) * 7
 
 
 _linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
@@ -615,6 +748,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     chunk_rows: int | None = None,
+    dw_accum: str = "fp32",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log_softmax(hidden @ weight.T + bias) / temperature)[target] without materialising [N, V].
 
@@ -626,9 +760,12 @@ def linear_logprobs(
             entropy 0, no gradient). bias: [V] or None (the lm_head's bias; receives a gradient).
         return_entropy: also return the per-token entropy of the tempered distribution.
         backend: "auto" | "torch" | "triton"; chunk_rows: override the rows per chunk.
+        dw_accum: "fp32" (default) accumulates d weight in fp32; "weight" in the weight's dtype
+            (half the accumulator's memory for bf16, one rounding per chunk; kernels/README.md).
     Returns:
         logp [N] fp32 (and entropy [N] fp32), differentiable w.r.t. hidden, weight and bias.
     """
+    check_dw_accum(dw_accum)
     h2, tgt = check_lm_head_args(hidden, weight, target_ids, temperature)
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != weight.device):
         raise ValueError(
@@ -645,5 +782,6 @@ def linear_logprobs(
         bool(return_entropy),
         backend,
         chunk_rows,
+        dw_accum,
     )
     return (logp, ent) if return_entropy else logp

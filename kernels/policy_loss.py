@@ -24,11 +24,18 @@ the loss NaN (never a silent number).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._triton_utils import HAVE_TRITON, kernel, resolve_backend, tl
 
 LOG_RATIO_CLAMP = 20.0
+# approx_kl's k3 = exp(d) - 1 - d: in fp32, exp(d) - 1 - d loses every digit once d**2 / 2 falls
+# below ulp(1) / 2 (|d| < 3e-4) and most of them up to |d| ~ 1e-2, so below this |d| it is the
+# Taylor series d**2/2 + d**3/6 + ... + d**8/40320 (truncation < 1e-10 relative, no cancellation).
+K3_SERIES_BELOW = 0.5
+_K3_COEFS = tuple(1.0 / math.factorial(k) for k in range(2, 9))
 STAT_NAMES = ("clip_low", "clip_high", "dual_clip", "ratio", "approx_kl", "tokens")
 # Column order of the per-block partial sums written by the Triton kernel.
 _N_PARTIALS = 7  # loss + the six stats
@@ -84,13 +91,21 @@ def policy_loss_reference(
                 else torch.zeros((), dtype=torch.float64)
             ),
             "ratio": torch.where(mask, r, 0.0).sum(),
-            "approx_kl": torch.where(mask, (r - 1) - log_r.detach(), 0.0).sum(),
+            "approx_kl": torch.where(mask, torch.expm1(log_r.detach()) - log_r.detach(), 0.0).sum(),
             "tokens": m.sum(),
         }
     return loss, stats
 
 
 # ----------------------------------------------------------------------------- torch path
+def _k3_torch(log_r: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(log_r) - 1 - log_r, accurate in fp32 for tiny log-ratios (K3_SERIES_BELOW)."""
+    c = _K3_COEFS
+    d = log_r
+    series = d * d * (c[0] + d * (c[1] + d * (c[2] + d * (c[3] + d * (c[4] + d * (c[5] + d * c[6]))))))
+    return torch.where(d.abs() < K3_SERIES_BELOW, series, (r - 1.0) - d)
+
+
 def _token_terms_torch(logp, old, adv, mask, eps_low, eps_high, dual_clip):
     """Per-token (loss_t, coef_t, flags, ratio, log_r) in fp32, masked tokens zeroed. Shapes [N]."""
     logp = logp.float()
@@ -130,7 +145,7 @@ def _policy_terms_torch(logp, old, adv, mask, eps_low, eps_high, dual_clip):
         "clip_high": ch.sum(dtype=torch.float32),
         "dual_clip": dc.sum(dtype=torch.float32),
         "ratio": r.sum(),
-        "approx_kl": torch.where(mask, (r - 1.0) - log_r, torch.zeros_like(r)).sum(),
+        "approx_kl": torch.where(mask, _k3_torch(log_r, r), torch.zeros_like(r)).sum(),
         "tokens": mask.sum(dtype=torch.float32),
     }
     return loss_t.sum(), coef, stats
@@ -138,6 +153,9 @@ def _policy_terms_torch(logp, old, adv, mask, eps_low, eps_high, dual_clip):
 
 # ----------------------------------------------------------------------------- triton path
 if HAVE_TRITON:
+    # k3's series coefficients 1/k!, k = 2..8, as constexpr globals (a kernel may read no others)
+    C2, C3, C4, C5, C6, C7, C8 = (tl.constexpr(c) for c in _K3_COEFS)
+    K3_BELOW = tl.constexpr(K3_SERIES_BELOW)
 
     def _policy_loss_fwd_kernel(
         # pointers
@@ -192,7 +210,11 @@ if HAVE_TRITON:
         tl.store(base + 2, tl.sum(tl.where(clip_high & m, one, 0.0), axis=0))
         tl.store(base + 3, tl.sum(tl.where(dual & m, one, 0.0), axis=0))
         tl.store(base + 4, tl.sum(tl.where(m, r, 0.0), axis=0))
-        tl.store(base + 5, tl.sum(tl.where(m, (r - 1.0) - log_r, 0.0), axis=0))
+        # k3 = exp(log_r) - 1 - log_r: the Taylor series for small |log_r| (see _k3_torch)
+        poly = C6 + log_r * (C7 + log_r * C8)
+        series = log_r * log_r * (C2 + log_r * (C3 + log_r * (C4 + log_r * (C5 + log_r * poly))))
+        k3 = tl.where(tl.abs(log_r) < K3_BELOW, series, (r - 1.0) - log_r)
+        tl.store(base + 5, tl.sum(tl.where(m, k3, 0.0), axis=0))
         tl.store(base + 6, tl.sum(tl.where(m, one, 0.0), axis=0))
 
     def _policy_loss_bwd_kernel(
@@ -326,7 +348,9 @@ def _prep_normalizer(normalizer: Normalizer, mask: torch.Tensor) -> torch.Tensor
     normalizer = float(normalizer)
     if not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
-    return torch.tensor(normalizer, dtype=torch.float32, device=mask.device)
+    # full(): a fill kernel with the value as its argument; torch.tensor(x, device=cuda) would be
+    # a blocking copy from pageable host memory on every call
+    return torch.full((), normalizer, dtype=torch.float32, device=mask.device)
 
 
 def _check_clip_args(eps_low, eps_high, dual_clip):

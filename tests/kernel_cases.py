@@ -36,3 +36,24 @@ def run_interpreter_cases_in_child(test_file: str) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "interp"]
     out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def fp32_out_gemms(monkeypatch, exact=True):
+    """Give this CPU the CUDA-only bf16 x bf16 -> fp32 GEMM overloads (torch.mm / torch.addmm with
+    out_dtype), computed in fp32 (``exact``) or wrongly rounded to bf16 first, so the probe and the
+    paths it selects on a GPU run here (upcasting with .to(), so tests can watch the ops' .float())."""
+    mm, addmm = torch.mm, torch.addmm
+
+    def fake_mm(a, b, *, out_dtype=None):
+        if out_dtype is None:
+            return mm(a, b)
+        return mm(a.to(torch.float32), b.to(torch.float32)) if exact else mm(a, b).to(torch.float32)
+
+    def fake_addmm(c, a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return addmm(c, a, b, out=out) if out is not None else addmm(c, a, b)
+        r = c + (mm(a.to(torch.float32), b.to(torch.float32)) if exact else mm(a, b).to(torch.float32))
+        return out.copy_(r) if out is not None else r
+
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    monkeypatch.setattr(torch, "addmm", fake_addmm)

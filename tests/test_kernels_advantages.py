@@ -115,17 +115,72 @@ def test_multi_program_logic_interp(mode, n_programs):
 
     gen = torch.Generator().manual_seed(n_programs)
     rewards, gid = random_batch(900, gen)
-    out = _advantages_triton(rewards, gid, mode, 1e-6, n_programs=n_programs, phased=True)
+    out = _advantages_triton(rewards, gid, mode, 1e-6, n_programs=n_programs, launch="phased")
     torch.testing.assert_close(out, K.advantages_reference(rewards, gid, mode=mode), rtol=1e-4, atol=2e-5)
 
 
+@INTERP
+@pytest.mark.parametrize("mode", MODES)
+def test_cooperative_single_launch_interp(mode):
+    """The cooperative path: all five phases in one launch, through every grid barrier (one
+    program: the interpreter runs programs one after another, so more would wait forever), with
+    the cooperative launch option passed as on the GPU; and the same batch phased."""
+    from zppo_fast.kernels.advantages import _advantages_triton
+
+    gen = torch.Generator().manual_seed(17)
+    rewards, gid = random_batch(300, gen, max_size=5)
+    ref = K.advantages_reference(rewards, gid, mode=mode)
+    for launch in ("cooperative", "phased"):
+        out = _advantages_triton(rewards, gid, mode, 1e-6, n_programs=1, launch=launch)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5, msg=lambda m, launch=launch: f"{launch}: {m}")
+    with pytest.raises(ValueError, match="launch"):
+        _advantages_triton(rewards, gid, mode, 1e-6, launch="persistent")
+
+
+def test_launch_choice_off_the_gpu_is_phased():
+    """Off CUDA (and in the interpreter) the kernel can only run phased; nothing is probed."""
+    from zppo_fast.kernels.advantages import _LAUNCH, advantages_launch
+
+    assert advantages_launch(torch.device("cpu")) == "phased" and "cpu" not in _LAUNCH
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
-def test_cuda_phased_fallback_matches(monkeypatch):
-    monkeypatch.setenv("ZPPO_ADVANTAGES_PHASED", "1")
+def test_cuda_launch_probe_lets_out_of_memory_through(monkeypatch):
+    """An OutOfMemoryError in the cooperative probe propagates and records no launch mode."""
+    from zppo_fast.kernels import advantages as AD
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(AD, "_LAUNCH", {})
+    monkeypatch.setattr(AD, "_run_kernel", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        AD.advantages_launch(torch.device("cuda"))
+    assert AD._LAUNCH == {}
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+def test_cuda_phased_and_cooperative_match(monkeypatch, caplog):
+    """Both launches on the GPU: the probed default (reported once) and forced phased."""
+    import logging
+
+    from zppo_fast.kernels import advantages as AD
+
     gen = torch.Generator().manual_seed(8)
     rewards, gid = random_batch(3000, gen)
+    monkeypatch.setattr(AD, "_LAUNCH", {})
+    with caplog.at_level(logging.INFO, logger="zppo_fast.kernels"):
+        for mode in MODES:
+            check(rewards, gid, mode, "cuda", "triton")
+    chosen = AD._LAUNCH[str(rewards.cuda().device)]
+    assert sum("normalize_advantages" in r.getMessage() and chosen in r.getMessage() for r in caplog.records) == 1
     for mode in MODES:
-        check(rewards, gid, mode, "cuda", "triton")
+        out = AD._advantages_triton(rewards.cuda(), gid.cuda(), mode, 1e-6, launch="phased")
+        torch.testing.assert_close(out.cpu(), K.advantages_reference(rewards, gid, mode=mode), rtol=1e-4, atol=2e-5)
+    monkeypatch.setattr(AD, "_LAUNCH", {})
+    monkeypatch.setenv("ZPPO_ADVANTAGES_PHASED", "1")
+    check(rewards, gid, "batch_wo_zero", "cuda", "triton")
+    assert AD._LAUNCH[str(rewards.cuda().device)] == "phased"
 
 
 if NEEDS_INTERPRETER_CHILD:

@@ -47,10 +47,10 @@ AD = importlib.import_module("zppo_fast.kernels.advantages")
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _compile(fn, signature, constexprs, num_warps=8):
+def _compile(fn, signature, constexprs, num_warps=8, **options):
     src = ASTSource(fn=JITFunction(fn), signature=signature, constexprs=constexprs)
     try:
-        k = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+        k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, **options})
     except FileNotFoundError as e:  # no ptxas in this triton build
         pytest.skip(f"CUDA toolchain missing: {e}")
     assert "cubin" in k.asm and len(k.asm["cubin"]) > 0
@@ -157,7 +157,10 @@ def test_advantages_kernel(mode):
             "P_POW2": "constexpr",
         },
         {"MODE": mode, "PHASE": -1, "BLOCK": 512, "P_POW2": 256},
+        num_warps=4,
+        launch_cooperative_grid=True,  # the launcher's option: this Triton must know it by that name
     )
+    assert k.metadata.launch_cooperative_grid
     ptx = k.asm["ptx"]
     # the grid barrier's arrival is a single-thread, acquire-release, GPU-scope atomic
     assert "atom.global.gpu.acq_rel.add.u64" in ptx

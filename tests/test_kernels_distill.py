@@ -220,6 +220,45 @@ def test_bf16_inputs():
     close_run(got, ref, {"rtol": 2e-2, "atol": 2e-2})
 
 
+@pytest.mark.parametrize("dw_accum", ["fp32", "weight"])
+def test_bf16_operand_gemms_with_fp32_results(monkeypatch, dw_accum):
+    """The CUDA layout on this CPU: bf16 x bf16 -> fp32 GEMMs (the probed tensor-core form, given
+    to the CPU by kernel_cases.fp32_out_gemms), no fp32 copy of either weight, bf16 dL/dlogits,
+    and dW in fp32 or in bf16. Tolerance: the bf16 one, plus 2**-8 (one bf16 rounding) per row
+    block x vocab slice for the bf16 dW accumulator."""
+    import importlib
+
+    from kernel_cases import fp32_out_gemms
+
+    LL = importlib.import_module("zppo_fast.kernels.linear_logprobs")
+    monkeypatch.setattr(LL, "_GEMM_MODES", {})
+    fp32_out_gemms(monkeypatch)
+    monkeypatch.setattr(D, "_dz_dtype", lambda hidden: hidden.dtype)
+    upcasts = []
+    real_float = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: upcasts.append(tuple(t.shape)) or real_float(t))
+    xs, ws, xt, wt, mask = make(37, 300, seed=28, dtype=torch.bfloat16)
+    got = run(xs, ws, xt, wt, mask, beta=0.5, chunk_rows=16, chunk_vocab=128, dw_accum=dw_accum)
+    monkeypatch.setattr(torch.Tensor, "float", real_float)
+    assert LL.gemm_modes("cpu").logits == "out_dtype"
+    # no [rows or vocab slice, H] operand (weight, weight slice, hidden block) was copied to fp32
+    assert not [shape for shape in upcasts if len(shape) == 2 and shape[1] in (16, 24)], upcasts
+    assert got[2].dtype == got[3].dtype == torch.bfloat16
+    ref = run_ref(xs, ws, xt, wt, mask, beta=0.5)
+    extra = 0.0 if dw_accum == "fp32" else math.ceil(37 / 16) * math.ceil(300 / 128) * 2.0**-8
+    close_run(got, ref, {"rtol": 2e-2 + extra, "atol": 2e-2 + extra})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_cuda_bf16(beta):
+    """On the GPU: tensor-core GEMMs with fp32 results, bf16 dL/dlogits, all rows computed."""
+    xs, ws, xt, wt, mask = make(300, 5000, seed=29, h=64, ht=96, dtype=torch.bfloat16)
+    got = run(*(t.cuda() for t in (xs, ws, xt, wt, mask)), beta=beta, chunk_vocab=1024)
+    ref = run_ref(xs, ws, xt, wt, mask, beta=beta)
+    close_run(got, ref, {"rtol": 2e-2, "atol": 2e-2})
+
+
 def test_nan_propagates():
     xs, ws, xt, wt, _ = make(6, 20, seed=19)
     mask = torch.ones(6, dtype=torch.bool)

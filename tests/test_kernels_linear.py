@@ -12,7 +12,14 @@ import torch
 import zppo_fast.kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_cases import BACKENDS, HAS_CUDA, INTERP, NEEDS_INTERPRETER_CHILD, run_interpreter_cases_in_child
+from kernel_cases import (
+    BACKENDS,
+    HAS_CUDA,
+    INTERP,
+    NEEDS_INTERPRETER_CHILD,
+    fp32_out_gemms,
+    run_interpreter_cases_in_child,
+)
 from numerics import close
 
 # bf16: inputs are rounded to bf16 and the reference uses those same rounded values in float64,
@@ -313,19 +320,132 @@ def test_bad_inputs():
             K.linear_logprobs(h, w, t.cuda())
 
 
-def test_dw_accumulation_fallbacks_agree():
-    """_accumulate_dw with a low-precision dZ (the CUDA bf16 layout) must equal the fp32 product,
-    whichever of its GEMM forms the device supports (on CPU: the last-resort form)."""
-    from zppo_fast.kernels.linear_logprobs import _accumulate_dw
+def test_gemm_probe_chooses_and_reports_once(monkeypatch, caplog):
+    """The probe runs once per device on tiny tensors, its choice is logged once with the reason;
+    on this CPU (no out_dtype GEMMs) it picks the fp32-upcast forms and says why."""
+    import logging
 
-    gen = torch.Generator().manual_seed(21)
-    dz = torch.randn(37, 50, generator=gen).bfloat16()
-    h = torch.randn(37, 24, generator=gen).bfloat16()
-    dw = torch.randn(50, 24, generator=gen)
-    expected = dw.double() + dz.double().T @ h.double()
-    _accumulate_dw(dw, dz, h)
-    _accumulate_dw(dw, torch.zeros_like(dz), h)  # second call takes the cached path
-    torch.testing.assert_close(dw.double(), expected, rtol=1e-2, atol=5e-2)
+    LL = importlib.import_module("zppo_fast.kernels.linear_logprobs")
+    monkeypatch.setattr(LL, "_GEMM_MODES", {})
+    with caplog.at_level(logging.INFO, logger="zppo_fast.kernels"):
+        modes = LL.gemm_modes("cpu")
+        assert LL.gemm_modes(torch.device("cpu")) is modes
+        x, w, t, _ = make(9, 16, 40, torch.bfloat16, "cpu", seed=3)
+        K.linear_logprobs(x, w, t)
+    assert (modes.logits, modes.dw) == ("upcast", "upcast")
+    assert "NotImplementedError" in modes.reason
+    reports = [r.getMessage() for r in caplog.records if "lm_head GEMMs" in r.getMessage()]
+    assert len(reports) == 1 and "logits upcast, dW upcast" in reports[0] and "NotImplementedError" in reports[0]
+
+
+def test_gemm_probe_fast_path_and_rounded_result(monkeypatch):
+    """With out_dtype GEMMs available the probe picks them (and the ops then match float64 with
+    bf16 operands); a GEMM that rounds its result to bf16 is caught by the probe's exact check."""
+    LL = importlib.import_module("zppo_fast.kernels.linear_logprobs")
+    monkeypatch.setattr(LL, "_GEMM_MODES", {})
+    fp32_out_gemms(monkeypatch, exact=False)
+    rounded = LL.gemm_modes("cpu")
+    assert (rounded.logits, rounded.dw) == ("upcast", "upcast") and "exact" in rounded.reason
+    monkeypatch.setattr(LL, "_GEMM_MODES", {})
+    fp32_out_gemms(monkeypatch, exact=True)
+    modes = LL.gemm_modes("cpu")
+    assert (modes.logits, modes.dw) == ("out_dtype", "inplace")
+    monkeypatch.setattr(LL, "_dz_dtype", lambda hidden: hidden.dtype)  # the CUDA layout: bf16 dZ
+    check_linear(37, 72, 300, torch.bfloat16, "cpu", "torch", chunk_rows=16, seed=31)
+    check_fused(37, 72, 300, torch.bfloat16, "cpu", "torch", chunk_rows=16, seed=32)
+
+
+@pytest.mark.parametrize("which", ["mm", "addmm"])
+def test_out_of_memory_in_the_probe_propagates(monkeypatch, which):
+    """torch.OutOfMemoryError is a RuntimeError, the class the probe treats as "unsupported": it
+    must propagate (through the public op too) and record no mode, so memory pressure never
+    switches the GEMMs to another form; the next call probes again."""
+    LL = importlib.import_module("zppo_fast.kernels.linear_logprobs")
+    monkeypatch.setattr(LL, "_GEMM_MODES", {})
+    fp32_out_gemms(monkeypatch, exact=True)
+    real = getattr(torch, which)
+    calls = []
+
+    def oom(*args, **kwargs):
+        if kwargs.get("out_dtype") is not None:
+            calls.append(which)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, which, oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        LL.gemm_modes("cpu")
+    assert calls == [which] and LL._GEMM_MODES == {}
+    x, w, t, _ = make(5, 8, 20, torch.bfloat16, "cpu", seed=4)
+    with pytest.raises(torch.OutOfMemoryError):
+        K.linear_logprobs(x, w, t)
+    assert LL._GEMM_MODES == {}
+    monkeypatch.setattr(torch, which, real)
+    assert (LL.gemm_modes("cpu").logits, LL.gemm_modes("cpu").dw) == ("out_dtype", "inplace")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA"))])
+@pytest.mark.parametrize("fused", [False, True])
+def test_dw_accumulated_in_the_weights_dtype(monkeypatch, fused, device):
+    """dw_accum="weight": a bf16 accumulator (half the fp32 one's memory) that adds one rounded
+    product per chunk. Tolerance: the bf16 one plus 2**-8 (one bf16 rounding) per chunk."""
+    LL = importlib.import_module("zppo_fast.kernels.linear_logprobs")
+    buffers = []
+    real_buffer = LL.dw_buffer
+    monkeypatch.setattr(LL, "dw_buffer", lambda w, accum: buffers.append(real_buffer(w, accum)) or buffers[-1])
+    n, chunk = 45, 8
+    tol = {k: v + -(-n // chunk) * 2.0**-8 for k, v in TOL[torch.bfloat16].items()}
+    hidden, weight, tgt, gen = make(n, 24, 70, torch.bfloat16, device, seed=41)
+    g = torch.randn(n, generator=gen).to(device)
+    grads = {}
+    for accum in ("fp32", "weight"):
+        x, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if fused:
+            ones = torch.ones(n, dtype=torch.bool, device=device)
+            loss, _ = K.fused_linear_policy_loss(x, w, tgt, g, g, ones, chunk_rows=chunk, dw_accum=accum)
+        else:
+            loss = (K.linear_logprobs(x, w, tgt, chunk_rows=chunk, dw_accum=accum) * g).sum()
+        loss.backward()
+        grads[accum] = x.grad, w.grad
+    xr, wr = hidden.cpu().double().requires_grad_(True), weight.cpu().double().requires_grad_(True)
+    tgt, g = tgt.cpu(), g.cpu()
+    if fused:
+        ones = torch.ones(n, dtype=torch.bool)
+        K.fused_linear_policy_loss_reference(xr, wr, tgt, g, g, ones)[0].backward()
+    else:
+        (K.linear_logprobs_reference(xr, wr, tgt) * g.double()).sum().backward()
+    assert [b.dtype for b in buffers] == [torch.float32, torch.bfloat16]
+    for accum, (dx, dw) in grads.items():
+        assert dw.dtype == torch.bfloat16
+        close(dx, xr.grad, f"d hidden ({accum})", tol)
+        close(dw, wr.grad, f"d weight ({accum})", tol)
+    with pytest.raises(ValueError, match="dw_accum"):
+        K.linear_logprobs(hidden, weight, tgt, dw_accum="bf16")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+def test_cuda_gemm_forms_are_the_tensor_core_ones():
+    """What the first GPU run must find: bf16 x bf16 -> fp32 GEMMs for logits and in-place dW."""
+    LL = importlib.import_module("zppo_fast.kernels.linear_logprobs")
+    modes = LL.gemm_modes(torch.device("cuda"))
+    assert (modes.logits, modes.dw) == ("out_dtype", "inplace"), modes.reason
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+def test_cuda_out_of_range_target_is_a_device_side_assert():
+    """On CUDA the target check never waits for the GPU: a bad id trips a device-side assert (in a
+    child process: the assert ends its CUDA context)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, zppo_fast.kernels as K\n"
+        "h = torch.randn(4, 8, device='cuda'); w = torch.randn(10, 8, device='cuda')\n"
+        "K.linear_logprobs(h, w, torch.tensor([0, 1, 2, 10], device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode != 0 and "device-side assert" in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=INTERP)])

@@ -163,6 +163,32 @@ def test_many_tokens(device, backend):
     check(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_approx_kl_is_accurate_for_tiny_log_ratios(device, backend):
+    """k3 = exp(d) - 1 - d vs float64 (expm1) for d = +-1e-8 .. +-1e-1 and across the series'
+    edge (|d| = 0.5) up to 3, one token per call so each d is checked alone. In fp32,
+    exp(d) - 1 - d would be 0 or noise below |d| ~ 3e-4. Tolerance: 16 fp32 roundings of k3
+    (Horner's seven steps, the clamp, the sum), plus beyond the series 4 roundings of exp(d)'s
+    size, amplified by |d| (exp's argument error), and of 1."""
+    eps32 = torch.finfo(torch.float32).eps
+    ds = torch.logspace(-8, -1, 15, dtype=torch.float64).tolist() + [0.3, 0.499, 0.501, 1.0, 3.0]
+    cases = [(sign * d, 0.0) for d in ds for sign in (1, -1)]
+    cases += [(sign * d, -2.0) for d in ds if d >= 1e-6 for sign in (1, -1)]  # logp = fl(old + d)
+    one = torch.ones(1, device=device)
+    mask = torch.ones(1, dtype=torch.bool, device=device)
+    for d, old in cases:
+        old32 = torch.tensor([old], dtype=torch.float32)
+        logp32 = (old32.double() + d).float()
+        _, stats = K.policy_loss(logp32.to(device), old32.to(device), one, mask, backend=backend)
+        _, ref = K.policy_loss_reference(logp32, old32, one.cpu(), mask.cpu())
+        k3, d_exact = ref["approx_kl"].item(), (logp32.double() - old32.double()).item()
+        tol = 16 * eps32 * k3
+        if abs(d_exact) >= 0.5:
+            tol += 4 * eps32 * (math.exp(d_exact) * (2 + abs(d_exact)) + 1)
+        got = stats["approx_kl"].item()
+        assert k3 > 0 and abs(got - k3) <= tol, f"d = {d_exact:.3e} (old {old}): k3 {got:.9e} vs float64 {k3:.9e}"
+
+
 def test_bad_inputs():
     x = torch.randn(5)
     m = torch.ones(5, dtype=torch.bool)

@@ -557,27 +557,28 @@ class Trainer:
         """Token log-probs {row: (len_row,)} of this rank's rows under the current weights, laid out
         exactly as the update will lay them out; and the mean entropy over the whole batch."""
         out: dict[int, torch.Tensor] = {}
-        entropy_sum = 0.0
+        entropy_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
         for rows in batch.minibatches(self.cfg.rl.num_minibatches):
             for mb in self.microbatches(batch, rows):
                 logp, ent = linear_logprobs(self.policy(mb), self.policy.lm_head, mb.targets,
                                             temperature=self.cfg.rollout.temperature or 1.0, return_entropy=True)
-                entropy_sum += float((ent * mb.loss_mask).sum())
+                entropy_sum += (ent * mb.loss_mask).sum()
                 for i, chunk in zip(mb.rows, logp.float().split(mb.response_lengths)):
                     out[i] = chunk
         self.policy.reshard()  # the root stays gathered after a forward without backward
-        return out, self.dist.sum({"e": entropy_sum})["e"] / max(batch.response_tokens(), 1)
+        return out, self.dist.sum({"e": entropy_sum.item()})["e"] / max(batch.response_tokens(), 1)
 
     def backward_minibatch(self, batch: RolloutBatch, rows: list[int], old_logprobs=None, advantages=None) -> dict:
         """Accumulate the gradient of one optimizer step's loss over this rank's micro-batches of `rows`:
         the clipped policy loss, or (distillation) the JSD to the teacher on the same tokens.
 
         The normalizer is the token count of all `rows` on all ranks, so the gradient is the same
-        however the rows are split into micro-batches and ranks. Returns this rank's summed statistics.
+        however the rows are split into micro-batches and ranks. Returns this rank's summed statistics
+        as 0-dim device tensors: nothing here waits for the GPU (the caller reads them once per step).
         """
         cfg = self.cfg.rl
         normalizer = float(batch.response_tokens(rows))
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         for mb in self.microbatches(batch, rows):
             if self.algo.distill:
                 # The teacher reads the same packed micro-batch; only its (N, H) hidden states and its
@@ -599,24 +600,30 @@ class Trainer:
                 )
             loss.backward()
             for k, v in {"loss": loss.detach() * normalizer, **stats}.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                totals[k] = totals[k] + v if k in totals else v.double()
         return totals
 
     def update(self, batch: RolloutBatch, old_logprobs=None, advantages: torch.Tensor | None = None) -> dict[str, float]:
         cfg = self.cfg.rl
         if not len(batch):  # off-policy distillation when no teacher rollout of the step was correct
             return {}
-        totals: dict[str, float] = {}
+        if advantages is not None:  # on the device once per step: the micro-batches index it there
+            advantages = advantages.to(self.device, non_blocking=True)  # pageable source: no stream sync
+        sums: dict[str, torch.Tensor] = {}
         grad_norms = []
         # Distillation takes one optimizer step per rollout step, as the paper's baselines do.
         for rows in batch.minibatches(1 if self.algo.distill else cfg.num_minibatches):
             for k, v in self.backward_minibatch(batch, rows, old_logprobs, advantages).items():
-                totals[k] = totals.get(k, 0.0) + v
+                sums[k] = sums[k] + v if k in sums else v
             norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-            grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+            grad_norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double())
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        totals = self.dist.sum(totals)
+        # the step's one read of the device: every statistic and grad norm in one copy
+        keys = sorted(sums)
+        values = torch.stack([sums[k].to(self.device) for k in keys] + grad_norms).tolist()
+        totals = self.dist.sum(dict(zip(keys, values)))
+        grad_norms = values[len(keys):]
         n = max(totals.get("tokens", 0.0), 1.0)
         names = DISTILL_METRICS if self.algo.distill else POLICY_METRICS
         return {**{name: totals.get(k, 0.0) / n for k, name in names.items()},
