@@ -8,9 +8,10 @@
 #                    the C++ module built with CMake when this Python has none
 #   tests            the CUDA kernel tests (compiled Triton; CPU-only cases deselected)
 #   train            two training steps of the embedded default on the GPU (transformers engine)
-#   sglang           when sglang imports: the same two steps under torchrun with rollout.engine =
-#                    sglang: student and teacher engines on one GPU, checked weight pushes, the
-#                    engines' release / resume cycle of every step
+#   sglang           when sglang imports, under torchrun (bench/sglang_check.py): a student and a
+#                    teacher engine on one GPU (the tiny Qwen3.5 VLM: SGLang serves Qwen3.5 only
+#                    in that form, so not the text-only default), a checked weight push, a
+#                    release / resume cycle
 #   bench_policy_loss, bench_advantages   inputs built once per shape on the GPU
 # then a summary (commit, device, driver, versions, each step's result, the policy-loss ratios;
 # missing rows and files are reported, never fatal) into OUT/summary.txt. Exits non-zero when any
@@ -251,8 +252,8 @@ step train 80 "$PY" -m zppo_fast.train "${TRAIN_ARGS[@]}" --run.out_dir "$OUTDIR
 
 if "$PY" -c 'import sglang' >/dev/null 2>&1; then
     # torchrun, as users run it: its agent-store variables must not reach the engines' processes
-    step sglang 130 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m zppo_fast.train \
-        "${TRAIN_ARGS[@]}" --rollout.engine sglang --run.out_dir "$OUTDIR/sglang_run"
+    step sglang 130 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 bench/sglang_check.py \
+        "$OUTDIR/sglang"
 else
     record sglang "skipped (sglang does not import)"
 fi
