@@ -110,7 +110,8 @@ def test_wandb_offline_run_writes_its_files(wandb_env, tmp_path):
     # W&B: offline run folders under RUN_DIR/wandb holding exactly the logged steps, the NaN left out;
     # the resumed run continues the same W&B run id.
     assert out["resumed"] == run_id and (run_dir / "wandb" / "run_id").read_text().strip() == run_id
-    first, resumed = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    (first,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    (resumed,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}-part2")
     assert history(first) == [{"step": s, **{k: v for k, v in m.items() if v == v}} for s, m in STEPS.items()]
     assert history(resumed) == [{"step": 2, "loss/policy": 0.5}]
     records = wandb_records(next(first.glob("run-*.wandb")))

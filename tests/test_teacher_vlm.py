@@ -114,8 +114,11 @@ def test_vlm_teacher_sees_the_question_images(tiny_config, vlm_data):
                                   "--data.train", str(data), "--data.grader", "boxed", "--rl.algo", "zppo",
                                   "--zppo.compression", "teacher", "--zppo.compression_max_tokens", "4", *FAST),
                       progress=False)
-    processor = trainer.teacher_processor
-    assert processor is not None and trainer.teacher_engine.engine.processor is processor
+    processor, engine_processor = trainer.teacher_processor, trainer.teacher_engine.engine.processor
+    # The engine loads its own copy (it may live in a process of its own): the same processor, not the same object.
+    assert processor is not None and engine_processor is not None
+    assert engine_processor.image_token_id == processor.image_token_id
+    assert engine_processor.image_processor.to_dict() == processor.image_processor.to_dict()
     image_token = processor.image_token_id
 
     calls = []

@@ -88,8 +88,14 @@ def start_wandb(run_dir: Path, project: str, config: dict | None, resume: bool):
     wandb = import_wandb()
     id_file = run_dir / "wandb" / "run_id"
     run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    settings = None
+    if run_id:
+        # W&B names a run's folder by its start second and id, so a resume within the same second
+        # would write into (and truncate) the earlier segment's log: each segment gets a part number.
+        parts = len(list(id_file.parent.glob(f"*-{run_id}*")))
+        settings = wandb.Settings(x_sync_dir_suffix=f"part{parts + 1}")
     run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config, id=run_id,
-                     resume="allow" if run_id else None)
+                     resume="allow" if run_id else None, settings=settings)
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.id + "\n")
     run.define_metric("step")
