@@ -171,10 +171,10 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {checkpoint} is from a different model config "
                                       f"(checkpoint vs now: {diff})")
 
-        # 2. The frozen teacher (algos with one, and the LLM judge when a grader is "judge"), a full
-        #    copy on every rank: a Hugging Face folder, or the tiny student architecture with a longer
-        #    warm-up whose early snapshot is the student. An image-text-to-text teacher (its config has
-        #    a vision tower) is loaded with its processor and sees the questions' images.
+        # 2. The graders, and the folders the models come from: the frozen teacher's (algos with one,
+        #    and the LLM judge when a grader is "judge"): a Hugging Face folder, or the tiny student
+        #    architecture with a longer warm-up whose early snapshot is the student; the student's: the
+        #    checkpoint being resumed, model.path, or that cached warm-up. Only the tokenizer is read now.
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
         for key, name in (("data.grader", cfg.data.grader), ("data.heldout_grader", self.heldout_grader)):
@@ -184,34 +184,20 @@ class Trainer:
                 raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}; "
                                   "or a reward function, MODULE:FUNCTION")
         judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
-        self.teacher_engine = teacher_dir = teacher_tok = self.teacher_processor = None
+        teacher_dir = None
         if self.algo.teacher or judge:
             teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
                                                                    snapshots=(cfg.sft.steps,))
-            teacher_tok = load_tokenizer(teacher_dir)
-            if is_vlm(model_from_config(teacher_dir, cfg.model.dtype, meta=True)):
-                self.teacher_processor = load_processor(teacher_dir)
-            self.teacher_engine = self.make_engine("teacher", teacher_dir)
-            self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
-        self.teacher_tokenizer = teacher_tok
-
-        # 3. The student, built on the meta device, sharded by FSDP2, then filled: from the
-        #    checkpoint being resumed (each rank reads its shards), or from a Hugging Face folder /
-        #    the cached warm-up (rank 0 reads, every rank receives its shards). A vision-language
-        #    student (its config has a vision tower) also needs its processor, from model.path, and
-        #    `VLMPolicy`, which runs its image micro-batches through the vision tower.
         source = checkpoint or Path(cfg.model.path or self.warm_start(cfg.sft))
         self.tokenizer = load_tokenizer(source)
-        self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
-        lm = model_from_config(source, cfg.model.dtype, meta=True,
-                               attention=attention_kernel(cfg.parallel.attention, self.device))
-        self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
-        self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
 
-        # 4. The questions: the user's files, validated in one pass now, or the arithmetic task; the
-        #    stream of training ids; the held-out set (arithmetic: a seeded sample, not a prefix, as
-        #    consecutive ids are one fact in its 24 wordings; files: checked to exist now).
+        # 3. The questions, before any model is built (the data files need only the tokenizer): the
+        #    user's files, validated in one pass now, or the arithmetic task; the stream of training
+        #    ids, which must hold enough for a step of distinct questions; the held-out set (arithmetic:
+        #    a seeded sample, not a prefix, as consecutive ids are one fact in its 24 wordings; files:
+        #    checked to exist now).
         self.task = self.make_task()
+        self.check_data_size()
         self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
         heldout = self.task.heldout_ids()
         self.heldout = [self.task.problem(q) for q in
@@ -219,9 +205,36 @@ class Trainer:
         self.heldout_sets = pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
         for s in self.heldout_sets:
             DatasetFile(s.path)  # raises DatasetError now, naming the file, if it is missing or of no known format
+
+        # 4. The frozen teacher's engine (algos with one, and the judge), a full copy on every rank
+        #    (the folder above). An image-text-to-text teacher (its config has a vision tower) is
+        #    loaded with its processor and sees the questions' images.
+        self.teacher_engine = teacher_tok = self.teacher_processor = None
+        if teacher_dir is not None:
+            teacher_tok = load_tokenizer(teacher_dir)
+            if is_vlm(model_from_config(teacher_dir, cfg.model.dtype, meta=True)):
+                self.teacher_processor = load_processor(teacher_dir)
+            self.teacher_engine = self.make_engine("teacher", teacher_dir)
+            self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
+        self.teacher_tokenizer = teacher_tok
+
+        # 5. The student, built on the meta device, sharded by FSDP2, then filled: from the
+        #    checkpoint being resumed (each rank reads its shards), or from a Hugging Face folder /
+        #    the cached warm-up (rank 0 reads, every rank receives its shards). A vision-language
+        #    student (its config has a vision tower) also needs its processor, from model.path, and
+        #    `VLMPolicy`, which runs its image micro-batches through the vision tower.
+        self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
+        lm = model_from_config(source, cfg.model.dtype, meta=True,
+                               attention=attention_kernel(cfg.parallel.attention, self.device))
+        self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
+        if getattr(self.task, "has_images", False) and self.processor is None:
+            row = next(r for r in self.task.records if r.images)
+            raise ConfigError(f"{row.source}: a row with images, but the student is a text model; set model.path "
+                              "to an image-text-to-text model folder (zppo_fast/vlm.py)")
+        self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
         self.grader = get_grader(self.train_grader, **self.judge_kwargs(self.train_grader))
 
-        # 5. AdamW over the parameter shards, constant learning rate.
+        # 6. AdamW over the parameter shards, constant learning rate.
         rl = cfg.rl
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=rl.lr, betas=(rl.adam_beta1, rl.adam_beta2), eps=rl.adam_eps,
@@ -232,10 +245,10 @@ class Trainer:
         else:
             load_full_state(self.policy, read_state_dict(source) if dist.is_main else None)
 
-        # 6. The student's rollout engine holds its own full copy of the weights, set by pushes.
+        # 7. The student's rollout engine holds its own full copy of the weights, set by pushes.
         self.engine = self.make_engine("student", source)
 
-        # 7. The teacher's part of a step: BCQ / NCQ prompts (Reformulator), Hint or Prefix prompts
+        # 8. The teacher's part of a step: BCQ / NCQ prompts (Reformulator), Hint or Prefix prompts
         #    (HintPrefixBuilder), or distillation, which compares the two models' distributions id by
         #    id: one shared vocabulary, checked here, and the teacher kept as a model that scores
         #    tokens (`scoring_teacher`).
@@ -260,13 +273,13 @@ class Trainer:
                 raise ConfigError(f"rl.algo = {cfg.rl.algo}: the teacher's lm_head has {self.teacher_lm.lm_head.shape[0]} "
                                   f"rows but the student's {self.policy.lm_head.shape[0]}; they must share one vocabulary")
 
-        # 8. The prompt replay buffer of hard questions (algos with a buffer), the same on every rank.
+        # 9. The prompt replay buffer of hard questions (algos with a buffer), the same on every rank.
         self.buffer = None
         if self.algo.replay:
             self.buffer = PromptReplayBuffer(cfg.zppo.replay_capacity, seed=cfg.run.seed,
                                              threshold=cfg.zppo.hard_threshold)
 
-        # 9. On resume: data position, buffer, RNG and step, exactly as they were saved (the data
+        # 10. On resume: data position, buffer, RNG and step, exactly as they were saved (the data
         #    files must still hold the same records: replayed ids index them).
         self.step_idx = 0
         if state is not None:
@@ -283,7 +296,7 @@ class Trainer:
                                      wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
                                      config=cfg.to_dict()) if dist.is_main else None
 
-        # 10. The engine starts from the trainer's weights, and must be seen to sample from them.
+        # 11. The engine starts from the trainer's weights, and must be seen to sample from them.
         self.push_weights()
         self.check_push()
 
@@ -372,14 +385,25 @@ class Trainer:
         if len(set(self.dist.all_gather(task.fingerprint))) > 1:
             raise DatasetError(f"the ranks read different records from {cfg.data.train}: every rank needs the same "
                                "files (a shared file system, or identical copies)", str(cfg.data.train[0]))
-        if task.has_images and self.processor is None:
-            row = next(r for r in task.records if r.images)
-            raise ConfigError(f"{row.source}: a row with images, but the student is a text model; set model.path "
-                              "to an image-text-to-text model folder (zppo_fast/vlm.py)")
         self.data_counts = task.counts()
         if self.dist.is_main:
             tqdm.write(task.report())
         return task
+
+    def check_data_size(self) -> None:
+        """Every step takes rl.batch_size distinct new questions, and the replay algos up to
+        round(rho_replay * batch_size) more from the buffer, distinct from those: a data set with fewer
+        usable questions is an error now, before any model is built."""
+        cfg, usable = self.cfg, len(self.task.train_ids())
+        replayed = replay_count(cfg.rl.batch_size, cfg.zppo.rho_replay) if self.algo.replay else 0
+        if usable < cfg.rl.batch_size + replayed:
+            where = (f"the [data] train files ({', '.join(cfg.data.train)}: "
+                     + ", ".join(f"{k[5:]} {int(v)}" for k, v in self.data_counts.items()) + ")"
+                     if cfg.data.train else "the arithmetic task's training split ([task])")
+            need = f"rl.batch_size {cfg.rl.batch_size}" + (
+                f" + {replayed} replayed (zppo.rho_replay {cfg.zppo.rho_replay}, rl.algo {cfg.rl.algo})" if replayed else "")
+            raise ConfigError(f"{where} has {usable} usable questions, but a step needs {need} = "
+                              f"{cfg.rl.batch_size + replayed} distinct ones; lower rl.batch_size or add data")
 
     def columns(self) -> Columns:
         """The data files' column names (`data.question_key` ...), for train and held-out files alike."""
