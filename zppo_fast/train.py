@@ -61,7 +61,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -101,6 +100,7 @@ from zppo_fast.file_task import FileTask, grade_item
 from zppo_fast.graders import GRADERS, get_grader
 from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, import_wandb, peak_memory_mb
+from zppo_fast import ownership
 from zppo_fast.model import (
     ModelLoadError,
     Policy,
@@ -152,6 +152,9 @@ class Trainer:
         self.run_dir = Path(resume if resume is not None else cfg.run.out_dir)
         checkpoint = state = None
         if resume is None:
+            # Only a folder this trainer made (it holds the ownership marker) is ever replaced: a
+            # folder of the user's is refused whatever run.overwrite says (zppo_fast/ownership.py).
+            ownership.check_claim(self.run_dir, "run", overwrite=cfg.run.overwrite)
             if (self.run_dir / "checkpoints").exists() and not cfg.run.overwrite:
                 raise ConfigError(
                     f"run folder {self.run_dir} already holds checkpoints: pass --resume {self.run_dir}, "
@@ -159,8 +162,7 @@ class Trainer:
                 )
             dist.barrier()  # every rank has looked before rank 0 clears the folder
             if dist.is_main:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-                self.run_dir.mkdir(parents=True)
+                ownership.claim(self.run_dir, "run", overwrite=cfg.run.overwrite)
                 (self.run_dir / "config.json").write_text(cfg.to_json())
         else:
             checkpoint = latest_checkpoint(self.run_dir)
