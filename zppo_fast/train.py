@@ -59,6 +59,7 @@ at any world size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -97,8 +98,8 @@ from zppo_fast.engine import (
 from zppo_fast.engine_process import EngineProcess
 from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
-from zppo_fast.graders import GRADERS, get_grader
-from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
+from zppo_fast.graders import GRADERS, CountingGrader, get_grader
+from zppo_fast.kernels import describe_backend, fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, import_wandb, peak_memory_mb
 from zppo_fast import ownership
 from zppo_fast.model import (
@@ -124,7 +125,14 @@ from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, grader_scores, replay_c
 # Loss statistics, summed over tokens by the fused losses -> metric names (token means).
 POLICY_METRICS = {"loss": "loss/policy", "clip_low": "loss/clip_frac_low", "clip_high": "loss/clip_frac_high",
                   "dual_clip": "loss/dual_clip_frac", "ratio": "loss/ratio_mean", "approx_kl": "loss/approx_kl"}
+# config.json's key for what the run chose where the config left it open (not a config section).
+RESOLVED = "resolved"
 DISTILL_METRICS = {"loss": "loss/jsd", "forward_kl": "loss/forward_kl", "reverse_kl": "loss/reverse_kl"}
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient norm (rl.on_nonfinite = "stop"); the message names the
+    step and the metric."""
 
 
 class Trainer:
@@ -147,6 +155,13 @@ class Trainer:
         torch.set_flush_denormal(True)  # Gated-DeltaNet decay products underflow into slow denormals
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.run.cpu_threads)
+        try:  # the loss and log-prob kernels' backend, and why: printed now and kept in config.json
+            self.kernel_backend, why = describe_backend(cfg.parallel.kernel_backend, self.device)
+        except RuntimeError as e:
+            raise ConfigError(f"parallel.kernel_backend = {cfg.parallel.kernel_backend!r} cannot run here: {e}") from None
+        self.resolved = {"kernel_backend": self.kernel_backend, "kernel_backend_reason": why}
+        if dist.is_main:
+            tqdm.write(f"zppo_fast: kernels: {self.kernel_backend} ({why})")
 
         # 1. The run folder holds the config, metrics.jsonl and checkpoints (rank 0 writes them).
         self.run_dir = Path(resume if resume is not None else cfg.run.out_dir)
@@ -163,9 +178,13 @@ class Trainer:
             dist.barrier()  # every rank has looked before rank 0 clears the folder
             if dist.is_main:
                 ownership.claim(self.run_dir, "run", overwrite=cfg.run.overwrite)
-                (self.run_dir / "config.json").write_text(cfg.to_json())
+                (self.run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), RESOLVED: self.resolved},
+                                                                     indent=2))
         else:
             checkpoint = latest_checkpoint(self.run_dir)
+            if dist.is_main:  # this machine's choices replace the earlier ones; the settings stay
+                saved = self.run_dir / "config.json"
+                saved.write_text(json.dumps({**json.loads(saved.read_text()), RESOLVED: self.resolved}, indent=2))
             state = read_trainer_state(checkpoint)
             if state.get("model_config", asdict(cfg.model)) != asdict(cfg.model):
                 diff = {k: (v, getattr(cfg.model, k, None)) for k, v in state["model_config"].items()
@@ -234,7 +253,9 @@ class Trainer:
             raise ConfigError(f"{row.source}: a row with images, but the student is a text model; set model.path "
                               "to an image-text-to-text model folder (zppo_fast/vlm.py)")
         self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
-        self.grader = get_grader(self.train_grader, **self.judge_kwargs(self.train_grader))
+        # Responses the grader raises on score 0.0 and are counted (reward/grader_errors); the first is shown.
+        self.grader = CountingGrader(get_grader(self.train_grader, **self.judge_kwargs(self.train_grader)),
+                                     log=tqdm.write if dist.is_main else lambda _: None)
 
         # 6. AdamW over the parameter shards, constant learning rate.
         rl = cfg.rl
@@ -503,6 +524,7 @@ class Trainer:
         self.push_weights()
         t["time/weight_push"] = time.perf_counter() - t0
 
+        m["reward/grader_errors"] = self.grader.pop_errors()  # this step's, of the student's and the teacher's rollouts
         for role, engine in (("student", self.engine), ("teacher", self.teacher_engine)):
             m.update({f"engine/{role}_{k}": v for k, v in (engine.pop_timings() if engine else {}).items()})
         return {**m, **self.rollout_metrics(batch, accuracy, samples, entropy), **t,
@@ -587,7 +609,8 @@ class Trainer:
         for rows in batch.minibatches(self.cfg.rl.num_minibatches):
             for mb in self.microbatches(batch, rows):
                 logp, ent = linear_logprobs(self.policy(mb), self.policy.lm_head, mb.targets,
-                                            temperature=self.cfg.rollout.temperature or 1.0, return_entropy=True)
+                                            temperature=self.cfg.rollout.temperature or 1.0, return_entropy=True,
+                                            backend=self.kernel_backend)
                 entropy_sum += (ent * mb.loss_mask).sum()
                 for i, chunk in zip(mb.rows, logp.float().split(mb.response_lengths)):
                     out[i] = chunk
@@ -623,6 +646,7 @@ class Trainer:
                     self.policy(mb), self.policy.lm_head, mb.targets, old, adv, mb.loss_mask,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
                     temperature=self.cfg.rollout.temperature or 1.0, normalizer=normalizer,
+                    backend=self.kernel_backend,
                 )
             loss.backward()
             for k, v in {"loss": loss.detach() * normalizer, **stats}.items():
@@ -630,30 +654,56 @@ class Trainer:
         return totals
 
     def update(self, batch: RolloutBatch, old_logprobs=None, advantages: torch.Tensor | None = None) -> dict[str, float]:
+        """I optimizer steps (distillation: one), one per mini-batch of whole groups; the step's
+        loss statistics as token means. A NaN or infinite loss or gradient norm stops the run
+        (`NonFiniteError`, before anything of this step is saved or pushed) or, with
+        rl.on_nonfinite = "skip", drops that optimizer step and counts it."""
         cfg = self.cfg.rl
         if not len(batch):  # off-policy distillation when no teacher rollout of the step was correct
             return {}
         if advantages is not None:  # on the device once per step: the micro-batches index it there
             advantages = advantages.to(self.device, non_blocking=True)  # pageable source: no stream sync
+        skip = cfg.on_nonfinite == "skip"
         sums: dict[str, torch.Tensor] = {}
-        grad_norms = []
+        grad_norms, skipped = [], 0
         # Distillation takes one optimizer step per rollout step, as the paper's baselines do.
         for rows in batch.minibatches(1 if self.algo.distill else cfg.num_minibatches):
-            for k, v in self.backward_minibatch(batch, rows, old_logprobs, advantages).items():
-                sums[k] = sums[k] + v if k in sums else v
+            totals = self.backward_minibatch(batch, rows, old_logprobs, advantages)
             norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-            grad_norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double())
-            self.optimizer.step()
+            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double()
+            # skip: the one mode that reads the device per optimizer step, to decide before it; the
+            # norm is the same on every rank, the loss is summed over them, so all ranks agree.
+            if skip and not (math.isfinite(norm.item()) and math.isfinite(self.dist.sum({"l": totals["loss"].item()})["l"])):
+                skipped += 1
+            else:
+                self.optimizer.step()
+                grad_norms.append(norm)
+                for k, v in totals.items():
+                    sums[k] = sums[k] + v if k in sums else v
             self.optimizer.zero_grad(set_to_none=True)
         # the step's one read of the device: every statistic and grad norm in one copy
         keys = sorted(sums)
-        values = torch.stack([sums[k].to(self.device) for k in keys] + grad_norms).tolist()
+        values = torch.stack([sums[k].to(self.device) for k in keys] + grad_norms).tolist() if keys else []
         totals = self.dist.sum(dict(zip(keys, values)))
         grad_norms = values[len(keys):]
         n = max(totals.get("tokens", 0.0), 1.0)
         names = DISTILL_METRICS if self.algo.distill else POLICY_METRICS
-        return {**{name: totals.get(k, 0.0) / n for k, name in names.items()},
-                "loss/trained_tokens": totals.get("tokens", 0.0), "loss/grad_norm": sum(grad_norms) / len(grad_norms)}
+        out = {**{name: totals.get(k, 0.0) / n for k, name in names.items()},
+               "loss/trained_tokens": totals.get("tokens", 0.0)}
+        if grad_norms:  # none when every optimizer step of this rollout step was skipped
+            out["loss/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if skip:
+            out["loss/skipped_steps"] = float(skipped)
+        else:
+            bad = [(k, v) for k, v in out.items() if not math.isfinite(v)]
+            bad += [(f"loss/grad_norm of optimizer step {i + 1}", g) for i, g in enumerate(grad_norms)
+                    if not math.isfinite(g)]
+            if bad:
+                raise NonFiniteError(
+                    f"step {self.step_idx}: {', '.join(f'{k} is {v}' for k, v in bad)}; the run stops before "
+                    f"saving or pushing this step, so its last checkpoint is the last good state (resume it with "
+                    f"--resume {self.run_dir}); rl.on_nonfinite = skip drops such optimizer steps instead")
+        return out
 
     def push_weights(self) -> None:
         """The student's engine gets the trainer's weights: its weight memory back, every bucket
@@ -805,7 +855,8 @@ def main(argv: list[str] | None = None) -> None:
             if not saved.is_file():
                 raise ConfigError(f"--resume {resume}: no config.json there, not a run folder")
             cfg = load_config(None, [f"--{s}.{k}={json.dumps(v) if isinstance(v, list) else v}"
-                                     for s, part in json.loads(saved.read_text()).items() for k, v in part.items()]
+                                     for s, part in json.loads(saved.read_text()).items() if s != RESOLVED
+                                     for k, v in part.items()]
                               + argv)
         else:
             cfg = load_config(config_file, argv)
@@ -813,7 +864,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     try:
         _train(cfg, resume)
-    except (ConfigError, CheckpointError, ModelLoadError, DatasetError, ImportError) as e:
+    except (ConfigError, CheckpointError, ModelLoadError, DatasetError, ImportError, NonFiniteError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         destroy_distributed()
