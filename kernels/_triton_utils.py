@@ -59,7 +59,8 @@ def describe_backend(backend: str, device: torch.device | str) -> tuple[str, str
     if backend == "torch":
         why = "asked for"
     elif backend == "triton":
-        why = "asked for, on CUDA" if device.type == "cuda" else "asked for, in Triton's CPU interpreter (TRITON_INTERPRET=1)"
+        why = ("asked for, on CUDA" if device.type == "cuda"
+               else "asked for, in Triton's CPU interpreter (TRITON_INTERPRET=1)")
     elif device.type != "cuda":
         why = f"auto: a {device.type} device (the Triton kernels run on CUDA GPUs)"
     elif HAVE_TRITON:

@@ -126,14 +126,14 @@ def test_a_data_set_too_small_for_a_step_fails_before_any_model_is_built(tiny_co
     monkeypatch.setattr(train_module, "build_transformers_engine", no_model)
     train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(10))
     with pytest.raises(ConfigError, match=r"train\.jsonl: rows 10, kept 10, too_long 0, bad_rows 0\) has 10 usable "
-                                          r"questions, but a step needs rl\.batch_size 16 \+ 4 replayed .* = 20 distinct"):
+                                          r"questions, but a step needs rl\.batch_size 16 \+ 4 replayed .* = 20"):
         Trainer(tiny_config("--data.train", str(train), "--rl.batch_size", "16", "--rl.algo", "grpo_replay"),
                 progress=False)
     with pytest.raises(ConfigError, match=r"has 10 usable questions, but a step needs rl\.batch_size 8 \+ 3 replayed"):
         Trainer(tiny_config("--data.train", str(train), "--rl.algo", "grpo_replay", "--zppo.rho_replay", "0.375"),
                 progress=False)
-    with pytest.raises(ConfigError, match=r"the arithmetic task's training split \(\[task\]\) has \d+ usable questions, "
-                                          r"but a step needs rl\.batch_size 100000 = 100000 distinct"):
+    with pytest.raises(ConfigError, match=r"the arithmetic task's training split \(\[task\]\) has \d+ usable "
+                                          r"questions, but a step needs rl\.batch_size 100000 = 100000 distinct"):
         Trainer(tiny_config("--rl.batch_size", "100000"), progress=False)
 
 

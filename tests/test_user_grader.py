@@ -102,7 +102,8 @@ def test_a_score_that_is_not_a_number_in_0_1_names_the_function(rewards, respons
 def test_batched_result_of_the_wrong_length_or_an_exception_names_the_function(rewards):
     with pytest.raises(GraderFunctionError, match=r"grader my_rewards:short \(batched\) returned 2 scores for 3 items"):
         get_grader("my_rewards:short").grade_batch(items(("a", "1"), ("b", "2"), ("c", "3")))
-    with pytest.raises(GraderFunctionError, match=r"grader my_rewards:explodes_batched raised on the batch: KeyError: 'a'") as e:
+    with pytest.raises(GraderFunctionError,
+                       match=r"grader my_rewards:explodes_batched raised on the batch: KeyError: 'a'") as e:
         get_grader("my_rewards:explodes_batched").grade_batch(items(("a", "1")))
     assert isinstance(e.value.__cause__, KeyError)  # the user's traceback is kept
 

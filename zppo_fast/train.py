@@ -71,6 +71,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from zppo_fast import ownership
 from zppo_fast.baselines import GuidanceSettings, HintPrefixBuilder, check_shared_vocab, distillation_data
 from zppo_fast.batch import Rollout, RolloutBatch
 from zppo_fast.checkpoint import (
@@ -99,9 +100,14 @@ from zppo_fast.engine_process import EngineProcess
 from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
 from zppo_fast.graders import GRADERS, CountingGrader, get_grader
-from zppo_fast.kernels import describe_backend, fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
+from zppo_fast.kernels import (
+    describe_backend,
+    fused_linear_jsd,
+    fused_linear_policy_loss,
+    linear_logprobs,
+    normalize_advantages,
+)
 from zppo_fast.metrics import MetricsLogger, import_wandb, peak_memory_mb
-from zppo_fast import ownership
 from zppo_fast.model import (
     ModelLoadError,
     Policy,
@@ -158,7 +164,8 @@ class Trainer:
         try:  # the loss and log-prob kernels' backend, and why: printed now and kept in config.json
             self.kernel_backend, why = describe_backend(cfg.parallel.kernel_backend, self.device)
         except RuntimeError as e:
-            raise ConfigError(f"parallel.kernel_backend = {cfg.parallel.kernel_backend!r} cannot run here: {e}") from None
+            raise ConfigError(f"parallel.kernel_backend = {cfg.parallel.kernel_backend!r} cannot run here: {e}"
+                              ) from None
         self.resolved = {"kernel_backend": self.kernel_backend, "kernel_backend_reason": why}
         if dist.is_main:
             tqdm.write(f"zppo_fast: kernels: {self.kernel_backend} ({why})")
@@ -424,7 +431,8 @@ class Trainer:
                      + ", ".join(f"{k[5:]} {int(v)}" for k, v in self.data_counts.items()) + ")"
                      if cfg.data.train else "the arithmetic task's training split ([task])")
             need = f"rl.batch_size {cfg.rl.batch_size}" + (
-                f" + {replayed} replayed (zppo.rho_replay {cfg.zppo.rho_replay}, rl.algo {cfg.rl.algo})" if replayed else "")
+                f" + {replayed} replayed (zppo.rho_replay {cfg.zppo.rho_replay}, rl.algo {cfg.rl.algo})"
+                if replayed else "")
             raise ConfigError(f"{where} has {usable} usable questions, but a step needs {need} = "
                               f"{cfg.rl.batch_size + replayed} distinct ones; lower rl.batch_size or add data")
 
@@ -673,7 +681,8 @@ class Trainer:
             norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double()
             # skip: the one mode that reads the device per optimizer step, to decide before it; the
             # norm is the same on every rank, the loss is summed over them, so all ranks agree.
-            if skip and not (math.isfinite(norm.item()) and math.isfinite(self.dist.sum({"l": totals["loss"].item()})["l"])):
+            if skip and not (math.isfinite(norm.item())
+                             and math.isfinite(self.dist.sum({"loss": totals["loss"].item()})["loss"])):
                 skipped += 1
             else:
                 self.optimizer.step()
