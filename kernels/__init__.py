@@ -12,7 +12,7 @@ Dispatch: Triton on CUDA; chunked PyTorch on CPU (``backend="triton"`` on CPU ru
 interpreter, for tests).
 """
 
-from ._triton_utils import HAVE_TRITON
+from ._triton_utils import HAVE_TRITON, describe_backend
 from .advantages import MODES as ADVANTAGE_MODES
 from .advantages import advantages_reference, normalize_advantages
 from .distill_loss import DISTILL_STAT_NAMES, fused_linear_jsd, fused_linear_jsd_reference
@@ -29,6 +29,7 @@ __all__ = [
     "HAVE_TRITON",
     "STAT_NAMES",
     "advantages_reference",
+    "describe_backend",
     "fused_linear_jsd",
     "fused_linear_jsd_reference",
     "fused_linear_policy_loss",

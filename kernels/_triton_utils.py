@@ -51,6 +51,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def describe_backend(backend: str, device: torch.device | str) -> tuple[str, str]:
+    """(the backend `resolve_backend` picks, why) for `device`, for a run's log and config.json.
+    Raises like `resolve_backend` where the asked-for backend cannot run."""
+    device = torch.device(device)
+    resolved = resolve_backend(backend, device)
+    if backend == "torch":
+        why = "asked for"
+    elif backend == "triton":
+        why = ("asked for, on CUDA" if device.type == "cuda"
+               else "asked for, in Triton's CPU interpreter (TRITON_INTERPRET=1)")
+    elif device.type != "cuda":
+        why = f"auto: a {device.type} device (the Triton kernels run on CUDA GPUs)"
+    elif HAVE_TRITON:
+        why = f"auto: a CUDA device and Triton {getattr(triton, '__version__', '?')}"
+    else:
+        why = f"auto: a CUDA device but Triton does not import ({_TRITON_ERROR!r})"
+    return resolved, why
+
+
 def concrete_device(device: torch.device | str) -> torch.device:
     """``device`` with its index ("cuda" -> "cuda:<current>"): per-device caches get one key per GPU."""
     device = torch.device(device)

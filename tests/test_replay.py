@@ -381,3 +381,69 @@ def test_history_dtype_fields():
     assert h["qid"].tolist() == [0, 1, 2, 3, 5]
     assert h["graduated"].tolist() == [False, False, False, False, True]
     assert h[-1].tolist() == (5, 0, np.linspace(0, 0.45, 12)[5], 1, True, 1, 0.9)
+
+
+# --- concurrency: PromptReplayBuffer shared between threads ---------------------------------
+
+
+def test_buffer_shared_by_threads_accounts_for_every_id():
+    """4 threads update() disjoint id ranges (1,000,000 in all) while a fifth samples, asks len()
+    and `in`: no call raises, samples are distinct live-looking ids, and every id ends up exactly
+    once live, graduated or evicted. Without the buffer's lock the ring refuses the overlapping
+    calls (RuntimeError), so this fails."""
+    capacity, per_thread, batch = 10_000, 250_000, 2_500
+    buf = PromptReplayBuffer(capacity, seed=3)
+    returned = [[] for _ in range(4)]  # (graduated, evicted) id arrays each update() reported
+    errors = []
+    stop = threading.Event()
+    seen = {"samples": 0, "contains_true": 0}
+
+    def updater(t):
+        try:
+            previous = np.empty(0, np.int64)
+            for start in range(t * per_thread, (t + 1) * per_thread, batch):
+                fresh = np.arange(start, start + batch, dtype=np.int64)
+                # half of the previous batch solved (graduates, if not evicted meanwhile), the new batch hard
+                solved = previous[: batch // 2]
+                ids = np.concatenate([solved, fresh])
+                accs = np.concatenate([np.ones(len(solved)), np.full(batch, 0.25)])
+                u = buf.update(ids, accs, start // batch)
+                assert np.isin(u.admitted, fresh).all() and np.isin(u.graduated, solved).all()
+                returned[t].append((u.graduated, u.evicted))
+                previous = fresh
+        except Exception as e:  # noqa: BLE001 -- reported by the main thread
+            errors.append(e)
+
+    def watcher():
+        rng = np.random.default_rng(0)
+        try:
+            while not stop.is_set():
+                s = buf.sample(96)
+                assert len(np.unique(s)) == len(s) and ((s >= 0) & (s < 4 * per_thread)).all()
+                assert 0 <= len(buf) <= capacity
+                seen["contains_true"] += int(rng.integers(4 * per_thread)) in buf
+                seen["samples"] += 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=updater, args=(t,)) for t in range(4)]
+    sampler = threading.Thread(target=watcher)
+    sampler.start()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    stop.set()
+    sampler.join()
+    assert not errors, errors
+    assert seen["samples"] > 0
+
+    live, history = buf.ids(), buf.history()
+    assert len(live) == len(buf) == capacity
+    everything = np.concatenate([live, history["qid"]])
+    assert np.array_equal(np.sort(everything), np.arange(4 * per_thread))  # each id exactly once
+    graduated = np.concatenate([g for per in returned for g, _ in per])
+    evicted = np.concatenate([e for per in returned for _, e in per])
+    assert np.array_equal(np.sort(graduated), np.sort(history["qid"][history["graduated"]]))
+    assert np.array_equal(np.sort(evicted), np.sort(history["qid"][~history["graduated"]]))
+    assert len(graduated) > 0 and len(evicted) > 0

@@ -89,7 +89,7 @@ def test_bad_rows_stop_the_run_at_startup_when_not_skipped(tiny_config, tmp_path
 
 
 def test_missing_or_empty_data_files_fail_before_any_step(tiny_config, tmp_path):
-    good = write_jsonl(tmp_path / "good.jsonl", arithmetic_rows(4))
+    good = write_jsonl(tmp_path / "good.jsonl", arithmetic_rows(8))  # rl.batch_size 8: enough for a step
     (tmp_path / "empty.jsonl").write_text("")
     bad_only = write_jsonl(tmp_path / "bad.jsonl", BAD_ROWS[:3])
     cases = [(["--data.train", str(tmp_path / "missing.jsonl")], DatasetError, r"data file .*missing\.jsonl does not exist"),
@@ -112,7 +112,41 @@ def test_missing_or_empty_data_files_fail_before_any_step(tiny_config, tmp_path)
     with_image = write_jsonl(tmp_path / "img.jsonl", [{"id": "i", "question": "What?", "answer": "1",
                                                        "images": ["dot.png"]}])
     with pytest.raises(ConfigError, match=r"img\.jsonl, line 1: a row with images, but the student is a text model"):
-        Trainer(tiny_config("--data.train", str(with_image)), progress=False)
+        Trainer(tiny_config("--data.train", str(with_image), "--rl.batch_size", "1"), progress=False)
+
+
+def test_a_data_set_too_small_for_a_step_fails_before_any_model_is_built(tiny_config, tmp_path, monkeypatch):
+    """10 questions cannot give 16 distinct new ones, nor 8 + 3 replayed (rho_replay 0.375)."""
+    import zppo_fast.train as train_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the data set's size was checked")
+
+    monkeypatch.setattr(train_module, "model_from_config", no_model)
+    monkeypatch.setattr(train_module, "build_transformers_engine", no_model)
+    train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(10))
+    with pytest.raises(ConfigError, match=r"train\.jsonl: rows 10, kept 10, too_long 0, bad_rows 0\) has 10 usable "
+                                          r"questions, but a step needs rl\.batch_size 16 \+ 4 replayed .* = 20"):
+        Trainer(tiny_config("--data.train", str(train), "--rl.batch_size", "16", "--rl.algo", "grpo_replay"),
+                progress=False)
+    with pytest.raises(ConfigError, match=r"has 10 usable questions, but a step needs rl\.batch_size 8 \+ 3 replayed"):
+        Trainer(tiny_config("--data.train", str(train), "--rl.algo", "grpo_replay", "--zppo.rho_replay", "0.375"),
+                progress=False)
+    with pytest.raises(ConfigError, match=r"the arithmetic task's training split \(\[task\]\) has \d+ usable "
+                                          r"questions, but a step needs rl\.batch_size 100000 = 100000 distinct"):
+        Trainer(tiny_config("--rl.batch_size", "100000"), progress=False)
+
+
+def test_replay_run_crosses_epochs_of_a_small_data_set(tiny_config, tmp_path):
+    """10 questions, 8 new + 2 replayed per step (the most that fit): the second step's batch
+    straddles the epoch boundary, and every step's questions are distinct (the replay update
+    refuses duplicate ids)."""
+    train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(10))
+    trainer = Trainer(tiny_config("--run.steps", "3", "--data.train", str(train), "--rl.algo", "grpo_replay",
+                                  "--data.grader", "test_recording", *FAST[2:], "--rl.batch_size", "8"),
+                      progress=False)
+    history = trainer.fit()
+    assert len(history) == 3 and trainer.stream.epoch >= 1
 
 
 def test_heldout_files_are_evaluated_every_n_steps(tiny_config, tmp_path):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from zppo_fast.config import ConfigError
-from zppo_fast.graders import GradeItem, get_grader
+from zppo_fast.graders import CountingGrader, GradeItem, get_grader
 from zppo_fast.user_grader import GraderFunctionError
 
 REWARDS = '''
@@ -37,7 +37,11 @@ def short(responses, golds):
 short.batched = True
 
 def explodes(response, gold):
-    return {}[response]
+    return {"ok": 1.0}[response]
+
+def explodes_batched(responses, golds):
+    return {}[responses[0]]
+explodes_batched.batched = True
 
 NOT_A_FUNCTION = 3
 '''
@@ -98,9 +102,25 @@ def test_a_score_that_is_not_a_number_in_0_1_names_the_function(rewards, respons
 def test_batched_result_of_the_wrong_length_or_an_exception_names_the_function(rewards):
     with pytest.raises(GraderFunctionError, match=r"grader my_rewards:short \(batched\) returned 2 scores for 3 items"):
         get_grader("my_rewards:short").grade_batch(items(("a", "1"), ("b", "2"), ("c", "3")))
-    with pytest.raises(GraderFunctionError, match=r"grader my_rewards:explodes raised on item 0: KeyError: 'a'") as e:
-        get_grader("my_rewards:explodes").grade_batch(items(("a", "1")))
+    with pytest.raises(GraderFunctionError,
+                       match=r"grader my_rewards:explodes_batched raised on the batch: KeyError: 'a'") as e:
+        get_grader("my_rewards:explodes_batched").grade_batch(items(("a", "1")))
     assert isinstance(e.value.__cause__, KeyError)  # the user's traceback is kept
+
+
+def test_a_per_item_function_raising_on_a_response_scores_it_0_and_is_counted(rewards):
+    """An exception on one model output is that output's 0.0 ("error"), not the end of the run;
+    CountingGrader (the trainer's) counts them and shows the first with its input."""
+    logged = []
+    grader = CountingGrader(get_grader("my_rewards:explodes"), log=logged.append)
+    verdicts = grader.grade_batch(items(("a", "1"), ("ok", "1"), ("b", "2")))
+    assert [(v.score, v.verdict) for v in verdicts] == [(0.0, "error"), (1.0, "correct"), (0.0, "error")]
+    assert verdicts[0].extracted == "KeyError: 'a'"
+    grader.grade_batch(items(("c", "3")))
+    assert grader.pop_errors() == 3 and grader.pop_errors() == 0
+    (line,) = logged  # the first one only
+    assert "grader my_rewards:explodes raised KeyError: 'a'" in line and "reward/grader_errors" in line
+    assert "question: 'question?'" in line and "response: 'a'" in line and "gold: '1'" in line
 
 
 def test_a_function_that_cannot_be_imported_is_named(rewards, tmp_path):

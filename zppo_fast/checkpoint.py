@@ -9,14 +9,15 @@
 A checkpoint is written under step_N.tmp and renamed by rank 0 after every rank has finished,
 so a crash (even kill -9 of one rank) never leaves a half checkpoint that looks whole: only
 folders named step_<digits> holding trainer_state.pt count. `python -m zppo_fast.export` turns
-one into a transformers folder.
+one into a transformers folder. Each step_N holds the ownership marker (zppo_fast/ownership.py):
+only marked folders are ever pruned (`run.keep_last`) or replaced.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from zppo_fast import ownership
 
 STATE_FILE = "trainer_state.pt"
 # Keys of config.json that do not describe the architecture (they may differ between a
@@ -74,8 +77,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, tokenizer, stat
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        ownership.claim(tmp, "checkpoint")  # a leftover of a crashed save is emptied; a folder of the user's refused
     dist.barrier()
     model_state, optim_state = get_state_dict(policy, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / "dcp")
@@ -87,12 +89,21 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, tokenizer, stat
                                               indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        ownership.replace(tmp, final)
         for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(root / f"step_{old}", ignore_errors=True)
+            prune(root / f"step_{old}")
     dist.barrier()
     return final
+
+
+def prune(folder: Path) -> None:
+    """Delete an old checkpoint, if zppo_fast wrote it (it holds the ownership marker; checkpoints
+    from before the marker existed are kept, with a warning, rather than guessed at)."""
+    if ownership.kind_of(folder) == "checkpoint":
+        ownership.remove(folder)
+    else:
+        warnings.warn(f"not deleting old checkpoint {folder}: it has no {ownership.MARKER} marker (written by an "
+                      "older zppo_fast, or not by zppo_fast); delete it yourself if it is not needed", stacklevel=2)
 
 
 def read_trainer_state(path: Path) -> dict:

@@ -120,6 +120,11 @@ class RLConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    # A loss or gradient norm that is NaN or infinite: stop = end the run with an error naming the
+    # step and the metric (nothing of that step is saved, so the last checkpoint is the last good
+    # state); skip = drop that optimizer step (no weight or AdamW change) and count it in
+    # loss/skipped_steps
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -170,6 +175,10 @@ class ParallelConfig:
     # CUDA when flash-attn is installed, else sdpa; or any transformers attn_implementation name.
     attention: str = "auto"
     weight_bucket_mb: int = 512  # bucket size of the weight push into the rollout engine
+    # The loss and log-prob kernels (zppo_fast/kernels): auto = Triton on CUDA when it imports, else
+    # chunked PyTorch; triton where Triton cannot run is an error. The choice and its reason are
+    # printed at start and saved in RUN_DIR/config.json under "resolved".
+    kernel_backend: Literal["auto", "torch", "triton"] = "auto"
 
 
 @dataclass

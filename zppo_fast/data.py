@@ -1,7 +1,7 @@
 """Questions in, prompts out: the training question stream and the chat-formatted prompt ids.
 
-`QuestionStream` walks the task's training ids in a seeded shuffled order, epoch after epoch; its
-position is two integers, saved in checkpoints so a resumed run sees the same questions.
+`QuestionStream` walks the task's training ids in a seeded shuffled order, epoch after epoch, in
+batches of distinct ids; its position is saved in checkpoints so a resumed run sees the same questions.
 """
 
 from __future__ import annotations
@@ -39,13 +39,23 @@ def tokenizer_corpus(task: ArithmeticTask, size: int = 4000, seed: int = 0) -> l
 
 
 class QuestionStream:
-    """Yields batches of training question ids; state is (epoch, index) into a per-epoch shuffle."""
+    """Yields batches of distinct training question ids, walking a seeded shuffle epoch after epoch.
+
+    A batch that crosses an epoch boundary takes the rest of the old epoch, then the first ids of
+    the new epoch's order that are not already in the batch; the ids it skips stay where they are
+    and come in later batches of that epoch, so every epoch still yields every id exactly once.
+    The position is (epoch, index, ahead): `index` is the first position of the epoch's order not
+    yet taken and `ahead` the positions after it already taken (only the few skipped over at a
+    boundary), all saved in checkpoints so a resumed run sees the same questions.
+    """
 
     def __init__(self, ids: list[int], seed: int = 0):
         if not ids:
             raise ValueError("the training split is empty: check task.heldout_fraction")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"the training ids are not distinct ({len(ids)} ids, {len(set(ids))} distinct)")
         self.ids, self.seed = list(ids), seed
-        self.epoch, self.index = 0, 0
+        self.epoch, self.index, self.ahead = 0, 0, set()
         self._order = self._shuffle(0)
 
     def _shuffle(self, epoch: int) -> list[int]:
@@ -54,19 +64,33 @@ class QuestionStream:
         return order
 
     def next_batch(self, n: int) -> list[int]:
-        batch = []
+        """(n,) distinct ids; n must not exceed the number of ids."""
+        if n > len(self.ids):
+            raise ValueError(f"a batch of {n} distinct questions needs at least {n} training questions, "
+                             f"the data set has {len(self.ids)}")
+        batch: list[int] = []
+        chosen: set[int] = set()
         while len(batch) < n:
             if self.index == len(self._order):
-                self.epoch, self.index = self.epoch + 1, 0
+                self.epoch, self.index, self.ahead = self.epoch + 1, 0, set()
                 self._order = self._shuffle(self.epoch)
-            take = self._order[self.index : self.index + n - len(batch)]
-            batch += take
-            self.index += len(take)
+            j = self.index
+            while len(batch) < n and j < len(self._order):
+                q = self._order[j]
+                if j not in self.ahead and q not in chosen:  # an id already in the batch waits for a later one
+                    batch.append(q)
+                    chosen.add(q)
+                    self.ahead.add(j)
+                j += 1
+            while self.index in self.ahead:
+                self.ahead.remove(self.index)
+                self.index += 1
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "ahead": sorted(self.ahead)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.ahead = {int(j) for j in state.get("ahead", ())}  # absent in checkpoints before issue 14
         self._order = self._shuffle(self.epoch)

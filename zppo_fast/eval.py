@@ -37,8 +37,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from zppo_fast.data import chat_prompt_ids
+from zppo_fast import ownership
 from zppo_fast.config import ConfigError
+from zppo_fast.data import chat_prompt_ids
 from zppo_fast.datasets import DEFAULT_MAX_PROMPT_TOKENS, Columns, DatasetError, DatasetFile, Record
 from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.graders import GradeItem, Grader, get_grader
@@ -151,6 +152,8 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
     prompt; `columns`: the files' column names (`zppo_fast.datasets.Columns`). With `out_dir`:
     out_dir/eval.json (results, decoding and
     `meta`) and out_dir/responses.jsonl (every sample with its verdict), written as they come.
+    `out_dir` must be new, empty or an earlier evaluation's output (which it replaces); any other
+    folder is refused (`ownership.NotOursError`), untouched.
     """
     from tqdm.auto import tqdm
 
@@ -166,9 +169,8 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
     results = []
     with contextlib.ExitStack() as stack:
         log = None
-        if out_dir is not None:
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir is not None:  # a new folder, or one an earlier evaluation wrote; never the user's
+            out_dir = ownership.claim(out_dir, "eval")
             log = stack.enter_context(open(out_dir / "responses.jsonl", "w", encoding="utf-8"))
         for s in sets:
             data = DatasetFile(s.path, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     ap.add_argument("--samples", type=int, default=1, help="K samples per question; pass@1 averages over them")
     ap.add_argument("--grader", action="append", help="boxed | choice | math_verify | judge | MODULE:FUNCTION "
                     "(a reward function, zppo_fast/user_grader.py); once or per --data")
-    ap.add_argument("--out", default="eval_out", help="folder for eval.json and responses.jsonl")
+    ap.add_argument("--out", default="eval_out", help="folder for eval.json and responses.jsonl: new, empty, or an "
+                    "earlier evaluation's (replaced); a folder zppo_fast did not make is refused")
     ap.add_argument("--judge-model", help="model folder of the LLM judge (needed by --grader judge)")
     ap.add_argument("--judge-max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
@@ -255,6 +258,10 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     args = ap.parse_args(argv)
     if args.samples < 1:
         ap.error("--samples must be at least 1")
+    try:
+        ownership.check_claim(args.out, "eval")  # before any model loads
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
     import torch
 

@@ -57,8 +57,10 @@ class GradeItem:
 
 @dataclass(frozen=True)
 class Verdict:
-    """score: 1.0 or 0.0. verdict: "correct" | "wrong" | "malformed" (judge output unparsable).
-    extracted: the answer the grader read from the response (judge: its raw output)."""
+    """score: 1.0 or 0.0. verdict: "correct" | "wrong" | "malformed" (judge output unparsable) |
+    "error" (the grader raised on this response: score 0.0, counted by `CountingGrader`).
+    extracted: the answer the grader read from the response (judge: its raw output; error: the
+    exception)."""
 
     score: float
     verdict: str
@@ -95,6 +97,39 @@ def get_grader(name: str, **kwargs) -> Grader:
     if name not in GRADERS:
         raise ValueError(f"unknown grader {name!r}; registered: {', '.join(sorted(GRADERS))}")
     return GRADERS[name](**kwargs)
+
+
+def error_verdict(error: Exception) -> Verdict:
+    """A response the grader raised on: scored 0.0, as a wrong one, but marked so it is counted."""
+    return Verdict(0.0, "error", f"{type(error).__name__}: {error}")
+
+
+class CountingGrader:
+    """A grader whose "error" verdicts are counted (the trainer's reward/grader_errors) and the
+    first of them reported through `log` with the item it was given."""
+
+    def __init__(self, grader: Grader, log: Callable[[str], None]):
+        self.grader, self.log = grader, log
+        self.name = getattr(grader, "name", type(grader).__name__)
+        self.errors, self.seen_one = 0, False
+
+    def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]:
+        verdicts = self.grader.grade_batch(items)
+        for item, v in zip(items, verdicts):
+            if v.verdict != "error":
+                continue
+            self.errors += 1
+            if not self.seen_one:
+                self.seen_one = True
+                self.log(f"zppo_fast: grader {self.name} raised {v.extracted} -- scored 0.0 and counted in "
+                         f"reward/grader_errors (only this first one is shown)\n  question: {item.question!r}\n"
+                         f"  response: {item.response!r}\n  gold: {item.gold!r}")
+        return verdicts
+
+    def pop_errors(self) -> int:
+        """The errors counted since the last call."""
+        errors, self.errors = self.errors, 0
+        return errors
 
 
 def _verdict(ok: bool, extracted: str) -> Verdict:
@@ -177,8 +212,9 @@ class MathVerifyGrader:
                 gold, got = self._mv.parse(f"\\boxed{{{it.gold}}}"), self._mv.parse(it.response)
                 ok = bool(gold) and bool(got) and bool(self._mv.verify(gold, got))
                 extracted = str(got[-1]) if got else ""
-            except Exception:  # noqa: BLE001 - its parser and sympy can raise on odd input; model output never breaks eval
-                ok, extracted = False, ""
+            except Exception as e:  # noqa: BLE001 - its parser and sympy can raise on odd input: 0.0, counted
+                out.append(error_verdict(e))
+                continue
             out.append(_verdict(ok, extracted))
         return out
 

@@ -13,10 +13,14 @@ the exit history is its C++ log (csrc/exit_log.hpp), appended by the same call t
 step; this class checks arguments and saves/restores everything (the counter-based
 sampler's state included) as plain ints and numpy arrays.
 
-Threads: one step owner calls `update`, `__contains__`, `ids`, `state_dict` and
-`load_state_dict`; `sample` and `len` may also be called from other threads, but not while
-an owner call runs (the ring raises RuntimeError if they overlap). Threads that must admit
-concurrently use the raw ring's lock-free `zppo_fast._replay.Ring.admit`.
+Threads: every method may be called from any thread. One lock per buffer serializes the calls
+into the ring, so concurrent `update()` calls apply one after the other, and `sample`, `len`,
+`in`, `ids`, `history` and `state_dict` called while another thread is in `update()` wait for
+it: they see the buffer before or after that update, never part of one. (The ring itself lets
+only one step owner in at a time and raises RuntimeError on an overlap; the lock is what makes
+the buffer shareable. Uncontended it costs ~0.1 us per call: bench/bench_replay.py.) Threads
+that must admit concurrently without waiting use the raw ring's lock-free
+`zppo_fast._replay.Ring.admit`.
 
 `visits` counts the steps that evaluated an entry after the one that admitted it, the
 graduating step included.
@@ -25,6 +29,7 @@ graduating step included.
 from __future__ import annotations
 
 import numbers
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -72,8 +77,7 @@ class PromptReplayBuffer:
         self.threshold = float(threshold)
         self._ring = _replay.Ring(self.capacity, int(seed) % 2**64)
         self._log = _replay.ExitLog()
-
-    # -- the step owner's calls ---------------------------------------------------------
+        self._lock = threading.Lock()  # every ring and log call, see the module docstring
 
     def update(self, question_ids, accuracies, step: int) -> ReplayUpdate:
         """Apply one step's plain-rollout accuracies: (n,) distinct int ids, (n,) floats in [0, 1].
@@ -89,7 +93,8 @@ class PromptReplayBuffer:
             raise TypeError(f"step must be an integer, got {step!r}")
         # One C++ call: checks accuracies (NaN, range) and duplicate ids before changing
         # anything, applies the step, appends the exits to the log.
-        out = self._ring.update(ids, accs, int(step), self.threshold, self._log)
+        with self._lock:
+            out = self._ring.update(ids, accs, int(step), self.threshold, self._log)
         if type(out) is int:
             raise ValueError(f"accuracies[{out}] = {accs[out]} (question id {ids[out]}) is not in [0, 1]")
         return ReplayUpdate._make(out)
@@ -99,15 +104,18 @@ class PromptReplayBuffer:
             return False
         if not -(2**63) <= int(qid) < 2**63:
             return False
-        return self._ring.contains(int(qid))
+        with self._lock:
+            return self._ring.contains(int(qid))
 
     def ids(self) -> np.ndarray:
         """(n,) int64 live ids, oldest first."""
-        return self._ring.records()["qid"]
+        with self._lock:
+            return self._ring.records()["qid"]
 
     def history(self) -> np.ndarray:
         """(x,) structured array of HISTORY_DTYPE: one row per graduation or eviction, in order."""
-        columns = self._log.columns()
+        with self._lock:
+            columns = self._log.columns()
         history = np.empty(len(columns["qid"]), HISTORY_DTYPE)
         for name in HISTORY_DTYPE.names:
             history[name] = columns[name]
@@ -118,15 +126,16 @@ class PromptReplayBuffer:
 
         Compacts the ring first (no change to its contents), so this buffer and one loaded
         from the result draw the same samples from here on."""
-        self._ring.compact_holes()
-        return {
-            "format": STATE_FORMAT,
-            "capacity": self.capacity,
-            "threshold": self.threshold,
-            "live": dict(self._ring.records()),
-            "history": dict(self._log.columns()),
-            "sampler": dict(zip(("key", "calls"), self._ring.sampler_state())),
-        }
+        with self._lock:
+            self._ring.compact_holes()
+            return {
+                "format": STATE_FORMAT,
+                "capacity": self.capacity,
+                "threshold": self.threshold,
+                "live": dict(self._ring.records()),
+                "history": dict(self._log.columns()),
+                "sampler": dict(zip(("key", "calls"), self._ring.sampler_state())),
+            }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()` (numpy arrays, or lists after a JSON round trip).
@@ -159,27 +168,35 @@ class PromptReplayBuffer:
         ):
             raise ValueError(f"state['sampler'] must be {{'key': uint64, 'calls': uint64}}, got {sampler!r}")
         # The ring checks count and duplicate ids before touching anything.
-        self._ring.load(
-            live["qid"],
-            live["step_admitted"],
-            live["acc_admitted"],
-            live["last_acc"],
-            live["visits"],
-            int(sampler["key"]),
-            int(sampler["calls"]),
-        )
-        self._log = log
-
-    # -- callable from other threads too ------------------------------------------------
+        with self._lock:
+            self._ring.load(
+                live["qid"],
+                live["step_admitted"],
+                live["acc_admitted"],
+                live["last_acc"],
+                live["visits"],
+                int(sampler["key"]),
+                int(sampler["calls"]),
+            )
+            self._log = log
 
     def sample(self, k: int) -> np.ndarray:
         """(min(k, len),) distinct live ids drawn uniformly; they stay in the buffer."""
         if not _is_int(k) or k < 0:
             raise ValueError(f"k must be a non-negative integer, got {k!r}")
-        return self._ring.sample(k)
+        # acquire/release, not `with`: half the cost, which matters at ~4 us per sample(96)
+        self._lock.acquire()
+        try:
+            return self._ring.sample(k)
+        finally:
+            self._lock.release()
 
     def __len__(self) -> int:
-        return len(self._ring)
+        self._lock.acquire()
+        try:
+            return len(self._ring)
+        finally:
+            self._lock.release()
 
     def __repr__(self) -> str:
         return f"PromptReplayBuffer(len={len(self)}, capacity={self.capacity}, threshold={self.threshold})"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from zppo_fast import ownership
 from zppo_fast.config import ModelConfig, SFTConfig, TaskConfig, load_config
 from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
 from zppo_fast.engine import SamplingParams, TransformersEngine
@@ -83,11 +83,14 @@ def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed
 
 
 def _save_atomically(model, tokenizer, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the cache entry `path` under a temporary name, marked as zppo_fast's, and move it into
+    place; a complete entry already there (same settings, same model) is kept. Only marked folders
+    (a crashed write's leftovers) are ever replaced (zppo_fast/ownership.py)."""
+    if (path / "config.json").is_file():
+        return
+    tmp = ownership.claim(path.with_name(path.name + ".tmp"), "sft_cache")
     save_model(model, tokenizer, tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    ownership.replace(tmp, path)
 
 
 def ensure_warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0,

@@ -59,9 +59,9 @@ at any world size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -71,6 +71,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from zppo_fast import ownership
 from zppo_fast.baselines import GuidanceSettings, HintPrefixBuilder, check_shared_vocab, distillation_data
 from zppo_fast.batch import Rollout, RolloutBatch
 from zppo_fast.checkpoint import (
@@ -98,8 +99,14 @@ from zppo_fast.engine import (
 from zppo_fast.engine_process import EngineProcess
 from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
-from zppo_fast.graders import GRADERS, get_grader
-from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
+from zppo_fast.graders import GRADERS, CountingGrader, get_grader
+from zppo_fast.kernels import (
+    describe_backend,
+    fused_linear_jsd,
+    fused_linear_policy_loss,
+    linear_logprobs,
+    normalize_advantages,
+)
 from zppo_fast.metrics import MetricsLogger, import_wandb, peak_memory_mb
 from zppo_fast.model import (
     ModelLoadError,
@@ -124,7 +131,14 @@ from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, grader_scores, replay_c
 # Loss statistics, summed over tokens by the fused losses -> metric names (token means).
 POLICY_METRICS = {"loss": "loss/policy", "clip_low": "loss/clip_frac_low", "clip_high": "loss/clip_frac_high",
                   "dual_clip": "loss/dual_clip_frac", "ratio": "loss/ratio_mean", "approx_kl": "loss/approx_kl"}
+# config.json's key for what the run chose where the config left it open (not a config section).
+RESOLVED = "resolved"
 DISTILL_METRICS = {"loss": "loss/jsd", "forward_kl": "loss/forward_kl", "reverse_kl": "loss/reverse_kl"}
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient norm (rl.on_nonfinite = "stop"); the message names the
+    step and the metric."""
 
 
 class Trainer:
@@ -147,11 +161,22 @@ class Trainer:
         torch.set_flush_denormal(True)  # Gated-DeltaNet decay products underflow into slow denormals
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.run.cpu_threads)
+        try:  # the loss and log-prob kernels' backend, and why: printed now and kept in config.json
+            self.kernel_backend, why = describe_backend(cfg.parallel.kernel_backend, self.device)
+        except RuntimeError as e:
+            raise ConfigError(f"parallel.kernel_backend = {cfg.parallel.kernel_backend!r} cannot run here: {e}"
+                              ) from None
+        self.resolved = {"kernel_backend": self.kernel_backend, "kernel_backend_reason": why}
+        if dist.is_main:
+            tqdm.write(f"zppo_fast: kernels: {self.kernel_backend} ({why})")
 
         # 1. The run folder holds the config, metrics.jsonl and checkpoints (rank 0 writes them).
         self.run_dir = Path(resume if resume is not None else cfg.run.out_dir)
         checkpoint = state = None
         if resume is None:
+            # Only a folder this trainer made (it holds the ownership marker) is ever replaced: a
+            # folder of the user's is refused whatever run.overwrite says (zppo_fast/ownership.py).
+            ownership.check_claim(self.run_dir, "run", overwrite=cfg.run.overwrite)
             if (self.run_dir / "checkpoints").exists() and not cfg.run.overwrite:
                 raise ConfigError(
                     f"run folder {self.run_dir} already holds checkpoints: pass --resume {self.run_dir}, "
@@ -159,11 +184,14 @@ class Trainer:
                 )
             dist.barrier()  # every rank has looked before rank 0 clears the folder
             if dist.is_main:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-                self.run_dir.mkdir(parents=True)
-                (self.run_dir / "config.json").write_text(cfg.to_json())
+                ownership.claim(self.run_dir, "run", overwrite=cfg.run.overwrite)
+                (self.run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), RESOLVED: self.resolved},
+                                                                     indent=2))
         else:
             checkpoint = latest_checkpoint(self.run_dir)
+            if dist.is_main:  # this machine's choices replace the earlier ones; the settings stay
+                saved = self.run_dir / "config.json"
+                saved.write_text(json.dumps({**json.loads(saved.read_text()), RESOLVED: self.resolved}, indent=2))
             state = read_trainer_state(checkpoint)
             if state.get("model_config", asdict(cfg.model)) != asdict(cfg.model):
                 diff = {k: (v, getattr(cfg.model, k, None)) for k, v in state["model_config"].items()
@@ -171,10 +199,10 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {checkpoint} is from a different model config "
                                       f"(checkpoint vs now: {diff})")
 
-        # 2. The frozen teacher (algos with one, and the LLM judge when a grader is "judge"), a full
-        #    copy on every rank: a Hugging Face folder, or the tiny student architecture with a longer
-        #    warm-up whose early snapshot is the student. An image-text-to-text teacher (its config has
-        #    a vision tower) is loaded with its processor and sees the questions' images.
+        # 2. The graders, and the folders the models come from: the frozen teacher's (algos with one,
+        #    and the LLM judge when a grader is "judge"): a Hugging Face folder, or the tiny student
+        #    architecture with a longer warm-up whose early snapshot is the student; the student's: the
+        #    checkpoint being resumed, model.path, or that cached warm-up. Only the tokenizer is read now.
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
         for key, name in (("data.grader", cfg.data.grader), ("data.heldout_grader", self.heldout_grader)):
@@ -184,34 +212,20 @@ class Trainer:
                 raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}; "
                                   "or a reward function, MODULE:FUNCTION")
         judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
-        self.teacher_engine = teacher_dir = teacher_tok = self.teacher_processor = None
+        teacher_dir = None
         if self.algo.teacher or judge:
             teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
                                                                    snapshots=(cfg.sft.steps,))
-            teacher_tok = load_tokenizer(teacher_dir)
-            if is_vlm(model_from_config(teacher_dir, cfg.model.dtype, meta=True)):
-                self.teacher_processor = load_processor(teacher_dir)
-            self.teacher_engine = self.make_engine("teacher", teacher_dir)
-            self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
-        self.teacher_tokenizer = teacher_tok
-
-        # 3. The student, built on the meta device, sharded by FSDP2, then filled: from the
-        #    checkpoint being resumed (each rank reads its shards), or from a Hugging Face folder /
-        #    the cached warm-up (rank 0 reads, every rank receives its shards). A vision-language
-        #    student (its config has a vision tower) also needs its processor, from model.path, and
-        #    `VLMPolicy`, which runs its image micro-batches through the vision tower.
         source = checkpoint or Path(cfg.model.path or self.warm_start(cfg.sft))
         self.tokenizer = load_tokenizer(source)
-        self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
-        lm = model_from_config(source, cfg.model.dtype, meta=True,
-                               attention=attention_kernel(cfg.parallel.attention, self.device))
-        self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
-        self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
 
-        # 4. The questions: the user's files, validated in one pass now, or the arithmetic task; the
-        #    stream of training ids; the held-out set (arithmetic: a seeded sample, not a prefix, as
-        #    consecutive ids are one fact in its 24 wordings; files: checked to exist now).
+        # 3. The questions, before any model is built (the data files need only the tokenizer): the
+        #    user's files, validated in one pass now, or the arithmetic task; the stream of training
+        #    ids, which must hold enough for a step of distinct questions; the held-out set (arithmetic:
+        #    a seeded sample, not a prefix, as consecutive ids are one fact in its 24 wordings; files:
+        #    checked to exist now).
         self.task = self.make_task()
+        self.check_data_size()
         self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
         heldout = self.task.heldout_ids()
         self.heldout = [self.task.problem(q) for q in
@@ -219,9 +233,38 @@ class Trainer:
         self.heldout_sets = pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
         for s in self.heldout_sets:
             DatasetFile(s.path)  # raises DatasetError now, naming the file, if it is missing or of no known format
-        self.grader = get_grader(self.train_grader, **self.judge_kwargs(self.train_grader))
 
-        # 5. AdamW over the parameter shards, constant learning rate.
+        # 4. The frozen teacher's engine (algos with one, and the judge), a full copy on every rank
+        #    (the folder above). An image-text-to-text teacher (its config has a vision tower) is
+        #    loaded with its processor and sees the questions' images.
+        self.teacher_engine = teacher_tok = self.teacher_processor = None
+        if teacher_dir is not None:
+            teacher_tok = load_tokenizer(teacher_dir)
+            if is_vlm(model_from_config(teacher_dir, cfg.model.dtype, meta=True)):
+                self.teacher_processor = load_processor(teacher_dir)
+            self.teacher_engine = self.make_engine("teacher", teacher_dir)
+            self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
+        self.teacher_tokenizer = teacher_tok
+
+        # 5. The student, built on the meta device, sharded by FSDP2, then filled: from the
+        #    checkpoint being resumed (each rank reads its shards), or from a Hugging Face folder /
+        #    the cached warm-up (rank 0 reads, every rank receives its shards). A vision-language
+        #    student (its config has a vision tower) also needs its processor, from model.path, and
+        #    `VLMPolicy`, which runs its image micro-batches through the vision tower.
+        self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
+        lm = model_from_config(source, cfg.model.dtype, meta=True,
+                               attention=attention_kernel(cfg.parallel.attention, self.device))
+        self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
+        if getattr(self.task, "has_images", False) and self.processor is None:
+            row = next(r for r in self.task.records if r.images)
+            raise ConfigError(f"{row.source}: a row with images, but the student is a text model; set model.path "
+                              "to an image-text-to-text model folder (zppo_fast/vlm.py)")
+        self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
+        # Responses the grader raises on score 0.0 and are counted (reward/grader_errors); the first is shown.
+        self.grader = CountingGrader(get_grader(self.train_grader, **self.judge_kwargs(self.train_grader)),
+                                     log=tqdm.write if dist.is_main else lambda _: None)
+
+        # 6. AdamW over the parameter shards, constant learning rate.
         rl = cfg.rl
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=rl.lr, betas=(rl.adam_beta1, rl.adam_beta2), eps=rl.adam_eps,
@@ -232,10 +275,10 @@ class Trainer:
         else:
             load_full_state(self.policy, read_state_dict(source) if dist.is_main else None)
 
-        # 6. The student's rollout engine holds its own full copy of the weights, set by pushes.
+        # 7. The student's rollout engine holds its own full copy of the weights, set by pushes.
         self.engine = self.make_engine("student", source)
 
-        # 7. The teacher's part of a step: BCQ / NCQ prompts (Reformulator), Hint or Prefix prompts
+        # 8. The teacher's part of a step: BCQ / NCQ prompts (Reformulator), Hint or Prefix prompts
         #    (HintPrefixBuilder), or distillation, which compares the two models' distributions id by
         #    id: one shared vocabulary, checked here, and the teacher kept as a model that scores
         #    tokens (`scoring_teacher`).
@@ -260,13 +303,13 @@ class Trainer:
                 raise ConfigError(f"rl.algo = {cfg.rl.algo}: the teacher's lm_head has {self.teacher_lm.lm_head.shape[0]} "
                                   f"rows but the student's {self.policy.lm_head.shape[0]}; they must share one vocabulary")
 
-        # 8. The prompt replay buffer of hard questions (algos with a buffer), the same on every rank.
+        # 9. The prompt replay buffer of hard questions (algos with a buffer), the same on every rank.
         self.buffer = None
         if self.algo.replay:
             self.buffer = PromptReplayBuffer(cfg.zppo.replay_capacity, seed=cfg.run.seed,
                                              threshold=cfg.zppo.hard_threshold)
 
-        # 9. On resume: data position, buffer, RNG and step, exactly as they were saved (the data
+        # 10. On resume: data position, buffer, RNG and step, exactly as they were saved (the data
         #    files must still hold the same records: replayed ids index them).
         self.step_idx = 0
         if state is not None:
@@ -283,7 +326,7 @@ class Trainer:
                                      wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
                                      config=cfg.to_dict()) if dist.is_main else None
 
-        # 10. The engine starts from the trainer's weights, and must be seen to sample from them.
+        # 11. The engine starts from the trainer's weights, and must be seen to sample from them.
         self.push_weights()
         self.check_push()
 
@@ -372,14 +415,26 @@ class Trainer:
         if len(set(self.dist.all_gather(task.fingerprint))) > 1:
             raise DatasetError(f"the ranks read different records from {cfg.data.train}: every rank needs the same "
                                "files (a shared file system, or identical copies)", str(cfg.data.train[0]))
-        if task.has_images and self.processor is None:
-            row = next(r for r in task.records if r.images)
-            raise ConfigError(f"{row.source}: a row with images, but the student is a text model; set model.path "
-                              "to an image-text-to-text model folder (zppo_fast/vlm.py)")
         self.data_counts = task.counts()
         if self.dist.is_main:
             tqdm.write(task.report())
         return task
+
+    def check_data_size(self) -> None:
+        """Every step takes rl.batch_size distinct new questions, and the replay algos up to
+        round(rho_replay * batch_size) more from the buffer, distinct from those: a data set with fewer
+        usable questions is an error now, before any model is built."""
+        cfg, usable = self.cfg, len(self.task.train_ids())
+        replayed = replay_count(cfg.rl.batch_size, cfg.zppo.rho_replay) if self.algo.replay else 0
+        if usable < cfg.rl.batch_size + replayed:
+            where = (f"the [data] train files ({', '.join(cfg.data.train)}: "
+                     + ", ".join(f"{k[5:]} {int(v)}" for k, v in self.data_counts.items()) + ")"
+                     if cfg.data.train else "the arithmetic task's training split ([task])")
+            need = f"rl.batch_size {cfg.rl.batch_size}" + (
+                f" + {replayed} replayed (zppo.rho_replay {cfg.zppo.rho_replay}, rl.algo {cfg.rl.algo})"
+                if replayed else "")
+            raise ConfigError(f"{where} has {usable} usable questions, but a step needs {need} = "
+                              f"{cfg.rl.batch_size + replayed} distinct ones; lower rl.batch_size or add data")
 
     def columns(self) -> Columns:
         """The data files' column names (`data.question_key` ...), for train and held-out files alike."""
@@ -477,6 +532,7 @@ class Trainer:
         self.push_weights()
         t["time/weight_push"] = time.perf_counter() - t0
 
+        m["reward/grader_errors"] = self.grader.pop_errors()  # this step's, of the student's and the teacher's rollouts
         for role, engine in (("student", self.engine), ("teacher", self.teacher_engine)):
             m.update({f"engine/{role}_{k}": v for k, v in (engine.pop_timings() if engine else {}).items()})
         return {**m, **self.rollout_metrics(batch, accuracy, samples, entropy), **t,
@@ -561,7 +617,8 @@ class Trainer:
         for rows in batch.minibatches(self.cfg.rl.num_minibatches):
             for mb in self.microbatches(batch, rows):
                 logp, ent = linear_logprobs(self.policy(mb), self.policy.lm_head, mb.targets,
-                                            temperature=self.cfg.rollout.temperature or 1.0, return_entropy=True)
+                                            temperature=self.cfg.rollout.temperature or 1.0, return_entropy=True,
+                                            backend=self.kernel_backend)
                 entropy_sum += (ent * mb.loss_mask).sum()
                 for i, chunk in zip(mb.rows, logp.float().split(mb.response_lengths)):
                     out[i] = chunk
@@ -597,6 +654,7 @@ class Trainer:
                     self.policy(mb), self.policy.lm_head, mb.targets, old, adv, mb.loss_mask,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
                     temperature=self.cfg.rollout.temperature or 1.0, normalizer=normalizer,
+                    backend=self.kernel_backend,
                 )
             loss.backward()
             for k, v in {"loss": loss.detach() * normalizer, **stats}.items():
@@ -604,30 +662,57 @@ class Trainer:
         return totals
 
     def update(self, batch: RolloutBatch, old_logprobs=None, advantages: torch.Tensor | None = None) -> dict[str, float]:
+        """I optimizer steps (distillation: one), one per mini-batch of whole groups; the step's
+        loss statistics as token means. A NaN or infinite loss or gradient norm stops the run
+        (`NonFiniteError`, before anything of this step is saved or pushed) or, with
+        rl.on_nonfinite = "skip", drops that optimizer step and counts it."""
         cfg = self.cfg.rl
         if not len(batch):  # off-policy distillation when no teacher rollout of the step was correct
             return {}
         if advantages is not None:  # on the device once per step: the micro-batches index it there
             advantages = advantages.to(self.device, non_blocking=True)  # pageable source: no stream sync
+        skip = cfg.on_nonfinite == "skip"
         sums: dict[str, torch.Tensor] = {}
-        grad_norms = []
+        grad_norms, skipped = [], 0
         # Distillation takes one optimizer step per rollout step, as the paper's baselines do.
         for rows in batch.minibatches(1 if self.algo.distill else cfg.num_minibatches):
-            for k, v in self.backward_minibatch(batch, rows, old_logprobs, advantages).items():
-                sums[k] = sums[k] + v if k in sums else v
+            totals = self.backward_minibatch(batch, rows, old_logprobs, advantages)
             norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-            grad_norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double())
-            self.optimizer.step()
+            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double()
+            # skip: the one mode that reads the device per optimizer step, to decide before it; the
+            # norm is the same on every rank, the loss is summed over them, so all ranks agree.
+            if skip and not (math.isfinite(norm.item())
+                             and math.isfinite(self.dist.sum({"loss": totals["loss"].item()})["loss"])):
+                skipped += 1
+            else:
+                self.optimizer.step()
+                grad_norms.append(norm)
+                for k, v in totals.items():
+                    sums[k] = sums[k] + v if k in sums else v
             self.optimizer.zero_grad(set_to_none=True)
         # the step's one read of the device: every statistic and grad norm in one copy
         keys = sorted(sums)
-        values = torch.stack([sums[k].to(self.device) for k in keys] + grad_norms).tolist()
+        values = torch.stack([sums[k].to(self.device) for k in keys] + grad_norms).tolist() if keys else []
         totals = self.dist.sum(dict(zip(keys, values)))
         grad_norms = values[len(keys):]
         n = max(totals.get("tokens", 0.0), 1.0)
         names = DISTILL_METRICS if self.algo.distill else POLICY_METRICS
-        return {**{name: totals.get(k, 0.0) / n for k, name in names.items()},
-                "loss/trained_tokens": totals.get("tokens", 0.0), "loss/grad_norm": sum(grad_norms) / len(grad_norms)}
+        out = {**{name: totals.get(k, 0.0) / n for k, name in names.items()},
+               "loss/trained_tokens": totals.get("tokens", 0.0)}
+        if grad_norms:  # none when every optimizer step of this rollout step was skipped
+            out["loss/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if skip:
+            out["loss/skipped_steps"] = float(skipped)
+        else:
+            bad = [(k, v) for k, v in out.items() if not math.isfinite(v)]
+            bad += [(f"loss/grad_norm of optimizer step {i + 1}", g) for i, g in enumerate(grad_norms)
+                    if not math.isfinite(g)]
+            if bad:
+                raise NonFiniteError(
+                    f"step {self.step_idx}: {', '.join(f'{k} is {v}' for k, v in bad)}; the run stops before "
+                    f"saving or pushing this step, so its last checkpoint is the last good state (resume it with "
+                    f"--resume {self.run_dir}); rl.on_nonfinite = skip drops such optimizer steps instead")
+        return out
 
     def push_weights(self) -> None:
         """The student's engine gets the trainer's weights: its weight memory back, every bucket
@@ -779,7 +864,8 @@ def main(argv: list[str] | None = None) -> None:
             if not saved.is_file():
                 raise ConfigError(f"--resume {resume}: no config.json there, not a run folder")
             cfg = load_config(None, [f"--{s}.{k}={json.dumps(v) if isinstance(v, list) else v}"
-                                     for s, part in json.loads(saved.read_text()).items() for k, v in part.items()]
+                                     for s, part in json.loads(saved.read_text()).items() if s != RESOLVED
+                                     for k, v in part.items()]
                               + argv)
         else:
             cfg = load_config(config_file, argv)
@@ -787,7 +873,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     try:
         _train(cfg, resume)
-    except (ConfigError, CheckpointError, ModelLoadError, DatasetError, ImportError) as e:
+    except (ConfigError, CheckpointError, ModelLoadError, DatasetError, ImportError, NonFiniteError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         destroy_distributed()

@@ -24,8 +24,10 @@ same (response, gold) on every rank (no sampling; a remote verifier at temperatu
 
 Errors name the function: a spec that cannot be imported, or names no callable, is a ConfigError
 when the grader is built (the trainer builds it before loading any model); a score that is not a
-number in [0, 1] (a str, None, NaN, 2.0, a list of the wrong length), or an exception raised
-inside the function, is a `GraderFunctionError` naming the function, the item and the value.
+number in [0, 1] (a str, None, NaN, 2.0, a list of the wrong length), or an exception raised by a
+batched function, is a `GraderFunctionError` naming the function, the item and the value. A
+per-item function that raises on one response scores it 0.0 with the verdict "error": the trainer
+counts those (reward/grader_errors) and shows the first with its input.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from zppo_fast.config import ConfigError
-from zppo_fast.graders import GradeItem, Verdict
+from zppo_fast.graders import GradeItem, Verdict, error_verdict
 
 __all__ = ["FunctionGrader", "GraderFunctionError", "load_function"]
 
@@ -109,9 +111,16 @@ class FunctionGrader:
                 got = f"{len(scores)} scores" if isinstance(scores, (list, tuple)) else repr(scores)[:80]
                 raise GraderFunctionError(f"grader {self.name} (batched) returned {got} for {len(items)} items; "
                                           f"expected a list of {len(items)} numbers in [0, 1]")
-        else:
-            scores = [self._call(it.response, it.gold, f"item {i}") for i, it in enumerate(items)]
-        return [self._verdict(s, i, it) for i, (s, it) in enumerate(zip(scores, items))]
+            return [self._verdict(s, i, it) for i, (s, it) in enumerate(zip(scores, items))]
+        verdicts = []
+        for i, it in enumerate(items):
+            try:
+                score = self.fn(it.response, it.gold)
+            except Exception as e:  # noqa: BLE001 - on one model output: scored 0.0 and counted, as any grader's
+                verdicts.append(error_verdict(e))
+                continue
+            verdicts.append(self._verdict(score, i, it))
+        return verdicts
 
     def _call(self, response, gold, what: str):
         try:
