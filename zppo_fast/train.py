@@ -81,7 +81,7 @@ from zppo_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from zppo_fast.config import Config, ConfigError, load_config
+from zppo_fast.config import Config, ConfigError, check_config, load_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
 from zppo_fast.datasets import Columns, DatasetError, DatasetFile
@@ -98,7 +98,7 @@ from zppo_fast.engine import (
 from zppo_fast.engine_process import EngineProcess
 from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
-from zppo_fast.graders import GRADERS, get_grader
+from zppo_fast.graders import get_grader
 from zppo_fast.kernels import fused_linear_jsd, fused_linear_policy_loss, linear_logprobs, normalize_advantages
 from zppo_fast.metrics import MetricsLogger, import_wandb, peak_memory_mb
 from zppo_fast.model import (
@@ -129,9 +129,7 @@ DISTILL_METRICS = {"loss": "loss/jsd", "forward_kl": "loss/forward_kl", "reverse
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True):
-        self.cfg = cfg
-        if cfg.rl.algo not in ALGOS:
-            raise ConfigError(f"rl.algo must be one of {', '.join(ALGOS)}, got {cfg.rl.algo!r}")
+        self.cfg = check_config(cfg)  # load_config checked it; a config changed in code is checked here
         self.algo = ALGOS[cfg.rl.algo]
         if cfg.run.wandb:
             import_wandb()  # a missing package fails now, not after the models have loaded
@@ -177,12 +175,9 @@ class Trainer:
         #    a vision tower) is loaded with its processor and sees the questions' images.
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
-        for key, name in (("data.grader", cfg.data.grader), ("data.heldout_grader", self.heldout_grader)):
+        for name in (cfg.data.grader, self.heldout_grader):
             if ":" in name:  # the user's reward function: imported now, so a typo fails before any model loads
                 get_grader(name)
-            elif name not in GRADERS:
-                raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}; "
-                                  "or a reward function, MODULE:FUNCTION")
         judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
         self.teacher_engine = teacher_dir = teacher_tok = self.teacher_processor = None
         if self.algo.teacher or judge:
@@ -307,8 +302,6 @@ class Trainer:
                               "cuda" if cuda else "cpu", cfg.batch_size, processor_path)
             return DataParallelEngine(EngineProcess(factory, f"transformers {role} engine (rank {dist.rank})",
                                                     gpus=[dist.local_rank] if cuda else None, log_path=log_path), dist)
-        if cfg.engine != "sglang":
-            raise ConfigError(f"rollout.engine must be transformers or sglang, got {cfg.engine!r}")
         from zppo_fast.sglang_engine import SGLangEngineConfig, import_sglang, start_sglang_engine, teacher_placement
 
         if self.device.type != "cuda":
