@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Bounds:
-    """The range a numeric field must lie in (`Annotated[float, Bounds(0, 1)]`); None: unbounded."""
+    """The range a numeric field must lie in (`Annotated[float, Bounds(0, 1)]`); None: unbounded.
+    Like every check in an `Annotated` field type: `check` raises ConfigError, `describe` is for --help."""
 
     low: float | None = None
     high: float | None = None
@@ -42,6 +43,9 @@ class Bounds:
         high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
         if not (low_ok and high_ok):
             raise ConfigError(f"config key '{key}' must be {self}, got {value!r}")
+
+    def describe(self, base: str) -> str:
+        return f"{base} {self}"
 
     def __str__(self) -> str:
         if self.high is None:
@@ -63,8 +67,10 @@ class GraderSpec:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(sorted(GRADERS))} or MODULE:FUNCTION "
                               f"(a reward function of yours), got {value!r}")
 
-    def __str__(self) -> str:
-        return "a registered grader or MODULE:FUNCTION"
+    def describe(self, base: str) -> str:
+        from zppo_fast.graders import GRADERS
+
+        return " | ".join([*sorted(GRADERS), "MODULE:FUNCTION"])
 
 
 Count = Annotated[int, Bounds(1)]
@@ -108,8 +114,8 @@ class DataConfig:
 
     train: list[str] = field(default_factory=list)  # .jsonl / .parquet files or datasets folders
     heldout: list[str] = field(default_factory=list)  # evaluated every run.eval_every steps
-    # boxed | choice | math_verify | judge (the teacher judges), in training; or a reward function of
-    # the user's, "my_module:my_fn" / "path/to/file.py:my_fn" (the protocol: zppo_fast/user_grader.py)
+    # in training (judge: the teacher judges), or a reward function of the user's, "my_module:my_fn"
+    # or "path/to/file.py:my_fn" (the protocol: zppo_fast/user_grader.py)
     grader: GraderName = "boxed"
     heldout_grader: GraderName | None = None  # None: the same as `grader`
     skip_bad_rows: bool = True  # count and skip invalid rows (reported at startup) instead of stopping
@@ -135,7 +141,7 @@ class SFTConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["transformers", "sglang"] = "transformers"  # transformers | sglang (GPUs; pip install zppo-fast[sglang])
+    engine: Literal["transformers", "sglang"] = "transformers"  # sglang: on GPUs, pip install -e ".[sglang]"
     # sglang: where the teacher's engines run: colocated on the training GPUs (time-shared) or
     # dedicated on the node's GPUs that torchrun leaves free (the paper's 6 + 2 per node)
     teacher_placement: Literal["colocated", "dedicated"] = "colocated"
@@ -161,9 +167,8 @@ class RolloutConfig:
 
 @dataclass
 class RLConfig:
-    # grpo | grpo_replay | grpo_both | grpo_replay_bcq | grpo_replay_ncq | zppo (the paper's Table 3)
-    # | grpo_replay_hint | grpo_replay_prefix | off_distill[_replay] | on_distill[_replay] (its
-    # baselines); the table with what each does is in zppo_fast/zppo.py
+    # the paper's Table 3 (grpo .. zppo) and its baselines (hint, prefix, off/on-policy distillation,
+    # with or without the replay buffer); the table with what each does is in zppo_fast/zppo.py
     algo: AlgoName = "zppo"
     batch_size: Count = 16  # B_new: new questions per rollout step
     group_size: Count = 8  # G_S: rollouts per question
@@ -284,12 +289,12 @@ def _closest(name: str, options: typing.Iterable[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(sorted(options))})"
 
 
-def _coerce(value: object, kind: object, key: str) -> object:
+def coerce(value: object, kind: object, key: str) -> object:
     """Convert a TOML or command-line value to the declared field type and check it against what the
     type declares, or raise naming the key. Idempotent, so it also checks a value already typed."""
     if typing.get_origin(kind) is Annotated:
         base, *checks = typing.get_args(kind)
-        value = _coerce(value, base, key)
+        value = coerce(value, base, key)
         for check in checks:
             check.check(value, key)
         return value
@@ -302,7 +307,7 @@ def _coerce(value: object, kind: object, key: str) -> object:
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], key)
+        return coerce(value, args[0], key)
     if typing.get_origin(kind) is list:
         # TOML gives a list; the command line a JSON list ('["a.jsonl", "b.jsonl"]') or comma-separated text.
         if isinstance(value, str):
@@ -314,7 +319,7 @@ def _coerce(value: object, kind: object, key: str) -> object:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         (item,) = typing.get_args(kind)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -352,7 +357,7 @@ def _apply(cfg: Config, section: str, key: str, value: object, origin: str) -> N
         dotted = [f"{section}.{k}" for k in fields]
         raise ConfigError(f"{origin}: unknown config key '{section}.{key}'{_closest(f'{section}.{key}', dotted)}")
     hints = typing.get_type_hints(type(part), include_extras=True)
-    setattr(part, key, _coerce(value, hints[key], f"{section}.{key}"))
+    setattr(part, key, coerce(value, hints[key], f"{section}.{key}"))
 
 
 def check_config(cfg: Config) -> Config:
@@ -362,7 +367,7 @@ def check_config(cfg: Config) -> Config:
         part = getattr(cfg, section.name)
         hints = typing.get_type_hints(type(part), include_extras=True)
         for f in dataclasses.fields(part):
-            _coerce(getattr(part, f.name), hints[f.name], f"{section.name}.{f.name}")
+            coerce(getattr(part, f.name), hints[f.name], f"{section.name}.{f.name}")
     return cfg
 
 

@@ -11,7 +11,6 @@ declares none; `--dtype` chooses another.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from zppo_fast.checkpoint import STATE_FILE, CheckpointError
+from zppo_fast.cli import Parser
 from zppo_fast.model import ModelLoadError, Policy, declared_dtype, load_tokenizer, model_from_config, save_model
 
 
@@ -48,7 +48,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m zppo_fast.export", description=__doc__.splitlines()[0])
+    parser = Parser("zppo_fast.export", __doc__)
     parser.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N")
     parser.add_argument("out_dir", help="folder to write (replaced if it exists)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

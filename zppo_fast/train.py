@@ -62,7 +62,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
@@ -81,7 +80,8 @@ from zppo_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from zppo_fast.config import Config, ConfigError, check_config, load_config
+from zppo_fast.cli import Parser
+from zppo_fast.config import Config, ConfigError, check_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
 from zppo_fast.datasets import Columns, DatasetError, DatasetFile
@@ -756,31 +756,25 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    resume = config_file = None
-    for flag in ("--resume", "--config"):
-        if flag in argv:
-            i = argv.index(flag)
-            if i + 1 >= len(argv):
-                raise SystemExit(f"{flag} needs a value")
-            value = argv.pop(i + 1)
-            argv.pop(i)
-            resume, config_file = (value, config_file) if flag == "--resume" else (resume, value)
+    parser = Parser("zppo_fast.train", __doc__, config=True)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint, with the "
+                        "config.json it saved (overrides still apply)")
+    args = parser.parse_args(argv)
+    saved: list[str] = []
+    if args.resume is not None:
+        if args.config is not None:
+            parser.error("--resume takes the run's own config.json; give overrides, not --config, with it")
+        path = Path(args.resume) / "config.json"
+        if not path.is_file():
+            parser.error(f"--resume {args.resume}: no config.json there, not a run folder")
+        saved = [f"--{s}.{k}={json.dumps(v) if isinstance(v, list) else v}"
+                 for s, part in json.loads(path.read_text()).items() for k, v in part.items()]
+    cfg = parser.load_config(args.config, saved + args.overrides)
     try:
-        if resume is not None:
-            saved = Path(resume) / "config.json"
-            if not saved.is_file():
-                raise ConfigError(f"--resume {resume}: no config.json there, not a run folder")
-            cfg = load_config(None, [f"--{s}.{k}={json.dumps(v) if isinstance(v, list) else v}"
-                                     for s, part in json.loads(saved.read_text()).items() for k, v in part.items()]
-                              + argv)
-        else:
-            cfg = load_config(config_file, argv)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        _train(cfg, resume)
-    except (ConfigError, CheckpointError, ModelLoadError, DatasetError, ImportError) as e:
+        _train(cfg, args.resume)
+    except ConfigError as e:  # a value that only conflicts with the machine (world size, device)
+        parser.error(str(e))
+    except (CheckpointError, ModelLoadError, DatasetError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         destroy_distributed()
