@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
                                  skip_bad_rows=args.skip_bad_rows, batch_questions=args.batch_questions,
                                  progress=not args.no_progress, columns=columns,
                                  meta={"model": str(args.model), "judge_model": args.judge_model, "device": device})
-    except (ConfigError, DatasetError) as e:  # a grader that cannot be imported, a bad row: the message says which
+    except ConfigError as e:  # a grader that cannot be imported: the message says which
+        ap.error(str(e))
+    except DatasetError as e:  # a bad row: the message names the file and row
         raise SystemExit(f"error: {e}") from None
     print(format_table(results))
     print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'responses.jsonl'}")
