@@ -3,6 +3,9 @@
 #   make test   venv + install + build, then the C++ tests and every Python test
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# CMake from PyPI (the test extra), so no system CMake is needed.
+CMAKE := $(VENV)/bin/cmake
+CTEST := $(VENV)/bin/ctest
 # The CPU build; on GPU nodes install the CUDA build of torch first (make TORCH=torch ...).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
@@ -29,15 +32,15 @@ test-python: $(STAMP)
 	$(PY) -m pytest -q tests
 
 test-cpp: $(STAMP)
-	cmake -S . -B build/cpp -DPython_EXECUTABLE=$(abspath $(PY)) >/dev/null
-	cmake --build build/cpp -j 2
-	ctest --test-dir build/cpp --output-on-failure
+	$(CMAKE) -S . -B build/cpp -DPython_EXECUTABLE=$(abspath $(PY)) >/dev/null
+	$(CMAKE) --build build/cpp -j 2
+	$(CTEST) --test-dir build/cpp --output-on-failure
 
 # ThreadSanitizer and AddressSanitizer builds of the replay ring's stress test.
-test-sanitize:
-	cmake -S . -B build/cpp-sanitize -DZPPO_SANITIZE=ON >/dev/null
-	cmake --build build/cpp-sanitize -j 2
-	ctest --test-dir build/cpp-sanitize --output-on-failure
+test-sanitize: $(STAMP)
+	$(CMAKE) -S . -B build/cpp-sanitize -DZPPO_SANITIZE=ON >/dev/null
+	$(CMAKE) --build build/cpp-sanitize -j 2
+	$(CTEST) --test-dir build/cpp-sanitize --output-on-failure
 
 clean:
 	rm -rf build runs .cache $(VENV) *.egg-info

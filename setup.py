@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -25,6 +26,21 @@ class CMakeExtension(Extension):
         self.target = target
 
 
+def _cmake() -> str:
+    """CMake from PyPI (pyproject.toml's build requirements, so a machine without one builds), or, in a
+    build without isolation (`--no-build-isolation`) that lacks the package, the one on PATH."""
+    try:
+        import cmake  # the PyPI package: its binary lives in the package
+
+        return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+    except ImportError:
+        found = shutil.which("cmake")
+        if found is None:
+            raise RuntimeError("building zppo_fast needs CMake >= 3.18: pip install cmake (or apt install cmake), "
+                               "or build with pip's default build isolation, which installs it") from None
+        return found
+
+
 class CMakeBuild(build_ext):
     """Configure + build one CMake target and drop the module where setuptools expects it.
 
@@ -35,11 +51,15 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
         import pybind11  # a build requirement, so only importable inside the build
 
-        cmake = shutil.which("cmake")
-        if cmake is None:
+        headers = Path(sysconfig.get_paths()["include"])
+        if not (headers / "Python.h").is_file():
             raise RuntimeError(
-                "building zppo_fast needs CMake >= 3.18 on PATH (apt install cmake, or pip install cmake)"
+                f"building zppo_fast's C++ module needs the headers of this Python ({sys.executable}, "
+                f"{sysconfig.get_python_version()}), and {headers / 'Python.h'} does not exist: install them "
+                f"(Debian/Ubuntu: apt install python{sysconfig.get_python_version()}-dev; Fedora/RHEL: "
+                "dnf install python3-devel; conda and pyenv Pythons ship them)"
             )
+        cmake = _cmake()
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         build_dir = Path(self.build_temp).resolve() / "cmake"
@@ -79,13 +99,18 @@ setup(
     name="zppo_fast",
     version="0.1.0",
     description="A lean RL post-training trainer for ZPPO (Zone of Proximal Policy Optimization).",
-    python_requires=">=3.10",
+    license="Apache-2.0",
+    python_requires=">=3.11",  # tomllib (zppo_fast/config.py)
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     ext_modules=[CMakeExtension("zppo_fast._replay", target="_replay")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
-        "torch>=2.6",
+        # The newest torch API the code calls is FSDPModule.set_reduce_scatter_unused_params (2026;
+        # zppo_fast/parallelize.py, vision-language students); FSDP2's set_gradient_divide_factor and
+        # set_force_sum_reduction_for_comms, torch.library.custom_op and torch.OutOfMemoryError are
+        # older. 2.13 is the release the suite runs on (Makefile) and the one sglang 0.5.19 pins.
+        "torch>=2.13",
         "triton; sys_platform == 'linux'",
         "transformers>=5.0",
         "tokenizers",
@@ -96,20 +121,22 @@ setup(
     ],
     extras_require={
         # zppo_fast/sglang_engine.py was checked against SGLang's source of the 0.5.19 line
-        # (commit 001067ff): flattened-bucket weight pushes, memory-saver tags, sampling_seed.
-        "sglang": ["sglang>=0.5.19"],
+        # (commit 001067ff): flattened-bucket weight pushes, memory-saver tags, sampling_seed; a
+        # 0.6 may change those internals, so the range stops before it.
+        "sglang": ["sglang>=0.5.19,<0.6"],
         "liger": ["liger-kernel"],
         # liger-kernel and trl: tests/test_kernels_policy_module.py and tests/test_examples.py compare
         # FusedLinearPolicyLoss with LigerFusedLinearGRPOLoss and GRPOTrainer's own loss (CPU).
         # wandb: tests/test_metrics.py's offline W&B run; datasets: the Hugging Face folder in
-        # tests/test_columns.py.
-        "test": ["pytest", "hypothesis", "liger-kernel", "trl", "wandb", "datasets"],
+        # tests/test_columns.py. pytest-timeout: the per-test limit of pyproject.toml (a hang fails).
+        # cmake: `make test`'s C++ tests run the venv's cmake / ctest (no system CMake needed).
+        "test": ["pytest", "pytest-timeout", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "cmake>=3.18"],
         "tensorboard": ["tensorboard"],
         # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
         "wandb": ["wandb"],
         # parallel.attention = auto picks flash_attention_2 on CUDA when this is installed (varlen
         # attention over packed rows). It compiles against the installed torch: install torch first,
-        # then `pip install --no-build-isolation "zppo_fast[flash-attn]"`.
+        # then `pip install --no-build-isolation -e ".[flash-attn]"`.
         "flash-attn": ["flash-attn"],
         # zppo_fast/datasets.py: Parquet files and `datasets.save_to_disk` folders.
         "data": ["pyarrow", "datasets"],

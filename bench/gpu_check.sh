@@ -2,7 +2,7 @@
 # One-shot GPU check, made for a bare GPU image with no network: zppo_fast is not installed there,
 # maybe only `python3` exists, and the first Triton launch needs a C compiler and Python's headers.
 #
-#   preflight        python3 (>= 3.10), a C compiler + Python.h, torch / transformers / safetensors,
+#   preflight        python3 (>= 3.11), a C compiler + Python.h, torch / transformers / safetensors,
 #                    CUDA + Triton (pytest + hypothesis reported: only the tests step needs them)
 #   build            the project imported from this checkout (PYTHONPATH, the zppo_fast/kernels link),
 #                    the C++ module built with CMake when this Python has none
@@ -100,8 +100,8 @@ export PY NO_GPU # for the steps that are functions of this script (run in a chi
 
 preflight() {
     local ok=0 cc
-    if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-        echo "python: '$PY' does not run or is older than 3.10 (set PYTHON=/path/to/python3)"
+    if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "python: '$PY' does not run or is older than 3.11 (tomllib; set PYTHON=/path/to/python3)"
         return 1
     fi
     echo "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"

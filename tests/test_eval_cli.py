@@ -147,10 +147,11 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path, tokenizer, capsys):
     assert "eval a" in out.err  # the progress bar
 
 
-def test_cli_rejects_mismatched_graders(tmp_path):
-    with pytest.raises(SystemExit, match="--grader given 2 times for 3 --data files"):
+def test_cli_rejects_mismatched_graders(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["--model", str(tmp_path), "--data", "a.jsonl", "--data", "b.jsonl", "--data", "c.jsonl",
               "--grader", "boxed", "--grader", "choice"])
+    assert exit_.value.code == 2 and "--grader given 2 times for 3 --data files" in capsys.readouterr().err
 
 
 MY_REWARDS = '''
@@ -201,5 +202,8 @@ def test_cli_column_flags_and_reward_function(tmp_path, tokenizer, capsys):
     assert result.questions == 3 and result.grader.endswith("my_rewards.py:boxed_sum")
     lines = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == ["line 1", "line 2", "line 3"]
-    with pytest.raises(SystemExit, match=r"error: grader '.*my_rewards\.py:boxed_summ': .* has no 'boxed_summ'"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
         main([*args, "--grader", f"{tmp_path / 'my_rewards.py'}:boxed_summ"])
+    assert exit_.value.code == 2
+    assert re.search(r"error: grader '.*my_rewards\.py:boxed_summ': .* has no 'boxed_summ'", capsys.readouterr().err)

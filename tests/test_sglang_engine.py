@@ -209,7 +209,7 @@ def test_dead_pids_sees_a_killed_process():
 
 def test_missing_sglang_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang", None)  # makes `import sglang` raise ImportError
-    with pytest.raises(ImportError, match=r"pip install zppo-fast\[sglang\]"):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[sglang\]"'):
         import_sglang()
 
 

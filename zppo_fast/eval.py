@@ -25,7 +25,6 @@ eval.json records the decoding used.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -38,7 +37,8 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from zppo_fast import ownership
-from zppo_fast.config import ConfigError
+from zppo_fast.cli import Parser, checked
+from zppo_fast.config import ConfigError, Count, GraderName, NonNegative, NonNegativeInt, OpenFraction
 from zppo_fast.data import chat_prompt_ids
 from zppo_fast.datasets import DEFAULT_MAX_PROMPT_TOKENS, Columns, DatasetError, DatasetFile, Record
 from zppo_fast.engine import RolloutEngine, SamplingParams
@@ -221,7 +221,7 @@ def pair_graders(data: list[str], graders: list[str] | None) -> list[EvalSet]:
     if len(graders) == 1:
         graders = graders * len(data)
     if len(graders) != len(data):
-        raise SystemExit(f"--grader given {len(graders)} times for {len(data)} --data files: give it once "
+        raise ConfigError(f"--grader given {len(graders)} times for {len(data)} --data files: give it once "
                          "(for all files) or once per file, in the same order")
     names = [Path(p).stem for p in data]
     # Two files with one stem (a/test.jsonl, b/test.jsonl) get their folder prefixed to stay apart.
@@ -230,45 +230,46 @@ def pair_graders(data: list[str], graders: list[str] | None) -> list[EvalSet]:
 
 
 def main(argv: list[str] | None = None) -> list[EvalResult]:
-    ap = argparse.ArgumentParser(prog="python -m zppo_fast.eval", description=__doc__.split("\n\n")[0])
+    ap = Parser("zppo_fast.eval", __doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a Hugging Face model folder (zppo_fast.model.load_model)")
     ap.add_argument("--data", action="append", required=True, help="a .jsonl / .parquet file or datasets folder")
-    ap.add_argument("--samples", type=int, default=1, help="K samples per question; pass@1 averages over them")
-    ap.add_argument("--grader", action="append", help="boxed | choice | math_verify | judge | MODULE:FUNCTION "
+    ap.add_argument("--samples", type=checked(Count), default=1, help="K samples per question; pass@1 averages over them")
+    ap.add_argument("--grader", action="append", type=checked(GraderName), help="boxed | choice | math_verify | judge | MODULE:FUNCTION "
                     "(a reward function, zppo_fast/user_grader.py); once or per --data")
     ap.add_argument("--out", default="eval_out", help="folder for eval.json and responses.jsonl: new, empty, or an "
                     "earlier evaluation's (replaced); a folder zppo_fast did not make is refused")
     ap.add_argument("--judge-model", help="model folder of the LLM judge (needed by --grader judge)")
-    ap.add_argument("--judge-max-new-tokens", type=int, default=512)
-    ap.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
-    ap.add_argument("--top-p", type=float, default=EVAL_TOP_P)
-    ap.add_argument("--top-k", type=int, default=EVAL_TOP_K, help="0 turns top-k off")
-    ap.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
-    ap.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
+    ap.add_argument("--judge-max-new-tokens", type=checked(Count), default=512)
+    ap.add_argument("--temperature", type=checked(NonNegative), default=EVAL_TEMPERATURE)
+    ap.add_argument("--top-p", type=checked(OpenFraction), default=EVAL_TOP_P)
+    ap.add_argument("--top-k", type=checked(NonNegativeInt), default=EVAL_TOP_K, help="0 turns top-k off")
+    ap.add_argument("--max-new-tokens", type=checked(Count), default=EVAL_MAX_NEW_TOKENS)
+    ap.add_argument("--max-prompt-tokens", type=checked(Count), default=DEFAULT_MAX_PROMPT_TOKENS)
     ap.add_argument("--skip-bad-rows", action="store_true", help="count and skip invalid rows instead of stopping")
     for role, default in ((f.name, f.default) for f in dataclasses.fields(Columns)):  # a data set's own column names
         ap.add_argument(f"--{role}-key", default=default,
                         help=f"the column holding the {role} (default {default!r})" + ("; none: no id column, "
                              "row positions are the ids" if role == "id" else ""))
-    ap.add_argument("--batch-questions", type=int, default=32, help="questions per engine call")
+    ap.add_argument("--batch-questions", type=checked(Count), default=32, help="questions per engine call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--cpu-threads", type=int, default=1, help="torch intra-op threads on a CPU")
+    ap.add_argument("--cpu-threads", type=checked(Count), default=1, help="torch intra-op threads on a CPU")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.samples < 1:
-        ap.error("--samples must be at least 1")
     try:
         ownership.check_claim(args.out, "eval")  # before any model loads
     except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+        ap.error(str(e))
 
     import torch
 
     from zppo_fast.engine import TransformersEngine
     from zppo_fast.model import load_model
 
-    sets = pair_graders(args.data, args.grader)
+    try:
+        sets = pair_graders(args.data, args.grader)
+    except ConfigError as e:
+        ap.error(str(e))
     columns = Columns(**{f.name: getattr(args, f"{f.name}_key") for f in dataclasses.fields(Columns)})
     if columns.id is not None and columns.id.lower() == "none":
         columns = dataclasses.replace(columns, id=None)
@@ -291,7 +292,9 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
                                  skip_bad_rows=args.skip_bad_rows, batch_questions=args.batch_questions,
                                  progress=not args.no_progress, columns=columns,
                                  meta={"model": str(args.model), "judge_model": args.judge_model, "device": device})
-    except (ConfigError, DatasetError) as e:  # a grader that cannot be imported, a bad row: the message says which
+    except ConfigError as e:  # a grader that cannot be imported: the message says which
+        ap.error(str(e))
+    except DatasetError as e:  # a bad row: the message names the file and row
         raise SystemExit(f"error: {e}") from None
     print(format_table(results))
     print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'responses.jsonl'}")

@@ -15,7 +15,6 @@ not make is never replaced or deleted (zppo_fast/ownership.py).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from zppo_fast import ownership
 from zppo_fast.checkpoint import STATE_FILE, CheckpointError
+from zppo_fast.cli import Parser
 from zppo_fast.config import ConfigError
 from zppo_fast.model import ModelLoadError, Policy, declared_dtype, load_tokenizer, model_from_config, save_model
 
@@ -64,7 +64,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m zppo_fast.export", description=__doc__.splitlines()[0])
+    parser = Parser("zppo_fast.export", __doc__)
     parser.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N")
     parser.add_argument("out_dir", help="folder to write: new, empty, or a previous export (replaced); "
                                         "any folder zppo_fast did not make is refused")

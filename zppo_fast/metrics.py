@@ -74,8 +74,8 @@ def import_wandb():
     try:
         import wandb
     except ImportError:
-        raise ImportError("run.wandb = true needs the wandb package: pip install wandb (or zppo_fast[wandb]); "
-                          "metrics.jsonl and TensorBoard need nothing extra") from None
+        raise ImportError("run.wandb = true needs the wandb package: pip install wandb (or, in a checkout, "
+                          "pip install -e '.[wandb]'); metrics.jsonl and TensorBoard need nothing extra") from None
     return wandb
 
 

@@ -38,7 +38,6 @@ record with missing/ill-typed fields fails with `ReportError` naming the file an
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from zppo_fast.cli import Parser
 
 HISTORY_FILE = "replay_history.jsonl"
 LIVE_FILE = "replay_live.jsonl"
@@ -348,10 +349,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: write the report of one run directory and print its table."""
-    parser = argparse.ArgumentParser(
-        prog="python -m zppo_fast.report",
-        description="Replay-buffer graduation telemetry (paper Figs. 4-5) of one run.",
-    )
+    parser = Parser("zppo_fast.report", __doc__)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's output directory")
     args = parser.parse_args(argv)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from zppo_fast import ownership
-from zppo_fast.config import ModelConfig, SFTConfig, TaskConfig, load_config
+from zppo_fast.cli import Parser
+from zppo_fast.config import ModelConfig, SFTConfig, TaskConfig
 from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
 from zppo_fast.engine import SamplingParams, TransformersEngine
 from zppo_fast.eval import accuracy
@@ -112,11 +112,9 @@ def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, see
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = argv.pop(argv.index("--config") + 1) if "--config" in argv else None
-    if config_file:
-        argv.remove("--config")
-    cfg = load_config(config_file, argv)
+    parser = Parser("zppo_fast.sft", __doc__, config=True)
+    args = parser.parse_args(argv)
+    cfg = parser.load_config(args.config, args.overrides)
     torch.set_num_threads(cfg.run.cpu_threads)
     model, tokenizer, path = warm_start(cfg.model, cfg.task, cfg.sft, seed=cfg.run.seed)
     task = ArithmeticTask(**vars(cfg.task))

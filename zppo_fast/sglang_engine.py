@@ -84,7 +84,7 @@ from zppo_fast.engine_process import EngineProcess, reserve_port
 from zppo_fast.weight_sync import DEFAULT_BUCKET_BYTES, flatten_bucket
 
 SGLANG_CHECKED = "0.5.19 (sgl-project/sglang commit 001067ff)"
-INSTALL_HINT = "pip install zppo-fast[sglang]"
+INSTALL_HINT = 'pip install -e ".[sglang]" (in a checkout of zppo_fast)'
 log = logging.getLogger(__name__)
 
 

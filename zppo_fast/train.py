@@ -62,7 +62,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
@@ -82,7 +81,8 @@ from zppo_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from zppo_fast.config import Config, ConfigError, load_config
+from zppo_fast.cli import Parser
+from zppo_fast.config import Config, ConfigError, check_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
 from zppo_fast.datasets import Columns, DatasetError, DatasetFile
@@ -99,7 +99,7 @@ from zppo_fast.engine import (
 from zppo_fast.engine_process import EngineProcess
 from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
-from zppo_fast.graders import GRADERS, CountingGrader, get_grader
+from zppo_fast.graders import CountingGrader, get_grader
 from zppo_fast.kernels import (
     describe_backend,
     fused_linear_jsd,
@@ -143,9 +143,7 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True):
-        self.cfg = cfg
-        if cfg.rl.algo not in ALGOS:
-            raise ConfigError(f"rl.algo must be one of {', '.join(ALGOS)}, got {cfg.rl.algo!r}")
+        self.cfg = check_config(cfg)  # load_config checked it; a config changed in code is checked here
         self.algo = ALGOS[cfg.rl.algo]
         if cfg.run.wandb:
             import_wandb()  # a missing package fails now, not after the models have loaded
@@ -205,12 +203,9 @@ class Trainer:
         #    checkpoint being resumed, model.path, or that cached warm-up. Only the tokenizer is read now.
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
-        for key, name in (("data.grader", cfg.data.grader), ("data.heldout_grader", self.heldout_grader)):
+        for name in (cfg.data.grader, self.heldout_grader):
             if ":" in name:  # the user's reward function: imported now, so a typo fails before any model loads
                 get_grader(name)
-            elif name not in GRADERS:
-                raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}; "
-                                  "or a reward function, MODULE:FUNCTION")
         judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
         teacher_dir = None
         if self.algo.teacher or judge:
@@ -350,8 +345,6 @@ class Trainer:
                               "cuda" if cuda else "cpu", cfg.batch_size, processor_path)
             return DataParallelEngine(EngineProcess(factory, f"transformers {role} engine (rank {dist.rank})",
                                                     gpus=[dist.local_rank] if cuda else None, log_path=log_path), dist)
-        if cfg.engine != "sglang":
-            raise ConfigError(f"rollout.engine must be transformers or sglang, got {cfg.engine!r}")
         from zppo_fast.sglang_engine import SGLangEngineConfig, import_sglang, start_sglang_engine, teacher_placement
 
         if self.device.type != "cuda":
@@ -848,32 +841,25 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    resume = config_file = None
-    for flag in ("--resume", "--config"):
-        if flag in argv:
-            i = argv.index(flag)
-            if i + 1 >= len(argv):
-                raise SystemExit(f"{flag} needs a value")
-            value = argv.pop(i + 1)
-            argv.pop(i)
-            resume, config_file = (value, config_file) if flag == "--resume" else (resume, value)
+    parser = Parser("zppo_fast.train", __doc__, config=True)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint, with the "
+                        "config.json it saved (overrides still apply)")
+    args = parser.parse_args(argv)
+    saved: list[str] = []
+    if args.resume is not None:
+        if args.config is not None:
+            parser.error("--resume takes the run's own config.json; give overrides, not --config, with it")
+        path = Path(args.resume) / "config.json"
+        if not path.is_file():
+            parser.error(f"--resume {args.resume}: no config.json there, not a run folder")
+        saved = [f"--{s}.{k}={json.dumps(v) if isinstance(v, list) else v}"
+                 for s, part in json.loads(path.read_text()).items() if s != RESOLVED for k, v in part.items()]
+    cfg = parser.load_config(args.config, saved + args.overrides)
     try:
-        if resume is not None:
-            saved = Path(resume) / "config.json"
-            if not saved.is_file():
-                raise ConfigError(f"--resume {resume}: no config.json there, not a run folder")
-            cfg = load_config(None, [f"--{s}.{k}={json.dumps(v) if isinstance(v, list) else v}"
-                                     for s, part in json.loads(saved.read_text()).items() if s != RESOLVED
-                                     for k, v in part.items()]
-                              + argv)
-        else:
-            cfg = load_config(config_file, argv)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        _train(cfg, resume)
-    except (ConfigError, CheckpointError, ModelLoadError, DatasetError, ImportError, NonFiniteError) as e:
+        _train(cfg, args.resume)
+    except ConfigError as e:  # a value that only conflicts with the machine (world size, device)
+        parser.error(str(e))
+    except (CheckpointError, ModelLoadError, DatasetError, ImportError, NonFiniteError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         destroy_distributed()
