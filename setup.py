@@ -93,6 +93,10 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",
+        # zppo_fast/reward.py: the paper's rule grader (mathruler.grader, PRM800K's) and what it imports
+        "mathruler",
+        "pylatexenc",
+        "sympy",
     ],
     extras_require={
         # zppo_fast/sglang_engine.py was checked against SGLang's source of the 0.5.19 line
@@ -102,8 +106,9 @@ setup(
         # liger-kernel and trl: tests/test_kernels_policy_module.py and tests/test_examples.py compare
         # FusedLinearPolicyLoss with LigerFusedLinearGRPOLoss and GRPOTrainer's own loss (CPU).
         # wandb: tests/test_metrics.py's offline W&B run; datasets: the Hugging Face folder in
-        # tests/test_columns.py.
-        "test": ["pytest", "hypothesis", "liger-kernel", "trl", "wandb", "datasets"],
+        # tests/test_columns.py; mathruler, pylatexenc: tests/test_reward_agreement.py's reference.
+        "test": ["pytest", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "mathruler", "pylatexenc",
+                 "sympy"],
         "tensorboard": ["tensorboard"],
         # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
         "wandb": ["wandb"],

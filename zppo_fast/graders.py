@@ -2,7 +2,8 @@ r"""Graders: a response and a gold answer in, a score in {0, 1} and a verdict ou
 
 Registered by name, chosen per data set (`get_grader(name, ...)`):
 
-``boxed``        the trainer's verifier, `zppo_fast.reward.grade`: last ``\boxed{}`` vs gold.
+``boxed``        the trainer's verifier, `zppo_fast.reward.grade`: last ``\boxed{}`` vs gold under
+                 the paper's rule grader (mathruler's ``grade_answer``).
 ``choice``       multiple-choice letters, see `ChoiceGrader`.
 ``math_verify``  Hugging Face's math-verify (optional: ``pip install math-verify``), imported
                  when the grader is built, with a clear message when missing.
