@@ -1,6 +1,6 @@
 """The paper's teacher-guided baselines, minus the trainer: Hint, Prefix and off-policy distillation data.
 
-Each baseline is a different way to let a frozen teacher help on the hard questions (r̄_x < 0.5):
+Each baseline is a different way to let a frozen teacher help on the hard questions (r̄_x < zppo.hard_threshold, 0.5):
 
     Hint    the teacher turns one of its correct rollouts into an answer-free hint (Fig. 19);
             the student answers  x || <hint>...</hint>  as its own group.
@@ -86,6 +86,7 @@ class GuidanceSettings:
     hint_temperature: float = 0.0  # unspecified by the paper; greedy, like the compressions
     hint_max_new_tokens: int = 512
     prefix_fraction: float = 0.4  # Prefix: share of the teacher's response forced on the student
+    hard_threshold: float = HARD_THRESHOLD  # hard: plain-rollout accuracy below this
 
     @classmethod
     def from_config(cls, cfg) -> GuidanceSettings:
@@ -213,7 +214,7 @@ class HintPrefixBuilder:
         """problems [Q]; student_texts / student_rewards [Q][G_S]; returns the ordered instances."""
         k, cfg, rng = self.kind, self.settings, random.Random(f"{self.seed}:{step}")
         accuracy = [sum(r) / len(r) for r in student_rewards]
-        hard = [i for i, a in enumerate(accuracy) if a < HARD_THRESHOLD]
+        hard = [i for i, a in enumerate(accuracy) if a < cfg.hard_threshold]
         metrics = {f"{k}/hard_frac": len(hard) / max(len(problems), 1), f"{k}/teacher_tokens": 0.0}
 
         # Fresh teacher rollouts for every hard question (same seeds as zppo.Reformulator).
@@ -235,7 +236,8 @@ class HintPrefixBuilder:
 
         eligible = [bool(correct.get(i)) for i in range(len(problems))]
         metrics[f"{k}/eligible"] = float(sum(eligible))
-        chosen = [i for i, _ in select_reformulations(accuracy, eligible, cap, kinds=("bcq",))]
+        chosen = [i for i, _ in select_reformulations(accuracy, eligible, cap, kinds=("bcq",),
+                                                          hard_threshold=cfg.hard_threshold)]
         picked = {i: rng.choice(correct[i]) for i in chosen}
         out = self._hints(problems, picked, metrics, step) if k == "hint" else self._prefixes(problems, picked, metrics)
         metrics[f"{k}/built"] = float(len(out))

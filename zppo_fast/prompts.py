@@ -29,9 +29,10 @@ Choices the paper leaves open, made here:
   `<summary>...</summary>` pair (the tags are dropped). If the output has no complete pair --
   typically the 512-token cap cut it off -- it keeps the text after the last opening
   `<summary>` tag; with no tag at all, the whole output. Always stripped; never raises.
-* NCQ answers. Answers are deduplicated by exact string (after stripping) in first-seen
-  order and joined by ", ". A wrong rollout with no parsed final answer -- `None`, an empty
-  string, or the verifier's marker `NO_ANSWER` -- is LEFT OUT of the answer list (telling
+* NCQ answers. Each is shown as the student wrote it inside its last \\boxed{} (stripped);
+  answers equal after `zppo_fast.reward.normalize_answer` are listed once, in the form first
+  seen, in first-seen order, joined by ", ". A wrong rollout with no final answer -- `None`,
+  an empty string, or the verifier's marker `NO_ANSWER` -- is LEFT OUT of the answer list (telling
   the student "\\boxed{[no answer]} is WRONG" would teach nothing), but its trace still
   appears as a candidate. If no rollout has an answer, the header drops the answers clause
   and reads only "Below are the incorrect reasoning processes in <candidate> </candidate>
@@ -55,13 +56,8 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 
-try:
-    # The verifier owns the marker; importing it keeps the two modules from drifting.
-    from zppo_fast.reward import NO_ANSWER
-except ModuleNotFoundError as e:
-    if e.name != "zppo_fast.reward":
-        raise  # reward.py exists but one of its own imports failed: do not hide that
-    NO_ANSWER = "[no answer]"  # until reward.py exists; it must define this same string
+# The verifier owns the marker and the normalizer NCQ deduplicates by.
+from zppo_fast.reward import NO_ANSWER, normalize_answer
 
 # --- Templates (verbatim from the paper) ----------------------------------------------------
 
@@ -197,8 +193,8 @@ def build_ncq(
     """Negative-choice question (Fig. 18), without the closing instruction.
 
     `wrong_traces[i]` is the compressed i-th wrong student rollout and `wrong_answers[i]` its
-    parsed final answer (`None`, "" or `NO_ANSWER` when it has none; see the module docstring
-    for how those are shown). Every trace becomes one candidate block, in the given order.
+    final answer as written (`zppo_fast.reward.boxed_answer`; `None`, "" or `NO_ANSWER` when it
+    has none; see the module docstring for how those are shown). Every trace becomes one candidate block, in the given order.
     """
     if len(wrong_traces) != len(wrong_answers):
         raise ValueError(
@@ -206,13 +202,13 @@ def build_ncq(
         )
     if not wrong_traces:
         raise ValueError("build_ncq: an NCQ needs at least one wrong rollout")
-    answers: list[str] = []
+    answers: dict[str, str] = {}  # normalized -> as first written
     for answer in wrong_answers:
         answer = (answer or "").strip()
-        if answer and answer != NO_ANSWER and answer not in answers:
-            answers.append(answer)
+        if answer and answer != NO_ANSWER:
+            answers.setdefault(normalize_answer(answer), answer)
     if answers:
-        boxed = ", ".join(f"\\boxed{{{a}}}" for a in answers)
+        boxed = ", ".join(f"\\boxed{{{a}}}" for a in answers.values())
         header = _render(NCQ_HEADER, answers=boxed)
     else:
         header = NCQ_CANDIDATES_SENTENCE

@@ -64,7 +64,7 @@ from zppo_fast.data import chat_prompt_ids
 from zppo_fast.engine import RolloutEngine, Sample, SamplingParams
 from zppo_fast.file_task import grade_item
 from zppo_fast.graders import Grader
-from zppo_fast.reward import final_answer, grade
+from zppo_fast.reward import boxed_answer, final_answer, grade
 from zppo_fast.selection import aug_cap, replay_count, select_reformulations  # noqa: F401 (public here)
 from zppo_fast.task import Problem
 from zppo_fast.vlm import VLMPrompt, vlm_prompt
@@ -185,7 +185,7 @@ class Reformulator:
         wrong = [[t for t, r in zip(texts, rewards) if r < 1.0] for texts, rewards in zip(student_texts, student_rewards)]
         eligible = [bool(teacher_correct.get(i)) and bool(wrong[i]) for i in range(len(problems))]
         metrics["zppo/bcq_eligible"] = float(sum(eligible))
-        chosen = select_reformulations(accuracy, eligible, cap, kinds=self.kinds)
+        chosen = select_reformulations(accuracy, eligible, cap, kinds=self.kinds, hard_threshold=cfg.hard_threshold)
 
         # Candidates: BCQ one teacher-correct + one student-wrong (uniform); NCQ every wrong rollout.
         plans = []
@@ -203,7 +203,7 @@ class Reformulator:
             if kind == "bcq":
                 text = prompts.build_bcq(question, cands[0], cands[1], rng)
             else:
-                text = prompts.build_ncq(question, cands, [final_answer(t) for t in texts])
+                text = prompts.build_ncq(question, cands, [boxed_answer(t) for t in texts])
             out.append(Reformulation(i, kind, text, {final_answer(t) for t in texts}))
         metrics["zppo/bcq_built"] = float(sum(r.kind == "bcq" for r in out))
         metrics["zppo/ncq_built"] = float(sum(r.kind == "ncq" for r in out))
