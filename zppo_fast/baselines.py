@@ -25,7 +25,8 @@ question always has a wrong student rollout).
 Choices the paper leaves open, made here:
 
 * One teacher-correct rollout per question, drawn uniformly (seeded by `seed` and `step`).
-* Hint output: the text after the last `</think>` (reasoning teachers think first), then
+* Hint output: the text without its reasoning (`prompts.strip_thinking`: after the last
+  `</think>`, before an unclosed `<think>`), then
   inside the last complete `<hint>...</hint>` pair if there is one (else after a lone opening
   `<hint>`), stripped; leftover `<hint>` / `</hint>` tags are removed so the student's
   `<hint>` block cannot be broken. Sampled greedily by default, as the compression is.
@@ -59,7 +60,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from zppo_fast import prompts
-from zppo_fast.data import chat_prompt_ids
+from zppo_fast.data import chat_prompt_ids, instruction_prompt_ids
 from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.reward import grade, normalize_answer
 from zppo_fast.selection import HARD_THRESHOLD, select_reformulations
@@ -119,7 +120,7 @@ class DistillExample:
 
 def parse_hint(teacher_output: str) -> str:
     """The hint inside the teacher's output (module docstring: rules); never raises."""
-    text = teacher_output.rsplit("</think>", 1)[-1]
+    text = prompts.strip_thinking(teacher_output)
     close = text.rfind("</hint>")
     open_ = text.rfind("<hint>", 0, close) if close != -1 else -1
     if open_ != -1:
@@ -256,7 +257,7 @@ class HintPrefixBuilder:
             seed=self.seed * 7_919 + step,
         )
         requests = [
-            chat_prompt_ids(self.teacher_tokenizer, prompts.build_hint_prompt(t), closing=False)
+            instruction_prompt_ids(self.teacher_tokenizer, prompts.build_hint_prompt(t))
             for t in picked.values()
         ]
         outs = self.teacher.generate(requests, params)

@@ -60,7 +60,7 @@ from transformers import PreTrainedTokenizerBase
 
 from zppo_fast import prompts
 from zppo_fast.config import ZPPOConfig
-from zppo_fast.data import chat_prompt_ids
+from zppo_fast.data import chat_prompt_ids, instruction_prompt_ids
 from zppo_fast.engine import RolloutEngine, Sample, SamplingParams
 from zppo_fast.file_task import grade_item
 from zppo_fast.graders import Grader
@@ -215,7 +215,7 @@ class Reformulator:
             return [t.strip() for t in texts]
         params = SamplingParams(n=1, temperature=self.cfg.compression_temperature, top_p=1.0,
                                 max_new_tokens=self.cfg.compression_max_tokens, seed=self.seed * 7_919 + step)
-        ids = [chat_prompt_ids(self.tokenizer, prompts.build_compression_prompt(t), closing=False) for t in texts]
+        ids = [instruction_prompt_ids(self.tokenizer, prompts.build_compression_prompt(t)) for t in texts]
         outs = self.teacher.generate(ids, params)
         metrics["zppo/teacher_tokens"] += sum(len(g[0].token_ids) for g in outs)
         return [prompts.parse_summary(g[0].text) for g in outs]
