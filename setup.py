@@ -118,6 +118,10 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",
+        # zppo_fast/reward.py: the paper's rule grader (mathruler.grader, PRM800K's) and what it imports
+        "mathruler",
+        "pylatexenc",
+        "sympy",
     ],
     extras_require={
         # zppo_fast/sglang_engine.py was checked against SGLang's source of the 0.5.19 line
@@ -128,9 +132,11 @@ setup(
         # liger-kernel and trl: tests/test_kernels_policy_module.py and tests/test_examples.py compare
         # FusedLinearPolicyLoss with LigerFusedLinearGRPOLoss and GRPOTrainer's own loss (CPU).
         # wandb: tests/test_metrics.py's offline W&B run; datasets: the Hugging Face folder in
-        # tests/test_columns.py. pytest-timeout: the per-test limit of pyproject.toml (a hang fails).
-        # cmake: `make test`'s C++ tests run the venv's cmake / ctest (no system CMake needed).
-        "test": ["pytest", "pytest-timeout", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "cmake>=3.18"],
+        # tests/test_columns.py; mathruler, pylatexenc: tests/test_reward_agreement.py's reference.
+        # pytest-timeout: the per-test limit of pyproject.toml (a hang fails). cmake: `make test`'s
+        # C++ tests run the venv's cmake / ctest (no system CMake needed).
+        "test": ["pytest", "pytest-timeout", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "mathruler",
+                 "pylatexenc", "sympy", "cmake>=3.18"],
         "tensorboard": ["tensorboard"],
         # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
         "wandb": ["wandb"],

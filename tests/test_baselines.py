@@ -16,7 +16,7 @@ from zppo_fast.baselines import (
     parse_hint,
     prefix_target_mask,
 )
-from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
+from zppo_fast.data import chat_prompt_ids, instruction_prompt_ids, tokenizer_corpus
 from zppo_fast.engine import Sample, SamplingParams, TransformersEngine
 from zppo_fast.task import ArithmeticTask, Problem
 from zppo_fast.tokenizer import build_tokenizer
@@ -278,7 +278,7 @@ def test_builder_with_a_real_tiny_teacher(tokenizer):
     texts, rewards = [["x", "y"]] * 2, [[0.0, 0.0]] * 2
     out, m = HintPrefixBuilder("hint", teacher, tokenizer, tokenizer, settings)(problems, texts, rewards, 2, 0)
     assert m["hint/teacher_acc_on_hard"] == 1.0  # the greedy teacher reproduces both solutions
-    requests = [chat_prompt_ids(tokenizer, prompts.build_hint_prompt(s), closing=False) for s in sol]
+    requests = [instruction_prompt_ids(tokenizer, prompts.build_hint_prompt(s)) for s in sol]
     raw = [g[0].text for g in teacher.generate(requests, SamplingParams(n=1, temperature=0.0, max_new_tokens=24))]
     hints = [parse_hint(r) for r in raw]
     leaks = [bool(h) and hint_leak(h, p.answer) is not None for h, p in zip(hints, problems)]

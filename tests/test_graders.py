@@ -5,7 +5,7 @@ import sys
 import pytest
 from tiny_judge import VERDICT_CORRECT, tiny_judge
 
-from zppo_fast.data import chat_prompt_ids
+from zppo_fast.data import instruction_prompt_ids
 from zppo_fast.engine import Sample, SamplingParams, TransformersEngine
 from zppo_fast.graders import GRADERS, GradeItem, JudgeGrader, get_grader
 from zppo_fast.prompts import build_judge_prompt
@@ -112,9 +112,9 @@ def test_judge_scores_a_table_of_verdicts_in_one_batched_call():
     assert [v.extracted for v in verdicts] == [out for out, _, _ in VERDICT_TABLE]  # raw output kept for the log
     [(prompts, params)] = engine.calls  # the whole batch in one generate call
     assert params == SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=512)
-    assert prompts[1] == chat_prompt_ids(tok, build_judge_prompt("Question 1?", "A. a\nB. b", "\\boxed{1}", "1"),
-                                         closing=False)
-    assert prompts[0] == chat_prompt_ids(tok, build_judge_prompt("Question 0?", None, "\\boxed{0}", "0"), closing=False)
+    assert prompts[1] == instruction_prompt_ids(tok, build_judge_prompt("Question 1?", "A. a\nB. b", "\\boxed{1}",
+                                                                         "1"))
+    assert prompts[0] == instruction_prompt_ids(tok, build_judge_prompt("Question 0?", None, "\\boxed{0}", "0"))
 
 
 def test_judge_batch_size_splits_the_engine_calls():

@@ -125,6 +125,14 @@ def test_ncq_exact_text_and_dedup_in_first_seen_order():
     assert text == f"{Q}\n\n{header}\n{blocks}"
 
 
+def test_ncq_answers_shown_as_written_dedup_after_normalization():
+    # the boxed text as the student wrote it, not the normalized form (lowercase, no spaces)
+    answers = ["\\frac{1}{2} \\text{ cm}", "Paris", "\\dfrac{1}{2}\\text{ cm}", "paris", "x = 1,000", "1000"]
+    text = build_ncq(Q, ["t"] * len(answers), answers)
+    assert ("all WRONG: \\boxed{\\frac{1}{2} \\text{ cm}}, \\boxed{Paris}, \\boxed{x = 1,000}. Below"
+            in text)
+
+
 def test_ncq_no_answer_rollouts_listed_only_as_candidates():
     traces = ["ran out of tokens", "t2 \\boxed{5}", "t3 no box"]
     text = build_ncq(Q, traces, [NO_ANSWER, "5", None])

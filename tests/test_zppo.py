@@ -76,6 +76,16 @@ def test_reformulations_follow_algorithm_1(tokenizer):
     assert out[2].text.count("<candidate>\n") == 2 and out[2].candidate_answers == {"11"}
 
 
+def test_ncq_lists_the_wrong_answers_as_written(tokenizer):
+    problems = [Problem(0, "Q0 what is it?", "3", "")]
+    teacher = ScriptedTeacher(tokenizer, {"Q0 ": ["\\boxed{4}"] * 2})
+    texts = [["a \\boxed{\\frac{1}{2} \\text{ cm}}", "b \\boxed{ \\dfrac{1}{2}\\text{cm} }", "c \\boxed{Paris}"]]
+    reform = Reformulator(teacher, tokenizer, ZPPOConfig(teacher_group_size=2, compression="none"), kinds=("ncq",))
+    [ncq], _ = reform(problems, texts, [[0.0] * 3], cap=1, step=1)
+    # as the student wrote them (not "1/2cm", "paris"); the second is the first after normalization
+    assert "all WRONG: \\boxed{\\frac{1}{2} \\text{ cm}}, \\boxed{Paris}. Below" in ncq.text
+
+
 def test_bcq_needs_a_correct_teacher_rollout_and_cap_zero(tokenizer):
     problems = [Problem(0, "Q0 x?", "3", "")]
     teacher = ScriptedTeacher(tokenizer, {"Q0 ": ["\\boxed{4}"] * 4})

@@ -9,7 +9,7 @@ answer `{"verdict": "correct"}` greedily; an untrained copy writes noise (a malf
 import torch
 
 from zppo_fast.config import ModelConfig
-from zppo_fast.data import chat_prompt_ids
+from zppo_fast.data import instruction_prompt_ids
 from zppo_fast.model import build_tiny_model
 from zppo_fast.prompts import CLOSING_INSTRUCTION, JUDGE_TEMPLATE, build_judge_prompt
 from zppo_fast.tokenizer import build_tokenizer
@@ -27,7 +27,7 @@ def tiny_judge(steps: int = 15, seed: int = 0):
     """(model, tokenizer): trained for `steps` steps to answer VERDICT_CORRECT (0 steps: untrained)."""
     tokenizer = judge_tokenizer()
     model = build_tiny_model(ModelConfig(hidden_size=64, num_layers=4), tokenizer, seed=seed)
-    prompt = chat_prompt_ids(tokenizer, build_judge_prompt("What is 2+3?", None, "\\boxed{5}", "5"), closing=False)
+    prompt = instruction_prompt_ids(tokenizer, build_judge_prompt("What is 2+3?", None, "\\boxed{5}", "5"))
     target = tokenizer(VERDICT_CORRECT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor([prompt + target])  # (1, T)
     labels = ids.clone()

@@ -1,6 +1,6 @@
 """The paper's teacher-guided baselines, minus the trainer: Hint, Prefix and off-policy distillation data.
 
-Each baseline is a different way to let a frozen teacher help on the hard questions (r̄_x < 0.5):
+Each baseline is a different way to let a frozen teacher help on the hard questions (r̄_x < zppo.hard_threshold, 0.5):
 
     Hint    the teacher turns one of its correct rollouts into an answer-free hint (Fig. 19);
             the student answers  x || <hint>...</hint>  as its own group.
@@ -25,7 +25,8 @@ question always has a wrong student rollout).
 Choices the paper leaves open, made here:
 
 * One teacher-correct rollout per question, drawn uniformly (seeded by `seed` and `step`).
-* Hint output: the text after the last `</think>` (reasoning teachers think first), then
+* Hint output: the text without its reasoning (`prompts.strip_thinking`: after the last
+  `</think>`, before an unclosed `<think>`), then
   inside the last complete `<hint>...</hint>` pair if there is one (else after a lone opening
   `<hint>`), stripped; leftover `<hint>` / `</hint>` tags are removed so the student's
   `<hint>` block cannot be broken. Sampled greedily by default, as the compression is.
@@ -59,7 +60,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from zppo_fast import prompts
-from zppo_fast.data import chat_prompt_ids
+from zppo_fast.data import chat_prompt_ids, instruction_prompt_ids
 from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.reward import grade, normalize_answer
 from zppo_fast.selection import HARD_THRESHOLD, select_reformulations
@@ -86,6 +87,7 @@ class GuidanceSettings:
     hint_temperature: float = 0.0  # unspecified by the paper; greedy, like the compressions
     hint_max_new_tokens: int = 512
     prefix_fraction: float = 0.4  # Prefix: share of the teacher's response forced on the student
+    hard_threshold: float = HARD_THRESHOLD  # hard: plain-rollout accuracy below this
 
     @classmethod
     def from_config(cls, cfg) -> GuidanceSettings:
@@ -118,7 +120,7 @@ class DistillExample:
 
 def parse_hint(teacher_output: str) -> str:
     """The hint inside the teacher's output (module docstring: rules); never raises."""
-    text = teacher_output.rsplit("</think>", 1)[-1]
+    text = prompts.strip_thinking(teacher_output)
     close = text.rfind("</hint>")
     open_ = text.rfind("<hint>", 0, close) if close != -1 else -1
     if open_ != -1:
@@ -213,7 +215,7 @@ class HintPrefixBuilder:
         """problems [Q]; student_texts / student_rewards [Q][G_S]; returns the ordered instances."""
         k, cfg, rng = self.kind, self.settings, random.Random(f"{self.seed}:{step}")
         accuracy = [sum(r) / len(r) for r in student_rewards]
-        hard = [i for i, a in enumerate(accuracy) if a < HARD_THRESHOLD]
+        hard = [i for i, a in enumerate(accuracy) if a < cfg.hard_threshold]
         metrics = {f"{k}/hard_frac": len(hard) / max(len(problems), 1), f"{k}/teacher_tokens": 0.0}
 
         # Fresh teacher rollouts for every hard question (same seeds as zppo.Reformulator).
@@ -235,7 +237,8 @@ class HintPrefixBuilder:
 
         eligible = [bool(correct.get(i)) for i in range(len(problems))]
         metrics[f"{k}/eligible"] = float(sum(eligible))
-        chosen = [i for i, _ in select_reformulations(accuracy, eligible, cap, kinds=("bcq",))]
+        chosen = [i for i, _ in select_reformulations(accuracy, eligible, cap, kinds=("bcq",),
+                                                          hard_threshold=cfg.hard_threshold)]
         picked = {i: rng.choice(correct[i]) for i in chosen}
         out = self._hints(problems, picked, metrics, step) if k == "hint" else self._prefixes(problems, picked, metrics)
         metrics[f"{k}/built"] = float(len(out))
@@ -254,7 +257,7 @@ class HintPrefixBuilder:
             seed=self.seed * 7_919 + step,
         )
         requests = [
-            chat_prompt_ids(self.teacher_tokenizer, prompts.build_hint_prompt(t), closing=False)
+            instruction_prompt_ids(self.teacher_tokenizer, prompts.build_hint_prompt(t))
             for t in picked.values()
         ]
         outs = self.teacher.generate(requests, params)

@@ -212,7 +212,9 @@ class ZPPOConfig:
     rho_aug: Fraction = 0.25  # reformulated instances per step, as a fraction of B_new
     rho_replay: Fraction = 0.25  # replayed questions per step, as a fraction of B_new
     replay_capacity: Count = 10_000  # questions the buffer holds; the oldest is evicted beyond
-    hard_threshold: Fraction = 0.5  # hard: plain-rollout accuracy below this; also the buffer's admission
+    # Hard: plain-rollout accuracy below this (the paper's 0.5). Read by BCQ / NCQ selection, the Hint /
+    # Prefix baselines and the replay buffer (admitted below it, graduated at or above it).
+    hard_threshold: Fraction = 0.5
     # Hint baseline: the teacher's hint request (Fig. 19). Unspecified by the paper: greedy, as the
     # compressions are, and capped like them.
     hint_temperature: NonNegative = 0.0

@@ -14,15 +14,26 @@ from zppo_fast import prompts
 from zppo_fast.task import ArithmeticTask
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, closing: bool = True) -> list[int]:
-    """Token ids of one user turn, ending in an open assistant turn.
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
+    """Token ids of one user turn with the closing instruction, ending in an open assistant turn:
+    every prompt the policy answers (plain, BCQ, NCQ, hint; training and evaluation)."""
+    return _user_turn_ids(tokenizer, prompts.with_closing(user_text))
 
-    Every prompt the policy answers (plain, BCQ, NCQ; training and evaluation) carries the
-    closing instruction; the teacher's compression prompts do not (`closing=False`).
+
+def instruction_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
+    """Token ids of one of the teacher's side prompts (compression, hint, judge), ending in an
+    open assistant turn: no closing instruction, and thinking disabled.
+
+    These are instructions, not problems: a thinking template (Qwen3.5's) renders them with
+    `enable_thinking=False` (its empty think block already in the prompt). Templates without the
+    switch never read the variable, so they render exactly as before.
     """
-    content = prompts.with_closing(user_text) if closing else user_text
+    return _user_turn_ids(tokenizer, user_text, enable_thinking=False)
+
+
+def _user_turn_ids(tokenizer: PreTrainedTokenizerBase, content: str, **template_vars) -> list[int]:
     messages = [{"role": "user", "content": content}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_vars)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 

@@ -2,7 +2,8 @@ r"""Graders: a response and a gold answer in, a score in {0, 1} and a verdict ou
 
 Registered by name, chosen per data set (`get_grader(name, ...)`):
 
-``boxed``        the trainer's verifier, `zppo_fast.reward.grade`: last ``\boxed{}`` vs gold.
+``boxed``        the trainer's verifier, `zppo_fast.reward.grade`: last ``\boxed{}`` vs gold under
+                 the paper's rule grader (mathruler's ``grade_answer``).
 ``choice``       multiple-choice letters, see `ChoiceGrader`.
 ``math_verify``  Hugging Face's math-verify (optional: ``pip install math-verify``), imported
                  when the grader is built, with a clear message when missing.
@@ -26,7 +27,7 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from zppo_fast.data import chat_prompt_ids
+from zppo_fast.data import instruction_prompt_ids
 from zppo_fast.datasets import CHOICE_LETTERS
 from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.prompts import build_judge_prompt, parse_judge_verdict
@@ -224,7 +225,9 @@ class JudgeGrader:
     """The paper's LLM judge through a teacher engine (Fig. 9; temperature 0, 512 new tokens).
 
     `engine` and `tokenizer` are the judge model's (usually the teacher's). The judge prompt is one
-    user turn in the judge's chat template, without the student's closing instruction.
+    user turn in the judge's chat template, without the student's closing instruction and with
+    thinking disabled (`data.instruction_prompt_ids`); a <think> block in its output is dropped
+    before the verdict is read (`prompts.parse_judge_verdict`).
     """
 
     def __init__(self, engine: RolloutEngine | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
@@ -238,8 +241,7 @@ class JudgeGrader:
 
     def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]:
         prompts = [
-            chat_prompt_ids(self.tokenizer, build_judge_prompt(it.question, it.options, it.response, it.gold),
-                            closing=False)
+            instruction_prompt_ids(self.tokenizer, build_judge_prompt(it.question, it.options, it.response, it.gold))
             for it in items
         ]
         step = self.batch_size or max(len(prompts), 1)

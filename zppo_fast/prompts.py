@@ -26,12 +26,14 @@ Choices the paper leaves open, made here:
   directly by the `<candidate>` blocks (single newlines), as the paper prints it.
 * Candidate texts are inserted stripped, each as `<candidate>\\n{text}\\n</candidate>`.
 * Compression output: `parse_summary` keeps the text inside the last complete
-  `<summary>...</summary>` pair (the tags are dropped). If the output has no complete pair --
+  `<summary>...</summary>` pair (the tags are dropped), after any `<think>...</think>` block
+  (`strip_thinking`). If the output has no complete pair --
   typically the 512-token cap cut it off -- it keeps the text after the last opening
   `<summary>` tag; with no tag at all, the whole output. Always stripped; never raises.
-* NCQ answers. Answers are deduplicated by exact string (after stripping) in first-seen
-  order and joined by ", ". A wrong rollout with no parsed final answer -- `None`, an empty
-  string, or the verifier's marker `NO_ANSWER` -- is LEFT OUT of the answer list (telling
+* NCQ answers. Each is shown as the student wrote it inside its last \\boxed{} (stripped);
+  answers equal after `zppo_fast.reward.normalize_answer` are listed once, in the form first
+  seen, in first-seen order, joined by ", ". A wrong rollout with no final answer -- `None`,
+  an empty string, or the verifier's marker `NO_ANSWER` -- is LEFT OUT of the answer list (telling
   the student "\\boxed{[no answer]} is WRONG" would teach nothing), but its trace still
   appears as a candidate. If no rollout has an answer, the header drops the answers clause
   and reads only "Below are the incorrect reasoning processes in <candidate> </candidate>
@@ -41,7 +43,7 @@ Choices the paper leaves open, made here:
   the whole section (heading and value line) when there are no options and renders the
   heading as "## Answer Options" otherwise. `JUDGE_TEMPLATE` itself stays as printed.
   `parse_judge_verdict` accepts only a strict JSON object `{"verdict": "correct"|"wrong"}`
-  (surrounding whitespace allowed); anything else -- prose, code fences, extra keys -- is
+  (surrounding whitespace allowed, a `<think>` block before it dropped); anything else -- prose, code fences, extra keys -- is
   None, which the caller scores 0.
 * Hint. The paper prints "... intermediate idea. <response> y_T(+) </response>" with
   approximate line breaks; we lay `<response>` out on its own lines as in the compression
@@ -55,13 +57,8 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 
-try:
-    # The verifier owns the marker; importing it keeps the two modules from drifting.
-    from zppo_fast.reward import NO_ANSWER
-except ModuleNotFoundError as e:
-    if e.name != "zppo_fast.reward":
-        raise  # reward.py exists but one of its own imports failed: do not hide that
-    NO_ANSWER = "[no answer]"  # until reward.py exists; it must define this same string
+# The verifier owns the marker and the normalizer NCQ deduplicates by.
+from zppo_fast.reward import NO_ANSWER, normalize_answer
 
 # --- Templates (verbatim from the paper) ----------------------------------------------------
 
@@ -197,8 +194,8 @@ def build_ncq(
     """Negative-choice question (Fig. 18), without the closing instruction.
 
     `wrong_traces[i]` is the compressed i-th wrong student rollout and `wrong_answers[i]` its
-    parsed final answer (`None`, "" or `NO_ANSWER` when it has none; see the module docstring
-    for how those are shown). Every trace becomes one candidate block, in the given order.
+    final answer as written (`zppo_fast.reward.boxed_answer`; `None`, "" or `NO_ANSWER` when it
+    has none; see the module docstring for how those are shown). Every trace becomes one candidate block, in the given order.
     """
     if len(wrong_traces) != len(wrong_answers):
         raise ValueError(
@@ -206,13 +203,13 @@ def build_ncq(
         )
     if not wrong_traces:
         raise ValueError("build_ncq: an NCQ needs at least one wrong rollout")
-    answers: list[str] = []
+    answers: dict[str, str] = {}  # normalized -> as first written
     for answer in wrong_answers:
         answer = (answer or "").strip()
-        if answer and answer != NO_ANSWER and answer not in answers:
-            answers.append(answer)
+        if answer and answer != NO_ANSWER:
+            answers.setdefault(normalize_answer(answer), answer)
     if answers:
-        boxed = ", ".join(f"\\boxed{{{a}}}" for a in answers)
+        boxed = ", ".join(f"\\boxed{{{a}}}" for a in answers.values())
         header = _render(NCQ_HEADER, answers=boxed)
     else:
         header = NCQ_CANDIDATES_SENTENCE
@@ -230,6 +227,14 @@ def with_hint(question: str, hint: str) -> str:
 # --- Teacher prompts and their outputs ------------------------------------------------------
 
 
+def strip_thinking(teacher_output: str) -> str:
+    """The teacher's output without its reasoning: everything up to the last `</think>` dropped
+    (a complete block, or one whose `<think>` the chat template put in the prompt), then an
+    unclosed `<think>` and all after it (reasoning cut off by the token cap). Never raises."""
+    text = teacher_output.rsplit("</think>", 1)[-1]
+    return text.split("<think>", 1)[0]
+
+
 def build_compression_prompt(response: str) -> str:
     """Teacher prompt that compresses one candidate trace into a <= 5-line summary (Fig. 16)."""
     return _render(COMPRESSION_TEMPLATE, response=response.strip())
@@ -238,9 +243,11 @@ def build_compression_prompt(response: str) -> str:
 def parse_summary(teacher_output: str) -> str:
     """The compressed candidate inside the teacher's output, stripped; never raises.
 
-    The text inside the last complete `<summary>...</summary>` pair; else (output cut off)
-    the text after the last opening `<summary>`; else the whole output.
+    Reasoning is dropped first (`strip_thinking`); then the text inside the last complete
+    `<summary>...</summary>` pair; else (output cut off) the text after the last opening
+    `<summary>`; else the whole output.
     """
+    teacher_output = strip_thinking(teacher_output)
     close = teacher_output.rfind("</summary>")
     if close != -1:
         # The opening tag nearest before the last closing one forms the last complete pair.
@@ -282,11 +289,11 @@ def build_judge_prompt(
 def parse_judge_verdict(text: str) -> bool | None:
     """True for `{"verdict": "correct"}`, False for `{"verdict": "wrong"}`, None otherwise.
 
-    Strict, as the paper scores it: the whole output (up to surrounding whitespace) must be
-    exactly that one-key JSON object.
+    Strict, as the paper scores it: the whole output after its reasoning (`strip_thinking`), up
+    to surrounding whitespace, must be exactly that one-key JSON object.
     """
     try:
-        obj = json.loads(text)
+        obj = json.loads(strip_thinking(text))
     except (json.JSONDecodeError, TypeError):
         return None
     if not isinstance(obj, dict) or obj.keys() != {"verdict"}:

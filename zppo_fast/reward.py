@@ -3,66 +3,57 @@ r"""The verifier: a binary reward from the last ``\boxed{...}`` answer of a resp
 Public API
 ----------
 ``grade(response, gold) -> float``
-    1.0 when the content of the response's last ``\boxed{...}`` is equivalent to ``gold``,
-    else 0.0. Never raises on model output: a non-string, box-less, malformed or
-    pathological response scores 0.0.
+    1.0 when the content of the response's last ``\boxed{...}`` is equivalent to ``gold`` under
+    the paper's rule grader, mathruler's ``grade_answer``; else 0.0. Never raises on model output:
+    a non-string, box-less, malformed or pathological response scores 0.0.
 ``extract_boxed(text) -> str | None``
     The stripped content of the LAST ``\boxed{...}`` (nested braces handled), ``None`` when
     there is none or the last one is unbalanced.
+``boxed_answer(text) -> str``
+    The last box as the response wrote it (stripped), or ``NO_ANSWER``: what NCQ lists.
 ``final_answer(text) -> str``
-    The response's answer as the NCQ prompt lists it: the last box, normalized, or
-    ``NO_ANSWER`` when there is no (non-empty) box.
-``normalize_answer(answer, *, strip_units=False) -> str``
-    The one normalizer every function above uses.
+    The last box, normalized (``normalize_answer``), or ``NO_ANSWER``: the key NCQ deduplicates
+    its listed answers by, and the copy metric's.
+``normalize_answer(answer) -> str``
+    Our display / dedup normalizer (not the grader's equivalence).
 ``NO_ANSWER``
     The marker for "this rollout has no boxed answer".
 
-The rules (after the paper's grader, ``mathruler.grader``, itself the PRM800K grader)
+Equivalence is the paper's grader (mathruler.grader.grade_answer, itself PRM800K's)
 ------------------------------------------------------------------------------------
-Extraction. The last ``\boxed{`` in the text decides (``\boxed {`` with spaces is accepted, as
-TeX accepts it). Braces are counted TeX-style: ``\{`` and ``\}`` are characters, not groups.
-If that last box never closes, the answer is missing: we do not fall back to an earlier box,
-because the model's final word is malformed. ``\boxed 5`` (a brace-less single token) is NOT
-accepted, like mathruler; the closing instruction asks for ``\boxed{}``. ``<think>`` is not
-special: a box after the reasoning is simply later than the boxes inside it.
+``grade`` extracts the last box and asks ``mathruler.grader.grade_answer(box, gold)``: the mathd
+normalizer (Hendrycks' MATH), then PRM800K's normalizer (units such as cm / degrees / hours and
+``\text{ ...}`` units dropped, percent and dollar signs dropped, thousands separators, LaTeX read
+by pylatexenc), then sympy's ``simplify`` of the difference, with the paper's two rules on
+numbers (an integer gold needs an integer answer; two fractions must be written alike), and
+tuples / intervals element by element with the same brackets. Every accept and reject is
+mathruler's; tests/test_reward_agreement.py measures it on a generated corpus. Where we differ,
+and why (each tested there):
 
-Normalization (both sides, identically): unwrap ``\text{..}``/``\mathrm{..}``/``\boxed{..}``
-and similar wrappers; ``\dfrac``/``\tfrac`` -> ``\frac``; ``\frac12`` -> ``\frac{1}{2}``; drop
-``\left``/``\right``, TeX spacing (``\,`` ``\!`` ``\quad`` ...), ``$`` and ``\$``; read the
-Unicode minus as ``-``; lowercase (text answers are case-insensitive, as in mathruler); drop
-all whitespace and trailing periods; strip matching outer braces; drop a short variable
-assignment (``x = 5`` -> ``5``, mathd's rule); remove thousands separators (``1,000`` and
-``1{,}000``) when the whole answer is such a number. If what is left is a number it is rewritten canonically (``007`` -> ``7``,
-``.50`` -> ``0.5``, ``\frac{-3}{4}`` -> ``-3/4``).
+1. Extraction is ours (``extract_boxed``), not mathruler's ``extract_boxed_content``: ``\boxed {x}``
+   (a space TeX accepts) is read; ``\{`` / ``\}`` are characters, not groups, so ``\boxed{\{1\}}``
+   closes where TeX closes it; an unbalanced last box is no answer.
+2. No box, an unbalanced box or an empty box scores 0. mathruler's extractor returns the text
+   "None" for a missing box, which its grader then accepts against a gold answer "None", and it
+   accepts an empty answer against an empty gold: a reward for answering nothing.
+3. ``grade_answer`` runs in a worker process killed after ``GRADE_TIMEOUT_S`` seconds (sympy can
+   run for minutes on a crafted answer; mathruler has no limit); a timeout, or an exception
+   inside mathruler, scores 0.
+4. Identical strings (box == gold after stripping) are accepted without the worker, as mathruler
+   accepts them too (both normalizers map equal inputs to equal outputs).
 
-Equivalence, first with units kept and then, as a second pass, with degree and percent marks
-stripped (``^\circ``, ``^{\circ}``, ``\circ``, ``\degree``, ``°``, ``\%``, ``%``, a trailing
-"degrees"/"percent"):
-
-1. Equal normalized strings are equivalent; an empty answer never is.
-2. Two numbers are compared exactly, with integer arithmetic (never floats):
-   integers and decimals by canonical digit strings (so 10,000-digit answers compare without
-   Python's int-conversion limit); a quotient with a decimal part (``1.5/3``) by value.
-   Two paper rules on unreduced fractions are kept: two fractions ``a/b`` must be written
-   alike (``2/4`` is not ``1/2``), and an integer never equals a fraction (``4/2`` is not
-   ``2``, nor is ``4.0/2``). A decimal equals a fraction of the same value (``0.5`` is
-   ``1/2``; ``2.0`` is ``2``).
-3. An integer answer on either side must match by rule 2 or not at all (mathruler: "if the
-   ground truth answer is an integer, we require the given answer to be a strict match").
-4. Tuples/intervals ``(a, b)``, ``[a, b)`` with the same brackets and element count are
-   compared element by element with these rules.
-5. Otherwise, if sympy is installed, simple LaTeX (``\frac``, ``\sqrt``, ``\pi``, ``^``,
-   ``\cdot``, one-letter variables) is converted to a whitelisted sympy string and the
-   difference simplified, in a separate worker process killed after ``SYMBOLIC_TIMEOUT_S``
-   seconds (a timeout counts as "not equivalent"). Stricter than mathruler where its
-   leniency is wrong: adjacent letters (``ab`` vs ``ba``, i.e. words) are never symbolic,
-   and neither is a digit followed by ``\frac`` (``7\frac{3}{4}`` is ambiguous).
+Normalization (``normalize_answer``; NCQ dedup, the choice grader, copy metrics) is ours, both
+sides identically: unwrap ``\text{..}``/``\mathrm{..}``/``\boxed{..}`` and similar wrappers;
+``\dfrac``/``\tfrac`` -> ``\frac``; ``\frac12`` -> ``\frac{1}{2}``; drop ``\left``/``\right``, TeX
+spacing, ``$`` and ``\$``; the Unicode minus as ``-``; lowercase; drop all whitespace and trailing
+periods; strip matching outer braces; drop a short variable assignment (``x = 5`` -> ``5``);
+remove thousands separators (``1,000``, ``1{,}000``) when the whole answer is such a number; a
+number is rewritten canonically (``007`` -> ``7``, ``.50`` -> ``0.5``, ``\frac{-3}{4}`` -> ``-3/4``).
 """
 
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import json
 import os
 import re
@@ -72,11 +63,11 @@ import sys
 import threading
 from fractions import Fraction
 from functools import lru_cache
-from typing import NamedTuple
 
 __all__ = [
+    "GRADE_TIMEOUT_S",
     "NO_ANSWER",
-    "SYMBOLIC_TIMEOUT_S",
+    "boxed_answer",
     "extract_boxed",
     "final_answer",
     "grade",
@@ -84,20 +75,13 @@ __all__ = [
 ]
 
 NO_ANSWER = "[no answer]"
-"""What NCQ lists (and leaves out) for a rollout without a boxed answer."""
+"""What NCQ leaves out of its answer list for a rollout without a boxed answer."""
 
-SYMBOLIC_TIMEOUT_S = 2.0
-"""Wall-clock limit of one sympy comparison; 0 or None turns the symbolic step off."""
+GRADE_TIMEOUT_S = 5.0
+"""Wall-clock limit of one mathruler comparison (its sympy step can run for minutes)."""
 
-# Numbers longer than this (digits per part) are compared only by their canonical strings:
-# converting them is quadratic, and no honest answer is this long.
-_MAX_NUMBER_DIGITS = 100_000
-# Python refuses int(str) above 4300 digits (sys.int_info.default_max_str_digits); convert in
-# chunks below that limit instead of changing the process-wide setting.
-_INT_CHUNK = 4000
-# Symbolic inputs longer than this are not worth sympy's time (and bound our recursion).
-_SYMBOLIC_MAX_CHARS = 160
 
+# --- Extraction ----------------------------------------------------------------------------
 
 # --- Extraction ----------------------------------------------------------------------------
 
@@ -134,6 +118,12 @@ def extract_boxed(text: str) -> str | None:
     return None  # the last box never closes
 
 
+def boxed_answer(text: str) -> str:
+    """The last boxed answer as the response wrote it (stripped), or ``NO_ANSWER``: what NCQ
+    shows the student. An empty box counts as no answer."""
+    return extract_boxed(text) or NO_ANSWER
+
+
 def final_answer(text: str) -> str:
     """The last boxed answer, normalized (for display and dedup in NCQ), or ``NO_ANSWER``.
 
@@ -158,9 +148,6 @@ _UNWRAP_TOKEN_RE = re.compile(r"\\([A-Za-z]+)(\s*\{)?|\\.|[{}]|[^\\{}]+", re.DOT
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])")
 _SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad(?![A-Za-z])|\\(?:display|text)style(?![A-Za-z])|~")
 _FRAC_SHORT_RE = re.compile(r"\\frac(\d)(\d)", re.ASCII)
-_UNITS_RE = re.compile(
-    r"\^\{\\circ\}|\^\\circ|\\circ|\\degrees?|°|\\%|%|(?:degrees?|percent)$"
-)
 _ASSIGN_LHS_RE = re.compile(r"[a-z]{1,2}")
 _TEX_THOUSANDS_RE = re.compile(r"(?<=\d)\{,\}(?=\d)", re.ASCII)
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", re.ASCII)
@@ -217,7 +204,7 @@ def _strip_outer_braces(s: str) -> str:
     return s[i : j + 1]
 
 
-def _clean(s: str, strip_units: bool) -> str:
+def _clean(s: str) -> str:
     """The textual part of the normalizer (see the module docstring for the rule list)."""
     if _WRAPPER_PRESENT_RE.search(s):
         s = _unwrap(s)
@@ -226,8 +213,6 @@ def _clean(s: str, strip_units: bool) -> str:
     s = _SPACING_RE.sub("", s)
     s = s.replace("\\$", "").replace("$", "").replace("\u2212", "-")  # U+2212: Unicode minus
     s = "".join(s.lower().split())
-    if strip_units:
-        s = _UNITS_RE.sub("", s)
     s = _FRAC_SHORT_RE.sub(r"\\frac{\1}{\2}", s)
     s = _strip_outer_braces(s.rstrip("."))
     if s.count("=") == 1:  # "x=5" -> "5" (mathd: a left-hand side of at most 2 characters)
@@ -240,161 +225,53 @@ def _clean(s: str, strip_units: bool) -> str:
     return s
 
 
-def normalize_answer(answer: str, *, strip_units: bool = False) -> str:
-    r"""Canonical form of one answer: cleaned text, or a number in canonical notation.
 
-    ``strip_units=True`` is the grader's second pass: degree and percent marks removed.
-    """
+def normalize_answer(answer: str) -> str:
+    r"""Canonical form of one answer for display and dedup: cleaned text, or a number in
+    canonical notation (see the module docstring). Not the grader's equivalence."""
     if not isinstance(answer, str):
         return ""
-    s = _clean(answer, strip_units)
-    num = _parse_number(s)
-    return num.canon if num is not None else s
+    s = _clean(answer)
+    return _canonical_number(s) or s
 
 
-# --- Numbers -------------------------------------------------------------------------------
+# --- Numbers (canonical notation only) ----------------------------------------------------
 
-
-class _Number(NamedTuple):
-    """An exact number as digit strings: value = sign * (a / b) / (c / d).
-
-    kind: "int" (integer-valued decimal), "dec" (other decimal), "frac" (a/b with integer
-    parts, kept as written), "quot" (a/b with a decimal part, compared by value).
-    """
-
-    kind: str
-    canon: str
-    sign: int
-    a: str
-    b: str
-    c: str
-    d: str
-
-
-_DEC_RE = re.compile(r"([+-]?)(\d*)(?:\.(\d*))?", re.ASCII)  # ASCII: int("٣") would parse
+_DEC_RE = re.compile(r"([+-]?)(\d*)(?:\.(\d*))?", re.ASCII)  # ASCII: "٣" is not a digit here
 _FRAC_RE = re.compile(r"([+-]?)\\frac\{([^{}]*)\}\{([^{}]*)\}")
 
 
-def _parse_decimal(s: str) -> tuple[int, str, str, bool] | None:
-    """``"-007.50"`` -> (-1, "7", "5", True): sign, integer digits, fraction digits, had dot."""
+def _decimal(s: str) -> tuple[bool, str] | None:
+    """``"-007.50"`` -> (True, "7.5"): negative?, canonical digits; None when not a decimal."""
     m = _DEC_RE.fullmatch(s)
     if not m or not (m.group(2) or m.group(3)):
         return None
-    sign = -1 if m.group(1) == "-" else 1
-    return sign, m.group(2).lstrip("0") or "0", (m.group(3) or "").rstrip("0"), "." in s
+    whole, frac = m.group(2).lstrip("0") or "0", (m.group(3) or "").rstrip("0")
+    digits = whole + ("." + frac if frac else "")
+    return m.group(1) == "-" and digits != "0", digits
 
 
-def _parse_number(s: str) -> _Number | None:
-    """Parse a whole cleaned answer as a number; None when it is anything else."""
+def _canonical_number(s: str) -> str | None:
+    """A whole cleaned answer as a canonical number (``a/b`` kept as written), or None."""
     m = _FRAC_RE.fullmatch(s)
     if m:  # \frac{A}{B} with numeric A, B; a sign may sit outside or inside
         s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
-    if s.count("/") == 1:
-        top, bottom = s.split("/")
-        p, q = _parse_decimal(top), _parse_decimal(bottom)
-        if p is None or q is None or (q[1] == "0" and not q[2]):
-            return None  # not numeric, or a zero denominator
-        sign = p[0] * q[0] if p[1] != "0" or p[2] else 1
-        if not (p[3] or q[3]):  # a/b with integer parts: kept as written
-            canon = ("-" if sign < 0 else "") + p[1] + "/" + q[1]
-            return _Number("frac", canon, sign, p[1], "1", q[1], "1")
-        pa, pb = _decimal_ratio(p)
-        qa, qb = _decimal_ratio(q)
-        canon = ("-" if sign < 0 else "") + _decimal_canon(p) + "/" + _decimal_canon(q)
-        return _Number("quot", canon, sign, pa, pb, qa, qb)
-    p = _parse_decimal(s)
-    if p is None:
+    parts = s.split("/")
+    if len(parts) > 2:
         return None
-    sign = p[0] if p[1] != "0" or p[2] else 1
-    a, b = _decimal_ratio(p)
-    canon = ("-" if sign < 0 else "") + _decimal_canon(p)
-    return _Number("dec" if p[2] else "int", canon, sign, a, b, "1", "1")
-
-
-def _decimal_canon(p: tuple[int, str, str, bool]) -> str:
-    return p[1] + ("." + p[2] if p[2] else "")
-
-
-def _decimal_ratio(p: tuple[int, str, str, bool]) -> tuple[str, str]:
-    """Unsigned decimal as numerator/denominator digit strings: 7.5 -> ("75", "10")."""
-    return (p[1] + p[2]).lstrip("0") or "0", "1" + "0" * len(p[2])
-
-
-def _to_int(digits: str) -> int:
-    """int(digits) without Python's 4300-digit conversion limit (chunked, capped)."""
-    if len(digits) > _MAX_NUMBER_DIGITS:
-        raise OverflowError("number too long to convert")
-    if len(digits) <= _INT_CHUNK:
-        return int(digits)
-    n = 0
-    for i in range(0, len(digits), _INT_CHUNK):
-        part = digits[i : i + _INT_CHUNK]
-        n = n * 10 ** len(part) + int(part)
-    return n
-
-
-def _numbers_equal(x: _Number, y: _Number) -> bool:
-    """Exact comparison with the paper's two rules on unreduced fractions."""
-    kinds = {x.kind, y.kind}
-    if "int" in kinds and kinds & {"frac", "quot"}:
-        return False  # "4/2" is not the integer 2 (mathruler's strict-integer rule)
-    if x.kind == y.kind == "frac" or kinds <= {"int", "dec"}:
-        return x.canon == y.canon  # written-alike fractions; decimals by canonical digits
-    if x.sign != y.sign:
-        return False
-    try:  # sign equal: compare a_x d_x c_y b_y ... by cross-multiplication
-        left = _to_int(x.a) * _to_int(x.d) * _to_int(y.b) * _to_int(y.c)
-        right = _to_int(y.a) * _to_int(y.d) * _to_int(x.b) * _to_int(x.c)
-    except OverflowError:
-        return x.canon == y.canon
-    return left == right
-
-
-# --- Equivalence ---------------------------------------------------------------------------
-
-_TUPLE_OPEN, _TUPLE_CLOSE = "([", ")]"
-_MAX_TUPLE_ELEMENTS = 64
-
-
-def _split_tuple(s: str) -> list[str] | None:
-    """``(1,2]`` -> ["1", "2"]; None unless s is a flat bracketed list of 2+ elements."""
-    if len(s) < 5 or s[0] not in _TUPLE_OPEN or s[-1] not in _TUPLE_CLOSE:
+    nums = [_decimal(p) for p in parts]
+    if any(n is None for n in nums):
         return None
-    inner = s[1:-1]
-    if any(ch in inner for ch in "()[]"):
-        return None  # nested brackets: compare as strings only (as mathruler does)
-    elems = inner.split(",")
-    if not 2 <= len(elems) <= _MAX_TUPLE_ELEMENTS:
-        return None
-    return elems
+    negative = sum(n[0] for n in nums) % 2 == 1 and nums[0][1] != "0"
+    return ("-" if negative else "") + "/".join(n[1] for n in nums)
 
 
-def _equivalent(a: str, b: str, *, timeout_s: float | None, in_tuple: bool = False) -> bool:
-    """Rules 1-5 of the module docstring on two cleaned answers."""
-    if not a or not b:
-        return False
-    if a == b:
-        return True
-    x, y = _parse_number(a), _parse_number(b)
-    if x is not None and y is not None:
-        return _numbers_equal(x, y)
-    if (x is not None and x.kind == "int") or (y is not None and y.kind == "int"):
-        return False  # an integer on one side and a non-number on the other
-    if not in_tuple:
-        ea, eb = _split_tuple(a), _split_tuple(b)
-        if ea is not None or eb is not None:
-            if ea is None or eb is None or len(ea) != len(eb):
-                return False
-            if a[0] != b[0] or a[-1] != b[-1]:
-                return False  # (0,1) is not [0,1]
-            return all(
-                _equivalent(p, q, timeout_s=timeout_s, in_tuple=True) for p, q in zip(ea, eb)
-            )
-    return _symbolic_equal(a, b, timeout_s)
+# --- Grading -------------------------------------------------------------------------------
 
 
 def grade(response: str, gold: str) -> float:
-    r"""1.0 if the last ``\boxed{...}`` of ``response`` is equivalent to ``gold``, else 0.0.
+    r"""1.0 if the last ``\boxed{...}`` of ``response`` is equivalent to ``gold`` (mathruler's
+    ``grade_answer``, with the differences of the module docstring), else 0.0.
 
     ``gold`` may be a string or an int/float/Fraction (stringified); any other gold type is
     a data bug and raises TypeError. Anything wrong with ``response`` scores 0.0.
@@ -403,177 +280,61 @@ def grade(response: str, gold: str) -> float:
         if isinstance(gold, bool) or not isinstance(gold, (int, float, Fraction)):
             raise TypeError(f"gold answer must be a string, got {type(gold).__name__}")
         gold = str(gold)
-    try:
-        box = extract_boxed(response)
-        if box is None:
-            return 0.0
-        timeout_s = SYMBOLIC_TIMEOUT_S
-        first = (_clean(box, False), _clean(gold, False))
-        if _equivalent(*first, timeout_s=timeout_s):
-            return 1.0
-        second = (_clean(box, True), _clean(gold, True))  # degree/percent marks stripped
-        if second != first and _equivalent(*second, timeout_s=timeout_s):
-            return 1.0
-        return 0.0
-    except Exception:  # the reward must never take the trainer down on model output
-        return 0.0
+    box = extract_boxed(response)
+    if not box:
+        return 0.0  # no box, an unbalanced one, or an empty one (difference 2)
+    if box == gold.strip():
+        return 1.0  # difference 4: mathruler accepts identical strings
+    return 1.0 if _mathruler_cached(box, gold, float(GRADE_TIMEOUT_S)) else 0.0
 
 
-# --- Symbolic step (optional sympy, in a killable worker process) --------------------------
-
-_SYM_TOKEN_RE = re.compile(
-    # No "(?![a-z])" after the names: whitespace is gone by now, so "\pi r" arrives as "\pir".
-    r"\\(?:frac|sqrt|pi|cdot(?!s)|times)|\d+(?:\.\d+)?|[a-z]|[-+*/^(){}\[\]]", re.ASCII
-)
-_SYM_CLOSERS = {"(": ")", "{": "}"}
-
-
-class _Reject(Exception):
-    """The expression is outside the whitelisted LaTeX subset."""
-
-
-def _sym_atom(toks: list[str], i: int) -> tuple[str, int]:
-    """One operand: number, letter, \\pi, group, \\frac{..}{..}, \\sqrt[..]{..}."""
-    if i >= len(toks):
-        raise _Reject
-    t = toks[i]
-    if t[0].isdigit():
-        if "." in t:  # decimals as exact integer ratios, never floats
-            ip, fp = t.split(".")
-            return f"({ip}{fp}/1{'0' * len(fp)})", i + 1
-        return t, i + 1
-    if len(t) == 1 and t.isalpha():
-        return t, i + 1
-    if t == "\\pi":
-        return "pi", i + 1
-    if t in _SYM_CLOSERS:
-        inner, i = _sym_seq(toks, i + 1, _SYM_CLOSERS[t])
-        return f"({inner})", i
-    if t == "\\frac":
-        num, i = _sym_atom(toks, i + 1)
-        den, i = _sym_atom(toks, i)
-        return f"(({num})/({den}))", i
-    if t == "\\sqrt":
-        if i + 1 < len(toks) and toks[i + 1] == "[":
-            n, i = _sym_seq(toks, i + 2, "]")
-            arg, i = _sym_atom(toks, i)
-            return f"(({arg})**(1/({n})))", i
-        arg, i = _sym_atom(toks, i + 1)
-        return f"sqrt({arg})", i
-    raise _Reject
-
-
-def _sym_seq(toks: list[str], i: int, closer: str | None) -> tuple[str, int]:
-    """A juxtaposition/operator sequence up to ``closer``; implicit products made explicit."""
-    parts: list[str] = []
-    prev_operand = prev_letter = False
-    while i < len(toks):
-        t = toks[i]
-        if t == closer:
-            return "".join(parts), i + 1
-        if t in ")}]":
-            raise _Reject
-        if t in ("+", "-", "*", "/", "\\cdot", "\\times"):
-            parts.append(t if len(t) == 1 else "*")
-            prev_operand = prev_letter = False
-            i += 1
-            continue
-        if t == "^":
-            exp, i = _sym_atom(toks, i + 1)
-            # sympy can hang on towers and huge powers (mathruler's BAD_REGEXES, in spirit)
-            if "**" in exp or re.search(r"\d{3,}", exp):
-                raise _Reject
-            parts.append("**" + exp)
-            prev_operand, prev_letter = True, False
-            continue
-        is_letter = len(t) == 1 and t.isalpha()
-        if prev_operand:
-            if is_letter and prev_letter:
-                raise _Reject  # adjacent letters are a word ("ab" vs "ba"), not a product
-            if t == "\\frac" and parts[-1][-1:].isdigit():
-                raise _Reject  # 7\frac{3}{4}: mixed number or product? don't guess
-            parts.append("*")
-        atom, i = _sym_atom(toks, i)
-        parts.append(atom)
-        prev_operand, prev_letter = True, is_letter
-    if closer is not None:
-        raise _Reject
-    return "".join(parts), i
-
-
-def _to_sympy(s: str) -> str | None:
-    """Whitelisted sympy source for a cleaned answer, or None outside the supported subset.
-
-    The output holds only digits, one-letter names, ``pi``, ``sqrt``, operators and
-    parentheses, so evaluating it in the worker cannot do anything but arithmetic.
-    """
-    if len(s) > _SYMBOLIC_MAX_CHARS:
-        return None
-    toks, pos = [], 0
-    for m in _SYM_TOKEN_RE.finditer(s):
-        if m.start() != pos:
-            return None  # a character outside the whitelist
-        toks.append(m.group())
-        pos = m.end()
-    if pos != len(s) or not toks:
-        return None
-    try:
-        expr, _ = _sym_seq(toks, 0, None)
-    except (_Reject, RecursionError):
-        return None
-    letters = set(re.findall(r"(?<![a-z])[a-z](?![a-z])", expr))
-    return expr if len(letters) <= 2 else None  # mathruler: at most two unknowns
-
+# --- mathruler in a killable worker process -----------------------------------------------
 
 _WORKER_SRC = r"""
-import json, re, sys
-import sympy
-from sympy.parsing.sympy_parser import parse_expr, standard_transformations
+import json, sys
+try:
+    from mathruler.grader import grade_answer
+except Exception as e:
+    sys.stdout.write("error: cannot import mathruler.grader (" + type(e).__name__ + ": " + str(e) + ")\n")
+    sys.stdout.flush()
+    sys.exit(1)
 sys.stdout.write("ready\n"); sys.stdout.flush()
 for line in sys.stdin:
     try:
-        a, b = json.loads(line)
-        src = "(" + a + ")-(" + b + ")"
-        names = {c: sympy.Symbol(c) for c in re.findall(r"(?<![a-z])[a-z](?![a-z])", src)}
-        names.update(pi=sympy.pi, sqrt=sympy.sqrt)
-        diff = parse_expr(src, local_dict=names, transformations=standard_transformations)
-        out = "1" if sympy.simplify(diff) == 0 else "0"
+        given, gold = json.loads(line)
+        out = "1" if grade_answer(given, gold) else "0"
     except Exception:
         out = "0"
     sys.stdout.write(out + "\n"); sys.stdout.flush()
 """
 
 
-class _SympyWorker:
-    """One long-lived ``python -c`` process running sympy; killed and restarted on timeout.
+class GraderUnavailable(RuntimeError):
+    """mathruler cannot run here (not installed, or its worker cannot start): a setup error."""
 
-    A process, not a thread or SIGALRM: only a process can be stopped inside a C-level
-    big-integer operation, and it works from any thread of the trainer.
+
+class _MathrulerWorker:
+    """One long-lived ``python -c`` process running mathruler; killed and restarted on timeout.
+
+    A process, not a thread or SIGALRM: only a process can be stopped inside sympy's C-level
+    big-integer work, and it works from any thread of the trainer.
     """
 
-    _START_TIMEOUT_S = 60.0
+    _START_TIMEOUT_S = 120.0
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
-        self._disabled = importlib.util.find_spec("sympy") is None or os.name != "posix"
 
-    def _start(self) -> subprocess.Popen | None:
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_SRC],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-        except OSError:
-            self._disabled = True
-            return None
-        if self._read_line(proc, self._START_TIMEOUT_S) != "ready":
+    def _start(self) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", _WORKER_SRC], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self._read_line(proc, self._START_TIMEOUT_S)
+        if line != "ready":
             self._kill(proc)
-            self._disabled = True  # sympy cannot start here: stop trying
-            return None
+            why = line or f"no answer within {self._START_TIMEOUT_S:.0f} s"
+            raise GraderUnavailable(f"the math grader's worker ({sys.executable}) did not start: {why}; "
+                                    "install the grader's packages: pip install mathruler pylatexenc sympy")
         return proc
 
     @staticmethod
@@ -592,18 +353,14 @@ class _SympyWorker:
         except Exception:
             pass
 
-    def equal(self, a: str, b: str, timeout_s: float) -> bool:
-        """Does sympy simplify ``(a) - (b)`` to 0 within ``timeout_s`` seconds?"""
+    def equal(self, given: str, gold: str, timeout_s: float) -> bool:
+        """mathruler's ``grade_answer(given, gold)`` within ``timeout_s`` seconds (else False)."""
         with self._lock:
-            if self._disabled:
-                return False
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
-                if self._proc is None:
-                    return False
             proc = self._proc
             try:
-                proc.stdin.write(json.dumps([a, b]) + "\n")
+                proc.stdin.write(json.dumps([given, gold]) + "\n")
                 proc.stdin.flush()
                 answer = self._read_line(proc, timeout_s)
             except (OSError, ValueError):
@@ -627,22 +384,12 @@ class _SympyWorker:
                 self._proc = None
 
 
-_WORKER = _SympyWorker()
+_WORKER = _MathrulerWorker()
 atexit.register(_WORKER.close)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WORKER._after_fork)
 
 
 @lru_cache(maxsize=8192)
-def _symbolic_cached(a: str, b: str, timeout_s: float) -> bool:
-    return _WORKER.equal(a, b, timeout_s)
-
-
-def _symbolic_equal(a: str, b: str, timeout_s: float | None) -> bool:
-    """Rule 5: time-limited sympy equivalence of two cleaned answers (False when unsure)."""
-    if not timeout_s or timeout_s <= 0:
-        return False
-    sa, sb = _to_sympy(a), _to_sympy(b)
-    if sa is None or sb is None:
-        return False
-    return _symbolic_cached(sa, sb, float(timeout_s))
+def _mathruler_cached(given: str, gold: str, timeout_s: float) -> bool:
+    return _WORKER.equal(given, gold, timeout_s)

@@ -2,7 +2,8 @@
 
 A pure function of per-question numbers, so the trainer, the tests and any ablation share it:
 
-1. Hard = mean plain-rollout accuracy r̄_x < 0.5 (exactly 0.5 is not hard).
+1. Hard = mean plain-rollout accuracy r̄_x < `hard_threshold` (`zppo.hard_threshold`, the paper's
+   0.5; exactly the threshold is not hard).
 2. Pre-cap: keep the `cap` hard questions with the lowest r̄_x.
 3. Each kept question yields a BCQ instance if it is BCQ-eligible (>= 1 teacher-correct and
    >= 1 student-wrong rollout) and an NCQ instance (every hard question has a wrong rollout).
@@ -30,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-HARD_THRESHOLD = 0.5
+HARD_THRESHOLD = 0.5  # the paper's; runs read zppo.hard_threshold
 KINDS = ("bcq", "ncq")
 
 
@@ -57,6 +58,7 @@ def select_reformulations(
     bcq_eligible: Sequence[bool],
     cap: int,
     kinds: Sequence[str] = KINDS,
+    hard_threshold: float = HARD_THRESHOLD,
 ) -> list[tuple[int, str]]:
     """The reformulated instances to build this step, in priority order.
 
@@ -68,6 +70,7 @@ def select_reformulations(
         cap: the most instances allowed (`aug_cap(B_new, rho_aug)`).
         kinds: the enabled instance types, a non-empty subset of ("bcq", "ncq"); their order
             does not matter (a question's BCQ always comes before its NCQ).
+        hard_threshold: a question is hard when its accuracy is below this.
 
     Returns:
         `(batch index, "bcq" | "ncq")` pairs, ascending in accuracy (ties by index), a
@@ -91,7 +94,7 @@ def select_reformulations(
 
     # Pre-cap: the `cap` lowest-accuracy hard questions that yield anything. sorted() is
     # stable and indices ascend, so equal accuracies stay in index order.
-    hard = [i for i, acc in enumerate(accuracies) if acc < HARD_THRESHOLD and instances(i)]
+    hard = [i for i, acc in enumerate(accuracies) if acc < hard_threshold and instances(i)]
     kept = sorted(hard, key=lambda i: accuracies[i])[:cap]
 
     # Post-cap: BCQ then NCQ per question, stopping at the cap.

@@ -8,7 +8,7 @@ step, read top to bottom in `Trainer.step`:
   2. rollouts    G_S samples per question from the rollout engine (temperature 1, top-p 1);
                  reward r in {0, 1} from the grader (`data.grader`; by default the last \\boxed{}
                  answer against the gold answer). Image questions carry their images (VLM students).
-  3. teacher     hard questions (accuracy < 0.5) get G_T fresh teacher rollouts; compressed
+  3. teacher     hard questions (accuracy < zppo.hard_threshold, 0.5) get G_T fresh teacher rollouts; compressed
                  candidates make BCQ / NCQ prompts (zppo), or one teacher-correct rollout makes a
                  Hint prompt or a forced Prefix (baselines); capped at rho_aug * B_new, lowest
                  accuracy first; the student samples G_S rollouts on each, as groups of their own.
@@ -29,7 +29,7 @@ step, read top to bottom in `Trainer.step`:
                  (`zppo.distill_beta`), over the teacher's correct rollouts (off) or the student's
                  own (on): the teacher's hidden states for the same packed micro-batch and its
                  lm_head weight go into the fused JSD.
-  7. replay      plain-rollout accuracies admit (< 0.5) and graduate (>= 0.5) buffer entries.
+  7. replay      plain-rollout accuracies admit (< hard_threshold) and graduate (>= it) buffer entries.
   8. resync      the new weights are pushed into the rollout engine, bucket by bucket.
                  With SGLang the engines time-share the GPUs with training: the student's releases
                  its memory after the rollouts and takes it back around the push; the teacher's is

@@ -60,11 +60,11 @@ from transformers import PreTrainedTokenizerBase
 
 from zppo_fast import prompts
 from zppo_fast.config import ZPPOConfig
-from zppo_fast.data import chat_prompt_ids
+from zppo_fast.data import chat_prompt_ids, instruction_prompt_ids
 from zppo_fast.engine import RolloutEngine, Sample, SamplingParams
 from zppo_fast.file_task import grade_item
 from zppo_fast.graders import Grader
-from zppo_fast.reward import final_answer, grade
+from zppo_fast.reward import boxed_answer, final_answer, grade
 from zppo_fast.selection import aug_cap, replay_count, select_reformulations  # noqa: F401 (public here)
 from zppo_fast.task import Problem
 from zppo_fast.vlm import VLMPrompt, vlm_prompt
@@ -185,7 +185,7 @@ class Reformulator:
         wrong = [[t for t, r in zip(texts, rewards) if r < 1.0] for texts, rewards in zip(student_texts, student_rewards)]
         eligible = [bool(teacher_correct.get(i)) and bool(wrong[i]) for i in range(len(problems))]
         metrics["zppo/bcq_eligible"] = float(sum(eligible))
-        chosen = select_reformulations(accuracy, eligible, cap, kinds=self.kinds)
+        chosen = select_reformulations(accuracy, eligible, cap, kinds=self.kinds, hard_threshold=cfg.hard_threshold)
 
         # Candidates: BCQ one teacher-correct + one student-wrong (uniform); NCQ every wrong rollout.
         plans = []
@@ -203,7 +203,7 @@ class Reformulator:
             if kind == "bcq":
                 text = prompts.build_bcq(question, cands[0], cands[1], rng)
             else:
-                text = prompts.build_ncq(question, cands, [final_answer(t) for t in texts])
+                text = prompts.build_ncq(question, cands, [boxed_answer(t) for t in texts])
             out.append(Reformulation(i, kind, text, {final_answer(t) for t in texts}))
         metrics["zppo/bcq_built"] = float(sum(r.kind == "bcq" for r in out))
         metrics["zppo/ncq_built"] = float(sum(r.kind == "ncq" for r in out))
@@ -215,7 +215,7 @@ class Reformulator:
             return [t.strip() for t in texts]
         params = SamplingParams(n=1, temperature=self.cfg.compression_temperature, top_p=1.0,
                                 max_new_tokens=self.cfg.compression_max_tokens, seed=self.seed * 7_919 + step)
-        ids = [chat_prompt_ids(self.tokenizer, prompts.build_compression_prompt(t), closing=False) for t in texts]
+        ids = [instruction_prompt_ids(self.tokenizer, prompts.build_compression_prompt(t)) for t in texts]
         outs = self.teacher.generate(ids, params)
         metrics["zppo/teacher_tokens"] += sum(len(g[0].token_ids) for g in outs)
         return [prompts.parse_summary(g[0].text) for g in outs]
