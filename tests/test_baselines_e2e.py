@@ -90,7 +90,7 @@ def test_prefix_is_context_graded_with_the_continuation_and_never_trained(tiny_c
     trainer.engine = ScriptedStudent(tok, "2} ok")
     problem = Problem(0, "Ann has 1 pens, gets 1 more. How many pens does Ann have now?", "2", "")
     batch, _ = trainer.rollout([problem.question, problem.question], [problem, problem], first_group=8,
-                               prefixes=[prefix, []])
+                               kinds=["prefix", "new"], prefixes=[prefix, []])
     g_s = trainer.cfg.rl.group_size
     forced, plain = batch.rollouts[0], batch.rollouts[g_s]
     assert forced.prompt_ids == plain.prompt_ids + prefix and forced.response_ids == trainer.engine.ids

@@ -53,6 +53,44 @@ def test_minibatches_keep_groups_whole():
         assert all(sum(batch.rollouts[i].group == g for i in p) == 2 for g in groups)
 
 
+def step_batch() -> RolloutBatch:
+    """A step's batch as the trainer lays it out: 6 new, 2 replayed, then 3 BCQ and 5 NCQ groups of 2."""
+    kinds = ["new"] * 6 + ["replayed"] * 2 + ["bcq"] * 3 + ["ncq"] * 5
+    return RolloutBatch([Rollout([1, g], [2] * (1 + g % 3), 0.0, g, kind=k) for g, k in enumerate(kinds) for _ in range(2)])
+
+
+def test_minibatches_spread_every_kind_of_group():
+    """Cut in batch order, all 8 guided groups would be the last two mini-batches; dealt, each of the
+    I = 4 mini-batches holds its share of every kind (counts differ by at most one)."""
+    batch = step_batch()
+    parts = batch.minibatches(4, seed="0:7")
+    assert sorted(i for p in parts for i in p) == list(range(len(batch)))
+    kinds = {r.kind for r in batch.rollouts}
+    for kind in kinds:
+        total = len({r.group for r in batch.rollouts if r.kind == kind})
+        per_part = [len({batch.rollouts[i].group for i in p if batch.rollouts[i].kind == kind}) for p in parts]
+        assert sum(per_part) == total and max(per_part) - min(per_part) <= 1, (kind, per_part)
+    for p in parts:  # whole groups, 4 of the 16 in each
+        groups = {batch.rollouts[i].group for i in p}
+        assert len(groups) == 4 and len(p) == 8
+    assert all(any(batch.rollouts[i].kind in ("bcq", "ncq") for i in p) for p in parts)
+
+
+def test_minibatch_deal_is_seeded_and_reproducible():
+    """The deal is a pure function of the batch and the seed ("run.seed:step"): a resumed run, which
+    rebuilds the same batch at the same step, gets the same mini-batches; another step another deal."""
+    deal = step_batch().minibatches(4, seed="0:7")
+    assert step_batch().minibatches(4, seed="0:7") == deal
+    others = [step_batch().minibatches(4, seed=f"0:{s}") for s in range(8, 12)]
+    assert any(o != deal for o in others)
+
+
+def test_trainer_deals_by_run_seed_and_step(tiny_config):
+    trainer = Trainer(tiny_config("--run.steps", "1"), progress=False)
+    trainer.step_idx = 7
+    assert trainer.minibatches(step_batch(), 4) == step_batch().minibatches(4, seed=f"{trainer.cfg.run.seed}:7")
+
+
 def test_training_accuracy_goes_up(tiny_config):
     """Sampled accuracy on exactly the questions the run trains on, before and after 10 RL steps
     (a fixed set, so the steps' differing question difficulty does not blur the comparison)."""

@@ -2,7 +2,9 @@
 
 Each rollout is a prompt followed by the student's completion. Groups (the rollouts of one
 prompt: plain, BCQ or NCQ) share a baseline. The update splits the batch into `I` mini-batches
-of whole groups (one optimizer step each), each mini-batch across the ranks balanced by tokens,
+of whole groups (one optimizer step each), each kind of group (plain new, replayed, BCQ, NCQ,
+Hint, Prefix) spread evenly over them (`RolloutBatch.minibatches`), each mini-batch across the
+ranks balanced by tokens,
 and each rank's share into micro-batches of at most `max_tokens` positions (one forward and
 backward each, packed into one row by default). Every rank holds the whole batch, so every rank
 can compute every rank's split, and all ranks run the same number of micro-batches (filler
@@ -15,6 +17,7 @@ form right-padded `ImageMicroBatch`es of their own, its text rows the configured
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +33,7 @@ class Rollout:
     reward: float
     group: int  # rollouts with the same group id share a baseline
     images: EncodedImages | None = None  # the prompt's images (shared by its group), whose placeholders it holds
+    kind: str = "new"  # the group's kind: new | replayed (plain prompts) | bcq | ncq | hint | prefix
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
@@ -54,15 +58,34 @@ class RolloutBatch:
         rows = range(len(self)) if rows is None else rows
         return sum(len(self.rollouts[i].response_ids) for i in rows)
 
-    def minibatches(self, n: int) -> list[list[int]]:
-        """Split the rows into `n` mini-batches of whole groups, as even in groups as possible."""
+    def minibatches(self, n: int, seed: str | int = 0) -> list[list[int]]:
+        """The rows split into `n` mini-batches of whole groups, each kind of group spread evenly.
+
+        Kinds are taken in a fixed order (that of `Rollout.kind`'s first appearance in the batch);
+        each kind's groups are shuffled by `random.Random(f"{seed}:{kind}")` and dealt round-robin,
+        one counter running across all kinds. So every mini-batch holds its share of each kind
+        (counts differ by at most one, per kind and in total), which groups go to which optimizer
+        step is random but a pure function of the batch and `seed` (the trainer passes
+        "run.seed:step", restored on resume), and the old-log-prob pass and the update, which both
+        call this, see the same split. Without it the guided groups, which come last in the batch,
+        would all land in the last mini-batch, `I - 1` optimizer steps off-policy. Rows inside a
+        mini-batch are in batch order. `n` is capped at the number of groups.
+        """
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(self.rollouts):
             groups.setdefault(r.group, []).append(i)
-        ordered = list(groups.values())
-        n = max(1, min(n, len(ordered)))
-        bounds = [round(k * len(ordered) / n) for k in range(n + 1)]
-        return [[i for g in ordered[bounds[k] : bounds[k + 1]] for i in g] for k in range(n)]
+        by_kind: dict[str, list[int]] = {}
+        for g, rows in groups.items():
+            by_kind.setdefault(self.rollouts[rows[0]].kind, []).append(g)
+        n = max(1, min(n, len(groups)))
+        parts: list[list[int]] = [[] for _ in range(n)]
+        dealt = 0
+        for kind, ids in by_kind.items():
+            random.Random(f"{seed}:{kind}").shuffle(ids)
+            for g in ids:
+                parts[dealt % n] += groups[g]
+                dealt += 1
+        return [sorted(p) for p in parts]
 
     def split_ranks(self, rows: list[int], world_size: int) -> list[list[int]]:
         """`rows` dealt to ranks balanced by sequence length: longest first, to the lightest rank.

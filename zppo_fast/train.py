@@ -19,7 +19,8 @@ step, read top to bottom in `Trainer.step`:
                  rollout batch without the all-equal groups (REINFORCE++ "Norm w/o Zero",
                  default), with them, not at all, or by the group's std (GRPO).
   5. old log-probs  recomputed by the trainer, under the weights that sampled.
-  6. update      the batch is split into I mini-batches of whole groups: I AdamW steps, one pass.
+  6. update      the batch is split into I mini-batches of whole groups, each kind (new, replayed,
+                 BCQ, NCQ, ...) dealt evenly over them by a seeded shuffle: I AdamW steps, one pass.
                  Token-level clipped surrogate (clip-higher eps_low 0.2 / eps_high 0.28,
                  dual-clip 10 for A < 0), no KL, token-mean whose normalizer is the token count
                  of the whole optimizer step, so micro-batching and ranks do not change it.
@@ -456,7 +457,8 @@ class Trainer:
 
         # 2. Plain rollouts, graded; group g is the g-th question.
         t0 = time.perf_counter()
-        batch, samples = self.rollout([p.question for p in problems], problems, first_group=0)
+        batch, samples = self.rollout([p.question for p in problems], problems, first_group=0,
+                                      kinds=["new"] * len(new) + ["replayed"] * len(replayed))
         g_s = cfg.rl.group_size
         rewards = [[r.reward for r in batch.rollouts[i * g_s : (i + 1) * g_s]] for i in range(len(problems))]
         accuracy = [sum(r) / g_s for r in rewards]
@@ -474,7 +476,7 @@ class Trainer:
             t["time/teacher"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             extra, extra_samples = self.rollout([g.text for g in guided], [problems[g.question] for g in guided],
-                                                first_group=len(problems),
+                                                first_group=len(problems), kinds=[g.kind for g in guided],
                                                 prefixes=[getattr(g, "prefix_ids", []) for g in guided])
             t["time/rollout"] += time.perf_counter() - t0
             m.update(zm)
@@ -533,9 +535,10 @@ class Trainer:
                 "perf/tokens_per_s": batch.response_tokens() / max(sum(t.values()), 1e-9),
                 "perf/peak_memory_mb": peak_memory_mb(self.device)}
 
-    def rollout(self, prompt_texts: list[str], problems, first_group: int,
+    def rollout(self, prompt_texts: list[str], problems, first_group: int, kinds: list[str],
                 prefixes: list[list[int]] | None = None) -> tuple[RolloutBatch, list]:
-        """G_S graded samples per prompt; the k-th prompt is group `first_group + k`.
+        """G_S graded samples per prompt; the k-th prompt is group `first_group + k` of kind `kinds[k]`
+        (new | replayed | bcq | ncq | hint | prefix: how `RolloutBatch.minibatches` spreads them).
 
         `prefixes` (Prefix baseline): token ids forced at the start of the k-th prompt's answer. The
         student continues them; the grade reads prefix + continuation; the training rollout carries
@@ -556,8 +559,9 @@ class Trainer:
 
         rewards = iter(self.grade([grade_item(p, answer(s, prefix))
                                    for prefix, p, group in zip(prefixes, problems, groups) for s in group]))
-        batch = RolloutBatch([Rollout(q.input_ids + prefix, s.token_ids, next(rewards), first_group + g, q.images)
-                              for g, (q, prefix, group) in enumerate(zip(prompts, prefixes, groups)) for s in group])
+        batch = RolloutBatch([Rollout(q.input_ids + prefix, s.token_ids, next(rewards), first_group + g, q.images, kind)
+                              for g, (q, prefix, group, kind) in enumerate(zip(prompts, prefixes, groups, kinds))
+                              for s in group])
         return batch, [s for group in groups for s in group]
 
     def prompt(self, text: str, problem: Problem) -> VLMPrompt:
@@ -593,6 +597,11 @@ class Trainer:
                 out[f"{kind}/acc"] = acc
         return out
 
+    def minibatches(self, batch: RolloutBatch, n: int) -> list[list[int]]:
+        """The step's `n` mini-batches of whole groups, each kind spread evenly, dealt by a seed of
+        run.seed and the step (`RolloutBatch.minibatches`): the same on every rank and on resume."""
+        return batch.minibatches(n, seed=f"{self.cfg.run.seed}:{self.step_idx}")
+
     def microbatches(self, batch: RolloutBatch, rows: list[int]):
         """This rank's micro-batches of `rows` (a mini-batch), on the device."""
         p = self.cfg.parallel
@@ -607,7 +616,7 @@ class Trainer:
         exactly as the update will lay them out; and the mean entropy over the whole batch."""
         out: dict[int, torch.Tensor] = {}
         entropy_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
-        for rows in batch.minibatches(self.cfg.rl.num_minibatches):
+        for rows in self.minibatches(batch, self.cfg.rl.num_minibatches):
             for mb in self.microbatches(batch, rows):
                 logp, ent = linear_logprobs(self.policy(mb), self.policy.lm_head, mb.targets,
                                             temperature=self.cfg.rollout.temperature or 1.0, return_entropy=True,
@@ -668,7 +677,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         grad_norms, skipped = [], 0
         # Distillation takes one optimizer step per rollout step, as the paper's baselines do.
-        for rows in batch.minibatches(1 if self.algo.distill else cfg.num_minibatches):
+        for rows in self.minibatches(batch, 1 if self.algo.distill else cfg.num_minibatches):
             totals = self.backward_minibatch(batch, rows, old_logprobs, advantages)
             norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
             norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double()
