@@ -210,7 +210,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(source)
         self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
         lm = model_from_config(source, cfg.model.dtype, meta=True,
-                               attention=attention_kernel(cfg.parallel.attention, self.device))
+                               attention=attention_kernel(cfg.parallel.attention, self.device, self.share_prefix))
         self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
         self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
 
@@ -553,12 +553,18 @@ class Trainer:
                 out[f"{kind}/acc"] = acc
         return out
 
+    @property
+    def share_prefix(self) -> bool:
+        """Whether micro-batches lay each group's prompt out once (`parallel.share_prefix`; None: on the CPU)."""
+        setting = self.cfg.parallel.share_prefix
+        return setting if setting is not None else self.device.type != "cuda"
+
     def microbatches(self, batch: RolloutBatch, rows: list[int]):
         """This rank's micro-batches of `rows` (a mini-batch), on the device."""
         p = self.cfg.parallel
         return [mb.to(self.device) for mb in batch.microbatches(
             rows, self.dist.rank, self.dist.world_size, p.max_tokens_per_microbatch,
-            packed=p.packing if p.packing is not None else self.device.type == "cuda",
+            packed=p.packing if p.packing is not None else self.device.type == "cuda", share_prefix=self.share_prefix,
             pad_id=self.tokenizer.pad_token_id)]
 
     @torch.no_grad()
