@@ -59,7 +59,8 @@ def fused_linear_policy_loss_reference(
     logp, ent = linear_logprobs_reference(
         hidden.reshape(-1, hidden.shape[-1]), weight, tgt, temperature=temperature, return_entropy=True, dtype=dtype
     )
-    loss, stats = policy_loss_reference(logp, old_logprobs, advantages, loss_mask, dtype=dtype, **clip)
+    old = logp.detach() if old_logprobs is None else old_logprobs
+    loss, stats = policy_loss_reference(logp, old, advantages, loss_mask, dtype=dtype, **clip)
     stats["entropy"] = torch.where(mask, ent.detach(), 0.0).sum()
     return loss, stats
 
@@ -85,6 +86,8 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
     ):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         logp, log_norm, ent = lm_head_forward(hidden, weight, tgt, temperature, True, backend, chunk_rows)
+        if old is None:  # on-policy: the old log-probs are these (ratio exactly 1; no gradient through them)
+            old = logp
         if backend == "triton":
             loss_sum, coef, stats = _policy_terms_triton(logp, old, adv, mask, eps_low, eps_high, dual_clip, need_grad)
         else:
@@ -128,7 +131,7 @@ def fused_linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     target_ids: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
     *,
@@ -146,6 +149,9 @@ def fused_linear_policy_loss(
     Args:
         hidden [N, H] (or [..., H]); weight [V, H] (lm_head, same dtype/device); target_ids [N] int
         (must be in [0, V) where loss_mask is set); old_logprobs, advantages, loss_mask [N].
+        old_logprobs None: on-policy, the old log-probs are this forward's own (detached: every
+        ratio is exactly 1, the gradient is A * d logp), which saves the pass that would compute
+        them under the same weights.
         eps_low, eps_high, dual_clip, normalizer: as in ``policy_loss``.
         dw_accum: "fp32" or "weight", as in ``linear_logprobs``.
     Returns:
@@ -159,7 +165,8 @@ def fused_linear_policy_loss(
         weight,
         target_ids,
         temperature,
-        extra=[("old_logprobs", old_logprobs), ("advantages", advantages), ("loss_mask", loss_mask)],
+        extra=[*([("old_logprobs", old_logprobs)] if old_logprobs is not None else []),
+               ("advantages", advantages), ("loss_mask", loss_mask)],
     )
     mask = _prep_mask(loss_mask.reshape(-1))
     tgt = check_targets(tgt, weight.shape[0], valid=mask)
@@ -169,7 +176,7 @@ def fused_linear_policy_loss(
         h2.contiguous(),
         weight.contiguous(),
         tgt.contiguous(),
-        old_logprobs.detach().reshape(-1).contiguous(),
+        None if old_logprobs is None else old_logprobs.detach().reshape(-1).contiguous(),
         advantages.detach().reshape(-1).contiguous(),
         mask,
         norm,

@@ -36,6 +36,7 @@ TINY_OVERRIDES = [
     "--run.eval_every", "0",
     "--run.tensorboard", "false",
     "--parallel.packing", "true",  # the GPU layout; the CPU default (padded) is tested beside it
+    "--parallel.share_prefix", "false",  # likewise; tests/test_shared_prefix.py turns it on
 ]
 
 

@@ -18,18 +18,21 @@ from zppo_fast.task import Problem
 from zppo_fast.train import Trainer
 
 
-@pytest.mark.parametrize("packing", ["true", "false"])
+@pytest.mark.parametrize("packing", ["true", "false", "shared"])
 def test_distill_gradient_matches_an_unpacked_float64_reference(tiny_config, packing):
     """backward_minibatch's JSD (student and teacher on one micro-batch of 24 sequences: one packed
-    row, where the teacher's Gated-DeltaNet must be packing-safe, or right-padded) has the gradient of
-    the float64 reference computed sequence by sequence on unpacked copies of both models, with full
-    [T, V] logits, normalized by all tokens."""
-    trainer = Trainer(tiny_config("--rl.algo", "on_distill", "--zppo.distill_beta", "0.3", "--parallel.packing", packing),
-                      progress=False)
+    row, where the teacher's Gated-DeltaNet must be packing-safe, right-padded, or in the shared-prefix
+    layout) has the gradient of the float64 reference computed sequence by sequence on unpacked copies
+    of both models, with full [T, V] logits, normalized by all tokens."""
+    layout = ["--parallel.share_prefix", "true"] if packing == "shared" else ["--parallel.packing", packing]
+    trainer = Trainer(tiny_config("--rl.algo", "on_distill", "--zppo.distill_beta", "0.3", *layout), progress=False)
     batch = random_batch(len(trainer.tokenizer))
+    if packing == "shared":  # one prompt per group, as the engine samples them
+        for r in batch.rollouts:
+            r.prompt_ids = batch.rollouts[4 * r.group].prompt_ids
     rows = list(range(len(batch)))
     (mb,) = trainer.microbatches(batch, rows)  # one forward over all sequences: boundaries matter
-    assert (mb.input_ids.shape[0] == 1) == (packing == "true")
+    assert (mb.input_ids.shape[0] == 1) == (packing != "false") and (mb.shared is not None) == (packing == "shared")
     trainer.optimizer.zero_grad(set_to_none=True)
     stats = trainer.backward_minibatch(batch, rows)
     got = {name: p.grad.full_tensor() for name, p in trainer.policy.lm.named_parameters() if p.grad is not None}

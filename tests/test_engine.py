@@ -102,3 +102,34 @@ def test_negative_top_k_is_refused(engine):
     eng, prompts = engine
     with pytest.raises(ValueError, match="invalid sampling parameters"):
         eng.generate(prompts, SamplingParams(top_k=-1))
+
+
+def test_prefill_once_gives_the_same_samples_and_the_trainers_logprobs(engine):
+    """Each prompt computed once for its n samples: the prefill runs one row per prompt, the samples
+    equal those of prefilling every copy (same seed), and their sampling log-probs equal the
+    trainer's in its shared-prefix layout (each prompt once there too)."""
+    from zppo_fast.kernels import linear_logprobs
+    from zppo_fast.model import Policy
+    from zppo_fast.packing import pack_shared
+
+    eng, prompts = engine
+    params = SamplingParams(n=4, max_new_tokens=12, seed=5)
+    rows = []
+    hook = eng.model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape))
+    try:
+        out = TransformersEngine(eng.model, eng.tokenizer, batch_size=8).generate(prompts, params)
+        first = rows[0]
+        each = TransformersEngine(eng.model, eng.tokenizer, batch_size=8, prefill_once=False).generate(prompts, params)
+    finally:
+        hook.remove()
+    assert first == (2, max(map(len, prompts[:2])) - 1)  # 8 // 4 prompts per batch, their last token left out
+    assert [[s.token_ids for s in g] for g in out] == [[s.token_ids for s in g] for g in each]
+    for g, h in zip(out, each):
+        for s, t in zip(g, h):
+            torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(t.logprobs), rtol=0, atol=1e-5)
+    policy = Policy(eng.model)
+    mb = pack_shared([(p, [s.token_ids for s in g]) for p, g in zip(prompts, out)])
+    with torch.no_grad():
+        trainer = linear_logprobs(policy(mb), policy.lm_head, mb.targets)
+    torch.testing.assert_close(torch.tensor([lp for g in out for s in g for lp in s.logprobs]), trainer,
+                               rtol=1e-4, atol=1e-4)

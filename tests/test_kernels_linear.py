@@ -243,6 +243,34 @@ def test_fused_microbatch_invariance(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+def test_on_policy_old_logprobs_are_the_forwards_own(device, backend):
+    """old_logprobs=None (the first mini-batch, before any optimizer step): every ratio is 1 and the
+    loss and gradients are those of passing the same weights' log-probs from a separate pass,
+    checked against the float64 reference."""
+    hidden, weight, tgt, gen = make(77, 16, 40, torch.float32, device, 11)
+    adv = torch.randn(77, generator=gen).to(device)
+    mask = (torch.rand(77, generator=gen) < 0.8).to(device)
+    x64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    with torch.no_grad():
+        old = K.linear_logprobs(hidden, weight, tgt, backend=backend)
+    want, _ = K.fused_linear_policy_loss_reference(x64, w64, tgt, old.double(), adv, mask)
+    want.backward()
+    results = []
+    for given in (old, None):
+        x, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss, stats = K.fused_linear_policy_loss(x, w, tgt, given, adv, mask, backend=backend)
+        loss.backward()
+        results.append((loss, stats, x.grad, w.grad))
+        close(loss, want, "loss", TOL[torch.float32])
+        close(x.grad, x64.grad, "d hidden", TOL[torch.float32])
+        close(w.grad, w64.grad, "d weight", TOL[torch.float32])
+    (_, pass_stats, *_), (_, stats, *_) = results
+    assert stats["ratio"].item() == stats["tokens"].item()  # exactly 1 per token
+    assert stats["clip_low"].item() == stats["clip_high"].item() == stats["approx_kl"].item() == 0
+    torch.testing.assert_close(stats["entropy"], pass_stats["entropy"])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_nan_propagates(device, backend):
     hidden, weight, tgt, _gen = make(6, 16, 20, torch.float32, device, 10)
     hidden[2, 3] = float("nan")

@@ -191,6 +191,47 @@ def test_parse_output():
         parse_output(out, "eng")
 
 
+class RecordingSGLang:
+    """Stands in for `sglang.Engine.generate` (SGLang runs on GPUs only): records each call and
+    answers every sampling request with one EOS token, its log-prob made from the request's seed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, input_ids, sampling_params, **kwargs):
+        self.calls.append((input_ids, sampling_params))
+        if isinstance(sampling_params, dict):  # the prefill-only request
+            assert sampling_params["max_new_tokens"] == 0
+            return [{"meta_info": {"prompt_tokens": len(p)}} for p in input_ids]
+        return [{"meta_info": {"prompt_tokens": len(p), "finish_reason": {"type": "stop"},
+                               "output_token_logprobs": [(-sp["sampling_seed"] / 1e7, 2, None)]}}
+                for p, sp in zip(input_ids, sampling_params)]
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_each_prompt_is_prefilled_once_before_its_samples(n):
+    """With n > 1 every prompt goes first as one prefill-only request (SGLang's radix cache then
+    holds it for its n copies, as SGLang does for a request with `n`); each copy has its own seed."""
+    from batches import tiny_engine_world
+
+    from zppo_fast.engine import SamplingParams
+    from zppo_fast.sglang_engine import SGLangEngine
+
+    tokenizer, _, prompts = tiny_engine_world()
+    engine = SGLangEngine.__new__(SGLangEngine)  # without starting SGLang
+    engine.name, engine.tokenizer, engine._child_pids = "stand-in", tokenizer, []
+    engine._released, engine._weights_valid, engine._engine = set(), True, RecordingSGLang()
+    out = engine.generate(prompts, SamplingParams(n=n, seed=3))
+    calls = engine._engine.calls
+    assert len(calls) == (2 if n > 1 else 1)
+    if n > 1:
+        assert calls[0] == (prompts, {"max_new_tokens": 0})
+    ids, sampling = calls[-1]
+    assert ids == [p for p in prompts for _ in range(n)]
+    assert len({sp["sampling_seed"] for sp in sampling}) == len(ids)
+    assert [len(g) for g in out] == [n] * len(prompts)
+
+
 def test_dead_pids_sees_a_killed_process():
     """The liveness check that precedes every SGLang call, on a real child process."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -44,6 +44,44 @@ def test_gradient_is_invariant_to_micro_batching_and_packing(tiny_config):
         torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-5)  # fp32 sums in another order
 
 
+def test_first_minibatch_needs_no_old_logprob_pass(tiny_config):
+    """The pass covers mini-batches 2..I only (none with one mini-batch); the first mini-batch's
+    loss and gradient with its forward's own log-probs equal those with a pass's (fp32 tolerance)."""
+    from zppo_fast.train import FIRST_ENTROPY
+
+    trainer = Trainer(tiny_config("--run.steps", "1", "--rl.num_minibatches", "3"), progress=False)
+    batch = random_batch(len(trainer.tokenizer))
+    parts = batch.minibatches(3)
+    full, _ = trainer.logprobs(batch)
+    skipped, _ = trainer.logprobs(batch, skip_first=True)
+    assert sorted(skipped) == sorted(i for p in parts[1:] for i in p)
+    for i in skipped:
+        assert torch.equal(skipped[i], full[i])
+    adv = torch.randn(len(batch))
+    results = []
+    for old, on_policy in ((full, False), (skipped, True)):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        stats = trainer.backward_minibatch(batch, parts[0], old, adv, on_policy=on_policy)
+        results.append((stats, full_grads(trainer)))
+    (want, want_grad), (got, got_grad) = results
+    assert want_grad.abs().sum() > 0
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)  # fp32 logp - logp rounding
+    for k in ("loss", "entropy", "ratio"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="old log-probs for 0 of rows"):  # a later mini-batch never is on-policy
+        trainer.backward_minibatch(batch, parts[1], {}, adv)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    assert FIRST_ENTROPY in trainer.update(batch, skipped, adv)
+
+    trainer.cfg.rl.num_minibatches = 1
+    forwards = []
+    handle = trainer.policy.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        assert trainer.logprobs(batch, skip_first=True) == ({}, 0.0) and not forwards
+    finally:
+        handle.remove()
+
+
 def test_minibatches_keep_groups_whole():
     batch = RolloutBatch([Rollout([1], [2], 0.0, g) for g in [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]])
     parts = batch.minibatches(4)

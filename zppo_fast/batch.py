@@ -6,7 +6,8 @@ of whole groups (one optimizer step each), each kind of group (plain new, replay
 Hint, Prefix) spread evenly over them (`RolloutBatch.minibatches`), each mini-batch across the
 ranks balanced by tokens,
 and each rank's share into micro-batches of at most `max_tokens` positions (one forward and
-backward each, packed into one row by default). Every rank holds the whole batch, so every rank
+backward each, packed into one row by default; with `share_prefix` a group's rows go together,
+their prompt laid out once). Every rank holds the whole batch, so every rank
 can compute every rank's split, and all ranks run the same number of micro-batches (filler
 micro-batches with no loss tokens make up the difference: FSDP2's collectives must pair up).
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zppo_fast.packing import MicroBatch, pack
+from zppo_fast.packing import MicroBatch, pack, pack_shared
 from zppo_fast.vlm import EncodedImages, VLMPrompt, image_micro_batch
 
 
@@ -94,44 +95,86 @@ class RolloutBatch:
         micro-batches hold sequences of similar lengths: less padding wherever sequences are
         padded (the padded layout, and the Gated-DeltaNet mixers of the packed one).
         """
+        return [[i for u in share for i in u] for share in self._deal([[i] for i in rows], world_size)]
+
+    def _deal(self, units: list[list[int]], world_size: int) -> list[list[list[int]]]:
+        """Units (rows that go together) dealt to ranks by `_cost`, as `split_ranks` deals rows."""
         load, shares = [0] * world_size, [[] for _ in range(world_size)]
-        for i in sorted(rows, key=lambda i: (-len(self.rollouts[i]), i)):
+        for u in sorted(units, key=lambda u: (-self._cost(u), u[0])):
             r = min(range(world_size), key=lambda r: (load[r], r))
-            load[r] += len(self.rollouts[i])
-            shares[r].append(i)
+            load[r] += self._cost(u)
+            shares[r].append(u)
         return shares
+
+    def _cost(self, unit: list[int]) -> int:
+        """Positions a unit takes in a packed row: its prompt once when it is a shared-prefix unit
+        (`prefix_units`), every sequence whole for a single row."""
+        r = self.rollouts
+        return len(r[unit[0]].prompt_ids) + sum(len(r[i].response_ids) for i in unit) if len(unit) > 1 else len(
+            r[unit[0]])
+
+    def prefix_units(self, rows: list[int], max_tokens: int) -> list[list[int]]:
+        """`rows` as units of rows sharing their prompt exactly (same group, same prompt ids), in
+        first-appearance order, each at most `max_tokens` positions with its prompt once (a unit
+        too long is split; its parts each carry the prompt; a single row may exceed the cap)."""
+        units: dict[tuple, list[list[int]]] = {}
+        for i in rows:
+            r = self.rollouts[i]
+            parts = units.setdefault((r.group, tuple(r.prompt_ids)), [[]])
+            if parts[-1] and self._cost(parts[-1] + [i]) > max_tokens:
+                parts.append([])
+            parts[-1].append(i)
+        return [u for parts in units.values() for u in parts]
 
     def token_chunks(self, rows: list[int], max_tokens: int, packed: bool = True) -> list[list[int]]:
         """Consecutive `rows` grouped so each forward computes at most `max_tokens` positions
         (the sum of lengths when packed, rows x longest when padded); a longer sequence runs alone."""
-        chunks: list[list[int]] = []
-        for i in rows:
-            chunk = (chunks[-1] if chunks else []) + [i]
-            lengths = [len(self.rollouts[j]) for j in chunk]
-            cost = sum(lengths) if packed else len(chunk) * max(lengths)
+        return [[i for u in c for i in u] for c in self._chunks([[i] for i in rows], max_tokens, packed)]
+
+    def _chunks(self, units: list[list[int]], max_tokens: int, packed: bool) -> list[list[list[int]]]:
+        """Consecutive units grouped as `token_chunks` groups rows."""
+        chunks: list[list[list[int]]] = []
+        for u in units:
+            chunk = (chunks[-1] if chunks else []) + [u]
+            if packed:
+                cost = sum(map(self._cost, chunk))
+            else:
+                cost = len(chunk) * max(len(self.rollouts[j]) for c in chunk for j in c)
             if chunks and cost <= max_tokens:
                 chunks[-1] = chunk
             else:
-                chunks.append([i])
+                chunks.append([u])
         return chunks
 
     def microbatches(self, rows: list[int], rank: int, world_size: int, max_tokens: int, *, packed: bool = True,
-                     pad_id: int = 0) -> list[MicroBatch]:
+                     share_prefix: bool = False, pad_id: int = 0) -> list[MicroBatch]:
         """This rank's micro-batches of `rows`, padded with fillers to the most any rank has: text
-        rows in the `packed` layout, then image rows right-padded with their images."""
+        rows in the `packed` layout (or, `share_prefix`, the shared-prefix one: each prompt once, its
+        responses after it, zppo_fast/shared_prefix.py), then image rows right-padded with their
+        images (images are encoded per rollout: Qwen3.5's 3-D image positions are per sequence)."""
+        r = self.rollouts
+        text = [i for i in rows if r[i].images is None]
+        units = self.prefix_units(text, max_tokens) if share_prefix else [[i] for i in text]
+        units += [[i] for i in rows if r[i].images is not None]
 
-        def chunks(share: list[int]) -> tuple[list[list[int]], list[list[int]]]:
-            text = [i for i in share if self.rollouts[i].images is None]
-            image = [i for i in share if self.rollouts[i].images is not None]
-            return self.token_chunks(text, max_tokens, packed), self.token_chunks(image, max_tokens, packed=False)
+        def chunks(share: list[list[int]]) -> tuple[list[list[list[int]]], list[list[list[int]]]]:
+            text = [u for u in share if r[u[0]].images is None]
+            image = [u for u in share if r[u[0]].images is not None]
+            return self._chunks(text, max_tokens, packed or share_prefix), self._chunks(image, max_tokens, packed=False)
 
-        shares = self.split_ranks(rows, world_size)
+        shares = self._deal(units, world_size)
         counts = [sum(map(len, chunks(s))) for s in shares]
         text, image = chunks(shares[rank])
-        r = self.rollouts
-        out = [pack([r[i].prompt_ids + r[i].response_ids for i in chunk], [len(r[i].prompt_ids) for i in chunk], chunk,
-                    packed=packed, pad_id=pad_id) for chunk in text]
-        out += [image_micro_batch([VLMPrompt(r[i].prompt_ids, r[i].images) for i in chunk],
-                                  [r[i].response_ids for i in chunk], pad_id, chunk) for chunk in image]
-        filler = pack([[pad_id, pad_id]], [1], [], packed=packed, pad_id=pad_id, loss=False)
+        out = []
+        for chunk in text:
+            flat = [i for u in chunk for i in u]
+            if share_prefix:
+                out.append(pack_shared([(r[u[0]].prompt_ids, [r[i].response_ids for i in u]) for u in chunk], flat))
+            else:
+                out.append(pack([r[i].prompt_ids + r[i].response_ids for i in flat], [len(r[i].prompt_ids) for i in flat],
+                                flat, packed=packed, pad_id=pad_id))
+        out += [image_micro_batch([VLMPrompt(r[i].prompt_ids, r[i].images) for u in chunk for i in u],
+                                  [r[i].response_ids for u in chunk for i in u], pad_id, [i for u in chunk for i in u])
+                for chunk in image]
+        filler = pack([[pad_id, pad_id]], [1], [], packed=packed or share_prefix, pad_id=pad_id, loss=False)
         return out + [filler] * (max(counts) - len(out))

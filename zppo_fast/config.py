@@ -238,6 +238,10 @@ class ParallelConfig:
     # on CUDA; padded on the CPU, where the packed row's block-diagonal attention mask costs more
     # than the padding it saves (bench/RESULTS.md, "Train step").
     packing: bool | None = None
+    # Each group's prompt computed once, its responses after it (zppo_fast/shared_prefix.py; exact:
+    # the same log-probs and gradients as every sequence whole). None: on the CPU (SDPA with a
+    # dense mask); on CUDA opt in with true (FlexAttention block mask; checked by bench/gpu_check.sh).
+    share_prefix: bool | None = None
     max_tokens_per_microbatch: Count = 4096  # positions per forward; does not change the gradient
     # The trained model's attention kernel: auto = flash_attention_2 (varlen over packed rows) on
     # CUDA when flash-attn is installed, else sdpa; or any transformers attn_implementation name.

@@ -181,6 +181,13 @@ class TransformersEngine:
     function of (weights, prompts, params) only. `model` is the engine's own module: the trainer
     passes a separate copy and pushes its weights into it with `update_weights`.
 
+    Each prompt is computed once for its n samples (`prefill_once`, on by default): the prompts of
+    a batch, but their last token, run through the model once, and the cache (full-attention keys /
+    values, Gated-DeltaNet recurrent and convolution states) is expanded to the n copies before
+    `generate` continues from the last prompt token. The samples are the same as without it (same
+    random draws, same order) up to the rounding of a differently padded prefill. Without it (and
+    for n = 1, image prompts, or a one-token prompt) every copy prefills its prompt itself.
+
     Vision-language models (`zppo_fast.vlm`) also take a `processor`; `generate(..., images=)` then
     feeds each prompt's images through its image processor. The prompt ids must already hold the
     expanded image placeholders, as `zppo_fast.vlm.vlm_prompt` builds them.
@@ -189,8 +196,9 @@ class TransformersEngine:
     name = "transformers engine"
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256,
-                 processor: Any | None = None):
+                 processor: Any | None = None, prefill_once: bool = True):
         self.model, self.tokenizer, self.batch_size, self.processor = model, tokenizer, batch_size, processor
+        self.prefill_once = prefill_once
         self.timings = Timings()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -253,23 +261,24 @@ class TransformersEngine:
         out: list[Sample] = []
         was_training = self.model.training
         self.model.eval()
+        # Whole prompts per batch (their n copies together), so a prompt's cache is expanded in place.
+        share = (self.prefill_once and params.n > 1 and images is None and min(map(len, prompts), default=2) > 1)
+        step = max(1, self.batch_size // params.n) * params.n if share else self.batch_size
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(params.seed)
-            for start in range(0, len(flat), self.batch_size):
-                chunk = flat[start : start + self.batch_size]
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, p in enumerate(chunk):  # left padding: every prompt ends at the same column
-                    ids[i, width - len(p) :] = torch.tensor(p)
-                    mask[i, width - len(p) :] = 1
-                vision = {}
+            for start in range(0, len(flat), step):
+                chunk = flat[start : start + step]
+                ids, mask = left_padded(chunk, pad)
+                vision, cache = {}, {}
                 if flat_images is not None:
-                    vision = vision_inputs(self.model, ids, flat_images[start : start + self.batch_size], device)
+                    vision = vision_inputs(self.model, ids, flat_images[start : start + step], device)
+                if share:
+                    cache = {"cache": self._prefill(chunk[:: params.n], params.n, pad, device)}
                 gen = self.model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     **vision,
+                    **cache,
                     do_sample=not greedy,
                     temperature=None if greedy else params.temperature,
                     top_p=None if greedy else params.top_p,
@@ -281,7 +290,7 @@ class TransformersEngine:
                     output_scores=True,
                     return_dict_in_generate=True,
                 )
-                new = gen.sequences[:, width:]  # (B, T)
+                new = gen.sequences[:, ids.shape[1] :]  # (B, T)
                 # scores[t] are the processed logits the sampler drew token t from: (B, V) each,
                 # reduced one step at a time so no (B, T, V) tensor is built.
                 token_logp = torch.stack(
@@ -300,3 +309,24 @@ class TransformersEngine:
                     )
         self.model.train(was_training)
         return [out[i : i + params.n] for i in range(0, len(out), params.n)]
+
+    def _prefill(self, prompts: list[list[int]], n: int, pad: int, device: torch.device):
+        """The cache of `prompts` without their last token (left-padded to the columns they take
+        in the full batch), each expanded to its `n` consecutive copies."""
+        ids, mask = left_padded([p[:-1] for p in prompts], pad)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                         use_cache=True, logits_to_keep=1)
+        out.cache.reorder_cache(torch.arange(len(prompts), device=device).repeat_interleave(n))
+        return out.cache
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, W) ids and 0/1 mask of `prompts` left-padded: every prompt ends at the same column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask

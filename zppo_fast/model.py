@@ -162,10 +162,13 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def attention_kernel(setting: str, device: torch.device) -> str:
-    """The transformers `attn_implementation` for `parallel.attention` on `device`."""
+def attention_kernel(setting: str, device: torch.device, share_prefix: bool = False) -> str:
+    """The transformers `attn_implementation` for `parallel.attention` on `device`; with the
+    shared-prefix layout on CUDA, FlexAttention (its mask is a block mask, see zppo_fast/shared_prefix.py)."""
     if setting != "auto":
         return setting
+    if device.type == "cuda" and share_prefix:
+        return "flex_attention"
     return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
@@ -187,6 +190,10 @@ def model_from_config(path: str | Path, dtype: str = "float32", *, meta: bool = 
         return auto.from_config(config, dtype=DTYPES[dtype], **({"attn_implementation": attention} if attention else {}))
 
 
+# Attention kernels that take the shared-prefix layout's mask: a dense bool mask (SDPA) or a block mask (flex).
+SHARED_PREFIX_ATTENTION = ("sdpa", "flex_attention")
+
+
 class Policy(nn.Module):
     """The trained student as the trainer sees it: a micro-batch in, hidden states out.
 
@@ -202,6 +209,10 @@ class Policy(nn.Module):
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         """(N, H) hidden states of the positions that predict `mb.targets`."""
+        kernel = self.lm.config._attn_implementation
+        if mb.shared is not None and kernel not in SHARED_PREFIX_ATTENTION:
+            raise ValueError(f"a shared-prefix micro-batch needs attention {' or '.join(SHARED_PREFIX_ATTENTION)} "
+                             f"(its mask is not causal), the model runs {kernel!r}: set parallel.attention")
         h = self.lm.get_decoder()(**mb.model_kwargs()).last_hidden_state  # (B, T, H)
         return h.reshape(-1, h.shape[-1])[mb.hidden_index]
 

@@ -19,6 +19,9 @@ Attention must not cross sequence boundaries. How each layer kind gets that:
 
 `pack(..., packed=False)` lays the same sequences out right-padded (B, T) instead: the reference
 the packed path is tested against, and the layout for models that cannot be packed.
+
+`pack_shared(groups)` lays groups out with each prompt once, followed by its responses
+(`parallel.share_prefix`; zppo_fast/shared_prefix.py says how each layer kind keeps responses apart).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from zppo_fast.shared_prefix import SharedLayout, block_mask, build_layout, dense_mask, shared_linear_attention
 
 
 @dataclass
@@ -41,17 +46,23 @@ class MicroBatch:
     loss_mask: torch.Tensor  # (N,) bool; False only in a rank's filler micro-batch
     response_lengths: list[int]  # per sequence: its share of the N targets, in order
     rows: list[int]  # indices of the sequences in the rollout batch
+    shared: SharedLayout | None = None  # the shared-prefix layout (`pack_shared`), else None
 
     def to(self, device: torch.device) -> MicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.attention_mask),
                           move(self.cu_seqlens), move(self.hidden_index), move(self.targets), move(self.loss_mask),
-                          self.response_lengths, self.rows)
+                          self.response_lengths, self.rows, None if self.shared is None else self.shared.to(device))
 
     def model_kwargs(self) -> dict:
         """Keyword arguments for a transformers decoder forward."""
         kw = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
-        if self.cu_seqlens is not None:
+        if self.shared is not None:
+            # One mask per layer type: the full-attention layers' (a FlexAttention block mask on
+            # CUDA, dense elsewhere), and the layout itself for the Gated-DeltaNet mixers' wrapper.
+            full = block_mask(self.shared) if self.input_ids.is_cuda else dense_mask(self.shared)
+            kw["attention_mask"] = {"full_attention": full, "linear_attention": self.shared}
+        elif self.cu_seqlens is not None:
             longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
             kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
                       max_length_q=longest, max_length_k=longest)
@@ -102,11 +113,44 @@ def pack(sequences: list[list[int]], prompt_lengths: list[int], rows: list[int] 
                       [n - p for n, p in zip(lengths, prompt_lengths)], list(rows or []))
 
 
+def pack_shared(groups: list[tuple[list[int], list[list[int]]]], rows: list[int] | None = None) -> MicroBatch:
+    """Lay out `groups` [(prompt ids, [response ids, ...])] with each prompt once, then its responses.
+
+    The prompt's last position predicts every response's first token; position t of a response
+    its token t + 1. Targets are in group-then-response order (`rows` must list the sequences so),
+    as `pack` gives them for the same sequences one after another.
+    """
+    if not groups or any(not p for p, _ in groups):
+        raise ValueError(f"pack_shared: every group needs a non-empty prompt, got prompt lengths "
+                         f"{[len(p) for p, _ in groups]}")
+    layout = build_layout([len(p) for p, _ in groups], [[len(r) for r in rs] for p, rs in groups])
+    ids, positions, hidden_index, targets, start = [], [], [], [], 0
+    for prompt, responses in groups:
+        p = len(prompt)
+        ids += prompt
+        positions += range(p)
+        last = start + p - 1  # the prompt's last position
+        start += p
+        for r in responses:
+            ids += r
+            positions += range(p, p + len(r))
+            hidden_index += [last, *range(start, start + len(r) - 1)][: len(r)]
+            targets += r
+            start += len(r)
+    targets_t = torch.tensor(targets, dtype=torch.long)
+    return MicroBatch(torch.tensor(ids, dtype=torch.long).view(1, -1), torch.tensor(positions).view(1, -1), None,
+                      None, torch.tensor(hidden_index, dtype=torch.long), targets_t,
+                      torch.ones_like(targets_t, dtype=torch.bool), [len(r) for _, rs in groups for r in rs],
+                      list(rows or []), layout)
+
+
 def _segmented(forward):
     """Wrap a linear-attention mixer's forward so a packed row runs as padded separate sequences."""
 
     @functools.wraps(forward)
     def run(hidden_states: torch.Tensor, *args, **kwargs):
+        if isinstance(kwargs.get("attention_mask"), SharedLayout):
+            return shared_linear_attention(forward, hidden_states, kwargs.pop("attention_mask"), *args, **kwargs)
         cu = kwargs.pop("cu_seq_lens_q", None)
         for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
             kwargs.pop(k, None)
@@ -140,6 +184,10 @@ def segment_linear_attention(model: nn.Module) -> int:
 
 def linear_padding(mb: MicroBatch) -> float:
     """Fraction of the Gated-DeltaNet mixers' positions that are padding for this micro-batch."""
+    if mb.shared is not None:  # prompts and responses run as two padded batches
+        real = mb.input_ids.numel()
+        spans = [[n for _, n in mb.shared.prompts], [n for _, n, _ in mb.shared.responses]]
+        return 1.0 - real / sum(max(s) * len(s) for s in spans if s)
     if mb.cu_seqlens is None:
         return 1.0 - float(mb.attention_mask.sum()) / mb.attention_mask.numel()
     lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()

@@ -499,13 +499,19 @@ class SGLangEngine:
             raise RuntimeError(f"{self.name}: generate with {sorted(self._released)} released; resume first")
         if not self._weights_valid:
             raise RuntimeError(f"{self.name}: no complete weight push yet; its weights are random")
-        kwargs = {}
-        if images is not None:
-            kwargs["image_data"] = [d for d in self._image_data(prompts, images) for _ in range(params.n)]
-        # Each prompt is repeated n times as its own request rather than sent with SGLang's `n`:
-        # the grouping is then ours to define, and the radix cache still computes the shared
-        # prompt's KV once. Each request gets its own sampling_seed, derived from params.seed; SGLang
-        # uses it only with deterministic inference on (see the module docstring).
+        kwargs, image_data = {}, self._image_data(prompts, images) if images is not None else None
+        if image_data is not None:
+            kwargs["image_data"] = [d for d in image_data for _ in range(params.n)]
+        # Each prompt is computed once: a prefill-only request per prompt (max_new_tokens 0) puts it
+        # in SGLang's radix cache first, so its n sampling requests find it there (copies arriving in
+        # one batch would otherwise each prefill it). This is what SGLang does itself for a request
+        # with `n` (TokenizerManager._handle_batch_request); we send the n requests ourselves because
+        # each needs its own sampling_seed (with `n` every copy shares one: identical samples under
+        # deterministic inference), derived from params.seed, and the grouping is then ours.
+        if params.n > 1:
+            self._call("generate (prefill)", self._engine.generate, input_ids=prompts,
+                       sampling_params={"max_new_tokens": 0},
+                       **({} if image_data is None else {"image_data": image_data}))
         flat = [p for p in prompts for _ in range(params.n)]
         eos = self.tokenizer.eos_token_id
         # SGLang's "no top-k" is -1 (it refuses 0).

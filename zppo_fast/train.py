@@ -18,7 +18,10 @@ step, read top to bottom in `Trainer.step`:
   4. advantages  A' = r - mean(group); then, by `rl.advantage_mode`, normalized over the
                  rollout batch without the all-equal groups (REINFORCE++ "Norm w/o Zero",
                  default), with them, not at all, or by the group's std (GRPO).
-  5. old log-probs  recomputed by the trainer, under the weights that sampled.
+  5. old log-probs  recomputed by the trainer, under the weights that sampled, for mini-batches
+                 2..I only: the first mini-batch is trained before any optimizer step, so its
+                 forward's own log-probs are its old ones (ratio 1, as TRL does with one mini-batch);
+                 with I = 1 there is no such pass.
   6. update      the batch is split into I mini-batches of whole groups, each kind (new, replayed,
                  BCQ, NCQ, ...) dealt evenly over them by a seeded shuffle: I AdamW steps, one pass.
                  Token-level clipped surrogate (clip-higher eps_low 0.2 / eps_high 0.28,
@@ -134,6 +137,9 @@ POLICY_METRICS = {"loss": "loss/policy", "clip_low": "loss/clip_frac_low", "clip
                   "dual_clip": "loss/dual_clip_frac", "ratio": "loss/ratio_mean", "approx_kl": "loss/approx_kl"}
 # config.json's key for what the run chose where the config left it open (not a config section).
 RESOLVED = "resolved"
+# `update`'s entropy sum (all ranks) over its first mini-batch, computed before any optimizer step;
+# `step` folds it into rollout/entropy, as the old-log-prob pass no longer covers that mini-batch.
+FIRST_ENTROPY = "entropy_sum/first_minibatch"
 DISTILL_METRICS = {"loss": "loss/jsd", "forward_kl": "loss/forward_kl", "reverse_kl": "loss/reverse_kl"}
 
 
@@ -249,7 +255,7 @@ class Trainer:
         #    `VLMPolicy`, which runs its image micro-batches through the vision tower.
         self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
         lm = model_from_config(source, cfg.model.dtype, meta=True,
-                               attention=attention_kernel(cfg.parallel.attention, self.device))
+                               attention=attention_kernel(cfg.parallel.attention, self.device, self.share_prefix))
         self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
         if getattr(self.task, "has_images", False) and self.processor is None:
             row = next(r for r in self.task.records if r.images)
@@ -505,15 +511,18 @@ class Trainer:
                 batch.rewards, batch.group_ids, mode=cfg.rl.advantage_mode, eps=cfg.rl.advantage_eps
             )
 
-            # 5. Old log-probs (and entropy, for metrics) under the sampling weights.
+            # 5. Old log-probs (and entropy, for metrics) under the sampling weights, for mini-batches
+            #    2..I only: the first is trained before any optimizer step, so its forward gives its own.
             t0 = time.perf_counter()
-            old_logprobs, entropy = self.logprobs(batch)
+            old_logprobs, entropy = self.logprobs(batch, skip_first=True)
             t["time/old_logprobs"] = time.perf_counter() - t0
 
         # 6. I optimizer steps, one per mini-batch of whole groups (distillation: one step).
         t0 = time.perf_counter()
         m.update(self.update(train, old_logprobs, advantages))
         t["time/update"] = time.perf_counter() - t0
+        if entropy is not None:  # the first mini-batch's entropy came from its update forward
+            entropy = (entropy + m.pop(FIRST_ENTROPY)) / max(batch.response_tokens(), 1)
 
         # 7. The replay buffer learns from the plain rollouts only.
         if self.buffer is not None:
@@ -602,21 +611,34 @@ class Trainer:
         run.seed and the step (`RolloutBatch.minibatches`): the same on every rank and on resume."""
         return batch.minibatches(n, seed=f"{self.cfg.run.seed}:{self.step_idx}")
 
+    @property
+    def share_prefix(self) -> bool:
+        """Whether micro-batches lay each group's prompt out once (`parallel.share_prefix`; None: on the CPU)."""
+        setting = self.cfg.parallel.share_prefix
+        return setting if setting is not None else self.device.type != "cuda"
+
     def microbatches(self, batch: RolloutBatch, rows: list[int]):
         """This rank's micro-batches of `rows` (a mini-batch), on the device."""
         p = self.cfg.parallel
         return [mb.to(self.device) for mb in batch.microbatches(
             rows, self.dist.rank, self.dist.world_size, p.max_tokens_per_microbatch,
-            packed=p.packing if p.packing is not None else self.device.type == "cuda",
+            packed=p.packing if p.packing is not None else self.device.type == "cuda", share_prefix=self.share_prefix,
             pad_id=self.tokenizer.pad_token_id)]
 
     @torch.no_grad()
-    def logprobs(self, batch: RolloutBatch) -> tuple[dict[int, torch.Tensor], float]:
+    def logprobs(self, batch: RolloutBatch, skip_first: bool = False) -> tuple[dict[int, torch.Tensor], float]:
         """Token log-probs {row: (len_row,)} of this rank's rows under the current weights, laid out
-        exactly as the update will lay them out; and the mean entropy over the whole batch."""
+        exactly as the update will lay them out; and the entropy summed over the rows covered (all
+        ranks). `skip_first`: leave out the first mini-batch (the update's first forward gives its
+        log-probs: `update`); with one mini-batch nothing is computed."""
         out: dict[int, torch.Tensor] = {}
         entropy_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
-        for rows in self.minibatches(batch, self.cfg.rl.num_minibatches):
+        parts = self.minibatches(batch, self.cfg.rl.num_minibatches)
+        if skip_first:
+            parts = parts[1:]
+            if not parts:
+                return out, 0.0
+        for rows in parts:
             for mb in self.microbatches(batch, rows):
                 logp, ent = linear_logprobs(self.policy(mb), self.policy.lm_head, mb.targets,
                                             temperature=self.cfg.rollout.temperature or 1.0, return_entropy=True,
@@ -625,11 +647,14 @@ class Trainer:
                 for i, chunk in zip(mb.rows, logp.float().split(mb.response_lengths)):
                     out[i] = chunk
         self.policy.reshard()  # the root stays gathered after a forward without backward
-        return out, self.dist.sum({"e": entropy_sum.item()})["e"] / max(batch.response_tokens(), 1)
+        return out, self.dist.sum({"e": entropy_sum.item()})["e"]
 
-    def backward_minibatch(self, batch: RolloutBatch, rows: list[int], old_logprobs=None, advantages=None) -> dict:
+    def backward_minibatch(self, batch: RolloutBatch, rows: list[int], old_logprobs=None, advantages=None,
+                           on_policy: bool = False) -> dict:
         """Accumulate the gradient of one optimizer step's loss over this rank's micro-batches of `rows`:
         the clipped policy loss, or (distillation) the JSD to the teacher on the same tokens.
+        `on_policy` (the first mini-batch: the weights still are the sampling ones): rows without
+        old log-probs take the forward's own (ratio 1), so no separate pass computes them.
 
         The normalizer is the token count of all `rows` on all ranks, so the gradient is the same
         however the rows are split into micro-batches and ranks. Returns this rank's summed statistics
@@ -648,10 +673,14 @@ class Trainer:
                                                self.teacher_lm.lm_head, mb.loss_mask, beta=self.cfg.zppo.distill_beta,
                                                normalizer=normalizer)
             else:
-                zero = torch.zeros(len(mb.targets), device=self.device)
-                old = torch.cat([old_logprobs[i] for i in mb.rows]).to(self.device) if mb.rows else zero
+                given = [i in (old_logprobs or {}) for i in mb.rows]
+                if mb.rows and (any(given) != all(given) or not (all(given) or on_policy)):
+                    raise ValueError(f"backward_minibatch: old log-probs for {sum(given)} of rows {mb.rows}; every "
+                                     "row needs them, except in the on-policy first mini-batch, where none may")
+                # None: on-policy, the kernel's own log-probs are the old ones (also for a filler)
+                old = torch.cat([old_logprobs[i] for i in mb.rows]).to(self.device) if mb.rows and all(given) else None
                 adv = torch.cat([advantages[i].expand(n) for i, n in zip(mb.rows, mb.response_lengths)]).to(
-                    self.device) if mb.rows else zero
+                    self.device) if mb.rows else torch.zeros(len(mb.targets), device=self.device)
                 loss, stats = fused_linear_policy_loss(
                     self.policy(mb), self.policy.lm_head, mb.targets, old, adv, mb.loss_mask,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
@@ -677,8 +706,10 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         grad_norms, skipped = [], 0
         # Distillation takes one optimizer step per rollout step, as the paper's baselines do.
-        for rows in self.minibatches(batch, 1 if self.algo.distill else cfg.num_minibatches):
-            totals = self.backward_minibatch(batch, rows, old_logprobs, advantages)
+        for k_mb, rows in enumerate(self.minibatches(batch, 1 if self.algo.distill else cfg.num_minibatches)):
+            totals = self.backward_minibatch(batch, rows, old_logprobs, advantages, on_policy=k_mb == 0)
+            if k_mb == 0 and "entropy" in totals:  # under the sampling weights: no optimizer step yet
+                sums[FIRST_ENTROPY] = totals["entropy"]
             norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
             norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double()
             # skip: the one mode that reads the device per optimizer step, to decide before it; the
@@ -700,6 +731,7 @@ class Trainer:
         n = max(totals.get("tokens", 0.0), 1.0)
         names = DISTILL_METRICS if self.algo.distill else POLICY_METRICS
         out = {**{name: totals.get(k, 0.0) / n for k, name in names.items()},
+               **({FIRST_ENTROPY: totals[FIRST_ENTROPY]} if FIRST_ENTROPY in totals else {}),
                "loss/trained_tokens": totals.get("tokens", 0.0)}
         if grad_norms:  # none when every optimizer step of this rollout step was skipped
             out["loss/grad_norm"] = sum(grad_norms) / len(grad_norms)

@@ -299,8 +299,8 @@ class ImageMicroBatch(MicroBatch):
     image_grid_thw: (I, 3) matching
     """
 
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> ImageMicroBatch:
         images = {k: None if t is None else t.to(device, non_blocking=True)
