@@ -1,0 +1,105 @@
+"""Trainers in processes of their own, stepped in turn by one driver, so that they share the
+machine's state (other load, clock, thermal) step by step rather than run by run.
+
+    worker = StepWorker("zppo_fast", zppo_worker, folder, ...)  # spawns zppo_worker(conn, folder, ...)
+    timings = worker.step()                                     # one training step there, its timings back
+    timings = worker.step(profile=True)                         # the same under torch.profiler: + "profile"
+    worker.close()
+
+A process each, so that neither trainer inherits the other's process-wide settings (thread pool,
+flush-denormal mode, allocator caches). A worker answers each "step" / "profile" command with a dict
+of floats (seconds, token counts); `serve` is that loop for a trainer whose steps the worker calls
+itself; a trainer that owns its loop (TRL) answers from a callback instead (bench/bench_vs_trl.py).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import traceback
+from collections.abc import Callable
+
+PROFILE_ROWS = 30
+
+
+class WorkerError(RuntimeError):
+    """A worker died or raised; the message names it and carries its traceback."""
+
+
+class StepWorker:
+    def __init__(self, name: str, target: Callable, *args):
+        self.name = name
+        ctx = multiprocessing.get_context("spawn")  # no forked copy of the driver's torch state
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_guarded, args=(target, child, *args), name=name, daemon=True)
+        self.process.start()
+        child.close()
+
+    def step(self, profile: bool = False) -> dict:
+        self.conn.send("profile" if profile else "step")
+        return self._reply()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send("stop")
+                self._reply()  # the worker's "stopped": it has finished cleanly
+            except (BrokenPipeError, WorkerError):
+                pass
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+
+    def _reply(self):
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            self.process.join(timeout=10)
+            raise WorkerError(f"{self.name} worker died (exit code {self.process.exitcode})") from None
+        if isinstance(reply, tuple) and reply[0] == "error":
+            raise WorkerError(f"{self.name} worker raised:\n{reply[1]}")
+        return reply
+
+
+def _guarded(target: Callable, conn, *args) -> None:
+    try:
+        target(conn, *args)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+def serve(conn, step: Callable[[], dict]) -> None:
+    """Answer "step" / "profile" with `step()`'s dict until "stop"."""
+    while True:
+        command = conn.recv()
+        if command == "stop":
+            conn.send("stopped")
+            return
+        conn.send(profiled(step) if command == "profile" else step())
+
+
+def profiled(step: Callable[[], dict]) -> dict:
+    """`step()` under torch.profiler (CPU activities): its dict plus "profile", the table of the
+    ops with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = step()
+    return {**out, "profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)}
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r.get(key, 0.0) for r in rows)
+
+
+def alternate(workers: list[StepWorker], warmup: int, steps: int) -> dict[str, list[dict]]:
+    """`warmup` untimed then `steps` timed steps of every worker, in turn; the order flips every step
+    (A B, B A, ...) so neither always runs right after the other. Returns the timed steps' dicts."""
+    timed: dict[str, list[dict]] = {w.name: [] for w in workers}
+    for i in range(warmup + steps):
+        for w in workers if i % 2 == 0 else workers[::-1]:
+            out = w.step()
+            if i >= warmup:
+                timed[w.name].append(out)
+    return timed

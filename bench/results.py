@@ -1,0 +1,25 @@
+"""bench/RESULTS.md: each benchmark owns one `## Title` section and rewrites only that one.
+
+    record_section("Versus TRL", text)   # replace the section (from its heading to the next `## `), or append it
+
+Used by bench/bench_vs_trl.py and bench/bench_zppo_vs_grpo.py.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def record_section(title: str, text: str, path: Path = RESULTS) -> None:
+    """Write `text` under `## {title}` in `path`, leaving every other section as it was."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"## {title}\n\n{text.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: section + "\n", old)
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    path.write_text(new.rstrip("\n") + "\n")
