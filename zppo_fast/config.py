@@ -62,6 +62,12 @@ class DataConfig:
     id_key: str | None = "id"
     images_key: str = "images"  # a list of images, or one image (a datasets.Image column)
     choices_key: str = "choices"
+    # Each image is resized to a pixel count within these bounds (aspect ratio kept, sides multiples
+    # of the patch x merge size), the paper's 256*32^2 .. 1280*32^2: set on every vision-language
+    # processor of the run (student and teacher; training, rollouts and evaluation alike, so the
+    # placeholder counts agree). None: the processor's own bound.
+    image_min_pixels: int | None = 256 * 32 * 32
+    image_max_pixels: int | None = 1280 * 32 * 32
 
 
 @dataclass
@@ -183,12 +189,16 @@ class RunConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     eval_every: int = 5
     eval_size: int = 128  # arithmetic task: held-out questions, greedy, one sample each
-    # data.heldout files: samples per question and the decoding (the paper's evaluation defaults);
-    # responses capped at rollout.max_new_tokens, as in training
+    # data.heldout files: the decoding (the paper's evaluation defaults); responses capped at
+    # rollout.max_new_tokens, as in training. eval_samples: K samples per question, pass@1 = the mean
+    # over questions of each one's fraction of correct samples (the paper does not state its K).
     eval_samples: int = 1
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
     eval_top_k: int = 20  # 0: no top-k
+    # Subtracted from the raw logit of every token already in the response (before temperature and
+    # top-k / top-p; SGLang's presence_penalty); the paper's 1.5. 0: off.
+    eval_presence_penalty: float = 1.5
     device: str = "auto"  # auto | cpu | cuda
     # Intra-op threads on the CPU. The tiny default's ops are small: with more than one thread,
     # OpenMP hand-offs (and any other process on the cores) cost more than the work itself.

@@ -19,8 +19,8 @@ CLI (same engine as training, the paper's evaluation decoding as defaults):
 order. Writes DIR/eval.json (per-data-set accuracy and the decoding used) and DIR/responses.jsonl
 (one line per sample: data set, id, sample index, response, verdict, score).
 
-Decoding defaults to the paper's evaluation setting (temperature 0.6, top-p 0.95, top-k 20);
-eval.json records the decoding used.
+Decoding defaults to the paper's evaluation setting (temperature 0.6, top-p 0.95, top-k 20,
+presence penalty 1.5); eval.json records the decoding used and, per data set, its grader.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from zppo_fast.task import Problem
 from zppo_fast.vlm import record_prompt
 
 # The paper's evaluation decoding (Sec. 4 setup); the maximum response length as in training.
-EVAL_TEMPERATURE, EVAL_TOP_P, EVAL_TOP_K = 0.6, 0.95, 20
+EVAL_TEMPERATURE, EVAL_TOP_P, EVAL_TOP_K, EVAL_PRESENCE_PENALTY = 0.6, 0.95, 20, 1.5
 EVAL_MAX_NEW_TOKENS = 12288
 
 
@@ -62,10 +62,12 @@ def accuracy(
 
 def eval_sampling_params(samples: int = 1, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                          temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
-                         top_k: int | None = EVAL_TOP_K, seed: int = 0) -> SamplingParams:
-    """The paper's evaluation decoding as `SamplingParams` (n = samples per question; top_k None or 0: off)."""
+                         top_k: int | None = EVAL_TOP_K, seed: int = 0,
+                         presence_penalty: float = EVAL_PRESENCE_PENALTY) -> SamplingParams:
+    """The paper's evaluation decoding as `SamplingParams` (n = samples per question; top_k None or 0: off;
+    presence_penalty 0: off)."""
     kwargs = {"n": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-              "top_k": top_k if top_k and top_k > 0 else None}
+              "top_k": top_k if top_k and top_k > 0 else None, "presence_penalty": presence_penalty}
     return SamplingParams(**kwargs)
 
 
@@ -192,8 +194,8 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
     if out_dir is not None:
         summary = {
             "decoding": {"samples": params.n, "temperature": params.temperature, "top_p": params.top_p,
-                         "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
-                         "seed": params.seed},
+                         "top_k": params.top_k, "presence_penalty": params.presence_penalty,
+                         "max_new_tokens": params.max_new_tokens, "seed": params.seed},
             "datasets": {r.name: dataclasses.asdict(r) for r in results},
             **(meta or {}),
         }
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     ap.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
     ap.add_argument("--top-p", type=float, default=EVAL_TOP_P)
     ap.add_argument("--top-k", type=int, default=EVAL_TOP_K, help="0 turns top-k off")
+    ap.add_argument("--presence-penalty", type=float, default=EVAL_PRESENCE_PENALTY,
+                    help="subtracted from the logit of every token already generated; 0 turns it off")
     ap.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
     ap.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
     ap.add_argument("--skip-bad-rows", action="store_true", help="count and skip invalid rows instead of stopping")
@@ -276,7 +280,8 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
             ap.error("--grader judge needs --judge-model PATH")
         judge, judge_tokenizer = load_model(args.judge_model, args.dtype)
         judge_engine = TransformersEngine(judge.to(device), judge_tokenizer)
-    params = eval_sampling_params(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    params = eval_sampling_params(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                                  args.presence_penalty)
     try:
         results = evaluate_files(engine, tokenizer, sets, params, out_dir=args.out, judge_engine=judge_engine,
                                  judge_tokenizer=judge_tokenizer, judge_max_new_tokens=args.judge_max_new_tokens,

@@ -175,6 +175,7 @@ class Trainer:
         #    copy on every rank: a Hugging Face folder, or the tiny student architecture with a longer
         #    warm-up whose early snapshot is the student. An image-text-to-text teacher (its config has
         #    a vision tower) is loaded with its processor and sees the questions' images.
+        self.image_pixels = (cfg.data.image_min_pixels, cfg.data.image_max_pixels)  # every VLM processor's bounds
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
         for key, name in (("data.grader", cfg.data.grader), ("data.heldout_grader", self.heldout_grader)):
@@ -190,7 +191,7 @@ class Trainer:
                                                                    snapshots=(cfg.sft.steps,))
             teacher_tok = load_tokenizer(teacher_dir)
             if is_vlm(model_from_config(teacher_dir, cfg.model.dtype, meta=True)):
-                self.teacher_processor = load_processor(teacher_dir)
+                self.teacher_processor = load_processor(teacher_dir, self.image_pixels)
             self.teacher_engine = self.make_engine("teacher", teacher_dir)
             self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
         self.teacher_tokenizer = teacher_tok
@@ -205,7 +206,7 @@ class Trainer:
         self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
         lm = model_from_config(source, cfg.model.dtype, meta=True,
                                attention=attention_kernel(cfg.parallel.attention, self.device))
-        self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
+        self.processor = load_processor(cfg.model.path, self.image_pixels) if is_vlm(lm) else None
         self.policy = parallelize((VLMPolicy if self.processor else Policy)(lm), dist.mesh, cfg.parallel, self.device)
 
         # 4. The questions: the user's files, validated in one pass now, or the arithmetic task; the
@@ -299,12 +300,12 @@ class Trainer:
         if cfg.engine == "transformers":
             if cfg.engine_process == "inline":
                 engine = build_transformers_engine(str(folder), role, self.cfg.model.dtype, str(self.device),
-                                                   cfg.batch_size, processor_path)
+                                                   cfg.batch_size, processor_path, self.image_pixels)
                 return DataParallelEngine(engine, dist)
             # In its own process the engine sees this rank's GPU only, as cuda:0.
             cuda = self.device.type == "cuda"
             factory = partial(build_transformers_engine, str(folder), role, self.cfg.model.dtype,
-                              "cuda" if cuda else "cpu", cfg.batch_size, processor_path)
+                              "cuda" if cuda else "cpu", cfg.batch_size, processor_path, self.image_pixels)
             return DataParallelEngine(EngineProcess(factory, f"transformers {role} engine (rank {dist.rank})",
                                                     gpus=[dist.local_rank] if cuda else None, log_path=log_path), dist)
         if cfg.engine != "sglang":
@@ -325,7 +326,7 @@ class Trainer:
                 SGLangEngineConfig(str(folder), mine, cfg.student_mem_fraction if role == "student"
                                    else cfg.teacher_mem_fraction, random_seed=self.cfg.run.seed,
                                    deterministic=cfg.reproducible, processor_path=processor_path,
-                                   log_path=str(log_path)),
+                                   image_pixels=self.image_pixels, log_path=str(log_path)),
                 expected=weight_shapes(self.policy.lm) if role == "student" else {})
         return DataParallelEngine(engine, dist, owners)
 
@@ -687,7 +688,8 @@ class Trainer:
             params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
             return {"eval/heldout_acc": accuracy(self.engine, self.tokenizer, self.heldout, params)}
         params = eval_sampling_params(run.eval_samples, cfg.rollout.max_new_tokens, run.eval_temperature,
-                                      run.eval_top_p, run.eval_top_k, seed=run.seed * 1_000_003 + self.step_idx)
+                                      run.eval_top_p, run.eval_top_k, seed=run.seed * 1_000_003 + self.step_idx,
+                                      presence_penalty=run.eval_presence_penalty)
         judge = self.heldout_grader == "judge"
         if judge:
             self.teacher_engine.resume_memory()
