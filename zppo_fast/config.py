@@ -49,8 +49,10 @@ class DataConfig:
 
     train: list[str] = field(default_factory=list)  # .jsonl / .parquet files or datasets folders
     heldout: list[str] = field(default_factory=list)  # evaluated every run.eval_every steps
-    # boxed | choice | math_verify | judge (the teacher judges), in training; or a reward function of
-    # the user's, "my_module:my_fn" / "path/to/file.py:my_fn" (the protocol: zppo_fast/user_grader.py)
+    # boxed (mathruler's rules on the last \boxed{}) | choice | math_verify | judge (the teacher judges) |
+    # auto (the paper's: rules where the gold answer parses as math or the row has choices, the judge
+    # otherwise; a row's grader column decides first; zppo_fast/graders.py), in training; or a reward
+    # function of the user's, "my_module:my_fn" / "path/to/file.py:my_fn" (zppo_fast/user_grader.py)
     grader: str = "boxed"
     heldout_grader: str | None = None  # None: the same as `grader`
     skip_bad_rows: bool = True  # count and skip invalid rows (reported at startup) instead of stopping
@@ -62,6 +64,7 @@ class DataConfig:
     id_key: str | None = "id"
     images_key: str = "images"  # a list of images, or one image (a datasets.Image column)
     choices_key: str = "choices"
+    grader_key: str = "grader"  # a row's own grader (boxed | choice | math_verify | judge), read by grader = "auto"
     # Each image is resized to a pixel count within these bounds (aspect ratio kept, sides multiples
     # of the patch x merge size), the paper's 256*32^2 .. 1280*32^2: set on every vision-language
     # processor of the run (student and teacher; training, rollouts and evaluation alike, so the

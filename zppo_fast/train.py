@@ -184,7 +184,8 @@ class Trainer:
             elif name not in GRADERS:
                 raise ConfigError(f"{key} = {name!r} is not a grader; registered: {', '.join(sorted(GRADERS))}; "
                                   "or a reward function, MODULE:FUNCTION")
-        judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
+        # "auto" may call the judge (its free-form rows): the teacher is loaded for it, and called only for them.
+        judge = bool({"judge", "auto"} & {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])})
         self.teacher_engine = teacher_dir = teacher_tok = self.teacher_processor = None
         if self.algo.teacher or judge:
             teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
@@ -377,6 +378,10 @@ class Trainer:
             row = next(r for r in task.records if r.images)
             raise ConfigError(f"{row.source}: a row with images, but the student is a text model; set model.path "
                               "to an image-text-to-text model folder (zppo_fast/vlm.py)")
+        named = next((r for r in task.records if r.grader), None)
+        if named is not None and cfg.data.grader != "auto":
+            raise ConfigError(f"{named.source}: the row names its grader ({named.grader!r}) but data.grader = "
+                              f"{cfg.data.grader!r}; set data.grader = \"auto\" to grade rows by their grader column")
         self.data_counts = task.counts()
         if self.dist.is_main:
             tqdm.write(task.report())
@@ -386,11 +391,12 @@ class Trainer:
         """The data files' column names (`data.question_key` ...), for train and held-out files alike."""
         d = self.cfg.data
         return Columns(id=d.id_key, question=d.question_key, answer=d.answer_key, images=d.images_key,
-                       choices=d.choices_key)
+                       choices=d.choices_key, grader=d.grader_key)
 
     def judge_kwargs(self, grader: str) -> dict:
-        """The judge grader's engine: the teacher's, with the teacher's tokenizer."""
-        if grader != "judge":
+        """The judge grader's engine ("judge", or "auto" for its free-form rows): the teacher's, with
+        the teacher's tokenizer."""
+        if grader not in ("judge", "auto"):
             return {}
         return {"engine": self.teacher_engine, "tokenizer": self.teacher_tokenizer}
 
@@ -521,10 +527,11 @@ class Trainer:
 
     def grade(self, items) -> list[float]:
         """Rewards in {0, 1} from the training grader, one batched call (the judge: on the teacher's engine)."""
-        if self.train_grader == "judge":
+        judge = self.train_grader == "judge" or (self.train_grader == "auto" and self.grader.needs_judge(items))
+        if judge:
             self.teacher_engine.resume_memory()
         verdicts = self.grader.grade_batch(items)
-        if self.train_grader == "judge":
+        if judge:
             self.teacher_engine.release_memory()
         return [v.score for v in verdicts]
 
@@ -690,7 +697,7 @@ class Trainer:
         params = eval_sampling_params(run.eval_samples, cfg.rollout.max_new_tokens, run.eval_temperature,
                                       run.eval_top_p, run.eval_top_k, seed=run.seed * 1_000_003 + self.step_idx,
                                       presence_penalty=run.eval_presence_penalty)
-        judge = self.heldout_grader == "judge"
+        judge = self.heldout_grader in ("judge", "auto")
         if judge:
             self.teacher_engine.resume_memory()
         kw = self.judge_kwargs(self.heldout_grader)
