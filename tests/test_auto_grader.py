@@ -75,9 +75,8 @@ def test_mixed_file_in_training(tmp_path):
 def test_mixed_file_in_evaluation(tmp_path):
     class Student:
         def generate(self, prompts, params):
-            text = [tok.decode(p) for p in prompts]
-            return [[Sample([0], RESPONSES[next(r["id"] for r in ROWS if r["question"] in t)], "stop", [0.0])] * params.n
-                    for t in text]
+            ids = [next(r["id"] for r in ROWS if r["question"] in tok.decode(p)) for p in prompts]
+            return [[Sample([0], RESPONSES[i], "stop", [0.0])] * params.n for i in ids]
 
     tok = judge_tokenizer()
     judge = ScriptedJudge(['{"verdict": "correct"}', '{"verdict": "wrong"}'] * 2)

@@ -105,7 +105,7 @@ def test_missing_or_empty_data_files_fail_before_any_step(tiny_config, tmp_path)
         with pytest.raises(error, match=message):
             Trainer(tiny_config(*overrides), progress=False)
         assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    with pytest.raises(ConfigError, match=r"data.grader = 'boxd' is not a grader; registered: boxed, choice"):
+    with pytest.raises(ConfigError, match=r"data.grader = 'boxd' is not a grader; registered: auto, boxed, choice"):
         Trainer(tiny_config("--data.train", str(good), "--data.grader", "boxd"), progress=False)
     image = tmp_path / "dot.png"
     Image.new("RGB", (40, 40), (200, 10, 10)).save(image)

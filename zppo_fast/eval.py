@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     if any(s.grader in ("judge", "auto") for s in sets) and args.judge_model:  # auto: for its free-form rows
         judge, judge_tokenizer = load_model(args.judge_model, args.dtype)
         judge_engine = TransformersEngine(judge.to(device), judge_tokenizer)
-    params = eval_sampling_params(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
-                                  args.presence_penalty)
+    params = eval_sampling_params(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                  args.seed, args.presence_penalty)
     try:
         results = evaluate_files(engine, tokenizer, sets, params, out_dir=args.out, judge_engine=judge_engine,
                                  judge_tokenizer=judge_tokenizer, judge_max_new_tokens=args.judge_max_new_tokens,
