@@ -193,8 +193,9 @@ class RunConfig:
     eval_every: int = 5
     eval_size: int = 128  # arithmetic task: held-out questions, greedy, one sample each
     # data.heldout files: the decoding (the paper's evaluation defaults); responses capped at
-    # rollout.max_new_tokens, as in training. eval_samples: K samples per question, pass@1 = the mean
-    # over questions of each one's fraction of correct samples (the paper does not state its K).
+    # rollout.max_new_tokens, as in training. eval_samples: K samples per question; the reported
+    # pass@1 is the mean over questions of each one's fraction of correct samples (K > 1 lowers its
+    # variance, not its expectation).
     eval_samples: int = 1
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
