@@ -6,7 +6,7 @@ import re
 import pytest
 from tiny_judge import tiny_judge
 
-from zppo_fast.config import ModelConfig
+from zppo_fast.config import ModelConfig, RunConfig
 from zppo_fast.data import chat_prompt_ids
 from zppo_fast.datasets import Columns, DatasetError
 from zppo_fast.engine import Sample, SamplingParams
@@ -70,7 +70,7 @@ def test_pass_at_1_on_generated_data_with_known_accuracy(tmp_path, tokenizer):
     assert [r.accuracy for r in results] == [0.5, 0.5]
     # Every engine call got K = 4 and the paper's decoding; questions went 4 at a time.
     assert [n for n, _ in engine.calls] == [4, 4, 2, 4, 2]
-    assert {(p.n, p.temperature, p.top_p) for _, p in engine.calls} == {(4, 0.6, 0.95)}
+    assert {(p.n, p.temperature, p.top_p, p.presence_penalty) for _, p in engine.calls} == {(4, 0.6, 0.95, 1.5)}
 
     lines = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
     assert len(lines) == (10 + 6) * 4
@@ -81,7 +81,8 @@ def test_pass_at_1_on_generated_data_with_known_accuracy(tmp_path, tokenizer):
     summary = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert summary["datasets"]["sums"]["accuracy"] == 0.5 and summary["datasets"]["mc"]["questions"] == 6
     assert summary["decoding"] == {"samples": 4, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
-                                                     "max_new_tokens": 8, "seed": 0}
+                                   "presence_penalty": 1.5, "max_new_tokens": 8, "seed": 0}
+    assert {name: d["grader"] for name, d in summary["datasets"].items()} == {"sums": "boxed", "mc": "choice"}
 
 
 def test_pass_at_1_averages_per_question_fractions(tmp_path, tokenizer):
@@ -116,6 +117,7 @@ def test_bad_and_too_long_rows_are_counted_not_evaluated(tmp_path, tokenizer):
 def test_eval_decoding_is_the_papers():
     params = eval_sampling_params(samples=3)
     assert (params.n, params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (3, 0.6, 0.95, 20, 12288)
+    assert params.presence_penalty == 1.5 == RunConfig().eval_presence_penalty
     assert eval_sampling_params(top_k=0).top_k is None
 
 

@@ -12,8 +12,8 @@ from zppo_fast.prompts import build_judge_prompt
 
 
 def test_registry_names_and_unknown_grader():
-    assert {"boxed", "choice", "math_verify", "judge"} <= set(GRADERS)
-    with pytest.raises(ValueError, match=r"unknown grader 'exact'; registered: boxed, choice, judge, math_verify"):
+    assert {"auto", "boxed", "choice", "math_verify", "judge"} <= set(GRADERS)
+    with pytest.raises(ValueError, match=r"unknown grader 'exact'; registered: auto, boxed, choice, judge, math_verify"):
         get_grader("exact")
     with pytest.raises(ValueError, match="the 'judge' grader needs a judge engine and its tokenizer"):
         get_grader("judge")

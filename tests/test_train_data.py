@@ -100,12 +100,15 @@ def test_missing_or_empty_data_files_fail_before_any_step(tiny_config, tmp_path)
              (["--data.train", str(good), "--data.heldout", str(tmp_path / "gone.jsonl")], DatasetError,
               r"gone\.jsonl does not exist"),
              (["--data.train", str(write_jsonl(tmp_path / "train.csv", ["id,question,answer"]))], DatasetError,
-              r"train\.csv: unknown data format '\.csv'")]
+              r"train\.csv: unknown data format '\.csv'"),
+             # a row's own grader is read by data.grader = "auto" only: never ignored silently
+             (["--data.train", str(write_jsonl(tmp_path / "named.jsonl", [arithmetic_rows(1)[0] | {"grader": "judge"}]))],
+              ConfigError, r"named\.jsonl, line 1: the row names its grader \('judge'\) but data.grader = 'boxed'")]
     for overrides, error, message in cases:
         with pytest.raises(error, match=message):
             Trainer(tiny_config(*overrides), progress=False)
         assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    with pytest.raises(ConfigError, match=r"config key 'data.grader' must be one of boxed, choice, .*got 'boxd'"):
+    with pytest.raises(ConfigError, match=r"config key 'data.grader' must be one of auto, boxed, choice, .*got 'boxd'"):
         Trainer(tiny_config("--data.train", str(good), "--data.grader", "boxd"), progress=False)
     image = tmp_path / "dot.png"
     Image.new("RGB", (40, 40), (200, 10, 10)).save(image)

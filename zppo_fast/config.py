@@ -114,8 +114,10 @@ class DataConfig:
 
     train: list[str] = field(default_factory=list)  # .jsonl / .parquet files or datasets folders
     heldout: list[str] = field(default_factory=list)  # evaluated every run.eval_every steps
-    # in training (judge: the teacher judges), or a reward function of the user's, "my_module:my_fn"
-    # or "path/to/file.py:my_fn" (the protocol: zppo_fast/user_grader.py)
+    # boxed (mathruler's rules on the last \boxed{}) | choice | math_verify | judge (the teacher judges) |
+    # auto (the paper's: rules where the gold answer parses as math or the row has choices, the judge
+    # otherwise; a row's grader column decides first; zppo_fast/graders.py), in training; or a reward
+    # function of the user's, "my_module:my_fn" / "path/to/file.py:my_fn" (zppo_fast/user_grader.py)
     grader: GraderName = "boxed"
     heldout_grader: GraderName | None = None  # None: the same as `grader`
     skip_bad_rows: bool = True  # count and skip invalid rows (reported at startup) instead of stopping
@@ -127,6 +129,13 @@ class DataConfig:
     id_key: str | None = "id"
     images_key: str = "images"  # a list of images, or one image (a datasets.Image column)
     choices_key: str = "choices"
+    grader_key: str = "grader"  # a row's own grader (boxed | choice | math_verify | judge), read by grader = "auto"
+    # Each image is resized to a pixel count within these bounds (aspect ratio kept, sides multiples
+    # of the patch x merge size), the paper's 256*32^2 .. 1280*32^2: set on every vision-language
+    # processor of the run (student and teacher; training, rollouts and evaluation alike, so the
+    # placeholder counts agree). None: the processor's own bound.
+    image_min_pixels: int | None = 256 * 32 * 32
+    image_max_pixels: int | None = 1280 * 32 * 32
 
 
 @dataclass
@@ -262,12 +271,17 @@ class RunConfig:
     keep_last: NonNegativeInt = 2  # complete checkpoints kept; older ones are deleted; 0 keeps all
     eval_every: NonNegativeInt = 5  # steps between held-out evaluations; 0: none
     eval_size: Count = 128  # arithmetic task: held-out questions, greedy, one sample each
-    # data.heldout files: samples per question and the decoding (the paper's evaluation defaults);
-    # responses capped at rollout.max_new_tokens, as in training
+    # data.heldout files: the decoding (the paper's evaluation defaults); responses capped at
+    # rollout.max_new_tokens, as in training. eval_samples: K samples per question; the reported
+    # pass@1 is the mean over questions of each one's fraction of correct samples (K > 1 lowers its
+    # variance, not its expectation).
     eval_samples: Count = 1
     eval_temperature: NonNegative = 0.6
     eval_top_p: OpenFraction = 0.95
     eval_top_k: NonNegativeInt = 20  # 0: no top-k
+    # Subtracted from the raw logit of every token already in the response (before temperature and
+    # top-k / top-p; SGLang's presence_penalty); the paper's 1.5. 0: off.
+    eval_presence_penalty: NonNegative = 1.5
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible
     # Intra-op threads on the CPU. The tiny default's ops are small: with more than one thread,
     # OpenMP hand-offs (and any other process on the cores) cost more than the work itself.

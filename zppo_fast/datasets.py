@@ -10,7 +10,7 @@ Every format yields the same `Record`s, one at a time (never the whole file in m
 Row schema (one JSON object per line, or one table row). The names are the default `Columns`; a data
 set with its own (a Hugging Face data set's "problem", "solution", "image", ...) is read through
 `Columns` (the trainer's `data.question_key`, `data.answer_key`, `data.id_key`, `data.images_key`,
-`data.choices_key`; the eval CLI's --question-key ...) without being rewritten, and messages name
+`data.choices_key`, `data.grader_key`; the eval CLI's --question-key ...) without being rewritten, and messages name
 its own column names. Other columns are ignored.
 
     id        str or int, non-empty; unique within the file. `Columns(id=None)`: the data set has
@@ -23,6 +23,8 @@ its own column names. Other columns are ignored.
               base64 text)
     choices   optional list of 2..26 non-empty str; the student sees them lettered A., B., ...
               under the question (`Record.prompt_text`)
+    grader    optional, one of `ROW_GRADERS` (boxed, choice, math_verify, judge): how this row is
+              graded when the run's grader is "auto" (`zppo_fast.graders.AutoGrader`)
 
 Bad input and what happens to it. Each of these is a *bad row*: with `skip_bad_rows=False`
 (the default) loading raises `DatasetError` naming the file, the row and the field; with
@@ -112,6 +114,11 @@ class Columns:
     answer: str = "answer"
     images: str = "images"
     choices: str = "choices"
+    grader: str = "grader"  # optional: the row's own grader (ROW_GRADERS), read by data.grader = "auto"
+
+
+# What a row's grader column may name (zppo_fast/graders.py registers them).
+ROW_GRADERS = ("boxed", "choice", "math_verify", "judge")
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ class Record:
     images: tuple[str | bytes, ...] = ()
     choices: tuple[str, ...] = ()
     source: str = ""
+    grader: str | None = None  # the row's grader column (one of ROW_GRADERS); None: not given
 
     def prompt_text(self) -> str:
         """What the student is asked (before the closing instruction): the question, then, for a
@@ -339,7 +347,11 @@ class DatasetFile:
         answer = _text(answer, col.answer) if not isinstance(answer, int) else str(answer)
         choices = self._choices(raw.get(col.choices))
         images = self._images(raw.get(col.images))
-        return Record(qid, question, answer, images, choices, f"{self.path}, {where}")
+        grader = raw.get(col.grader)
+        if grader is not None and grader not in ROW_GRADERS:
+            raise _BadRow("bad_grader", f"field {col.grader!r} must be one of {', '.join(ROW_GRADERS)} (or absent), "
+                                        f"got {grader!r}")
+        return Record(qid, question, answer, images, choices, f"{self.path}, {where}", grader)
 
     def _choices(self, value) -> tuple[str, ...]:
         key = self.columns.choices

@@ -40,6 +40,29 @@ class SamplingParams:
     top_k: int | None = None  # keep the k most likely tokens; None or 0 means no top-k
     max_new_tokens: int = 24
     seed: int = 0
+    # Subtracted from the raw logit of every token the completion already holds, before temperature,
+    # top-k and top-p (OpenAI / SGLang / vLLM semantics; prompt tokens are not counted). 0: off.
+    presence_penalty: float = 0.0
+
+
+class PresencePenalty:
+    """A transformers logits processor: `penalty` off the logit of every token id that occurs in
+    the generated part of its row (columns `prompt_width`: of the left-padded batch).
+
+    input_ids (B, L) with L >= prompt_width; scores (B, V) -> (B, V). Runs before the sampling
+    warpers (transformers appends temperature / top-k / top-p after custom processors), as SGLang
+    applies its penalizers to the raw logits.
+    """
+
+    def __init__(self, penalty: float, prompt_width: int):
+        self.penalty, self.prompt_width = float(penalty), prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_width :]
+        if generated.shape[1] == 0:
+            return scores
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
+        return scores - self.penalty * seen.to(scores.dtype)
 
 
 @dataclass
@@ -134,12 +157,14 @@ def check_push_took_effect(engine: RolloutEngine, prompt: list[int], score: Any,
 
 
 def build_transformers_engine(folder: str, role: str, dtype: str = "float32", device: str = "cpu",
-                              batch_size: int = 256, processor_path: str | None = None) -> TransformersEngine:
+                              batch_size: int = 256, processor_path: str | None = None,
+                              image_pixels: tuple[int | None, int | None] = (None, None)) -> TransformersEngine:
     """The transformers engine of `role`, in this process or an engine child (a picklable factory).
 
     student: the architecture of `folder` with arbitrary weights, which every push overwrites.
     teacher: the weights of `folder`, frozen. A vision-language model also gets its processor,
-    from `processor_path` (the student's HF folder, which a checkpoint folder may lack) or `folder`.
+    from `processor_path` (the student's HF folder, which a checkpoint folder may lack) or `folder`,
+    with `image_pixels` (min, max) as its bounds (`zppo_fast.vlm.set_image_pixels`).
     """
     from zppo_fast.model import load_model, load_tokenizer, model_from_config
     from zppo_fast.vlm import is_vlm, load_processor, load_vlm
@@ -150,7 +175,7 @@ def build_transformers_engine(folder: str, role: str, dtype: str = "float32", de
         model = model_from_config(folder, dtype, meta=True)
         model = (load_vlm if is_vlm(model) else load_model)(folder, dtype)[0]
         model = model.to(device).eval().requires_grad_(False)
-    processor = load_processor(processor_path or folder) if is_vlm(model) else None
+    processor = load_processor(processor_path or folder, image_pixels) if is_vlm(model) else None
     return TransformersEngine(model, load_tokenizer(folder), batch_size, processor=processor)
 
 
@@ -287,6 +312,8 @@ class TransformersEngine:
                     max_new_tokens=params.max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=eos,
+                    logits_processor=([PresencePenalty(params.presence_penalty, ids.shape[1])]
+                                      if params.presence_penalty else None),
                     output_scores=True,
                     return_dict_in_generate=True,
                 )

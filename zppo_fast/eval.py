@@ -19,8 +19,8 @@ CLI (same engine as training, the paper's evaluation decoding as defaults):
 order. Writes DIR/eval.json (per-data-set accuracy and the decoding used) and DIR/responses.jsonl
 (one line per sample: data set, id, sample index, response, verdict, score).
 
-Decoding defaults to the paper's evaluation setting (temperature 0.6, top-p 0.95, top-k 20);
-eval.json records the decoding used.
+Decoding defaults to the paper's evaluation setting (temperature 0.6, top-p 0.95, top-k 20,
+presence penalty 1.5); eval.json records the decoding used and, per data set, its grader.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from zppo_fast.task import Problem
 from zppo_fast.vlm import record_prompt
 
 # The paper's evaluation decoding (Sec. 4 setup); the maximum response length as in training.
-EVAL_TEMPERATURE, EVAL_TOP_P, EVAL_TOP_K = 0.6, 0.95, 20
+EVAL_TEMPERATURE, EVAL_TOP_P, EVAL_TOP_K, EVAL_PRESENCE_PENALTY = 0.6, 0.95, 20, 1.5
 EVAL_MAX_NEW_TOKENS = 12288
 
 
@@ -63,10 +63,12 @@ def accuracy(
 
 def eval_sampling_params(samples: int = 1, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                          temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
-                         top_k: int | None = EVAL_TOP_K, seed: int = 0) -> SamplingParams:
-    """The paper's evaluation decoding as `SamplingParams` (n = samples per question; top_k None or 0: off)."""
+                         top_k: int | None = EVAL_TOP_K, seed: int = 0,
+                         presence_penalty: float = EVAL_PRESENCE_PENALTY) -> SamplingParams:
+    """The paper's evaluation decoding as `SamplingParams` (n = samples per question; top_k None or 0: off;
+    presence_penalty 0: off)."""
     kwargs = {"n": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-              "top_k": top_k if top_k and top_k > 0 else None}
+              "top_k": top_k if top_k and top_k > 0 else None, "presence_penalty": presence_penalty}
     return SamplingParams(**kwargs)
 
 
@@ -95,6 +97,7 @@ class EvalResult:
     malformed: int  # judge outputs that were not a strict verdict (scored 0)
     too_long: int  # rows dropped by the prompt-length limit
     bad_rows: int  # rows skipped as invalid (only with skip_bad_rows)
+    graded_by: dict[str, int] = dataclasses.field(default_factory=dict)  # samples per grader ("auto" routes)
 
 
 def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -105,23 +108,30 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 def evaluate_records(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, records: Iterable[Record],
                      grader: Grader, params: SamplingParams, *, batch_questions: int = 32,
-                     on_sample=None, progress=None, processor=None) -> tuple[float, int, int]:
+                     on_sample=None, progress=None, processor=None,
+                     graded_by: dict[str, int] | None = None) -> tuple[float, int, int]:
     """Sample `params.n` responses per record and grade them, `batch_questions` records at a time.
 
     `processor` (a VLM student's, zppo_fast/vlm.py): prompts carry the records' images.
 
     Returns (sum over questions of the correct fraction, questions, malformed verdicts).
     `on_sample(record, index, sample, verdict)` is called once per sample (for the JSONL log);
-    `progress` (a tqdm bar) is advanced by the number of questions.
+    `progress` (a tqdm bar) is advanced by the number of questions. `graded_by`, when given, counts
+    the samples each grader scored (the "auto" grader's routes). A row that names its own grader
+    is an error unless the grader is "auto", the one that reads it.
     """
     total, count, malformed = 0.0, 0, 0
     for batch in _batches(records, batch_questions):
+        named = next((r for r in batch if r.grader), None)
+        if named is not None and grader.name != "auto":
+            raise ConfigError(f"{named.source}: the row names its grader ({named.grader!r}) but the data set is "
+                              f"graded by {grader.name!r}; use the grader 'auto' to grade rows by their grader column")
         if processor is None:
             groups = engine.generate([chat_prompt_ids(tokenizer, r.prompt_text()) for r in batch], params)  # B x n
         else:
             groups = engine.generate([record_prompt(processor, r).input_ids for r in batch], params,
                                      images=[r.images for r in batch])
-        items = [GradeItem(r.question, s.text, r.answer, r.choices, r.options_text())
+        items = [GradeItem(r.question, s.text, r.answer, r.choices, r.options_text(), r.grader)
                  for r, group in zip(batch, groups) for s in group]
         verdicts = iter(grader.grade_batch(items))  # one call for the whole batch: the judge batches it
         for r, group in zip(batch, groups):
@@ -129,6 +139,8 @@ def evaluate_records(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, 
             for j, s in enumerate(group):
                 v = next(verdicts)
                 scores.append(v.score)
+                if graded_by is not None:
+                    graded_by[v.grader or grader.name] = graded_by.get(v.grader or grader.name, 0) + 1
                 malformed += v.verdict == "malformed"
                 if on_sample is not None:
                     on_sample(r, j, s, v)
@@ -164,7 +176,7 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
     for s in sets:  # build each grader once, before any generation, so a missing extra fails fast
         if s.grader not in graders:
             extra = ({"engine": judge_engine, "tokenizer": judge_tokenizer, "max_new_tokens": judge_max_new_tokens}
-                     if s.grader == "judge" else {})
+                     if s.grader in ("judge", "auto") else {})
             graders[s.grader] = get_grader(s.grader, **extra)
     results = []
     with contextlib.ExitStack() as stack:
@@ -179,23 +191,25 @@ def evaluate_files(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, da
             def write(r: Record, j: int, sample, v, name=s.name) -> None:
                 log.write(json.dumps({"dataset": name, "id": r.id, "sample": j, "gold": r.answer,
                                       "response": sample.text, "finish_reason": sample.finish_reason,
-                                      "extracted": v.extracted, "verdict": v.verdict, "score": v.score},
+                                      "extracted": v.extracted, "verdict": v.verdict, "score": v.score,
+                                      "grader": v.grader or s.grader},
                                      ensure_ascii=False) + "\n")
 
+            graded_by: dict[str, int] = {}
             with tqdm(total=data.num_rows_hint(), desc=f"eval {s.name}", unit="q", disable=not progress) as bar:
                 total, count, malformed = evaluate_records(engine, tokenizer, data, graders[s.grader], params,
                                                            batch_questions=batch_questions,
                                                            on_sample=write if log else None, progress=bar,
-                                                           processor=processor)
+                                                           processor=processor, graded_by=graded_by)
             results.append(EvalResult(s.name, s.path, s.grader, count, params.n, total / count if count else 0.0,
-                                      malformed, data.stats.too_long, sum(data.stats.bad.values())))
+                                      malformed, data.stats.too_long, sum(data.stats.bad.values()), graded_by))
             if data.stats.too_long or data.stats.bad:
                 print(data.stats.summary(), file=sys.stderr)
     if out_dir is not None:
         summary = {
             "decoding": {"samples": params.n, "temperature": params.temperature, "top_p": params.top_p,
-                         "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
-                         "seed": params.seed},
+                         "top_k": params.top_k, "presence_penalty": params.presence_penalty,
+                         "max_new_tokens": params.max_new_tokens, "seed": params.seed},
             "datasets": {r.name: dataclasses.asdict(r) for r in results},
             **(meta or {}),
         }
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     ap.add_argument("--model", required=True, help="a Hugging Face model folder (zppo_fast.model.load_model)")
     ap.add_argument("--data", action="append", required=True, help="a .jsonl / .parquet file or datasets folder")
     ap.add_argument("--samples", type=checked(Count), default=1, help="K samples per question; pass@1 averages over them")
-    ap.add_argument("--grader", action="append", type=checked(GraderName), help="boxed | choice | math_verify | judge | MODULE:FUNCTION "
+    ap.add_argument("--grader", action="append", type=checked(GraderName), help="boxed | choice | math_verify | judge | auto | MODULE:FUNCTION "
                     "(a reward function, zppo_fast/user_grader.py); once or per --data")
     ap.add_argument("--out", default="eval_out", help="folder for eval.json and responses.jsonl: new, empty, or an "
                     "earlier evaluation's (replaced); a folder zppo_fast did not make is refused")
@@ -243,6 +257,8 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     ap.add_argument("--temperature", type=checked(NonNegative), default=EVAL_TEMPERATURE)
     ap.add_argument("--top-p", type=checked(OpenFraction), default=EVAL_TOP_P)
     ap.add_argument("--top-k", type=checked(NonNegativeInt), default=EVAL_TOP_K, help="0 turns top-k off")
+    ap.add_argument("--presence-penalty", type=checked(NonNegative), default=EVAL_PRESENCE_PENALTY,
+                    help="subtracted from the logit of every token already generated; 0 turns it off")
     ap.add_argument("--max-new-tokens", type=checked(Count), default=EVAL_MAX_NEW_TOKENS)
     ap.add_argument("--max-prompt-tokens", type=checked(Count), default=DEFAULT_MAX_PROMPT_TOKENS)
     ap.add_argument("--skip-bad-rows", action="store_true", help="count and skip invalid rows instead of stopping")
@@ -279,12 +295,13 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     model, tokenizer = load_model(args.model, args.dtype)
     engine = TransformersEngine(model.to(device), tokenizer)
     judge_engine = judge_tokenizer = None
-    if any(s.grader == "judge" for s in sets):
-        if not args.judge_model:
-            ap.error("--grader judge needs --judge-model PATH")
+    if any(s.grader == "judge" for s in sets) and not args.judge_model:
+        ap.error("--grader judge needs --judge-model PATH")
+    if any(s.grader in ("judge", "auto") for s in sets) and args.judge_model:  # auto: for its free-form rows
         judge, judge_tokenizer = load_model(args.judge_model, args.dtype)
         judge_engine = TransformersEngine(judge.to(device), judge_tokenizer)
-    params = eval_sampling_params(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    params = eval_sampling_params(args.samples, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                  args.seed, args.presence_penalty)
     try:
         results = evaluate_files(engine, tokenizer, sets, params, out_dir=args.out, judge_engine=judge_engine,
                                  judge_tokenizer=judge_tokenizer, judge_max_new_tokens=args.judge_max_new_tokens,

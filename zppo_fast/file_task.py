@@ -94,7 +94,7 @@ class FileTask:
 
     def problem(self, qid: int) -> Problem:
         r = self.record(qid)
-        return Problem(qid, r.prompt_text(), r.answer, images=r.images, choices=r.choices)
+        return Problem(qid, r.prompt_text(), r.answer, images=r.images, choices=r.choices, grader=r.grader)
 
     @property
     def has_images(self) -> bool:
@@ -116,4 +116,4 @@ class FileTask:
 def grade_item(problem: Problem, response: str) -> GradeItem:
     """What a grader needs to score `response` to `problem` (multiple choice: the lettered options)."""
     options = "\n".join(f"{CHOICE_LETTERS[i]}. {c}" for i, c in enumerate(problem.choices)) or None
-    return GradeItem(problem.question, response, problem.answer, problem.choices, options)
+    return GradeItem(problem.question, response, problem.answer, problem.choices, options, problem.grader)

@@ -9,6 +9,9 @@ Registered by name, chosen per data set (`get_grader(name, ...)`):
                  when the grader is built, with a clear message when missing.
 ``MODULE:FN``    the user's reward function (``my_rewards:exact_match``, ``path/to/file.py:fn``),
                  called per item or batched: the protocol is in `zppo_fast.user_grader`.
+``auto``         the paper's routing, per row: rules where the gold answer parses as math or the row
+                 is multiple choice, the judge otherwise; a row's own ``grader`` column decides
+                 first. See `AutoGrader`.
 ``judge``        an LLM judge: the paper's judge prompt (Fig. 9) through a teacher
                  `RolloutEngine`, one batched `generate` call per `grade_batch`, temperature 0,
                  512 new tokens; only a strict JSON ``{"verdict": "correct"|"wrong"}`` counts
@@ -20,6 +23,7 @@ whole batch at once; the cheap ones simply loop. Graders never raise on model ou
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
+from zppo_fast.config import ConfigError
 from zppo_fast.data import instruction_prompt_ids
 from zppo_fast.datasets import CHOICE_LETTERS
 from zppo_fast.engine import RolloutEngine, SamplingParams
@@ -38,10 +43,12 @@ __all__ = [
     "ChoiceGrader",
     "GradeItem",
     "Grader",
+    "AutoGrader",
     "JudgeGrader",
     "Verdict",
     "get_grader",
     "register_grader",
+    "route",
 ]
 
 
@@ -54,6 +61,7 @@ class GradeItem:
     gold: str
     choices: tuple[str, ...] = ()
     options: str | None = None
+    grader: str | None = None  # the row's own grader (its data file's grader column), read by AutoGrader
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Verdict:
     score: float
     verdict: str
     extracted: str
+    grader: str = ""  # set by AutoGrader: the grader this item was routed to
 
 
 class Grader(Protocol):
@@ -255,3 +264,71 @@ class JudgeGrader:
             else:
                 verdicts.append(_verdict(parsed, text))
         return verdicts
+
+
+# Words the rule grader reads in a math answer (mathruler drops these units and reads the scales),
+# so a gold answer holding them is still math: "66 cm", "5 hours", "30 degrees", "2 million".
+_RULE_WORDS_RE = re.compile(
+    r"(?:degree|centimeter|cm|meter|mile|second|minute|hour|day|week|month|year|foot|feet|inch|yard)(?:es)?s?"
+    r"|percent|million|billion|trillion"
+)
+
+
+def route(gold: str, choices: Sequence[str] = ()) -> str:
+    """The grader the paper's routing gives a row without its own: "choice" for a multiple-choice
+    row, "boxed" (mathruler's rules) when the gold answer parses as math, "judge" otherwise.
+
+    Parses as math: after `normalize_answer` (lowercase, `\text{}` unwrapped, no spaces) and with
+    LaTeX commands (``\frac``, ``\sqrt``, ``\pi`` ...) and the units the rule grader reads removed,
+    no two letters stand together -- numbers, fractions, expressions in one-letter variables,
+    tuples, intervals. Words ("Paris", "yes", "2 apples", "mitochondria") go to the judge.
+    """
+    if choices:
+        return "choice"
+    s = re.sub(r"\\[a-z]+", "", normalize_answer(gold))
+    s = _RULE_WORDS_RE.sub("", s)
+    return "judge" if re.search(r"[a-z]{2,}", s) else "boxed"
+
+
+@register_grader("auto")
+class AutoGrader:
+    """Rules first, the LLM judge only where rules cannot decide (the paper's grading).
+
+    Each item goes to its row's own grader (`GradeItem.grader`, a data file's grader column) or, if
+    the row names none, to `route(gold, choices)`. One `grade_batch` calls each grader once with
+    all of its items, so the judge sees the batch's free-form rows in one batched call and never
+    sees the others. `engine` / `tokenizer`: the judge's (None: a row that needs the judge is an
+    error naming it). Every verdict records the grader that gave it (`Verdict.grader`).
+    """
+
+    def __init__(self, engine: RolloutEngine | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 max_new_tokens: int = 512, batch_size: int | None = None):
+        self._judge = {"engine": engine, "tokenizer": tokenizer, "max_new_tokens": max_new_tokens,
+                       "batch_size": batch_size}
+        self._graders: dict[str, Grader] = {}
+
+    @staticmethod
+    def route(item: GradeItem) -> str:
+        return item.grader or route(item.gold, item.choices)
+
+    def needs_judge(self, items: Sequence[GradeItem]) -> bool:
+        return any(self.route(it) == "judge" for it in items)
+
+    def _grader(self, name: str, example: GradeItem) -> Grader:
+        if name not in self._graders:
+            if name == "judge" and self._judge["engine"] is None:
+                raise ConfigError(f"the gold answer {example.gold!r} of question {example.question[:80]!r} needs the "
+                                 "LLM judge (free-form, or the row's grader column says so), and no judge engine was "
+                                 "given: the trainer's judge is the teacher; from the eval CLI pass --judge-model PATH")
+            self._graders[name] = get_grader(name, **(self._judge if name == "judge" else {}))
+        return self._graders[name]
+
+    def grade_batch(self, items: Sequence[GradeItem]) -> list[Verdict]:
+        routes = [self.route(it) for it in items]
+        out: list[Verdict | None] = [None] * len(items)
+        for name in dict.fromkeys(routes):  # each grader once, in first-seen order
+            idx = [i for i, r in enumerate(routes) if r == name]
+            verdicts = self._grader(name, items[idx[0]]).grade_batch([items[i] for i in idx])
+            for i, v in zip(idx, verdicts):
+                out[i] = dataclasses.replace(v, grader=name)
+        return out

@@ -43,8 +43,8 @@ Choices the paper leaves open, made here:
   the whole section (heading and value line) when there are no options and renders the
   heading as "## Answer Options" otherwise. `JUDGE_TEMPLATE` itself stays as printed.
   `parse_judge_verdict` accepts only a strict JSON object `{"verdict": "correct"|"wrong"}`
-  (surrounding whitespace allowed, a `<think>` block before it dropped); anything else -- prose, code fences, extra keys -- is
-  None, which the caller scores 0.
+  (surrounding whitespace allowed, a `<think>` block before it dropped); anything else --
+  prose, code fences, extra keys -- is None, which the caller scores 0.
 * Hint. The paper prints "... intermediate idea. <response> y_T(+) </response>" with
   approximate line breaks; we lay `<response>` out on its own lines as in the compression
   template. The student's prompt is the question, a blank line, then `<hint>{hint}</hint>`.
@@ -195,7 +195,8 @@ def build_ncq(
 
     `wrong_traces[i]` is the compressed i-th wrong student rollout and `wrong_answers[i]` its
     final answer as written (`zppo_fast.reward.boxed_answer`; `None`, "" or `NO_ANSWER` when it
-    has none; see the module docstring for how those are shown). Every trace becomes one candidate block, in the given order.
+    has none; see the module docstring for how those are shown).
+    Every trace becomes one candidate block, in the given order.
     """
     if len(wrong_traces) != len(wrong_answers):
         raise ValueError(

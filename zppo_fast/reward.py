@@ -225,7 +225,6 @@ def _clean(s: str) -> str:
     return s
 
 
-
 def normalize_answer(answer: str) -> str:
     r"""Canonical form of one answer for display and dedup: cleaned text, or a number in
     canonical notation (see the module docstring). Not the grader's equivalence."""

@@ -228,6 +228,9 @@ class SGLangEngineConfig:
     # so the only one in which rollouts are reproducible (batch-invariant kernels, slower).
     deterministic: bool = False
     processor_path: str | None = None  # a VLM's processor folder when model_path lacks it (a checkpoint)
+    # (min, max) pixels per image for that processor (zppo_fast.vlm.set_image_pixels); SGLang gets the
+    # processor's output, so these are the bounds its images have
+    image_pixels: tuple[int | None, int | None] = (None, None)
     port: int | None = None  # None: reserved by start_sglang_engine
     nccl_port: int | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)  # more sglang ServerArgs fields
@@ -458,7 +461,7 @@ class SGLangEngine:
         self._weights_valid = p.role != "student"
         self.tokenizer = load_tokenizer(cfg.model_path)
         vlm = "vision_config" in json.loads((Path(cfg.model_path) / "config.json").read_text())
-        self.processor = load_processor(cfg.processor_path or cfg.model_path) if vlm else None
+        self.processor = load_processor(cfg.processor_path or cfg.model_path, cfg.image_pixels) if vlm else None
         try:
             from sglang.srt.models.registry import ModelRegistry
         except ImportError as e:
@@ -517,6 +520,7 @@ class SGLangEngine:
         # SGLang's "no top-k" is -1 (it refuses 0).
         sampling = [{"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
                      "max_new_tokens": params.max_new_tokens, "stop_token_ids": [eos],
+                     "presence_penalty": params.presence_penalty,
                      "sampling_seed": params.seed * 1_000_003 + i} for i in range(len(flat))]
         outs = self._call("generate", self._engine.generate, input_ids=flat, sampling_params=sampling,
                           return_logprob=True, **kwargs)

@@ -29,6 +29,7 @@ class Problem:
     solution: str = ""  # a worked solution in the closing instruction's format ("" when unknown: data files)
     images: tuple[str | bytes, ...] = ()  # paths or encoded bytes (zppo_fast.datasets.Record.images)
     choices: tuple[str, ...] = ()  # multiple choice: the options, already lettered in `question`
+    grader: str | None = None  # a data file row's own grader (its grader column), read by the "auto" grader
 
 
 class ArithmeticTask:

@@ -208,12 +208,14 @@ class Trainer:
         #    and the LLM judge when a grader is "judge"): a Hugging Face folder, or the tiny student
         #    architecture with a longer warm-up whose early snapshot is the student; the student's: the
         #    checkpoint being resumed, model.path, or that cached warm-up. Only the tokenizer is read now.
+        self.image_pixels = (cfg.data.image_min_pixels, cfg.data.image_max_pixels)  # every VLM processor's bounds
         self.train_grader = cfg.data.grader if cfg.data.train else "boxed"
         self.heldout_grader = cfg.data.heldout_grader or cfg.data.grader
         for name in (cfg.data.grader, self.heldout_grader):
             if ":" in name:  # the user's reward function: imported now, so a typo fails before any model loads
                 get_grader(name)
-        judge = "judge" in {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])}
+        # "auto" may call the judge (its free-form rows): the teacher is loaded for it, and called only for them.
+        judge = bool({"judge", "auto"} & {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])})
         teacher_dir = None
         if self.algo.teacher or judge:
             teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
@@ -243,7 +245,7 @@ class Trainer:
         if teacher_dir is not None:
             teacher_tok = load_tokenizer(teacher_dir)
             if is_vlm(model_from_config(teacher_dir, cfg.model.dtype, meta=True)):
-                self.teacher_processor = load_processor(teacher_dir)
+                self.teacher_processor = load_processor(teacher_dir, self.image_pixels)
             self.teacher_engine = self.make_engine("teacher", teacher_dir)
             self.teacher_engine.release_memory()  # a step starts with the teacher's memory free
         self.teacher_tokenizer = teacher_tok
@@ -256,7 +258,7 @@ class Trainer:
         self.declared_dtype = declared_dtype(source)  # what checkpoints declare, for export (model.dtype: the masters')
         lm = model_from_config(source, cfg.model.dtype, meta=True,
                                attention=attention_kernel(cfg.parallel.attention, self.device, self.share_prefix))
-        self.processor = load_processor(cfg.model.path) if is_vlm(lm) else None
+        self.processor = load_processor(cfg.model.path, self.image_pixels) if is_vlm(lm) else None
         if getattr(self.task, "has_images", False) and self.processor is None:
             row = next(r for r in self.task.records if r.images)
             raise ConfigError(f"{row.source}: a row with images, but the student is a text model; set model.path "
@@ -344,12 +346,12 @@ class Trainer:
         if cfg.engine == "transformers":
             if cfg.engine_process == "inline":
                 engine = build_transformers_engine(str(folder), role, self.cfg.model.dtype, str(self.device),
-                                                   cfg.batch_size, processor_path)
+                                                   cfg.batch_size, processor_path, self.image_pixels)
                 return DataParallelEngine(engine, dist)
             # In its own process the engine sees this rank's GPU only, as cuda:0.
             cuda = self.device.type == "cuda"
             factory = partial(build_transformers_engine, str(folder), role, self.cfg.model.dtype,
-                              "cuda" if cuda else "cpu", cfg.batch_size, processor_path)
+                              "cuda" if cuda else "cpu", cfg.batch_size, processor_path, self.image_pixels)
             return DataParallelEngine(EngineProcess(factory, f"transformers {role} engine (rank {dist.rank})",
                                                     gpus=[dist.local_rank] if cuda else None, log_path=log_path), dist)
         from zppo_fast.sglang_engine import SGLangEngineConfig, import_sglang, start_sglang_engine, teacher_placement
@@ -368,7 +370,7 @@ class Trainer:
                 SGLangEngineConfig(str(folder), mine, cfg.student_mem_fraction if role == "student"
                                    else cfg.teacher_mem_fraction, random_seed=self.cfg.run.seed,
                                    deterministic=cfg.reproducible, processor_path=processor_path,
-                                   log_path=str(log_path)),
+                                   image_pixels=self.image_pixels, log_path=str(log_path)),
                 expected=weight_shapes(self.policy.lm) if role == "student" else {})
         return DataParallelEngine(engine, dist, owners)
 
@@ -415,6 +417,10 @@ class Trainer:
         if len(set(self.dist.all_gather(task.fingerprint))) > 1:
             raise DatasetError(f"the ranks read different records from {cfg.data.train}: every rank needs the same "
                                "files (a shared file system, or identical copies)", str(cfg.data.train[0]))
+        named = next((r for r in task.records if r.grader), None)
+        if named is not None and cfg.data.grader != "auto":
+            raise ConfigError(f"{named.source}: the row names its grader ({named.grader!r}) but data.grader = "
+                              f"{cfg.data.grader!r}; set data.grader = \"auto\" to grade rows by their grader column")
         self.data_counts = task.counts()
         if self.dist.is_main:
             tqdm.write(task.report())
@@ -440,11 +446,12 @@ class Trainer:
         """The data files' column names (`data.question_key` ...), for train and held-out files alike."""
         d = self.cfg.data
         return Columns(id=d.id_key, question=d.question_key, answer=d.answer_key, images=d.images_key,
-                       choices=d.choices_key)
+                       choices=d.choices_key, grader=d.grader_key)
 
     def judge_kwargs(self, grader: str) -> dict:
-        """The judge grader's engine: the teacher's, with the teacher's tokenizer."""
-        if grader != "judge":
+        """The judge grader's engine ("judge", or "auto" for its free-form rows): the teacher's, with
+        the teacher's tokenizer."""
+        if grader not in ("judge", "auto"):
             return {}
         return {"engine": self.teacher_engine, "tokenizer": self.teacher_tokenizer}
 
@@ -582,10 +589,11 @@ class Trainer:
 
     def grade(self, items) -> list[float]:
         """Rewards in {0, 1} from the training grader, one batched call (the judge: on the teacher's engine)."""
-        if self.train_grader == "judge":
+        judge = self.train_grader == "judge" or (self.train_grader == "auto" and self.grader.needs_judge(items))
+        if judge:
             self.teacher_engine.resume_memory()
         verdicts = self.grader.grade_batch(items)
-        if self.train_grader == "judge":
+        if judge:
             self.teacher_engine.release_memory()
         return [v.score for v in verdicts]
 
@@ -806,8 +814,9 @@ class Trainer:
             params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
             return {"eval/heldout_acc": accuracy(self.engine, self.tokenizer, self.heldout, params)}
         params = eval_sampling_params(run.eval_samples, cfg.rollout.max_new_tokens, run.eval_temperature,
-                                      run.eval_top_p, run.eval_top_k, seed=run.seed * 1_000_003 + self.step_idx)
-        judge = self.heldout_grader == "judge"
+                                      run.eval_top_p, run.eval_top_k, seed=run.seed * 1_000_003 + self.step_idx,
+                                      presence_penalty=run.eval_presence_penalty)
+        judge = self.heldout_grader in ("judge", "auto")
         if judge:
             self.teacher_engine.resume_memory()
         kw = self.judge_kwargs(self.heldout_grader)

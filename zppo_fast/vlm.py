@@ -28,6 +28,7 @@ and `load_vlm` falls back to it when torchvision is missing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import io
 from collections.abc import Sequence
@@ -143,8 +144,9 @@ def load_vlm(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel,
     return model, processor
 
 
-def load_processor(path: str | Path) -> Any:
-    """The processor (image processor + tokenizer) of a local image-text-to-text folder."""
+def load_processor(path: str | Path, pixels: tuple[int | None, int | None] = (None, None)) -> Any:
+    """The processor (image processor + tokenizer) of a local image-text-to-text folder; `pixels`:
+    (min, max) pixels per resized image (`set_image_pixels`; None: the folder's own bound)."""
     from transformers import AutoProcessor
 
     path = _model_folder(path)
@@ -162,7 +164,29 @@ def load_processor(path: str | Path) -> Any:
                              "not an image-text-to-text model folder; use model.load_model for a text model")
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    set_image_pixels(processor, *pixels, where=str(path))
     return processor
+
+
+def set_image_pixels(processor: Any, min_pixels: int | None, max_pixels: int | None, where: str = "") -> None:
+    """Bound the pixel count of every image the processor resizes (Qwen-VL image processors keep
+    the bounds in `size`: shortest_edge = min pixels, longest_edge = max pixels; the image is scaled,
+    aspect ratio kept, to sides that are multiples of patch x merge size within them). None leaves
+    that bound as it is; an image processor without such bounds is an error when one is given."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor, at = processor.image_processor, f"{where}: " if where else ""
+    size = getattr(image_processor, "size", None)
+    edges = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    current = {k: (size.get(k) if isinstance(size, dict) else getattr(size, k, None)) for k in edges}
+    if None in current.values():
+        raise ValueError(f"{at}the image processor {type(image_processor).__name__} has no pixel bounds "
+                         f"(size = {size!r}); set data.image_min_pixels / image_max_pixels to none")
+    new = {k: v if v is not None else current[k] for k, v in edges.items()}
+    if not 0 < new["shortest_edge"] <= new["longest_edge"]:
+        raise ValueError(f"{at}image pixel bounds must satisfy 0 < min <= max, got min {new['shortest_edge']}, "
+                         f"max {new['longest_edge']} (data.image_min_pixels / image_max_pixels)")
+    image_processor.size = {**size, **new} if isinstance(size, dict) else dataclasses.replace(size, **new)
 
 
 # --- images -------------------------------------------------------------------------------------
