@@ -101,7 +101,7 @@ BAD_VALUES = [
     (["--zppo.compression", "summary"], "'zppo.compression' must be one of 'teacher', 'none'"),
     (["--run.device", "tpu"], "'run.device' must be one of 'auto', 'cpu', 'cuda'"),
     (["--model.dtype", "float8"], "'model.dtype' must be one of"),
-    (["--data.grader", "boxd"], "'data.grader' must be one of boxed, choice"),
+    (["--data.grader", "boxd"], "'data.grader' must be one of auto, boxed, choice"),
     (["--data.heldout_grader", "my_rewards:"], "'data.heldout_grader' must be one of"),
     # Types, and the command line's own mistakes.
     (["--rl.group_size", "2.5"], "'rl.group_size' expects int"),
@@ -132,7 +132,7 @@ def test_eval_checks_its_options_before_loading_a_model(capsys):
     for argv, message in ((["--top-p", "0"], "argument --top-p: must be in (0, 1], got 0.0"),
                           (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
                           (["--temperature", "nan"], "argument --temperature: must be a finite number"),
-                          (["--grader", "boxd"], "argument --grader: must be one of boxed")):
+                          (["--grader", "boxd"], "argument --grader: must be one of auto, boxed")):
         code, _, err = run_main("eval", base + argv, capsys)  # no/model does not exist: a load would fail else
         assert code == 2 and err.count("\n") == 1 and message in err, err
 
