@@ -9,9 +9,9 @@ one call (oldest first), and, as training makes them, 1,024 ids drawn at random 
 buffer per call (refilled untimed after each). update() is the step owner's
 checked path (membership, duplicates; one thread); the concurrent path admits without
 membership checks (PythonReplayBuffer.admit under its lock vs the lock-free Ring.admit).
-Samples are sample(96) calls (96 = 0.25 * 384, the paper's replay count). Every "ours" call of
-update() and sample() includes PromptReplayBuffer's lock (it makes the buffer shareable between
-threads), as the baseline's include its own.
+Samples are sample(96) calls (96 = 0.25 * 384, the paper's replay count). "ours" is the thread-safe
+PromptReplayBuffer: update() takes its lock, sample() none (the ring's gate orders it against
+updates), while the baseline takes its lock in both.
 
     python bench/bench_replay.py            # print the table
     python bench/bench_replay.py --record   # also write the "## Replay ring" section of bench/RESULTS.md

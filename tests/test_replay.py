@@ -389,8 +389,8 @@ def test_history_dtype_fields():
 def test_buffer_shared_by_threads_accounts_for_every_id():
     """4 threads update() disjoint id ranges (1,000,000 in all) while a fifth samples, asks len()
     and `in`: no call raises, samples are distinct live-looking ids, and every id ends up exactly
-    once live, graduated or evicted. Without the buffer's lock the ring refuses the overlapping
-    calls (RuntimeError), so this fails."""
+    once live, graduated or evicted. Without the buffer's lock and retries the ring refuses the
+    overlapping calls (RuntimeError), so this fails."""
     capacity, per_thread, batch = 10_000, 250_000, 2_500
     buf = PromptReplayBuffer(capacity, seed=3)
     returned = [[] for _ in range(4)]  # (graduated, evicted) id arrays each update() reported
@@ -418,7 +418,8 @@ def test_buffer_shared_by_threads_accounts_for_every_id():
         rng = np.random.default_rng(0)
         try:
             while not stop.is_set():
-                s = buf.sample(96)
+                # 96 keeps the GIL in the ring; 2048 releases it, so updates meet samples in flight
+                s = buf.sample(96 if seen["samples"] % 2 else 2048)
                 assert len(np.unique(s)) == len(s) and ((s >= 0) & (s < 4 * per_thread)).all()
                 assert 0 <= len(buf) <= capacity
                 seen["contains_true"] += int(rng.integers(4 * per_thread)) in buf

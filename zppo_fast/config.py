@@ -198,7 +198,7 @@ class RLConfig:
     # A loss or gradient norm that is NaN or infinite: stop = end the run with an error naming the
     # step and the metric (nothing of that step is saved, so the last checkpoint is the last good
     # state); skip = drop that optimizer step (no weight or AdamW change) and count it in
-    # loss/skipped_steps
+    # loss/skipped_steps (it reads the loss and norm from the device before each optimizer step)
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
 

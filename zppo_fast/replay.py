@@ -13,14 +13,14 @@ the exit history is its C++ log (csrc/exit_log.hpp), appended by the same call t
 step; this class checks arguments and saves/restores everything (the counter-based
 sampler's state included) as plain ints and numpy arrays.
 
-Threads: every method may be called from any thread. One lock per buffer serializes the calls
-into the ring, so concurrent `update()` calls apply one after the other, and `sample`, `len`,
-`in`, `ids`, `history` and `state_dict` called while another thread is in `update()` wait for
-it: they see the buffer before or after that update, never part of one. (The ring itself lets
-only one step owner in at a time and raises RuntimeError on an overlap; the lock is what makes
-the buffer shareable. Uncontended it costs ~0.1 us per call: bench/bench_replay.py.) Threads
-that must admit concurrently without waiting use the raw ring's lock-free
-`zppo_fast._replay.Ring.admit`.
+Threads: every method may be called from any thread, and sees the buffer before or after any
+`update()` running in another thread, never part of one. A lock per buffer serializes the ring's
+step-owner calls (`update`, `in`, `len`, `ids`, `history`, the state), so concurrent `update()`
+calls apply one after the other. `sample` takes no lock: the ring's gate (csrc/replay_ring.hpp,
+AccessGate) refuses a sample that would overlap an owner call -- the sample then waits for the lock
+and runs after that call -- and an owner call that would overlap a sample, which is retried until
+the sample has ended. So samplers never wait for one another, only for an update. Threads that
+must admit concurrently without waiting use the raw ring's lock-free `zppo_fast._replay.Ring.admit`.
 
 `visits` counts the steps that evaluated an entry after the one that admitted it, the
 graduating step included.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -37,6 +38,8 @@ import numpy as np
 from zppo_fast import _replay
 
 STATE_FORMAT = "zppo_fast.replay/1"
+# The ring's refusal of an owner call that met a sample in flight (csrc/replay_ring.hpp, AccessGate).
+_MET_A_SAMPLER = "overlapped admit/sample"
 
 # One row per exit from the buffer, in exit order (the graduation-dynamics figures read this):
 # qid, step_admitted, acc_admitted, exit_step, graduated (False: evicted), visits, last_acc.
@@ -77,7 +80,7 @@ class PromptReplayBuffer:
         self.threshold = float(threshold)
         self._ring = _replay.Ring(self.capacity, int(seed) % 2**64)
         self._log = _replay.ExitLog()
-        self._lock = threading.Lock()  # every ring and log call, see the module docstring
+        self._lock = threading.Lock()  # the ring's owner calls and the log, see the module docstring
 
     def update(self, question_ids, accuracies, step: int) -> ReplayUpdate:
         """Apply one step's plain-rollout accuracies: (n,) distinct int ids, (n,) floats in [0, 1].
@@ -94,7 +97,7 @@ class PromptReplayBuffer:
         # One C++ call: checks accuracies (NaN, range) and duplicate ids before changing
         # anything, applies the step, appends the exits to the log.
         with self._lock:
-            out = self._ring.update(ids, accs, int(step), self.threshold, self._log)
+            out = self._owner(self._ring.update, ids, accs, int(step), self.threshold, self._log)
         if type(out) is int:
             raise ValueError(f"accuracies[{out}] = {accs[out]} (question id {ids[out]}) is not in [0, 1]")
         return ReplayUpdate._make(out)
@@ -105,12 +108,12 @@ class PromptReplayBuffer:
         if not -(2**63) <= int(qid) < 2**63:
             return False
         with self._lock:
-            return self._ring.contains(int(qid))
+            return self._owner(self._ring.contains, int(qid))
 
     def ids(self) -> np.ndarray:
         """(n,) int64 live ids, oldest first."""
         with self._lock:
-            return self._ring.records()["qid"]
+            return self._owner(self._ring.records)["qid"]
 
     def history(self) -> np.ndarray:
         """(x,) structured array of HISTORY_DTYPE: one row per graduation or eviction, in order."""
@@ -127,14 +130,14 @@ class PromptReplayBuffer:
         Compacts the ring first (no change to its contents), so this buffer and one loaded
         from the result draw the same samples from here on."""
         with self._lock:
-            self._ring.compact_holes()
+            self._owner(self._ring.compact_holes)
             return {
                 "format": STATE_FORMAT,
                 "capacity": self.capacity,
                 "threshold": self.threshold,
-                "live": dict(self._ring.records()),
+                "live": dict(self._owner(self._ring.records)),
                 "history": dict(self._log.columns()),
-                "sampler": dict(zip(("key", "calls"), self._ring.sampler_state())),
+                "sampler": dict(zip(("key", "calls"), self._owner(self._ring.sampler_state))),
             }
 
     def load_state_dict(self, state: dict) -> None:
@@ -169,7 +172,8 @@ class PromptReplayBuffer:
             raise ValueError(f"state['sampler'] must be {{'key': uint64, 'calls': uint64}}, got {sampler!r}")
         # The ring checks count and duplicate ids before touching anything.
         with self._lock:
-            self._ring.load(
+            self._owner(
+                self._ring.load,
                 live["qid"],
                 live["step_admitted"],
                 live["acc_admitted"],
@@ -184,12 +188,22 @@ class PromptReplayBuffer:
         """(min(k, len),) distinct live ids drawn uniformly; they stay in the buffer."""
         if not _is_int(k) or k < 0:
             raise ValueError(f"k must be a non-negative integer, got {k!r}")
-        # acquire/release, not `with`: half the cost, which matters at ~4 us per sample(96)
-        self._lock.acquire()
         try:
-            return self._ring.sample(k)
-        finally:
-            self._lock.release()
+            return self._ring.sample(k)  # no lock: the ring refuses to start it during an owner call
+        except RuntimeError:
+            with self._lock:  # that call holds the lock: wait for it to end, then sample
+                return self._ring.sample(k)
+
+    def _owner(self, call, *args):
+        """The ring's owner call `call(*args)`, under the lock (the caller holds it): the ring
+        refuses it while a lock-free sample() is in flight, so it is retried until that ended."""
+        while True:
+            try:
+                return call(*args)
+            except RuntimeError as e:
+                if _MET_A_SAMPLER not in str(e):
+                    raise
+            time.sleep(0)  # hand the GIL to the sampler
 
     def __len__(self) -> int:
         self._lock.acquire()

@@ -135,12 +135,12 @@ from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, grader_scores, replay_c
 # Loss statistics, summed over tokens by the fused losses -> metric names (token means).
 POLICY_METRICS = {"loss": "loss/policy", "clip_low": "loss/clip_frac_low", "clip_high": "loss/clip_frac_high",
                   "dual_clip": "loss/dual_clip_frac", "ratio": "loss/ratio_mean", "approx_kl": "loss/approx_kl"}
+DISTILL_METRICS = {"loss": "loss/jsd", "forward_kl": "loss/forward_kl", "reverse_kl": "loss/reverse_kl"}
 # config.json's key for what the run chose where the config left it open (not a config section).
 RESOLVED = "resolved"
 # `update`'s entropy sum (all ranks) over its first mini-batch, computed before any optimizer step;
 # `step` folds it into rollout/entropy, as the old-log-prob pass no longer covers that mini-batch.
 FIRST_ENTROPY = "entropy_sum/first_minibatch"
-DISTILL_METRICS = {"loss": "loss/jsd", "forward_kl": "loss/forward_kl", "reverse_kl": "loss/reverse_kl"}
 
 
 class NonFiniteError(RuntimeError):
