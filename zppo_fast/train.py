@@ -128,6 +128,21 @@ POLICY_METRICS = {"loss": "loss/policy", "clip_low": "loss/clip_frac_low", "clip
 DISTILL_METRICS = {"loss": "loss/jsd", "forward_kl": "loss/forward_kl", "reverse_kl": "loss/reverse_kl"}
 
 
+def check_same_vision(algo: str, student, teacher_processor, teacher_dir: Path) -> None:
+    """Distillation of a VLM student: the teacher scores the student's image rows (its pixel patches and
+    their placeholders), so it must be a VLM whose vision tower cuts images as the student's does."""
+    if teacher_processor is None:
+        raise ConfigError(f"rl.algo = {algo} with a vision-language student needs a vision-language teacher to "
+                          f"score its image questions; {teacher_dir} has no vision tower")
+    keys = ("patch_size", "temporal_patch_size", "spatial_merge_size", "in_channels")
+    s = student.config.vision_config
+    t = model_from_config(teacher_dir, "float32", meta=True).config.vision_config
+    diff = {k: (getattr(s, k, None), getattr(t, k, None)) for k in keys if getattr(s, k, None) != getattr(t, k, None)}
+    if diff:
+        raise ConfigError(f"rl.algo = {algo}: the teacher ({teacher_dir}) cuts images unlike the student; "
+                          f"(student, teacher) vision settings that differ: {diff}")
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True):
         self.cfg = cfg
@@ -249,9 +264,8 @@ class Trainer:
             self.guide = HintPrefixBuilder(self.algo.kinds[0], self.teacher_engine, teacher_tok, self.tokenizer,
                                            GuidanceSettings.from_config(cfg.zppo), **teacher_kw)
         if self.algo.distill:
-            if self.processor is not None:  # distillation_data and the scoring forward are text-only
-                raise ConfigError(f"rl.algo = {cfg.rl.algo} runs on text students only: the teacher's rollouts and "
-                                  "its scoring forward take no images")
+            if self.processor is not None:  # the teacher scores the student's image rows: it must read them alike
+                check_same_vision(cfg.rl.algo, self.policy.lm, self.teacher_processor, teacher_dir)
             try:
                 check_shared_vocab(self.tokenizer, teacher_tok)
             except ValueError as e:
@@ -351,7 +365,7 @@ class Trainer:
             model = engine.model
         else:
             model = load_model(folder, self.cfg.model.dtype)[0].to(self.device).eval().requires_grad_(False)
-        return Policy(model)
+        return (VLMPolicy if is_vlm(model) else Policy)(model)  # a VLM teacher reads image rows with their images
 
     def warm_start(self, sft, snapshots: tuple[int, ...] = ()) -> Path:
         """The cached warm-up folder for `sft`; rank 0 trains it if absent while the others wait."""
@@ -442,11 +456,14 @@ class Trainer:
             self.teacher_engine.resume_memory()
             examples, dm = distillation_data(self.teacher_engine, self.tokenizer, problems,
                                              GuidanceSettings.from_config(cfg.zppo), self.step_idx, seed=cfg.run.seed,
-                                             grade_fn=grader_scores(self.grader))
+                                             grade_fn=grader_scores(self.grader), processor=self.teacher_processor)
             self.teacher_engine.release_memory()
             t["time/teacher"] = time.perf_counter() - t0
             m.update(dm)
-            train = RolloutBatch([Rollout(e.prompt_ids, e.response_ids, 1.0, e.question) for e in examples])
+            # The student trains on its own prompt (with a VLM student, its encoding of the images).
+            student_prompts = {i: self.prompt(problems[i].question, problems[i]) for i in {e.question for e in examples}}
+            train = RolloutBatch([Rollout(student_prompts[e.question].input_ids, e.response_ids, 1.0, e.question,
+                                          student_prompts[e.question].images) for e in examples])
 
         self.engine.release_memory()  # training gets the GPU memory the student's engine held
 
