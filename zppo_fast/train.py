@@ -151,6 +151,11 @@ class Trainer:
         self.algo = ALGOS[cfg.rl.algo]
         if cfg.run.wandb:
             import_wandb()  # a missing package fails now, not after the models have loaded
+        # The data files must exist (and be of a known format) before any model loads: a GPU recipe
+        # run without its data stops here, naming the file, and never trains on the arithmetic task,
+        # which only an empty data.train asks for.
+        for path in [*cfg.data.train, *cfg.data.heldout]:
+            DatasetFile(path)
 
         # 0. The process group (a world of one without torchrun) and this rank's device.
         self.dist = dist = init_distributed(cfg.run.device)
@@ -226,15 +231,13 @@ class Trainer:
 
         # 4. The questions: the user's files, validated in one pass now, or the arithmetic task; the
         #    stream of training ids; the held-out set (arithmetic: a seeded sample, not a prefix, as
-        #    consecutive ids are one fact in its 24 wordings; files: checked to exist now).
+        #    consecutive ids are one fact in its 24 wordings; files: checked to exist at the start of __init__).
         self.task = self.make_task()
         self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
         heldout = self.task.heldout_ids()
         self.heldout = [self.task.problem(q) for q in
                         sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
         self.heldout_sets = pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
-        for s in self.heldout_sets:
-            DatasetFile(s.path)  # raises DatasetError now, naming the file, if it is missing or of no known format
         self.grader = get_grader(self.train_grader, **self.judge_kwargs(self.train_grader))
 
         # 5. AdamW over the parameter shards, constant learning rate.
