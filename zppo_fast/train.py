@@ -29,7 +29,8 @@ step, read top to bottom in `Trainer.step`:
                  the per-token generalized JSD to the frozen teacher's distribution
                  (`zppo.distill_beta`), over the teacher's correct rollouts (off) or the student's
                  own (on): the teacher's hidden states for the same packed micro-batch and its
-                 lm_head weight go into the fused JSD.
+                 lm_head weight go into the fused JSD. It is a token mean over all of the step's
+                 target tokens (the paper averages per question; README, "Where zppo_fast differs").
   7. replay      plain-rollout accuracies admit (< 0.5) and graduate (>= 0.5) buffer entries.
   8. resync      the new weights are pushed into the rollout engine, bucket by bucket.
                  With SGLang the engines time-share the GPUs with training: the student's releases
