@@ -169,7 +169,8 @@ def test_distillation_with_a_vlm_student(tiny_config, vlm_data, tokenizer, tmp_p
     teacher_dir = tmp_path / "teacher"
     for part in build_tiny_vlm(tokenizer, seed=1):
         part.save_pretrained(teacher_dir)
-    trainer = Trainer(tiny_config("--run.steps", "1", "--model.path", str(folder), "--zppo.teacher_path", str(teacher_dir),
+    trainer = Trainer(tiny_config("--run.steps", "1", "--model.path", str(folder),
+                                  "--zppo.teacher_path", str(teacher_dir),
                                   "--data.train", str(data), "--data.grader", "boxed", "--rl.algo", algo, *FAST),
                       progress=False)
     answers = {r.question: r.answer for r in trainer.task.records}

@@ -465,7 +465,8 @@ class Trainer:
             t["time/teacher"] = time.perf_counter() - t0
             m.update(dm)
             # The student trains on its own prompt (with a VLM student, its encoding of the images).
-            student_prompts = {i: self.prompt(problems[i].question, problems[i]) for i in {e.question for e in examples}}
+            student_prompts = {i: self.prompt(problems[i].question, problems[i])
+                               for i in {e.question for e in examples}}
             train = RolloutBatch([Rollout(student_prompts[e.question].input_ids, e.response_ids, 1.0, e.question,
                                           student_prompts[e.question].images) for e in examples])
 
