@@ -180,7 +180,7 @@ def test_hint_builder_drops_and_counts_leaks(tokenizer):
     out, m = HintPrefixBuilder("hint", teacher, tokenizer, tokenizer, settings, seed=1)(problems, texts, rewards, 4, 3)
     assert [(g.question, g.kind) for g in out] == [(0, "hint")]
     assert m["hint/dropped_leak"] == 2 and m["hint/dropped_empty"] == 0 and m["hint/built"] == 1
-    assert m["hint/eligible"] == 3 and m["hint/hard_frac"] == 4 / 5
+    assert m["hint/eligible"] == 3 and m["hint/hard_frac"] == 4 / 5 and m["hint/skipped_teacher_wrong"] == 1
     assert m["hint/teacher_acc_on_hard"] == pytest.approx(5 / 8)
     # teacher rollouts for the 4 hard questions, then one hint request per chosen question
     rollout_calls = [c for c in teacher.calls if "Read the solved" not in c[0]]
@@ -218,8 +218,8 @@ def test_builder_cap_priority_and_prefix(tokenizer):
     settings = GuidanceSettings(teacher_group_size=1)
     builder = HintPrefixBuilder("prefix", teacher, tokenizer, tokenizer, settings, seed=0)
     out, m = builder(problems, texts, rewards, 3, 0)
-    assert [g.question for g in out] == [1, 3, 0]  # Q4 has no teacher-correct rollout
-    assert m["prefix/dropped_empty"] == 0 and m["prefix/eligible"] == 4 and m["prefix/built"] == 3
+    assert [g.question for g in out] == [1, 3]  # X_aug = Q1, Q3, Q4; Q4's teacher is all wrong: skipped
+    assert m["prefix/dropped_empty"] == 0 and m["prefix/eligible"] == 2 and m["prefix/built"] == 2
     for g in out:
         full = tokenizer(teacher.rollouts[f"Q{g.question} "][0], add_special_tokens=False)["input_ids"]
         assert g.prefix_ids == full[: int(0.4 * len(full))] and len(g.prefix_ids) > 0
@@ -231,9 +231,44 @@ def test_builder_cap_priority_and_prefix(tokenizer):
     # a fraction that rounds every (short) response's prefix down to nothing: dropped, counted
     tiny = HintPrefixBuilder("prefix", teacher, tokenizer, tokenizer, GuidanceSettings(1, prefix_fraction=0.01))
     out, m = tiny(problems, texts, rewards, 3, 0)
-    assert out == [] and m["prefix/dropped_empty"] == 3 and m["prefix/built"] == 0
+    assert out == [] and m["prefix/dropped_empty"] == 2 and m["prefix/built"] == 0
     with pytest.raises(ValueError, match="kind"):
         HintPrefixBuilder("bcq", teacher, tokenizer, tokenizer)
+
+
+def asked(teacher) -> list[int]:
+    """The questions the scripted teacher was asked to solve, in call order (hint requests left out)."""
+    return [int(text.split(" how many?")[0].rsplit("Q", 1)[1]) for text, _ in teacher.calls
+            if "Read the solved" not in text]
+
+
+@pytest.mark.parametrize("kind", ["hint", "prefix"])
+def test_hint_and_prefix_select_as_the_paper_defines(tokenizer, kind):
+    """X_aug = the `cap` hard questions of lowest accuracy, chosen before the teacher runs; the teacher
+    is asked for those only; one whose teacher rollouts are all wrong is skipped, not replaced.
+
+    Accuracies (G_S = 8): Q0 2/8, Q1 0, Q2 4/8 (not hard: exactly 0.5), Q3 1/8, Q4 0, Q5 3/8.
+    Ascending, ties by index: Q1, Q4, Q3, Q0, Q5. The teacher solves every question but Q4.
+      cap 3 -> X_aug Q1, Q4, Q3 -> built Q1, Q3 (Q4 skipped; Q0, which the teacher solves, not taken)
+      cap 1 -> X_aug Q1 (the tie with Q4 goes to the lower index)
+      cap 0 -> nothing asked
+      cap 9 -> X_aug all 5 hard -> built Q1, Q3, Q0, Q5
+    """
+    problems = [Problem(i, f"Q{i} how many?", str(i + 3), "") for i in range(6)]
+    rollouts = {f"Q{i} ": [WRONG, WRONG] if i == 4 else [WRONG, right(i + 3)] for i in range(6)}
+    hints = {f"work {i + 3}": "Count carefully." for i in range(6)}
+    correct = [2, 0, 4, 1, 0, 3]
+    rewards = [[1.0] * c + [0.0] * (8 - c) for c in correct]
+    texts = [["a"] * 8] * 6
+    settings = GuidanceSettings(teacher_group_size=2, teacher_max_new_tokens=16)
+    for cap, want_asked, want_built in ((3, [1, 4, 3], [1, 3]), (1, [1], [1]), (0, [], []),
+                                        (9, [1, 4, 3, 0, 5], [1, 3, 0, 5])):
+        teacher = ScriptedTeacher(tokenizer, rollouts, hints)
+        out, m = HintPrefixBuilder(kind, teacher, tokenizer, tokenizer, settings, seed=2)(problems, texts, rewards,
+                                                                                           cap, 1)
+        assert asked(teacher) == want_asked, cap
+        assert [g.question for g in out] == want_built, cap
+        assert m[f"{kind}/skipped_teacher_wrong"] == (4 in want_asked) and m[f"{kind}/built"] == len(want_built)
 
 
 # --- the builder: a real tiny teacher ------------------------------------------------------

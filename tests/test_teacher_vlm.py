@@ -4,10 +4,11 @@ rollout is graded by the trainer's grader (multiple-choice letters, not only \\b
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from zppo_fast.baselines import GuidanceSettings, HintPrefixBuilder, distillation_data
-from zppo_fast.config import ZPPOConfig
+from zppo_fast.config import ConfigError, ZPPOConfig
 from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
 from zppo_fast.engine import Sample
 from zppo_fast.graders import get_grader
@@ -140,3 +141,62 @@ def test_vlm_teacher_sees_the_question_images(tiny_config, vlm_data):
     # The compression prompts read the candidates' text only.
     compress = [p for p, ims in calls if ims is None]
     assert compress and all(image_token not in ids for p in compress for ids in p)
+
+
+class AnsweringTeacher:
+    """The teacher's engine made right: each rollout boxes its question's gold answer (the questions
+    are told apart by their decoded text); records the images each call carried."""
+
+    def __init__(self, tokenizer, answers: dict[str, str]):
+        self.tokenizer, self.answers, self.images = tokenizer, answers, []
+
+    def generate(self, prompts, params, images=None):
+        self.images.append(images)
+        out = []
+        for ids in prompts:
+            text = self.tokenizer.decode(ids)
+            answer = rf"\boxed{{{next(a for q, a in self.answers.items() if q in text)}}}"
+            tokens = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            out.append([Sample(tokens, answer, "stop", [0.0] * len(tokens))] * params.n)
+        return out
+
+
+@pytest.mark.parametrize("algo", ["off_distill", "on_distill"])
+def test_distillation_with_a_vlm_student(tiny_config, vlm_data, tokenizer, tmp_path, algo):
+    """A tiny Qwen3.5 VLM student distilled from another (a VLM teacher of other weights): one step
+    trains on image rows, and the teacher's scoring forward reads those rows with their images (an
+    ImageMicroBatch with pixels)."""
+    from zppo_fast.vlm import ImageMicroBatch
+
+    folder, data = vlm_data
+    teacher_dir = tmp_path / "teacher"
+    for part in build_tiny_vlm(tokenizer, seed=1):
+        part.save_pretrained(teacher_dir)
+    trainer = Trainer(tiny_config("--run.steps", "1", "--model.path", str(folder),
+                                  "--zppo.teacher_path", str(teacher_dir),
+                                  "--data.train", str(data), "--data.grader", "boxed", "--rl.algo", algo, *FAST),
+                      progress=False)
+    answers = {r.question: r.answer for r in trainer.task.records}
+    teacher = AnsweringTeacher(trainer.tokenizer, answers)
+    trainer.teacher_engine.generate = teacher.generate
+    scored = []
+    forward = trainer.teacher_lm.forward
+    trainer.teacher_lm.forward = lambda mb: scored.append(mb) or forward(mb)
+    before = [p.detach().full_tensor().clone() for p in trainer.policy.parameters()]
+    m = trainer.step()
+
+    assert m["loss/jsd"] > 0 and m["loss/trained_tokens"] > 0
+    if algo == "off_distill":
+        assert m["distill/teacher_acc"] == 1.0
+        assert any(ims is not None and any(ims) for ims in teacher.images)  # its rollouts saw the images
+    image_mbs = [mb for mb in scored if isinstance(mb, ImageMicroBatch) and mb.pixel_values is not None]
+    assert image_mbs and all(trainer.processor.image_token_id in mb.input_ids for mb in image_mbs)
+    after = [p.detach().full_tensor() for p in trainer.policy.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_vlm_student_distillation_needs_a_vlm_teacher(tiny_config, vlm_data):
+    folder, data = vlm_data
+    with pytest.raises(ConfigError, match="vision-language teacher"):
+        Trainer(tiny_config("--run.steps", "1", "--model.path", str(folder), "--data.train", str(data),
+                            "--rl.algo", "on_distill", *FAST), progress=False)

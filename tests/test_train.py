@@ -94,7 +94,8 @@ def test_minibatches_keep_groups_whole():
 def step_batch() -> RolloutBatch:
     """A step's batch as the trainer lays it out: 6 new, 2 replayed, then 3 BCQ and 5 NCQ groups of 2."""
     kinds = ["new"] * 6 + ["replayed"] * 2 + ["bcq"] * 3 + ["ncq"] * 5
-    return RolloutBatch([Rollout([1, g], [2] * (1 + g % 3), 0.0, g, kind=k) for g, k in enumerate(kinds) for _ in range(2)])
+    return RolloutBatch([Rollout([1, g], [2] * (1 + g % 3), 0.0, g, kind=k)
+                         for g, k in enumerate(kinds) for _ in range(2)])
 
 
 def test_minibatches_spread_every_kind_of_group():

@@ -16,11 +16,13 @@ The trainer runs them as `rl.algo` grpo_replay_hint, grpo_replay_prefix and off_
 (zppo_fast/train.py; the table in zppo_fast/zppo.py). On-policy distillation (on_distill[_replay])
 needs no data step here: the student's own rollouts are scored by the teacher inside the loss.
 
-`HintPrefixBuilder` mirrors `zppo_fast.zppo.Reformulator`: same call (problems, student texts,
-rewards, cap, step) -> (instances, metrics), same teacher rollouts (same seeds), same cap and
-priority (`zppo_fast.selection`): a hint/prefix instance is one per question and needs a
-teacher-correct rollout, which is exactly `select_reformulations` in its BCQ-only mode (a hard
-question always has a wrong student rollout).
+`HintPrefixBuilder` mirrors `zppo_fast.zppo.Reformulator`'s call (problems, student texts,
+rewards, cap, step) -> (instances, metrics) and its teacher seeds, but selects as the paper
+defines the baselines: X_aug is the `cap` hard questions of lowest accuracy (ties by batch index,
+as in `zppo_fast.selection`), chosen BEFORE the teacher runs; the teacher is asked only for those,
+and a question of X_aug whose teacher rollouts are all wrong is skipped (counted in
+`<kind>/skipped_teacher_wrong`), its slot not refilled from further down the list. (ZPPO instead
+asks the teacher for every hard question and fills its cap from what it gets back.)
 
 Choices the paper leaves open, made here:
 
@@ -63,7 +65,7 @@ from zppo_fast import prompts
 from zppo_fast.data import chat_prompt_ids, instruction_prompt_ids
 from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.reward import grade, normalize_answer
-from zppo_fast.selection import HARD_THRESHOLD, select_reformulations
+from zppo_fast.selection import HARD_THRESHOLD
 from zppo_fast.task import Problem
 from zppo_fast.zppo import GradeFn, boxed_grade, teacher_rollouts
 
@@ -218,9 +220,11 @@ class HintPrefixBuilder:
         hard = [i for i, a in enumerate(accuracy) if a < cfg.hard_threshold]
         metrics = {f"{k}/hard_frac": len(hard) / max(len(problems), 1), f"{k}/teacher_tokens": 0.0}
 
-        # Fresh teacher rollouts for every hard question (same seeds as zppo.Reformulator).
-        correct: dict[int, list[str]] = {i: [] for i in hard}
-        if hard:
+        # X_aug: the `cap` hardest questions (sorted() is stable: ties stay in batch order), and
+        # fresh teacher rollouts for those only (same seeds as zppo.Reformulator).
+        aug = sorted(hard, key=lambda i: accuracy[i])[:cap]
+        correct: dict[int, list[str]] = {i: [] for i in aug}
+        if aug:
             params = SamplingParams(
                 n=cfg.teacher_group_size,
                 temperature=cfg.teacher_temperature,
@@ -228,18 +232,17 @@ class HintPrefixBuilder:
                 max_new_tokens=cfg.teacher_max_new_tokens,
                 seed=self.seed * 1_000_003 + step,
             )
-            _, groups, right = teacher_rollouts(self.teacher, self.teacher_tokenizer, [problems[i] for i in hard],
+            _, groups, right = teacher_rollouts(self.teacher, self.teacher_tokenizer, [problems[i] for i in aug],
                                                 params, self.processor, self.grade_fn)
-            for i, group, ok in zip(hard, groups, right):
+            for i, group, ok in zip(aug, groups, right):
                 metrics[f"{k}/teacher_tokens"] += sum(len(s.token_ids) for s in group)
                 correct[i] = [s.text for s, r in zip(group, ok) if r]
-            metrics[f"{k}/teacher_acc_on_hard"] = sum(map(len, correct.values())) / (len(hard) * params.n)
+            # over the questions asked (X_aug), which are the hard ones the cap admits
+            metrics[f"{k}/teacher_acc_on_hard"] = sum(map(len, correct.values())) / (len(aug) * params.n)
 
-        eligible = [bool(correct.get(i)) for i in range(len(problems))]
-        metrics[f"{k}/eligible"] = float(sum(eligible))
-        chosen = [i for i, _ in select_reformulations(accuracy, eligible, cap, kinds=("bcq",),
-                                                          hard_threshold=cfg.hard_threshold)]
-        picked = {i: rng.choice(correct[i]) for i in chosen}
+        picked = {i: rng.choice(correct[i]) for i in aug if correct[i]}  # all-wrong teacher: skipped
+        metrics[f"{k}/eligible"] = float(len(picked))
+        metrics[f"{k}/skipped_teacher_wrong"] = float(len(aug) - len(picked))
         out = self._hints(problems, picked, metrics, step) if k == "hint" else self._prefixes(problems, picked, metrics)
         metrics[f"{k}/built"] = float(len(out))
         return out, metrics
@@ -315,12 +318,14 @@ def distillation_data(
     step: int,
     seed: int = 0,
     grade_fn: GradeFn = boxed_grade,
+    processor: Any = None,
 ) -> tuple[list[DistillExample], dict[str, float]]:
     """Off-policy distillation's data step: G_T fresh teacher rollouts per question, graded by
     `grade_fn` (the trainer's grader; boxed by default); the correct ones (in question order, then
-    sample order) as examples. `tokenizer` is the shared one. Text only: a DistillExample holds
-    token ids, and the JSD's scoring forward takes no images (the trainer refuses distillation for
-    a vision-language student, so no image question reaches it)."""
+    sample order) as examples. `tokenizer` is the shared one. `processor`: the teacher's, when it
+    is a vision-language model; its rollouts then see the question's images (`teacher_rollouts`),
+    and the trainer pairs each response with the student's own prompt of the question, images
+    included, which the teacher's scoring forward reads too."""
     params = SamplingParams(
         n=settings.teacher_group_size,
         temperature=settings.teacher_temperature,
@@ -328,7 +333,7 @@ def distillation_data(
         max_new_tokens=settings.teacher_max_new_tokens,
         seed=seed * 1_000_003 + step,
     )
-    prompts_, groups, right = teacher_rollouts(teacher, tokenizer, problems, params, grade_fn=grade_fn)
+    prompts_, groups, right = teacher_rollouts(teacher, tokenizer, problems, params, processor, grade_fn)
     examples, tokens = [], 0
     for i, (q, group, ok) in enumerate(zip(prompts_, groups, right)):
         tokens += sum(len(s.token_ids) for s in group)

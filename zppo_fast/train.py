@@ -32,7 +32,8 @@ step, read top to bottom in `Trainer.step`:
                  the per-token generalized JSD to the frozen teacher's distribution
                  (`zppo.distill_beta`), over the teacher's correct rollouts (off) or the student's
                  own (on): the teacher's hidden states for the same packed micro-batch and its
-                 lm_head weight go into the fused JSD.
+                 lm_head weight go into the fused JSD. It is a token mean over all of the step's
+                 target tokens (the paper averages per question; README, "Where zppo_fast differs").
   7. replay      plain-rollout accuracies admit (< hard_threshold) and graduate (>= it) buffer entries.
   8. resync      the new weights are pushed into the rollout engine, bucket by bucket.
                  With SGLang the engines time-share the GPUs with training: the student's releases
@@ -148,12 +149,32 @@ class NonFiniteError(RuntimeError):
     step and the metric."""
 
 
+def check_same_vision(algo: str, student, teacher_processor, teacher_dir: Path) -> None:
+    """Distillation of a VLM student: the teacher scores the student's image rows (its pixel patches and
+    their placeholders), so it must be a VLM whose vision tower cuts images as the student's does."""
+    if teacher_processor is None:
+        raise ConfigError(f"rl.algo = {algo} with a vision-language student needs a vision-language teacher to "
+                          f"score its image questions; {teacher_dir} has no vision tower")
+    keys = ("patch_size", "temporal_patch_size", "spatial_merge_size", "in_channels")
+    s = student.config.vision_config
+    t = model_from_config(teacher_dir, "float32", meta=True).config.vision_config
+    diff = {k: (getattr(s, k, None), getattr(t, k, None)) for k in keys if getattr(s, k, None) != getattr(t, k, None)}
+    if diff:
+        raise ConfigError(f"rl.algo = {algo}: the teacher ({teacher_dir}) cuts images unlike the student; "
+                          f"(student, teacher) vision settings that differ: {diff}")
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True):
         self.cfg = check_config(cfg)  # load_config checked it; a config changed in code is checked here
         self.algo = ALGOS[cfg.rl.algo]
         if cfg.run.wandb:
             import_wandb()  # a missing package fails now, not after the models have loaded
+        # The data files must exist (and be of a known format) before any model loads: a GPU recipe
+        # run without its data stops here, naming the file, and never trains on the arithmetic task,
+        # which only an empty data.train asks for.
+        for path in [*cfg.data.train, *cfg.data.heldout]:
+            DatasetFile(path)
 
         # 0. The process group (a world of one without torchrun) and this rank's device.
         self.dist = dist = init_distributed(cfg.run.device)
@@ -227,7 +248,7 @@ class Trainer:
         #    user's files, validated in one pass now, or the arithmetic task; the stream of training
         #    ids, which must hold enough for a step of distinct questions; the held-out set (arithmetic:
         #    a seeded sample, not a prefix, as consecutive ids are one fact in its 24 wordings; files:
-        #    checked to exist now).
+        #    checked to exist at the start of __init__).
         self.task = self.make_task()
         self.check_data_size()
         self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
@@ -235,8 +256,6 @@ class Trainer:
         self.heldout = [self.task.problem(q) for q in
                         sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
         self.heldout_sets = pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
-        for s in self.heldout_sets:
-            DatasetFile(s.path)  # raises DatasetError now, naming the file, if it is missing or of no known format
 
         # 4. The frozen teacher's engine (algos with one, and the judge), a full copy on every rank
         #    (the folder above). An image-text-to-text teacher (its config has a vision tower) is
@@ -295,9 +314,8 @@ class Trainer:
             self.guide = HintPrefixBuilder(self.algo.kinds[0], self.teacher_engine, teacher_tok, self.tokenizer,
                                            GuidanceSettings.from_config(cfg.zppo), **teacher_kw)
         if self.algo.distill:
-            if self.processor is not None:  # distillation_data and the scoring forward are text-only
-                raise ConfigError(f"rl.algo = {cfg.rl.algo} runs on text students only: the teacher's rollouts and "
-                                  "its scoring forward take no images")
+            if self.processor is not None:  # the teacher scores the student's image rows: it must read them alike
+                check_same_vision(cfg.rl.algo, self.policy.lm, self.teacher_processor, teacher_dir)
             try:
                 check_shared_vocab(self.tokenizer, teacher_tok)
             except ValueError as e:
@@ -395,7 +413,7 @@ class Trainer:
             model = engine.model
         else:
             model = load_model(folder, self.cfg.model.dtype)[0].to(self.device).eval().requires_grad_(False)
-        return Policy(model)
+        return (VLMPolicy if is_vlm(model) else Policy)(model)  # a VLM teacher reads image rows with their images
 
     def warm_start(self, sft, snapshots: tuple[int, ...] = ()) -> Path:
         """The cached warm-up folder for `sft`; rank 0 trains it if absent while the others wait."""
@@ -503,11 +521,15 @@ class Trainer:
             self.teacher_engine.resume_memory()
             examples, dm = distillation_data(self.teacher_engine, self.tokenizer, problems,
                                              GuidanceSettings.from_config(cfg.zppo), self.step_idx, seed=cfg.run.seed,
-                                             grade_fn=grader_scores(self.grader))
+                                             grade_fn=grader_scores(self.grader), processor=self.teacher_processor)
             self.teacher_engine.release_memory()
             t["time/teacher"] = time.perf_counter() - t0
             m.update(dm)
-            train = RolloutBatch([Rollout(e.prompt_ids, e.response_ids, 1.0, e.question) for e in examples])
+            # The student trains on its own prompt (with a VLM student, its encoding of the images).
+            student_prompts = {i: self.prompt(problems[i].question, problems[i])
+                               for i in {e.question for e in examples}}
+            train = RolloutBatch([Rollout(student_prompts[e.question].input_ids, e.response_ids, 1.0, e.question,
+                                          student_prompts[e.question].images) for e in examples])
 
         self.engine.release_memory()  # training gets the GPU memory the student's engine held
 
