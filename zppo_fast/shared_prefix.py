@@ -26,6 +26,10 @@ mask per layer type):
 
 Only response positions predict targets: the prompt's last position predicts every response's
 first token (`zppo_fast.packing.pack_shared`).
+
+Image prompts (VLM students) are not shared: their rows keep the padded layout with their images
+encoded per rollout (Qwen3.5's 3-D image positions are computed per sequence, zppo_fast/vlm.py);
+text rows of the same step are shared.
 """
 
 from __future__ import annotations
