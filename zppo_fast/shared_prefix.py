@@ -15,8 +15,9 @@ its prompt alone).
 
 How each layer kind gets it (`zppo_fast.packing.MicroBatch.model_kwargs` passes transformers a
 mask per layer type):
-* Full attention: the predicate as a dense bool mask for SDPA (`dense_mask`, the CPU path), or as a FlexAttention block mask (`block_mask`, CUDA; the same predicate, so the two
-  layouts share every piece of layout code).
+* Full attention: the predicate as a dense bool mask for SDPA (`dense_mask`, the CPU path), or
+  as a FlexAttention block mask (`block_mask`, the CUDA path, where the student runs
+  flex_attention; the same predicate, so the two layouts share every piece of layout code).
 * Gated DeltaNet: `shared_linear_attention` runs the mixer twice: on the prompts (left-padded, so
   the final recurrent state is exact: zero inputs keep a zero state at zero), then on the responses
   (right-padded) with their prompt's final recurrent state and convolution tail as the initial
