@@ -74,7 +74,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_shared_prefix_"))
-    tokenizer = build_tokenizer(tokenizer_corpus(ArithmeticTask(**vars(TaskConfig()))), vocab_size=ModelConfig().vocab_size)
+    tokenizer = build_tokenizer(tokenizer_corpus(ArithmeticTask(**vars(TaskConfig()))),
+                                vocab_size=ModelConfig().vocab_size)
     model = build_tiny_model(ModelConfig(), tokenizer)
     save_model(model, tokenizer, tmp / "model")
     base = ["--model.path", str(tmp / "model"), "--rl.algo", "grpo", "--run.tensorboard", "false",
@@ -98,7 +99,8 @@ def main() -> None:
         for on, engine in engines.items():
             t0 = time.perf_counter()
             engine.generate(prompts, params)
-            times.setdefault(f"generate {'prefill once' if on else 'every sample'}", []).append(time.perf_counter() - t0)
+            name = f"generate {'prefill once' if on else 'every sample'}"
+            times.setdefault(name, []).append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
 
     device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {args.threads} thread(s)"
@@ -109,7 +111,8 @@ def main() -> None:
     for phase, shared, others in (("update", "update shared", ("update packed", "update padded")),
                                   ("generate", "generate prefill once", ("generate every sample",))):
         for k in (shared, *others):
-            ratio = " / ".join(f"{med[shared] / med[o]:.2f} vs {o.split(' ', 1)[1]}" for o in others) if k == shared else "1"
+            ratio = ("1" if k != shared else
+                     " / ".join(f"{med[shared] / med[o]:.2f} vs {o.split(' ', 1)[1]}" for o in others))
             print(f"| {phase} | {k.split(' ', 1)[1]} | {med[k]:.3f} | {ratio} |")
 
 

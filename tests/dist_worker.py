@@ -7,10 +7,11 @@
 `engine_env`: each rank starts an engine in a child process (zppo_fast/engine_process.py) and rank 0
 writes its own environment and its engine's to OUT (JSON).
 
-`update`: the tiny trainer computes the gradient of its first optimizer step, then takes two optimizer steps on a fixed random rollout batch (the same on
-every rank and at every world size, each group's rows sharing their prompt, as sampled rows do;
-extra arguments are config overrides, e.g. the shared-prefix layout); rank 0 saves the full weights afterwards to OUT, and the
-results of data-parallel generate calls through a scripted engine to OUT.json.
+`update`: the tiny trainer computes the gradient of its first optimizer step, then takes two
+optimizer steps on a fixed random rollout batch (the same on every rank and at every world size,
+each group's rows sharing their prompt, as sampled rows do; extra arguments are config overrides,
+e.g. the shared-prefix layout); rank 0 saves that gradient, the full weights afterwards and the
+metrics to OUT, and the results of data-parallel generate calls through a scripted engine to OUT.json.
 """
 
 import json

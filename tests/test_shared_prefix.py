@@ -116,7 +116,8 @@ def test_microbatches_keep_a_prompt_with_its_responses():
     rollouts = []
     for g in range(5):
         prompt = [rng.randrange(2, 97) for _ in range(rng.randint(5, 40))]
-        rollouts += [Rollout(prompt, [rng.randrange(2, 97) for _ in range(rng.randint(1, 9))], 0.0, g) for _ in range(4)]
+        rollouts += [Rollout(prompt, [rng.randrange(2, 97) for _ in range(rng.randint(1, 9))], 0.0, g)
+                     for _ in range(4)]
     batch = RolloutBatch(rollouts)
     rows = list(range(len(batch)))
     per_rank = [batch.microbatches(rows, r, 2, 60, share_prefix=True) for r in range(2)]

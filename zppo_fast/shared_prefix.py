@@ -131,7 +131,8 @@ class _StateHandover:
         return state
 
 
-def _gather(x: torch.Tensor, spans: list[tuple[int, int]], left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gather(x: torch.Tensor, spans: list[tuple[int, int]], left: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spans of the row x (T, H) as a padded batch (B, L, H), its 0/1 mask (B, L) and the row
     positions of its real entries (in mask order). `left`: pad on the left (prompts)."""
     width = max(n for _, n in spans)
