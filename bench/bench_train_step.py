@@ -1,13 +1,15 @@
 """Train-step throughput per rank at 1 and 2 ranks (torchrun, gloo on the CPU; NCCL on GPUs), and
 the compute spent on padding with packing on and off.
 
-One "train step" is what `Trainer.step` does after the rollouts: the old-log-prob pass and I = 4
+One "train step" is what `Trainer.step` did after the rollouts before issue 15 item 4: the
+old-log-prob pass over all I mini-batches (kept, so numbers compare with earlier ones) and I = 4
 AdamW steps (FSDP2, the fused linear policy loss) over a fixed synthetic rollout batch of
 `--groups` x 8 sequences, prompts of 40-80 tokens and responses of 8-120 (lengths drawn
 uniformly, so padding has something to waste). The model is the embedded default's architecture
 (hidden 64, 4 layers: 3 Gated DeltaNet + 1 full attention) with random weights; throughput
 depends on the shapes, not on what was learned. Tokens/s counts every token of every sequence
-(prompt and response) once per pass.
+(prompt and response) once per pass. The shared-prefix layout (bench/bench_shared_prefix.py) is off
+here: these synthetic groups do not share prompts.
 
 Padding: in the padded layout a micro-batch computes rows x longest positions; packed, the
 full-attention layers, projections and MLPs compute real tokens only, and only the Gated-DeltaNet
@@ -50,7 +52,8 @@ def worker(args) -> None:
 
     cfg = load_config(None, ["--model.path", args.model, "--rl.algo", "grpo", "--run.out_dir", args.run_dir,
                              "--run.overwrite", "true", "--run.tensorboard", "false", "--run.eval_every", "0",
-                             "--parallel.packing", str(args.packing), "--parallel.max_tokens_per_microbatch",
+                             "--parallel.packing", str(args.packing), "--parallel.share_prefix", "false",
+                             "--parallel.max_tokens_per_microbatch",
                              str(args.max_tokens)])
     trainer = Trainer(cfg, progress=False)
     batch = synthetic_batch(len(trainer.tokenizer), args.groups)

@@ -6,8 +6,10 @@
 #                    CUDA + Triton (pytest + hypothesis reported: only the tests step needs them)
 #   build            the project imported from this checkout (PYTHONPATH, the zppo_fast/kernels link),
 #                    the C++ module built with CMake when this Python has none
-#   tests            the CUDA kernel tests (compiled Triton; CPU-only cases deselected)
+#   tests            the CUDA kernel tests (compiled Triton; CPU-only cases deselected) and the
+#                    shared-prefix layout's CUDA test (FlexAttention block mask)
 #   train            two training steps of the embedded default on the GPU (transformers engine)
+#   train_shared     the same with parallel.share_prefix = true (opt-in on GPUs)
 #   sglang           when sglang imports, under torchrun (bench/sglang_check.py): a student and a
 #                    teacher engine on one GPU (the tiny Qwen3.5 VLM: SGLang serves Qwen3.5 only
 #                    in that form, so not the text-only default), a checked weight push, a
@@ -239,16 +241,20 @@ finish() {
 step preflight 20 preflight || finish
 step build 60 build || finish
 if [ "$NO_GPU" = 1 ]; then
-    for s in tests train sglang bench_policy_loss bench_advantages; do record "$s" "skipped (--no-gpu)"; done
+    for s in tests train train_shared sglang bench_policy_loss bench_advantages; do record "$s" "skipped (--no-gpu)"; done
     finish
 fi
 
 step tests 120 "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 tests/test_kernels_policy_loss.py \
-    tests/test_kernels_advantages.py tests/test_kernels_linear.py tests/test_kernels_distill.py -k "cuda or bad_inputs"
+    tests/test_kernels_advantages.py tests/test_kernels_linear.py tests/test_kernels_distill.py \
+    tests/test_shared_prefix.py -k "cuda or bad_inputs"
 
 TRAIN_ARGS=(--run.steps 2 --run.eval_every 0 --run.tensorboard false --run.overwrite true --run.device cuda
     --sft.cache_dir "$OUTDIR/sft_cache")
 step train 80 "$PY" -m zppo_fast.train "${TRAIN_ARGS[@]}" --run.out_dir "$OUTDIR/train_run"
+# the shared-prefix layout's CUDA path (FlexAttention block mask), opt-in on GPUs
+step train_shared 60 "$PY" -m zppo_fast.train "${TRAIN_ARGS[@]}" --parallel.share_prefix true \
+    --run.out_dir "$OUTDIR/train_shared_run"
 
 if "$PY" -c 'import sglang' >/dev/null 2>&1; then
     # torchrun, as users run it: its agent-store variables must not reach the engines' processes

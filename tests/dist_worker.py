@@ -1,15 +1,17 @@
 """Started by tests/test_distributed.py under torchrun: one rank of a small distributed job.
 
-    torchrun --nproc_per_node N tests/dist_worker.py update OUT CACHE RUN_DIR
+    torchrun --nproc_per_node N tests/dist_worker.py update OUT CACHE RUN_DIR [--section.key VALUE ...]
 
     torchrun --nproc_per_node N tests/dist_worker.py engine_env OUT
 
 `engine_env`: each rank starts an engine in a child process (zppo_fast/engine_process.py) and rank 0
 writes its own environment and its engine's to OUT (JSON).
 
-`update`: the tiny trainer takes two optimizer steps on a fixed random rollout batch (the same on
-every rank and at every world size); rank 0 saves the full weights afterwards to OUT, and the
-results of data-parallel generate calls through a scripted engine to OUT.json.
+`update`: the tiny trainer computes the gradient of its first optimizer step, then takes two
+optimizer steps on a fixed random rollout batch (the same on every rank and at every world size,
+each group's rows sharing their prompt, as sampled rows do; extra arguments are config overrides,
+e.g. the shared-prefix layout); rank 0 saves that gradient, the full weights afterwards and the
+metrics to OUT, and the results of data-parallel generate calls through a scripted engine to OUT.json.
 """
 
 import json
@@ -41,16 +43,22 @@ class EchoEngine:
                 for p in prompts]
 
 
-def update(out: str, cache: str, run_dir: str) -> None:
+def update(out: str, cache: str, run_dir: str, *overrides: str) -> None:
     cfg = load_config(None, TINY_OVERRIDES + ["--sft.cache_dir", cache, "--run.out_dir", run_dir,
                                               "--run.overwrite", "true", "--rl.num_minibatches", "2",
-                                              "--parallel.max_tokens_per_microbatch", "64"])
+                                              "--parallel.max_tokens_per_microbatch", "64", *overrides])
     trainer = Trainer(cfg, progress=False)
     dist = trainer.dist
     batch = random_batch(len(trainer.tokenizer), n_groups=8, group_size=4, seed=1)
+    for r in batch.rollouts:
+        r.prompt_ids = batch.rollouts[4 * r.group].prompt_ids
     adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(2))
     old, _ = trainer.logprobs(batch)
     old = {i: o + 0.2 for i, o in old.items()}  # ratios away from 1
+    # The first optimizer step's gradient (full tensors), then the two steps themselves.
+    trainer.backward_minibatch(batch, batch.minibatches(2)[0], old, adv.to(trainer.device))
+    grads = {n: p.grad.full_tensor().clone() for n, p in trainer.policy.lm.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
     metrics = trainer.update(batch, old, adv)
     weights = {n: t.clone() for bucket in iter_weight_buckets(trainer.policy.lm) for n, t in bucket}
 
@@ -60,7 +68,7 @@ def update(out: str, cache: str, run_dir: str) -> None:
     owner = dist.world_size - 1  # only the last rank owns an engine
     one = DataParallelEngine(EchoEngine(dist.rank) if dist.rank == owner else None, dist, [owner]).generate(prompts, params)
     if dist.is_main:
-        torch.save({"weights": weights, "metrics": metrics}, out)
+        torch.save({"weights": weights, "grads": grads, "metrics": metrics}, out)
         as_json = lambda groups: [[(s.token_ids, s.text) for s in g] for g in groups]
         with open(out + ".json", "w") as f:
             json.dump({"everyone": as_json(everyone), "one_owner": as_json(one)}, f)

@@ -256,9 +256,9 @@ def test_on_policy_old_logprobs_are_the_forwards_own(device, backend):
     want, _ = K.fused_linear_policy_loss_reference(x64, w64, tgt, old.double(), adv, mask)
     want.backward()
     results = []
-    for given in (old, None):
+    for old_given in (old, None):
         x, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        loss, stats = K.fused_linear_policy_loss(x, w, tgt, given, adv, mask, backend=backend)
+        loss, stats = K.fused_linear_policy_loss(x, w, tgt, old_given, adv, mask, backend=backend)
         loss.backward()
         results.append((loss, stats, x.grad, w.grad))
         close(loss, want, "loss", TOL[torch.float32])

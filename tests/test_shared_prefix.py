@@ -116,7 +116,8 @@ def test_microbatches_keep_a_prompt_with_its_responses():
     rollouts = []
     for g in range(5):
         prompt = [rng.randrange(2, 97) for _ in range(rng.randint(5, 40))]
-        rollouts += [Rollout(prompt, [rng.randrange(2, 97) for _ in range(rng.randint(1, 9))], 0.0, g) for _ in range(4)]
+        rollouts += [Rollout(prompt, [rng.randrange(2, 97) for _ in range(rng.randint(1, 9))], 0.0, g)
+                     for _ in range(4)]
     batch = RolloutBatch(rollouts)
     rows = list(range(len(batch)))
     per_rank = [batch.microbatches(rows, r, 2, 60, share_prefix=True) for r in range(2)]
@@ -158,3 +159,23 @@ def test_optimizer_step_gradient_equals_the_unshared_layout(tiny_config, checkpo
         grads.append(full_grads(trainer))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bench/gpu_check.sh runs it")
+def test_cuda_flex_attention_layout_equals_each_sequence_alone():
+    """The CUDA layout (FlexAttention block mask from the same predicate; the Gated-DeltaNet mixers
+    through whichever kernels transformers picks there): fp32 log-probs and gradients against the
+    float64 CPU reference of every sequence alone."""
+    groups = random_groups(0)
+    shared = policy().cuda()
+    shared.lm.config._attn_implementation = "flex_attention"
+    reference = policy(torch.float64)
+    got = logprobs(shared, pack_shared(groups).to(torch.device("cuda"))).cpu()
+    want = alone(reference, groups)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-3)  # GPU kernels may use TF32 / other orders
+    weights = torch.randn(len(want), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (got.double() * weights).sum().backward()
+    (want * weights).sum().backward()
+    for (name, a), b in zip(shared.named_parameters(), reference.parameters()):
+        scale = b.grad.abs().max().item()
+        torch.testing.assert_close(a.grad.cpu().double(), b.grad, rtol=0, atol=2e-3 * max(scale, 1.0), msg=name)

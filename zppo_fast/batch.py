@@ -171,8 +171,8 @@ class RolloutBatch:
             if share_prefix:
                 out.append(pack_shared([(r[u[0]].prompt_ids, [r[i].response_ids for i in u]) for u in chunk], flat))
             else:
-                out.append(pack([r[i].prompt_ids + r[i].response_ids for i in flat], [len(r[i].prompt_ids) for i in flat],
-                                flat, packed=packed, pad_id=pad_id))
+                out.append(pack([r[i].prompt_ids + r[i].response_ids for i in flat],
+                                [len(r[i].prompt_ids) for i in flat], flat, packed=packed, pad_id=pad_id))
         out += [image_micro_batch([VLMPrompt(r[i].prompt_ids, r[i].images) for u in chunk for i in u],
                                   [r[i].response_ids for u in chunk for i in u], pad_id, [i for u in chunk for i in u])
                 for chunk in image]

@@ -213,7 +213,7 @@ class Policy(nn.Module):
         if mb.shared is not None and kernel not in SHARED_PREFIX_ATTENTION:
             raise ValueError(f"a shared-prefix micro-batch needs attention {' or '.join(SHARED_PREFIX_ATTENTION)} "
                              f"(its mask is not causal), the model runs {kernel!r}: set parallel.attention")
-        h = self.lm.get_decoder()(**mb.model_kwargs()).last_hidden_state  # (B, T, H)
+        h = self.lm.get_decoder()(**mb.model_kwargs(kernel)).last_hidden_state  # (B, T, H)
         return h.reshape(-1, h.shape[-1])[mb.hidden_index]
 
     @property

@@ -54,13 +54,14 @@ class MicroBatch:
                           move(self.cu_seqlens), move(self.hidden_index), move(self.targets), move(self.loss_mask),
                           self.response_lengths, self.rows, None if self.shared is None else self.shared.to(device))
 
-    def model_kwargs(self) -> dict:
-        """Keyword arguments for a transformers decoder forward."""
+    def model_kwargs(self, attention: str = "sdpa") -> dict:
+        """Keyword arguments for a transformers decoder forward whose attention kernel is `attention`
+        (the shared-prefix layout's mask depends on it)."""
         kw = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
         if self.shared is not None:
-            # One mask per layer type: the full-attention layers' (a FlexAttention block mask on
-            # CUDA, dense elsewhere), and the layout itself for the Gated-DeltaNet mixers' wrapper.
-            full = block_mask(self.shared) if self.input_ids.is_cuda else dense_mask(self.shared)
+            # One mask per layer type: the full-attention layers' (a block mask for FlexAttention,
+            # dense for SDPA), and the layout itself for the Gated-DeltaNet mixers' wrapper.
+            full = block_mask(self.shared) if attention == "flex_attention" else dense_mask(self.shared)
             kw["attention_mask"] = {"full_attention": full, "linear_attention": self.shared}
         elif self.cu_seqlens is not None:
             longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())

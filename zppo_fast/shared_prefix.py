@@ -15,8 +15,9 @@ its prompt alone).
 
 How each layer kind gets it (`zppo_fast.packing.MicroBatch.model_kwargs` passes transformers a
 mask per layer type):
-* Full attention: the predicate as a dense bool mask for SDPA (`dense_mask`, the CPU path), or as a FlexAttention block mask (`block_mask`, CUDA; the same predicate, so the two
-  layouts share every piece of layout code).
+* Full attention: the predicate as a dense bool mask for SDPA (`dense_mask`, the CPU path), or
+  as a FlexAttention block mask (`block_mask`, the CUDA path, where the student runs
+  flex_attention; the same predicate, so the two layouts share every piece of layout code).
 * Gated DeltaNet: `shared_linear_attention` runs the mixer twice: on the prompts (left-padded, so
   the final recurrent state is exact: zero inputs keep a zero state at zero), then on the responses
   (right-padded) with their prompt's final recurrent state and convolution tail as the initial
@@ -26,6 +27,10 @@ mask per layer type):
 
 Only response positions predict targets: the prompt's last position predicts every response's
 first token (`zppo_fast.packing.pack_shared`).
+
+Image prompts (VLM students) are not shared: their rows keep the padded layout with their images
+encoded per rollout (Qwen3.5's 3-D image positions are computed per sequence, zppo_fast/vlm.py);
+text rows of the same step are shared.
 """
 
 from __future__ import annotations
@@ -126,7 +131,8 @@ class _StateHandover:
         return state
 
 
-def _gather(x: torch.Tensor, spans: list[tuple[int, int]], left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gather(x: torch.Tensor, spans: list[tuple[int, int]], left: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spans of the row x (T, H) as a padded batch (B, L, H), its 0/1 mask (B, L) and the row
     positions of its real entries (in mask order). `left`: pad on the left (prompts)."""
     width = max(n for _, n in spans)

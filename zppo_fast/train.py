@@ -52,7 +52,9 @@ sharded with FSDP2 (zppo_fast/parallelize.py); rollouts are data parallel (each 
 its share of the prompts, then all ranks hold the whole step: zppo_fast/data_parallel.py), so
 questions, advantages and replay decisions are computed identically on every rank. Each
 mini-batch is dealt to the ranks balanced by tokens and packed into micro-batches of at most
-`parallel.max_tokens_per_microbatch` positions (zppo_fast/batch.py, zppo_fast/packing.py).
+`parallel.max_tokens_per_microbatch` positions (zppo_fast/batch.py, zppo_fast/packing.py); with
+`parallel.share_prefix` (the CPU default) a group's prompt is laid out once, its responses after it
+(zppo_fast/shared_prefix.py), and the rollout engine prefills each prompt once for its G samples.
 
 The policy loss runs through `zppo_fast.kernels.fused_linear_policy_loss` (distillation:
 `fused_linear_jsd`): the model returns hidden states and the lm_head weight goes into the fused

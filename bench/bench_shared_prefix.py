@@ -1,0 +1,120 @@
+"""Each group's prompt computed once (issue 15): the update step and generation, shared against
+computing the prompt for every sample, as ratios.
+
+  update   `Trainer.logprobs` + `Trainer.update` (I = 4 AdamW steps) on one synthetic rollout batch
+           of `--groups` groups x `--group-size` samples (one prompt of `--prompt-len` tokens per
+           group, responses of 1..`--response-len` tokens), in three layouts: shared prefix
+           (`parallel.share_prefix`), packed and padded (every sequence whole).
+  generate the transformers engine's `generate` (n = group size, `--response-len` new tokens) with
+           `prefill_once` on and off, same seed (so the same samples: the same decode work).
+
+The model is the embedded default's architecture (Qwen3.5: 3 Gated DeltaNet + 1 full attention
+layers) with random weights; times depend on the shapes, not on what was learned. Layouts are
+alternated within each repeat and the median is reported.
+
+    python bench/bench_shared_prefix.py [--groups 8] [--group-size 8] [--prompt-len 230]
+                                        [--response-len 24] [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+LAYOUTS = {"shared": ("--parallel.share_prefix", "true"), "packed": ("--parallel.share_prefix", "false",
+                                                                     "--parallel.packing", "true"),
+           "padded": ("--parallel.share_prefix", "false", "--parallel.packing", "false")}
+
+
+def synthetic_batch(vocab: int, args, seed: int = 0):
+    from zppo_fast.batch import Rollout, RolloutBatch
+
+    rng = random.Random(seed)
+    token = lambda: rng.randrange(3, vocab)
+    rollouts = []
+    for g in range(args.groups):
+        prompt = [token() for _ in range(args.prompt_len)]
+        rollouts += [Rollout(prompt, [token() for _ in range(rng.randint(1, args.response_len))],
+                             float(rng.random() < 0.5), g) for _ in range(args.group_size)]
+    return RolloutBatch(rollouts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=230)
+    parser.add_argument("--response-len", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import torch
+
+    from zppo_fast.config import ModelConfig, TaskConfig, load_config
+    from zppo_fast.data import tokenizer_corpus
+    from zppo_fast.engine import SamplingParams, TransformersEngine
+    from zppo_fast.model import build_tiny_model, save_model
+    from zppo_fast.task import ArithmeticTask
+    from zppo_fast.tokenizer import build_tokenizer
+    from zppo_fast.train import Trainer
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_shared_prefix_"))
+    tokenizer = build_tokenizer(tokenizer_corpus(ArithmeticTask(**vars(TaskConfig()))),
+                                vocab_size=ModelConfig().vocab_size)
+    model = build_tiny_model(ModelConfig(), tokenizer)
+    save_model(model, tokenizer, tmp / "model")
+    base = ["--model.path", str(tmp / "model"), "--rl.algo", "grpo", "--run.tensorboard", "false",
+            "--run.eval_every", "0", "--run.overwrite", "true", "--run.cpu_threads", str(args.threads),
+            "--rl.group_size", str(args.group_size)]
+    trainers = {name: Trainer(load_config(None, base + ["--run.out_dir", str(tmp / name), *flags]), progress=False)
+                for name, flags in LAYOUTS.items()}
+    batch = synthetic_batch(len(tokenizer), args)
+    adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
+    prompts = [batch.rollouts[g * args.group_size].prompt_ids for g in range(args.groups)]
+    params = SamplingParams(n=args.group_size, max_new_tokens=args.response_len, seed=1)
+    engines = {on: TransformersEngine(model, tokenizer, prefill_once=on) for on in (True, False)}
+
+    times: dict[str, list[float]] = {}
+    for rep in range(args.repeats + 1):  # the first round warms up allocators and caches
+        for name, trainer in trainers.items():
+            t0 = time.perf_counter()
+            old, _ = trainer.logprobs(batch, skip_first=True)
+            trainer.update(batch, old, adv)
+            times.setdefault(f"update {name}", []).append(time.perf_counter() - t0)
+        for on, engine in engines.items():
+            t0 = time.perf_counter()
+            engine.generate(prompts, params)
+            name = f"generate {'prefill once' if on else 'every sample'}"
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+
+    device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {args.threads} thread(s)"
+    print(f"device: {device}; {args.groups} groups x {args.group_size} samples, prompts of {args.prompt_len} tokens, "
+          f"responses of 1..{args.response_len}; medians of {args.repeats}")
+    print("| phase | layout | seconds | x of the unshared |")
+    print("|---|---|---|---|")
+    for phase, shared, others in (("update", "update shared", ("update packed", "update padded")),
+                                  ("generate", "generate prefill once", ("generate every sample",))):
+        for k in (shared, *others):
+            ratio = ("1" if k != shared else
+                     " / ".join(f"{med[shared] / med[o]:.2f} vs {o.split(' ', 1)[1]}" for o in others))
+            print(f"| {phase} | {k.split(' ', 1)[1]} | {med[k]:.3f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
