@@ -8,8 +8,10 @@
 writes its own environment and its engine's to OUT (JSON).
 
 `update`: the tiny trainer takes two optimizer steps on a fixed random rollout batch (the same on
-every rank and at every world size); rank 0 saves the full weights afterwards to OUT, and the
-results of data-parallel generate calls through a scripted engine to OUT.json.
+every rank and at every world size), with plain SGD in place of AdamW; rank 0 saves the full
+gradient of each step (summed over ranks and clipped, as the optimizer sees it), the full weights
+afterwards and the metrics to OUT, and the results of data-parallel generate calls through a
+scripted engine to OUT.json.
 """
 
 import json
@@ -47,6 +49,17 @@ def update(out: str, cache: str, run_dir: str) -> None:
                                               "--parallel.max_tokens_per_microbatch", "64"])
     trainer = Trainer(cfg, progress=False)
     dist = trainer.dist
+    # Plain SGD moves each weight by lr times its gradient, so what the rank count changes in the
+    # weights is what it changes in the gradient; AdamW divides a gradient by its own size, and turns
+    # rounding noise in a near-zero entry into an lr-sized move.
+    trainer.optimizer = torch.optim.SGD(trainer.policy.parameters(), lr=cfg.rl.lr)
+    grads = []
+
+    def record(optimizer, args, kwargs):  # every rank: full_tensor() gathers the shards
+        grads.append({n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                      for n, p in trainer.policy.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.register_step_pre_hook(record)
     batch = random_batch(len(trainer.tokenizer), n_groups=8, group_size=4, seed=1)
     adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(2))
     old, _ = trainer.logprobs(batch)
@@ -60,7 +73,7 @@ def update(out: str, cache: str, run_dir: str) -> None:
     owner = dist.world_size - 1  # only the last rank owns an engine
     one = DataParallelEngine(EchoEngine(dist.rank) if dist.rank == owner else None, dist, [owner]).generate(prompts, params)
     if dist.is_main:
-        torch.save({"weights": weights, "metrics": metrics}, out)
+        torch.save({"weights": weights, "grads": grads, "metrics": metrics}, out)
         as_json = lambda groups: [[(s.token_ids, s.text) for s in g] for g in groups]
         with open(out + ".json", "w") as f:
             json.dump({"everyone": as_json(everyone), "one_owner": as_json(one)}, f)
