@@ -130,7 +130,9 @@ setup(
         # wandb: tests/test_metrics.py's offline W&B run; datasets: the Hugging Face folder in
         # tests/test_columns.py. pytest-timeout: the per-test limit of pyproject.toml (a hang fails).
         # cmake: `make test`'s C++ tests run the venv's cmake / ctest (no system CMake needed).
-        "test": ["pytest", "pytest-timeout", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "cmake>=3.18"],
+        # packaging: tests/test_metadata.py reads the requirement specifiers.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "cmake>=3.18",
+                 "packaging"],
         "tensorboard": ["tensorboard"],
         # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
         "wandb": ["wandb"],
