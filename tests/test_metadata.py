@@ -68,7 +68,8 @@ def test_license_and_build_requirements():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text[:200] and "Version 2.0, January 2004" in text[:200]
     assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a notice
-    build = [Requirement(r).name for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build = [Requirement(r).name for r in pyproject["build-system"]["requires"]]
     assert "cmake" in build and "pybind11" in build
     test_extra = [Requirement(r).name for r in setup_kwargs()["extras_require"]["test"]]
     assert "pytest-timeout" in test_extra and "cmake" in test_extra

@@ -224,7 +224,8 @@ class ZPPOConfig:
 class ParallelConfig:
     """FSDP2 and the layout of the training forward; torchrun sets the number of ranks."""
 
-    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
+    # compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
+    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer
     # Sequences of a micro-batch packed into one row (no padding) or right-padded. None: packed
