@@ -73,7 +73,8 @@ def update(out: str, cache: str, run_dir: str) -> None:
     owner = dist.world_size - 1  # only the last rank owns an engine
     one = DataParallelEngine(EchoEngine(dist.rank) if dist.rank == owner else None, dist, [owner]).generate(prompts, params)
     if dist.is_main:
-        torch.save({"weights": weights, "grads": grads, "metrics": metrics}, out)
+        torch.save({"weights": weights, "grads": grads, "metrics": metrics, "longest": max(map(len, batch.rollouts))},
+                   out)
         as_json = lambda groups: [[(s.token_ids, s.text) for s in g] for g in groups]
         with open(out + ".json", "w") as f:
             json.dump({"everyone": as_json(everyone), "one_owner": as_json(one)}, f)

@@ -41,5 +41,9 @@ def reorder_tol(terms: int, scale: float) -> float:
     GEMM blocking): each order's rounding error grows like a random walk, eps32 * sqrt(terms) *
     scale; 16 covers the tail of that walk and the few float32 operations each term went through
     before the sum. A real fault (a term lost or counted twice, a wrong normalizer) is off by a
-    whole term or a factor, far beyond it."""
+    whole term or a factor, far beyond it.
+
+    For a gradient of a sequence model, an entry sums over the step's loss tokens, and each token's
+    term sums over the positions before it (attention, the linear-attention recurrence): terms =
+    loss tokens * the longest sequence; the tensor's largest entry stands for the size of its terms."""
     return 16 * EPS32 * math.sqrt(terms) * scale
