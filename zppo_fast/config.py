@@ -102,7 +102,7 @@ class ModelConfig:
 class TaskConfig:
     max_operand: Count = 9  # operands in [0, max_operand]
     num_terms: Annotated[int, Bounds(2)] = 2  # operands per question
-    heldout_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.1  # of the facts, never trained on
+    heldout_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.1  # share of the facts held out (all their wordings)
     num_facts: Count = 2048  # distinct questions (each in several wordings)
     seed: int = 0  # of the question generator
 
