@@ -134,9 +134,10 @@ setup(
         # wandb: tests/test_metrics.py's offline W&B run; datasets: the Hugging Face folder in
         # tests/test_columns.py; mathruler, pylatexenc: tests/test_reward_agreement.py's reference.
         # pytest-timeout: the per-test limit of pyproject.toml (a hang fails). cmake: `make test`'s
-        # C++ tests run the venv's cmake / ctest (no system CMake needed).
+        # C++ tests run the venv's cmake / ctest (no system CMake needed). packaging:
+        # tests/test_metadata.py reads the requirement specifiers.
         "test": ["pytest", "pytest-timeout", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "mathruler",
-                 "pylatexenc", "sympy", "cmake>=3.18"],
+                 "pylatexenc", "sympy", "cmake>=3.18", "packaging"],
         "tensorboard": ["tensorboard"],
         # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
         "wandb": ["wandb"],

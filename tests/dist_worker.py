@@ -7,11 +7,12 @@
 `engine_env`: each rank starts an engine in a child process (zppo_fast/engine_process.py) and rank 0
 writes its own environment and its engine's to OUT (JSON).
 
-`update`: the tiny trainer computes the gradient of its first optimizer step, then takes two
-optimizer steps on a fixed random rollout batch (the same on every rank and at every world size,
-each group's rows sharing their prompt, as sampled rows do; extra arguments are config overrides,
-e.g. the shared-prefix layout); rank 0 saves that gradient, the full weights afterwards and the
-metrics to OUT, and the results of data-parallel generate calls through a scripted engine to OUT.json.
+`update`: the tiny trainer takes two optimizer steps on a fixed random rollout batch (the same on
+every rank and at every world size, each group's rows sharing their prompt, as sampled rows do;
+extra arguments are config overrides, e.g. the shared-prefix layout), with plain SGD in place of
+AdamW; rank 0 saves the full gradient of each step (summed over ranks and clipped, as the optimizer
+sees it), the full weights afterwards and the metrics to OUT, and the results of data-parallel
+generate calls through a scripted engine to OUT.json.
 """
 
 import json
@@ -49,16 +50,23 @@ def update(out: str, cache: str, run_dir: str, *overrides: str) -> None:
                                               "--parallel.max_tokens_per_microbatch", "64", *overrides])
     trainer = Trainer(cfg, progress=False)
     dist = trainer.dist
+    # Plain SGD moves each weight by lr times its gradient, so what the rank count changes in the
+    # weights is what it changes in the gradient; AdamW divides a gradient by its own size, and turns
+    # rounding noise in a near-zero entry into an lr-sized move.
+    trainer.optimizer = torch.optim.SGD(trainer.policy.parameters(), lr=cfg.rl.lr)
+    grads = []
+
+    def record(optimizer, args, kwargs):  # every rank: full_tensor() gathers the shards
+        grads.append({n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                      for n, p in trainer.policy.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.register_step_pre_hook(record)
     batch = random_batch(len(trainer.tokenizer), n_groups=8, group_size=4, seed=1)
     for r in batch.rollouts:
         r.prompt_ids = batch.rollouts[4 * r.group].prompt_ids
     adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(2))
     old, _ = trainer.logprobs(batch)
     old = {i: o + 0.2 for i, o in old.items()}  # ratios away from 1
-    # The first optimizer step's gradient (full tensors), then the two steps themselves.
-    trainer.backward_minibatch(batch, batch.minibatches(2)[0], old, adv.to(trainer.device))
-    grads = {n: p.grad.full_tensor().clone() for n, p in trainer.policy.lm.named_parameters() if p.grad is not None}
-    trainer.optimizer.zero_grad(set_to_none=True)
     metrics = trainer.update(batch, old, adv)
     weights = {n: t.clone() for bucket in iter_weight_buckets(trainer.policy.lm) for n, t in bucket}
 
@@ -68,7 +76,8 @@ def update(out: str, cache: str, run_dir: str, *overrides: str) -> None:
     owner = dist.world_size - 1  # only the last rank owns an engine
     one = DataParallelEngine(EchoEngine(dist.rank) if dist.rank == owner else None, dist, [owner]).generate(prompts, params)
     if dist.is_main:
-        torch.save({"weights": weights, "grads": grads, "metrics": metrics}, out)
+        torch.save({"weights": weights, "grads": grads, "metrics": metrics, "longest": max(map(len, batch.rollouts))},
+                   out)
         as_json = lambda groups: [[(s.token_ids, s.text) for s in g] for g in groups]
         with open(out + ".json", "w") as f:
             json.dump({"everyone": as_json(everyone), "one_owner": as_json(one)}, f)

@@ -1,6 +1,11 @@
-"""Comparing a kernel's output with a float64 reference."""
+"""Comparing a kernel's output with a float64 reference, and two float32 results that differ only in
+the order of their sums."""
+
+import math
 
 import torch
+
+EPS32 = torch.finfo(torch.float32).eps
 
 # How many times fp32 arithmetic's own error a kernel may show on ill-conditioned inputs.
 FP32_SLACK = 4.0
@@ -28,3 +33,17 @@ def close(actual, expected, what, tol, scale=1.0, fp32=None):
                 f"{what}: largest error {err:.3g} is over the tolerance and over {FP32_SLACK:g}x the "
                 f"error of the fp32 reference ({err32:.3g})"
             ) from None
+
+
+def reorder_tol(terms: int, scale: float) -> float:
+    """How far apart two float32 sums of the same `terms` numbers of magnitude up to `scale` may be
+    when they are added in different orders (another packing, another rank count, another CPU's
+    GEMM blocking): each order's rounding error grows like a random walk, eps32 * sqrt(terms) *
+    scale; 16 covers the tail of that walk and the few float32 operations each term went through
+    before the sum. A real fault (a term lost or counted twice, a wrong normalizer) is off by a
+    whole term or a factor, far beyond it.
+
+    For a gradient of a sequence model, an entry sums over the step's loss tokens, and each token's
+    term sums over the positions before it (attention, the linear-attention recurrence): terms =
+    loss tokens * the longest sequence; the tensor's largest entry stands for the size of its terms."""
+    return 16 * EPS32 * math.sqrt(terms) * scale

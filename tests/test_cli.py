@@ -163,4 +163,6 @@ def test_python_m_ends_with_one_line_and_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "zppo_fast.train", "--rl.group_size", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr == "python -m zppo_fast.train: error: config key 'rl.group_size' must be >= 1, got 0\n"
+    # The error is the last line (a dependency's import-time warning, on some machines, may precede it).
+    expected = "python -m zppo_fast.train: error: config key 'rl.group_size' must be >= 1, got 0"
+    assert proc.stderr.splitlines()[-1] == expected

@@ -3,6 +3,7 @@ output are replaced only when they hold zppo_fast's marker (zppo_fast/ownership.
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -20,6 +21,14 @@ def users_folder(path):
     (path / "data").mkdir()
     (path / "data" / "x.csv").write_text("1,2\n")
     return path
+
+
+def refused(capsys, main, argv, pattern):
+    """`main(argv)` ends as a bad argument does: exit 2, one line on stderr matching `pattern`."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and re.search(pattern, err), err
 
 
 def intact(path) -> bool:
@@ -95,7 +104,7 @@ def test_pruning_keeps_checkpoints_without_the_marker(tmp_path):
     assert not old.exists()
 
 
-def test_sft_cache_and_eval_output_refuse_the_users_folders(tmp_path):
+def test_sft_cache_and_eval_output_refuse_the_users_folders(tmp_path, capsys):
     from zppo_fast.engine import SamplingParams
     from zppo_fast.eval import evaluate_files
     from zppo_fast.eval import main as eval_main
@@ -110,8 +119,8 @@ def test_sft_cache_and_eval_output_refuse_the_users_folders(tmp_path):
     out = users_folder(tmp_path / "eval_out")
     with pytest.raises(NotOursError, match="eval_out already exists"):
         evaluate_files(None, None, [str(tmp_path / "test.jsonl")], SamplingParams(), out_dir=out, progress=False)
-    with pytest.raises(SystemExit, match=r"^error: .*eval_out already exists: .*thesis\.tex"):
-        eval_main(["--model", str(tmp_path / "no_model"), "--data", "x.jsonl", "--out", str(out)])  # before loading
+    refused(capsys, eval_main, ["--model", str(tmp_path / "no_model"), "--data", "x.jsonl", "--out", str(out)],
+            r"eval_out already exists: .*thesis\.tex")  # before loading
     assert intact(out)
 
 
@@ -119,16 +128,15 @@ def test_sft_cache_and_eval_output_refuse_the_users_folders(tmp_path):
 
 
 @pytest.mark.parametrize("overwrite", ["false", "true"])
-def test_train_refuses_a_users_folder_as_run_folder(tmp_path, overwrite, monkeypatch):
+def test_train_refuses_a_users_folder_as_run_folder(tmp_path, overwrite, monkeypatch, capsys):
     from zppo_fast.train import main
 
     mine = users_folder(tmp_path / "mine")
-    with pytest.raises(SystemExit, match=rf"^error: {mine} already exists: it is a folder holding data/, thesis\.tex"):
-        main(["--run.out_dir", str(mine), "--run.overwrite", overwrite])
+    refused(capsys, main, ["--run.out_dir", str(mine), "--run.overwrite", overwrite],
+            rf"{mine} already exists: it is a folder holding data/, thesis\.tex")
     assert intact(mine)
     monkeypatch.chdir(mine)  # `--run.out_dir .`: the working directory
-    with pytest.raises(SystemExit, match=r"^error: \. already exists"):
-        main(["--run.out_dir", ".", "--run.overwrite", overwrite])
+    refused(capsys, main, ["--run.out_dir", ".", "--run.overwrite", overwrite], r"error: \. already exists")
     assert intact(mine)
 
 

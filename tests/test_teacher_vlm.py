@@ -84,6 +84,7 @@ def test_trainer_grades_teacher_rollouts_with_data_grader(tiny_config, tmp_path)
     """data.grader = choice: a teacher boxing the right option's text is teacher-correct, so BCQ is built."""
     rows = [{"id": f"c{p.id}", "question": p.question, "answer": p.answer, "choices": list(p.choices)} for p in MC]
     rows.append({"id": "c3", "question": "Which is twelve? (3)", "answer": "B", "choices": ["5", "12"]})
+    rows.append({"id": "c4", "question": "Which is twelve? (4)", "answer": "A", "choices": ["12", "9"]})  # 4 + 1 replayed
     data = write_jsonl(tmp_path / "mc.jsonl", rows)
     trainer = Trainer(tiny_config("--run.steps", "1", "--data.train", str(data), "--data.grader", "choice",
                                   "--rl.algo", "grpo_replay_bcq", *FAST), progress=False)
@@ -106,6 +107,7 @@ def vlm_data(tmp_path, tokenizer):
         Image.new("RGB", (48, 40), color).save(tmp_path / f"im{i}.png")
         rows.append({"id": f"v{i}", "question": f"What colour, plus {i}?", "answer": str(i + 1), "images": [f"im{i}.png"]})
     rows.append({"id": "t", "question": "What is 1 + 1?", "answer": "2"})
+    rows.append({"id": "t2", "question": "What is 2 + 2?", "answer": "4"})  # rl.batch_size 4 + 1 replayed
     return folder, write_jsonl(tmp_path / "images.jsonl", rows)
 
 

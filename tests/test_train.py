@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from batches import random_batch
+from numerics import reorder_tol
 
 from zppo_fast.batch import Rollout, RolloutBatch
 from zppo_fast.checkpoint import CheckpointError
@@ -40,8 +41,11 @@ def test_gradient_is_invariant_to_micro_batching_and_packing(tiny_config):
         assert stats["tokens"] == batch.response_tokens()
     assert counts[:3] == [1, counts[1], len(batch)] and counts[1] >= 4
     assert grads[0].abs().sum() > 0
+    # The same terms summed in another order: within the float32 error of that (tests/numerics.py),
+    # held to the largest gradient entry (a near-zero entry is a cancellation of terms of that size).
+    tol = reorder_tol(batch.response_tokens() * max(map(len, batch.rollouts)), grads[0].abs().max().item())
     for g in grads[1:]:
-        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+        torch.testing.assert_close(g, grads[0], rtol=0, atol=tol)
 
 
 def test_first_minibatch_needs_no_old_logprob_pass(tiny_config):

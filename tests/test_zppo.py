@@ -31,7 +31,10 @@ class ScriptedTeacher:
             self.calls.append(text)
             if "Compress the response below" in text:
                 body = text.split("<response>\n")[1].split("\n</response>")[0]
-                out.append([Sample([1], f"noise <summary>S[{body}]</summary>", "stop", [0.0])])
+                # It reasons first (stripped by parse_summary) and shows the candidate's own tags as
+                # parentheses, so that what reaches the prompt is its summary, not its reasoning.
+                out.append([Sample([1], f"<think>compressing</think> noise <summary>S[{shown(body)}]</summary>",
+                                   "stop", [0.0])])
             else:
                 key = next(k for k in self.answers if k in text)
                 out.append([Sample([1], a, "stop", [0.0]) for a in self.answers[key][: params.n]])
@@ -45,6 +48,11 @@ def tokenizer():
     from zppo_fast.tokenizer import build_tokenizer
 
     return build_tokenizer(tokenizer_corpus(ArithmeticTask(), size=300), vocab_size=400)
+
+
+def shown(text: str) -> str:
+    """A candidate as ScriptedTeacher's summaries show it."""
+    return text.replace("<think>", "(").replace("</think>", ")")
 
 
 def test_reformulations_follow_algorithm_1(tokenizer):
@@ -68,8 +76,8 @@ def test_reformulations_follow_algorithm_1(tokenizer):
     # Teacher rollouts were drawn for the hard questions only.
     assert sum("Compress" not in c for c in teacher.calls) == 2
     bcq = out[0].text
-    assert bcq.count("<candidate>\n") == 2 and f"S[{right(0)}]" in bcq
-    assert any(f"S[{w}]" in bcq for w in (wrong(0), "", "no box at all"))
+    assert bcq.count("<candidate>\n") == 2 and f"S[{shown(right(0))}]" in bcq and "compressing" not in bcq
+    assert any(f"S[{shown(w)}]" in bcq for w in (wrong(0), "", "no box at all"))
     ncq = out[1].text
     assert ncq.count("<candidate>\n") == 3  # every wrong rollout, the empty and unboxed ones included
     assert "\\boxed{10}" in ncq and NO_ANSWER not in ncq

@@ -84,7 +84,7 @@ def config_reference(width: int = 100) -> str:
     """Every `section.key` of Config with its type, default and documentation, by section."""
     out = ["config keys (a TOML [section] table in --config FILE, or --section.key VALUE; the latter win):"]
     for section in dataclasses.fields(Config):
-        cls = section.type if isinstance(section.type, type) else type(section.default_factory())
+        cls = type(section.default_factory())
         out.append(f"\n[{section.name}]")
         if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):  # its own docstring, not dataclass's
             out += textwrap.wrap(" ".join(cls.__doc__.split()), width, initial_indent="  ", subsequent_indent="  ")
@@ -113,7 +113,6 @@ def checked(kind: object) -> Callable[[str], object]:
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e).replace("config key 'value' ", "")) from None
 
-    convert.__name__ = describe_type(kind)  # argparse's "invalid <name> value" wording
     return convert
 
 

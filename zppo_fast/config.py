@@ -102,7 +102,7 @@ class ModelConfig:
 class TaskConfig:
     max_operand: Count = 9  # operands in [0, max_operand]
     num_terms: Annotated[int, Bounds(2)] = 2  # operands per question
-    heldout_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.1  # of the facts, never trained on
+    heldout_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.1  # share of the facts held out (all their wordings)
     num_facts: Count = 2048  # distinct questions (each in several wordings)
     seed: int = 0  # of the question generator
 
@@ -241,7 +241,8 @@ class ZPPOConfig:
 class ParallelConfig:
     """FSDP2 and the layout of the training forward; torchrun sets the number of ranks."""
 
-    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
+    # compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
+    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer
     # Sequences of a micro-batch packed into one row (no padding) or right-padded. None: packed

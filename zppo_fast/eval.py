@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     ap = Parser("zppo_fast.eval", __doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a Hugging Face model folder (zppo_fast.model.load_model)")
     ap.add_argument("--data", action="append", required=True, help="a .jsonl / .parquet file or datasets folder")
-    ap.add_argument("--samples", type=checked(Count), default=1, help="K samples per question; pass@1 averages over them")
-    ap.add_argument("--grader", action="append", type=checked(GraderName), help="boxed | choice | math_verify | judge | auto | MODULE:FUNCTION "
+    ap.add_argument("--samples", type=checked(Count), default=1,
+                    help="K samples per question; pass@1 averages over them")
+    ap.add_argument("--grader", action="append", type=checked(GraderName),
+                    help="boxed | choice | math_verify | judge | auto | MODULE:FUNCTION "
                     "(a reward function, zppo_fast/user_grader.py); once or per --data")
     ap.add_argument("--out", default="eval_out", help="folder for eval.json and responses.jsonl: new, empty, or an "
                     "earlier evaluation's (replaced); a folder zppo_fast did not make is refused")

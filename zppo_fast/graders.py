@@ -275,7 +275,7 @@ _RULE_WORDS_RE = re.compile(
 
 
 def route(gold: str, choices: Sequence[str] = ()) -> str:
-    """The grader the paper's routing gives a row without its own: "choice" for a multiple-choice
+    r"""The grader the paper's routing gives a row without its own: "choice" for a multiple-choice
     row, "boxed" (mathruler's rules) when the gold answer parses as math, "judge" otherwise.
 
     Parses as math: after `normalize_answer` (lowercase, `\text{}` unwrapped, no spaces) and with
