@@ -59,6 +59,15 @@ def test_two_ranks_take_the_same_optimizer_steps_as_one(tiny_cache, tmp_path):
         assert len(one["grads"]) == len(two["grads"]) == 2 and tokens == two["metrics"]["loss/trained_tokens"]
         for step, (g1, g2) in enumerate(zip(one["grads"], two["grads"]), 1):
             assert g1.keys() == g2.keys()
+            if other == "shared":
+                # Another computation, not only another order: the Gated-DeltaNet layers run the prompt
+                # and the responses as two recurrences joined by the handed-over state. Entries that
+                # are sums of large cancelling terms (dt_bias: ~1e-9 out of terms far larger) move by
+                # more than their own size, so the gradient is held to its norm, as a whole.
+                flat1, flat2 = (torch.cat([g[n].double().flatten() for n in sorted(g1)]) for g in (g1, g2))
+                diff, tol = (flat2 - flat1).norm().item(), reorder_tol(terms, flat1.norm().item())
+                assert diff <= tol, f"shared, step {step}: |g2 - g1| = {diff:.3g} > {tol:.3g}"
+                continue
             for name in g1:
                 tol = reorder_tol(terms, g1[name].abs().max().item())
                 torch.testing.assert_close(g2[name], g1[name], rtol=0, atol=tol,
