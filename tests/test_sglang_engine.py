@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from zppo_fast.engine import KV_CACHE, WEIGHTS, check_push
+from zppo_fast.engine import KV_CACHE, WEIGHTS, SamplingParams, check_push
 from zppo_fast.sglang_engine import (
     EngineDiedError,
     SGLangEngineConfig,
@@ -21,12 +21,25 @@ from zppo_fast.sglang_engine import (
     mem_fraction_static,
     model_architectures,
     parse_output,
+    request_sampling,
     step_order,
     teacher_placement,
 )
 from zppo_fast.weight_sync import flatten_bucket, unflatten_bucket
 
 HAS_SGLANG_GPU = torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None
+
+
+def test_request_sampling_keeps_vision_tokens_out():
+    """Every request of a VLM engine bans its vision tokens through SGLang's logit_bias (string keys);
+    a text engine's carry none. Seeds differ per request; top_k None becomes SGLang's -1."""
+    params = SamplingParams(temperature=0.7, top_k=None, max_new_tokens=5, seed=2)
+    vlm = request_sampling(params, 9, [300, 301, 302, 303], 3)
+    assert [r["sampling_seed"] for r in vlm] == [2 * 1_000_003 + i for i in range(3)]
+    for r in vlm:
+        assert r["logit_bias"] == {"300": -1e9, "301": -1e9, "302": -1e9, "303": -1e9}
+        assert r["top_k"] == -1 and r["stop_token_ids"] == [9] and r["temperature"] == 0.7
+    assert all("logit_bias" not in r for r in request_sampling(params, 9, [], 2))
 
 
 def node(mode, local_world_size, gpus_per_node, tp=1):
@@ -221,6 +234,7 @@ def test_each_prompt_is_prefilled_once_before_its_samples(n):
     engine = SGLangEngine.__new__(SGLangEngine)  # without starting SGLang
     engine.name, engine.tokenizer, engine._child_pids = "stand-in", tokenizer, []
     engine._released, engine._weights_valid, engine._engine = set(), True, RecordingSGLang()
+    engine.forbidden = []  # a text model: no vision tokens to ban
     out = engine.generate(prompts, SamplingParams(n=n, seed=3))
     calls = engine._engine.calls
     assert len(calls) == (2 if n > 1 else 1)

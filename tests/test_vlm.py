@@ -12,17 +12,19 @@ from zppo_fast import prompts
 from zppo_fast.config import ModelConfig
 from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
 from zppo_fast.datasets import Record
-from zppo_fast.engine import SamplingParams, TransformersEngine
+from zppo_fast.engine import PUSH_CHECK_TOLERANCE, SamplingParams, TransformersEngine, check_push_took_effect
 from zppo_fast.model import ModelLoadError, build_tiny_model, save_model
 from zppo_fast.task import ArithmeticTask
 from zppo_fast.tokenizer import build_tokenizer
 from zppo_fast.vlm import (
+    VISION_TOKENS,
     VLMPolicy,
     build_tiny_vlm,
     image_micro_batch,
     is_vlm,
     load_vlm,
     record_prompt,
+    vision_token_ids,
     vlm_hidden,
     vlm_prompt,
 )
@@ -90,6 +92,53 @@ def test_rollout_with_images_matches_the_training_forward(world):
             assert 1 <= len(s.token_ids) <= 8 and len(s.logprobs) == len(s.token_ids)
             ref = logprobs_with_images(model, prompt, s.token_ids)
             torch.testing.assert_close(torch.tensor(s.logprobs), ref, rtol=1e-4, atol=1e-4)
+
+
+def full_logprobs(model, prompt, response, temperature):
+    """(T, V) float64 log-softmax at `temperature` of the model's own logits (its lm_head hooks included)
+    at the positions predicting `response`, with the prompt's images."""
+    mb = image_micro_batch([prompt], [response], pad_id=0)
+    vision = {} if mb.pixel_values is None else {
+        "pixel_values": mb.pixel_values, "image_grid_thw": mb.image_grid_thw,
+        "mm_token_type_ids": (mb.input_ids == model.config.image_token_id).int()}
+    with torch.no_grad():
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **vision).logits[0]
+    return (logits[len(prompt.input_ids) - 1 : -1].double() / temperature).log_softmax(-1)
+
+
+def test_engine_never_samples_vision_tokens(world):
+    """A VLM biased towards its vision special tokens (most of the mass at every step) never samples
+    them, greedy or not, with or without images; its log-probs stay the trainer's over the full
+    vocabulary (the vision tokens' mass in the normalizer), so the push check still passes."""
+    _, model, processor, paths, _ = world
+    forbidden = vision_token_ids(model.config.to_dict(), "tiny VLM")
+    assert forbidden == sorted(processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[forbidden] = 6.0  # each vision token then outweighs all 300 others together
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    try:
+        engine = TransformersEngine(model, processor.tokenizer, processor=processor)
+        prompts_ = [vlm_prompt(processor, "What is 12 + 7?", [paths["red"]]), vlm_prompt(processor, "What is 3 + 4?")]
+        images = [[paths["red"]], []]
+        mass = []
+        for params in (SamplingParams(n=3, temperature=0.8, max_new_tokens=8, seed=1),
+                       SamplingParams(temperature=0.0, max_new_tokens=4)):
+            out = engine.generate([p.input_ids for p in prompts_], params, images=images)
+            for prompt, group in zip(prompts_, out):
+                for s in group:
+                    assert not set(s.token_ids) & set(forbidden), s.token_ids
+                    full = full_logprobs(model, prompt, s.token_ids, params.temperature or 1.0)  # (T, V)
+                    ref = full.gather(-1, torch.tensor(s.token_ids)[:, None])[:, 0]
+                    torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), ref, rtol=1e-4, atol=1e-4)
+                    mass.append(full[:, forbidden].exp().sum(-1))
+        assert torch.cat(mass).min() > 0.5  # without the mask most draws, and every argmax, would be one
+        text = prompts_[1]
+        score = lambda prompt, completion: full_logprobs(model, text, completion, 1.0).gather(
+            -1, torch.tensor(completion)[:, None])[:, 0]
+        assert check_push_took_effect(engine, text.input_ids, score, SamplingParams(max_new_tokens=8, seed=4),
+                                      PUSH_CHECK_TOLERANCE[torch.float32], "tiny VLM engine") <= 1e-4
+    finally:
+        hook.remove()
 
 
 def test_images_change_log_probs(world):

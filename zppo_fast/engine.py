@@ -7,6 +7,13 @@ distribution (after temperature, top-k and top-p). The trainer recomputes old lo
 log-probs are kept for metrics and for engines whose numerics should be checked against the
 trainer's.
 
+Vision-language engines never sample the vision special tokens (`zppo_fast.vlm.vision_token_ids`:
+an `<|image_pad|>` in a response has no image behind it and the training forward fails on it).
+The transformers engine masks them (`SuppressTokens`) and still reports each token's log-prob with
+their probability in the normalizer, as the trainer computes it over the full vocabulary: the
+push check stays exact however much mass the model puts on them. SGLang (`logit_bias`) reports
+the masked distribution's, higher by -log(1 - P(vision tokens)) per token, ~0 for a trained VLM.
+
 An engine holds its own copy of the weights. After each optimizer step the trainer pushes its
 weights with `update_weights` (buckets from `zppo_fast.weight_sync.iter_weight_buckets`). Engines
 that share GPUs with training free their memory with `release_memory` before the update and take it
@@ -65,12 +72,34 @@ class PresencePenalty:
         return scores - self.penalty * seen.to(scores.dtype)
 
 
+class SuppressTokens:
+    """A transformers logits processor: -inf on the logits of `ids`, so they are never sampled.
+
+    Like `PresencePenalty` it runs before temperature / top-k / top-p, so the nucleus is taken
+    among the other tokens. It records per step kept[t] (B,): the log of the probability the other
+    tokens hold at `temperature` before the mask (logsumexp over them minus logsumexp over all, no
+    cancellation however small). log_softmax of the processed scores plus kept[t] is the log-prob
+    with the masked tokens' mass back in the normalizer: without top-k / top-p exactly the
+    trainer's log p(token) at that temperature. scores (B, V) -> (B, V).
+    """
+
+    def __init__(self, ids: Sequence[int], temperature: float):
+        self.ids, self.temperature = torch.tensor(list(ids), dtype=torch.long), temperature
+        self.kept: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ids = self.ids.to(scores.device)
+        tempered = scores.float() / self.temperature
+        self.kept.append(tempered.index_fill(1, ids, float("-inf")).logsumexp(-1) - tempered.logsumexp(-1))
+        return scores.index_fill(1, ids, float("-inf"))
+
+
 @dataclass
 class Sample:
     token_ids: list[int]  # the completion only, EOS included when generated
     text: str  # decoded completion, special tokens removed
     finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens reached)
-    logprobs: list[float]  # one per token in token_ids
+    logprobs: list[float]  # one per token in token_ids (see the module docstring for VLM engines)
 
 
 Bucket = list[tuple[str, torch.Tensor]]  # (HF parameter name, full tensor), see weight_sync
@@ -215,7 +244,8 @@ class TransformersEngine:
 
     Vision-language models (`zppo_fast.vlm`) also take a `processor`; `generate(..., images=)` then
     feeds each prompt's images through its image processor. The prompt ids must already hold the
-    expanded image placeholders, as `zppo_fast.vlm.vlm_prompt` builds them.
+    expanded image placeholders, as `zppo_fast.vlm.vlm_prompt` builds them. Their vision special
+    tokens are never sampled (`SuppressTokens`, the module docstring).
     """
 
     name = "transformers engine"
@@ -225,6 +255,10 @@ class TransformersEngine:
         self.model, self.tokenizer, self.batch_size, self.processor = model, tokenizer, batch_size, processor
         self.prefill_once = prefill_once
         self.timings = Timings()
+        from zppo_fast.vlm import is_vlm, vision_token_ids
+
+        # Token ids a response must not hold: a VLM's image / video placeholders and their delimiters.
+        self.forbidden = vision_token_ids(model.config.to_dict(), self.name) if is_vlm(model) else []
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  images: Sequence[Sequence[Any]] | None = None) -> list[list[Sample]]:
@@ -299,6 +333,10 @@ class TransformersEngine:
                     vision = vision_inputs(self.model, ids, flat_images[start : start + step], device)
                 if share:
                     cache = {"cache": self._prefill(chunk[:: params.n], params.n, pad, device)}
+                # The penalty first: the mask's record of the vision tokens' mass is then of the penalized logits.
+                processors = [PresencePenalty(params.presence_penalty, ids.shape[1])] if params.presence_penalty else []
+                suppress = SuppressTokens(self.forbidden, params.temperature or 1.0) if self.forbidden else None
+                processors += [suppress] if suppress else []
                 gen = self.model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
@@ -312,8 +350,7 @@ class TransformersEngine:
                     max_new_tokens=params.max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=eos,
-                    logits_processor=([PresencePenalty(params.presence_penalty, ids.shape[1])]
-                                      if params.presence_penalty else None),
+                    logits_processor=processors or None,
                     output_scores=True,
                     return_dict_in_generate=True,
                 )
@@ -323,6 +360,8 @@ class TransformersEngine:
                 token_logp = torch.stack(
                     [sc.float().log_softmax(-1).gather(-1, new[:, t : t + 1]).squeeze(-1)
                      for t, sc in enumerate(gen.scores)], 1).cpu()  # (B, T)
+                if suppress is not None:  # the masked tokens' mass back in the normalizer
+                    token_logp += torch.stack(suppress.kept, 1).cpu()
                 new = new.cpu()
                 for row, row_logp in zip(new.tolist(), token_logp.tolist()):
                     n = row.index(eos) + 1 if eos in row else len(row)

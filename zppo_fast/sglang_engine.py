@@ -36,7 +36,12 @@ images), which can change its ids. The engine instead sends each prompt's images
 through the model's processor (`{"format": "processor_output", pixel_values, image_grid_thw}`) with
 the prompt ids: SGLang then keeps the ids as given (`load_mm_data`'s fast path for preprocessed
 data). Each answer's `prompt_tokens` is compared with the prompt's length, and a GPU test compares
-the ids themselves.
+the ids themselves. A VLM engine never samples the vision special tokens: each request carries a
+`logit_bias` pushing them out (`request_sampling`). That parameter was read in SGLang's source at
+sgl-project/sglang commits 00c17caf and 009db01a (`SamplingParams.logit_bias: Dict[str, float]`,
+token ids as strings; `SamplingBatchInfo` builds a (batch, vocab) bias from them and
+`apply_logits_bias` adds it to the logits the sampler and its log-probs read), not in the 0.5.19
+wheel, and has not run on a GPU here yet.
 
 Every SGLang call here was checked against SGLang's source: `python/sglang/srt/entrypoints/engine.py`
 at sgl-project/sglang commit 001067ff and in the 0.5.19 wheel (`Engine(**server_args)`,
@@ -305,6 +310,26 @@ def check_sglang_result(op: str, result: Any, engine: str) -> None:
         raise RuntimeError(f"{engine}: {op} failed: {message or '(no message)'}")
 
 
+# The logit bias that keeps a token from ever being sampled: finite, so it survives any serialization of
+# the request, and far below any logit (exp of it is 0 in every float format).
+FORBIDDEN_BIAS = -1e9
+
+
+def request_sampling(params: SamplingParams, eos: int, forbidden: Sequence[int], count: int) -> list[dict[str, Any]]:
+    """SGLang sampling params of `count` requests (the n copies of each prompt, in order): request i
+    draws with sampling_seed params.seed * 1_000_003 + i. `forbidden` (a VLM's vision special tokens,
+    `zppo_fast.vlm.vision_token_ids`) get `FORBIDDEN_BIAS` through SGLang's `logit_bias` (token id
+    as a string -> bias, added to the logits before temperature and sampling), so they are never
+    sampled; the log-probs SGLang reports are then of that masked distribution (see engine.py).
+    """
+    # SGLang's "no top-k" is -1 (it refuses 0).
+    base = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
+            "max_new_tokens": params.max_new_tokens, "stop_token_ids": [eos], "presence_penalty": params.presence_penalty}
+    if forbidden:
+        base["logit_bias"] = {str(t): FORBIDDEN_BIAS for t in forbidden}
+    return [{**base, "sampling_seed": params.seed * 1_000_003 + i} for i in range(count)]
+
+
 def parse_output(out: dict, engine: str) -> tuple[list[int], str, list[float]]:
     """(token ids, finish reason, per-token log-probs) of one `sglang.Engine.generate` output.
 
@@ -445,12 +470,13 @@ class SGLangEngine:
     expected: the HF parameter names and full shapes a push may carry; a bucket with any other
         name or shape fails before it is loaded.
     Sampling log-probs are those SGLang reports: of the temperature-scaled distribution
-    (SGLANG_RETURN_ORIGINAL_LOGPROB unset); with top_p < 1 they are not renormalized over the nucleus.
+    (SGLANG_RETURN_ORIGINAL_LOGPROB unset); with top_p < 1 they are not renormalized over the nucleus;
+    a VLM's are of the distribution without its vision tokens (`request_sampling`).
     """
 
     def __init__(self, cfg: SGLangEngineConfig, expected: Mapping[str, torch.Size]):
         from zppo_fast.model import load_tokenizer
-        from zppo_fast.vlm import load_processor
+        from zppo_fast.vlm import load_processor, vision_token_ids
 
         sglang = import_sglang()
         self.cfg, self.expected = cfg, dict(expected)
@@ -460,8 +486,12 @@ class SGLangEngine:
         # A dummy-loaded student samples from random weights until its first complete push.
         self._weights_valid = p.role != "student"
         self.tokenizer = load_tokenizer(cfg.model_path)
-        vlm = "vision_config" in json.loads((Path(cfg.model_path) / "config.json").read_text())
+        config_path = Path(cfg.model_path) / "config.json"
+        config = json.loads(config_path.read_text())
+        vlm = "vision_config" in config
         self.processor = load_processor(cfg.processor_path or cfg.model_path, cfg.image_pixels) if vlm else None
+        # Token ids a response must not hold: a VLM's image / video placeholders and their delimiters.
+        self.forbidden = vision_token_ids(config, str(config_path)) if vlm else []
         try:
             from sglang.srt.models.registry import ModelRegistry
         except ImportError as e:
@@ -517,11 +547,7 @@ class SGLangEngine:
                        **({} if image_data is None else {"image_data": image_data}))
         flat = [p for p in prompts for _ in range(params.n)]
         eos = self.tokenizer.eos_token_id
-        # SGLang's "no top-k" is -1 (it refuses 0).
-        sampling = [{"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
-                     "max_new_tokens": params.max_new_tokens, "stop_token_ids": [eos],
-                     "presence_penalty": params.presence_penalty,
-                     "sampling_seed": params.seed * 1_000_003 + i} for i in range(len(flat))]
+        sampling = request_sampling(params, eos, self.forbidden, len(flat))
         outs = self._call("generate", self._engine.generate, input_ids=flat, sampling_params=sampling,
                           return_logprob=True, **kwargs)
         samples = []

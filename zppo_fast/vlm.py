@@ -31,7 +31,7 @@ import copy
 import dataclasses
 import importlib.util
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ from zppo_fast.prompts import with_closing
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 VISION_TOKENS = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+# The config keys of those tokens' ids (Qwen2-VL .. Qwen3.5 name them alike).
+VISION_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 # zppo_fast.tokenizer's ChatML, with list contents as Qwen-VL writes them: an {"type": "image"} part
 # becomes one placeholder that the processor widens to the image's token count. String contents
@@ -133,6 +135,20 @@ def is_vlm(model: torch.nn.Module) -> bool:
     """Does `model` take images (a transformers config with a vision sub-config)?"""
     config = getattr(model, "config", None)
     return getattr(config, "vision_config", None) is not None
+
+
+def vision_token_ids(config: Mapping[str, Any], where: str) -> list[int]:
+    """The ids of the vision special tokens a VLM config names (`VISION_TOKEN_KEYS`), sorted.
+
+    They belong in prompts only: an `<|image_pad|>` in a response has no image features behind it,
+    and the training forward fails on it ("Image features and image tokens do not match"), so the
+    rollout engines never sample these ids. `config`: the model's config as a dict (config.json);
+    one without `image_token_id` is an error naming `where`.
+    """
+    if config.get("image_token_id") is None:
+        raise ValueError(f"{where}: the config of this vision-language model has no image_token_id, so the "
+                         f"rollout engine cannot keep image placeholders out of responses")
+    return sorted({int(config[k]) for k in VISION_TOKEN_KEYS if config.get(k) is not None})
 
 
 def load_vlm(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, Any]:
