@@ -104,6 +104,8 @@ setup(
         # wandb: tests/test_metrics.py's offline W&B run; datasets: the Hugging Face folder in
         # tests/test_columns.py.
         "test": ["pytest", "hypothesis", "liger-kernel", "trl", "wandb", "datasets"],
+        # bench/bench_vs_trl.py: TRL's GRPOTrainer (and its datasets) beside zppo_fast; not needed by `make test`.
+        "bench": ["trl", "datasets"],
         "tensorboard": ["tensorboard"],
         # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
         "wandb": ["wandb"],

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from alternate import StepWorker, alternate, median, serve
+from alternate import StepWorker, alternate, median, trainer_worker
 from results import record_section
 
 CHAR_VOCAB = 3 + 256  # the tokenizer's special tokens + the byte alphabet: no merges
@@ -62,32 +62,22 @@ def questions(n: int) -> list[tuple[str, str]]:
     return [(f"{a}+{b}=?", str(a + b)) for a, b in pairs]
 
 
+def write_setting(folder: Path, hidden: int, prompts: int, group: int, new_tokens: int) -> tuple[int, list[str]]:
+    """The model (`folder`/model) and the questions (`folder`/train.jsonl) of the comparison, and
+    zppo_fast's config overrides for it (no run.out_dir, no run.cpu_threads); returns the model's
+    parameter count and the overrides."""
+    params = build_model_folder(folder / "model", hidden)
+    data_file = folder / "train.jsonl"
+    data_file.write_text("".join(json.dumps({"id": str(i), "question": q, "answer": a}) + "\n"
+                                 for i, (q, a) in enumerate(questions(prompts))))
+    return params, [
+        "--model.path", str(folder / "model"), "--data.train", str(data_file), "--rl.algo", "grpo",
+        "--rl.batch_size", str(prompts), "--rl.group_size", str(group), "--rl.num_minibatches", "1",
+        "--rollout.max_new_tokens", str(new_tokens), "--run.overwrite", "true", "--run.tensorboard", "false",
+        "--run.eval_every", "0"]
+
+
 # ----------------------------------------------------------------------------- the workers
-def zppo_worker(conn, folder: str, data_file: str, run_dir: str, settings: dict) -> None:
-    import torch
-
-    from zppo_fast.config import load_config
-    from zppo_fast.train import Trainer
-
-    torch.set_num_threads(settings["threads"])
-    cfg = load_config(None, [
-        "--model.path", folder, "--data.train", data_file, "--rl.algo", "grpo",
-        "--rl.batch_size", str(settings["prompts"]), "--rl.group_size", str(settings["group"]),
-        "--rl.num_minibatches", "1", "--rollout.max_new_tokens", str(settings["new_tokens"]),
-        "--run.cpu_threads", str(settings["threads"]), "--run.out_dir", run_dir, "--run.overwrite", "true",
-        "--run.tensorboard", "false", "--run.eval_every", "0"])
-    trainer = Trainer(cfg, progress=False)
-
-    def step() -> dict:
-        t0 = time.perf_counter()
-        m = trainer.step()
-        return {"step": time.perf_counter() - t0, "rollout": m["time/rollout"],
-                "old_logprobs": m.get("time/old_logprobs", 0.0), "update": m["time/update"],
-                "tokens": m["perf/student_tokens"]}
-
-    serve(conn, step)
-
-
 def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int) -> None:
     """TRL owns its training loop: a callback waits for each command at the start of a step and
     answers at its end. The driver sends exactly `total_steps` step commands, then "stop"."""
@@ -194,15 +184,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         tmp = Path(tmp)
         folder = tmp / "model"
-        params = build_model_folder(folder, args.hidden)
-        qa = questions(args.prompts)
-        data_file = tmp / "train.jsonl"
-        data_file.write_text("".join(json.dumps({"id": str(i), "question": q, "answer": a}) + "\n"
-                                     for i, (q, a) in enumerate(qa)))
-        prompt_tokens = len(chat_prompt_ids(load_tokenizer(folder), qa[0][0]))
+        params, overrides = write_setting(tmp, args.hidden, args.prompts, args.group, args.new_tokens)
+        overrides += ["--run.cpu_threads", str(args.threads), "--run.out_dir", str(tmp / "zppo")]
+        prompt_tokens = len(chat_prompt_ids(load_tokenizer(folder), questions(1)[0][0]))
         total = args.warmup + args.steps + args.profile
         workers = [StepWorker("TRL GRPOTrainer", trl_worker, str(folder), str(tmp / "trl"), settings, total),
-                   StepWorker("zppo_fast", zppo_worker, str(folder), str(data_file), str(tmp / "zppo"), settings)]
+                   StepWorker("zppo_fast", trainer_worker, overrides)]
         try:
             timed = alternate(workers, args.warmup, args.steps)
             profiles = {w.name: w.step(profile=True)["profile"] for w in workers} if args.profile else {}
