@@ -110,6 +110,15 @@ def profiled(step: Callable[[], dict]) -> dict:
     return {**out, "profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)}
 
 
+def print_profiles(profiles: dict[str, str], path: str | None = None) -> None:
+    """Print each worker's profile table (`StepWorker.step(profile=True)["profile"]`); also write them to `path`."""
+    for name, table in profiles.items():
+        print(f"\nprofile of one {name} step (top ops by self CPU time):\n{table}")
+    if path:
+        with open(path, "w") as f:
+            f.write("".join(f"## {name}\n\n{table}\n\n" for name, table in profiles.items()))
+
+
 def median(rows: list[dict], key: str) -> float:
     return statistics.median(r.get(key, 0.0) for r in rows)
 

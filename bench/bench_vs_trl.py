@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from alternate import StepWorker, alternate, median, trainer_worker
+from alternate import StepWorker, alternate, median, print_profiles, trainer_worker
 from results import record_section
 
 CHAR_VOCAB = 3 + 256  # the tokenizer's special tokens + the byte alphabet: no merges
@@ -211,10 +211,7 @@ def main() -> None:
         f"(rollout includes grading; other = advantages + weight push).\n")
     text = header + "\n" + table(timed)
     print(text)
-    for name, prof in profiles.items():
-        print(f"\nprofile of one {name} step (top ops by self CPU time):\n{prof}")
-    if args.profile_out:
-        Path(args.profile_out).write_text("".join(f"## {n}\n\n{p}\n\n" for n, p in profiles.items()))
+    print_profiles(profiles, args.profile_out)
     if args.record:
         record_section("End to end against TRL's GRPOTrainer (CPU)", text)
 

@@ -13,6 +13,7 @@ rollouts and compressions; other: advantages, replay, weight push).
 The warm-ups are read from (or first trained into) the config's `sft.cache_dir`, as a demo run would.
 
     python bench/bench_zppo_vs_grpo.py [--steps 5] [--warmup 1] [--record] [-- --section.key VALUE ...]
+    python bench/bench_zppo_vs_grpo.py --profile  # + one profiled step of each: the top ops by self CPU time
     python bench/bench_zppo_vs_grpo.py --quick    # smoke test: a toy config, 1 warm-up + 1 step
 """
 
@@ -26,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from alternate import StepWorker, alternate, median, trainer_worker
+from alternate import StepWorker, alternate, median, print_profiles, trainer_worker
 from bench_vs_trl import cpu_name
 from results import record_section
 
@@ -81,6 +82,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per algo (medians over these)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per algo first")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, one profiled step of each algo; print their top ops")
+    ap.add_argument("--profile-out", help="also write the profile tables to this file")
     ap.add_argument("--quick", action="store_true", help="smoke test: a toy config, 1 warm-up + 1 step")
     ap.add_argument("--record", action="store_true", help="write the table to bench/RESULTS.md")
     ap.add_argument("overrides", nargs="*", help="config overrides for both algos, after --")
@@ -96,6 +100,7 @@ def main() -> None:
                    for algo in ALGOS]
         try:
             timed = alternate(workers, args.warmup, args.steps)
+            profiles = {w.name: w.step(profile=True)["profile"] for w in workers} if args.profile else {}
         finally:
             for w in workers:
                 w.close()
@@ -113,6 +118,7 @@ def main() -> None:
         f"{args.steps} steps after {args.warmup} warm-up step(s). Phases in seconds (the trainer's time/* metrics).\n")
     text = header + "\n" + table(timed)
     print(text)
+    print_profiles(profiles, args.profile_out)
     if args.record:
         record_section("Embedded default: ZPPO against GRPO per step and per trained token (CPU)", text)
 
