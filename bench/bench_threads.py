@@ -49,10 +49,10 @@ def main() -> None:
     threads = list(dict.fromkeys(int(t) for t in args.threads.split(",")))
     if args.quick:
         args.steps, args.warmup = 1, 1
-    lines = [f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only. Medians of {args.steps} steps after "
-             f"{args.warmup} warm-up step(s), thread counts alternated step by step.", "",
-             "| setting | threads | step (s), median | range | ratio to " + f"{threads[0]} thread(s) |",
-             "|---|---:|---:|---:|---:|"]
+    print(f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only. Medians of {args.steps} steps after "
+          f"{args.warmup} warm-up step(s), thread counts alternated step by step.\n\n"
+          f"| setting | threads | step (s), median | range | ratio to {threads[0]} thread(s) |\n"
+          "|---|---:|---:|---:|---:|", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_threads_") as tmp:
         for name, overrides in settings(Path(tmp), args.settings.split(","), args.quick).items():
             workers = [StepWorker(f"{name}, {t} thread(s)", trainer_worker, overrides + [
@@ -65,9 +65,8 @@ def main() -> None:
             base = median(timed[workers[0].name], "step")
             for t, w in zip(threads, workers):
                 rows = timed[w.name]
-                lines.append(f"| {name} | {t} | {median(rows, 'step'):.3f} | {min(r['step'] for r in rows):.2f}-"
-                             f"{max(r['step'] for r in rows):.2f} | {median(rows, 'step') / base:.2f} |")
-    print("\n".join(lines))
+                print(f"| {name} | {t} | {median(rows, 'step'):.3f} | {min(r['step'] for r in rows):.2f}-"
+                      f"{max(r['step'] for r in rows):.2f} | {median(rows, 'step') / base:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
