@@ -20,7 +20,7 @@ import statistics
 import traceback
 from collections.abc import Callable
 
-PROFILE_ROWS = 30
+PROFILE_ROWS = 30  # ops listed in a profile table
 
 
 class WorkerError(RuntimeError):
@@ -65,7 +65,7 @@ class StepWorker:
 def _guarded(target: Callable, conn, *args) -> None:
     try:
         target(conn, *args)
-    except BaseException:
+    except Exception:
         conn.send(("error", traceback.format_exc()))
         raise
 
@@ -107,7 +107,12 @@ def profiled(step: Callable[[], dict]) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = step()
-    return {**out, "profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)}
+    return {**out, "profile": top_ops(prof)}
+
+
+def top_ops(prof) -> str:
+    """A finished torch.profiler run's table of the `PROFILE_ROWS` ops with the most self CPU time."""
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
 
 
 def print_profiles(profiles: dict[str, str], path: str | None = None) -> None:

@@ -87,7 +87,7 @@ def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from alternate import PROFILE_ROWS
+    from alternate import top_ops
     from zppo_fast.prompts import with_closing
     from zppo_fast.reward import final_answer
 
@@ -102,7 +102,11 @@ def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int
     class Stepper(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             self.profiler = None
-            if conn.recv() == "profile":
+            command = conn.recv()
+            if command == "stop":  # the driver gave up early (an error elsewhere): end without training on
+                conn.send("stopped")
+                raise SystemExit(0)
+            if command == "profile":
                 self.profiler = profile(activities=[ProfilerActivity.CPU])
                 self.profiler.__enter__()
             self.t0 = time.perf_counter()
@@ -111,8 +115,7 @@ def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int
             out = {"step": time.perf_counter() - self.t0}
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
-                out["profile"] = self.profiler.key_averages().table(sort_by="self_cpu_time_total",
-                                                                    row_limit=PROFILE_ROWS)
+                out["profile"] = top_ops(self.profiler)
             conn.send(out)
 
     n = settings["prompts"] * settings["group"]
