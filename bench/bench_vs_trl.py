@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -147,7 +148,7 @@ def table(timed: dict[str, list[dict]]) -> str:
     trl, zppo = timed["TRL GRPOTrainer"], timed["zppo_fast"]
     t, z = median(trl, "step"), median(zppo, "step")
     phases = {k: median(zppo, k) for k in ("rollout", "old_logprobs", "update")}
-    other = z - sum(phases.values())
+    other = statistics.median(r["step"] - sum(r.get(k, 0.0) for k in phases) for r in zppo)  # per step, then median
     rng = lambda rows: f"{min(r['step'] for r in rows):.2f}-{max(r['step'] for r in rows):.2f}"  # noqa: E731
     return "\n".join([
         "| trainer | step (s), median | range | rollout | old log-probs | update | other | ratio to TRL |",

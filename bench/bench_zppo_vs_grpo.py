@@ -68,8 +68,9 @@ def table(timed: dict[str, list[dict]]) -> str:
         rows = timed[algo]
         step = median(rows, "step")
         phases = [median(rows, k) for k in PHASES]
+        other = statistics.median(r["step"] - sum(r.get(k, 0.0) for k in PHASES) for r in rows)  # per step, then median
         lines.append(f"| {algo} | {step:.3f} | {median(rows, 'tokens'):.0f} | {1e3 * per_token(rows):.3f} | "
-                     + " | ".join(f"{p:.3f}" for p in phases) + f" | {step - sum(phases):.3f} |")
+                     + " | ".join(f"{p:.3f}" for p in phases) + f" | {other:.3f} |")
     g, z = timed["grpo"], timed["zppo"]
     lines.append("")
     lines.append(f"ZPPO / GRPO: {median(z, 'step') / median(g, 'step'):.2f}x per step, "
