@@ -138,6 +138,8 @@ setup(
         # tests/test_metadata.py reads the requirement specifiers.
         "test": ["pytest", "pytest-timeout", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "mathruler",
                  "pylatexenc", "sympy", "cmake>=3.18", "packaging"],
+        # bench/bench_vs_trl.py: TRL's GRPOTrainer (and its datasets) beside zppo_fast; not needed by `make test`.
+        "bench": ["trl", "datasets"],
         "tensorboard": ["tensorboard"],
         # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
         "wandb": ["wandb"],

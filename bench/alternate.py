@@ -1,7 +1,7 @@
 """Trainers in processes of their own, stepped in turn by one driver, so that they share the
 machine's state (other load, clock, thermal) step by step rather than run by run.
 
-    worker = StepWorker("zppo_fast", zppo_worker, folder, ...)  # spawns zppo_worker(conn, folder, ...)
+    worker = StepWorker("grpo", trainer_worker, overrides)  # spawns trainer_worker(conn, overrides)
     timings = worker.step()                                     # one training step there, its timings back
     timings = worker.step(profile=True)                         # the same under torch.profiler: + "profile"
     worker.close()
@@ -9,7 +9,8 @@ machine's state (other load, clock, thermal) step by step rather than run by run
 A process each, so that neither trainer inherits the other's process-wide settings (thread pool,
 flush-denormal mode, allocator caches). A worker answers each "step" / "profile" command with a dict
 of floats (seconds, token counts); `serve` is that loop for a trainer whose steps the worker calls
-itself; a trainer that owns its loop (TRL) answers from a callback instead (bench/bench_vs_trl.py).
+itself (`trainer_worker`: zppo_fast's `Trainer`); a trainer that owns its loop (TRL) answers from a
+callback instead (bench/bench_vs_trl.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import statistics
 import traceback
 from collections.abc import Callable
 
-PROFILE_ROWS = 30
+PROFILE_ROWS = 30  # ops listed in a profile table
 
 
 class WorkerError(RuntimeError):
@@ -64,7 +65,7 @@ class StepWorker:
 def _guarded(target: Callable, conn, *args) -> None:
     try:
         target(conn, *args)
-    except BaseException:
+    except Exception:
         conn.send(("error", traceback.format_exc()))
         raise
 
@@ -79,6 +80,26 @@ def serve(conn, step: Callable[[], dict]) -> None:
         conn.send(profiled(step) if command == "profile" else step())
 
 
+def trainer_worker(conn, overrides: list[str]) -> None:
+    """zppo_fast's `Trainer` on `load_config(None, overrides)`, one `Trainer.step` per command.
+    Each answer: "step" (its seconds, measured here), "tokens" (the student tokens it trained on) and
+    the step's own `time/*` metrics without the prefix (rollout, old_logprobs, update, ...)."""
+    import time
+
+    from zppo_fast.config import load_config
+    from zppo_fast.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides), progress=False)
+
+    def step() -> dict:
+        t0 = time.perf_counter()
+        m = trainer.step()
+        return {"step": time.perf_counter() - t0, "tokens": m["perf/student_tokens"],
+                **{k.removeprefix("time/"): v for k, v in m.items() if k.startswith("time/")}}
+
+    serve(conn, step)
+
+
 def profiled(step: Callable[[], dict]) -> dict:
     """`step()` under torch.profiler (CPU activities): its dict plus "profile", the table of the
     ops with the most self CPU time."""
@@ -86,7 +107,21 @@ def profiled(step: Callable[[], dict]) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = step()
-    return {**out, "profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)}
+    return {**out, "profile": top_ops(prof)}
+
+
+def top_ops(prof) -> str:
+    """A finished torch.profiler run's table of the `PROFILE_ROWS` ops with the most self CPU time."""
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
+
+
+def print_profiles(profiles: dict[str, str], path: str | None = None) -> None:
+    """Print each worker's profile table (`StepWorker.step(profile=True)["profile"]`); also write them to `path`."""
+    for name, table in profiles.items():
+        print(f"\nprofile of one {name} step (top ops by self CPU time):\n{table}")
+    if path:
+        with open(path, "w") as f:
+            f.write("".join(f"## {name}\n\n{table}\n\n" for name, table in profiles.items()))
 
 
 def median(rows: list[dict], key: str) -> float:

@@ -31,12 +31,13 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from alternate import StepWorker, alternate, median, serve
+from alternate import StepWorker, alternate, median, print_profiles, trainer_worker
 from results import record_section
 
 CHAR_VOCAB = 3 + 256  # the tokenizer's special tokens + the byte alphabet: no merges
@@ -62,32 +63,22 @@ def questions(n: int) -> list[tuple[str, str]]:
     return [(f"{a}+{b}=?", str(a + b)) for a, b in pairs]
 
 
+def write_setting(folder: Path, hidden: int, prompts: int, group: int, new_tokens: int) -> tuple[int, list[str]]:
+    """The model (`folder`/model) and the questions (`folder`/train.jsonl) of the comparison, and
+    zppo_fast's config overrides for it (no run.out_dir, no run.cpu_threads); returns the model's
+    parameter count and the overrides."""
+    params = build_model_folder(folder / "model", hidden)
+    data_file = folder / "train.jsonl"
+    data_file.write_text("".join(json.dumps({"id": str(i), "question": q, "answer": a}) + "\n"
+                                 for i, (q, a) in enumerate(questions(prompts))))
+    return params, [
+        "--model.path", str(folder / "model"), "--data.train", str(data_file), "--rl.algo", "grpo",
+        "--rl.batch_size", str(prompts), "--rl.group_size", str(group), "--rl.num_minibatches", "1",
+        "--rollout.max_new_tokens", str(new_tokens), "--run.overwrite", "true", "--run.tensorboard", "false",
+        "--run.eval_every", "0"]
+
+
 # ----------------------------------------------------------------------------- the workers
-def zppo_worker(conn, folder: str, data_file: str, run_dir: str, settings: dict) -> None:
-    import torch
-
-    from zppo_fast.config import load_config
-    from zppo_fast.train import Trainer
-
-    torch.set_num_threads(settings["threads"])
-    cfg = load_config(None, [
-        "--model.path", folder, "--data.train", data_file, "--rl.algo", "grpo",
-        "--rl.batch_size", str(settings["prompts"]), "--rl.group_size", str(settings["group"]),
-        "--rl.num_minibatches", "1", "--rollout.max_new_tokens", str(settings["new_tokens"]),
-        "--run.cpu_threads", str(settings["threads"]), "--run.out_dir", run_dir, "--run.overwrite", "true",
-        "--run.tensorboard", "false", "--run.eval_every", "0"])
-    trainer = Trainer(cfg, progress=False)
-
-    def step() -> dict:
-        t0 = time.perf_counter()
-        m = trainer.step()
-        return {"step": time.perf_counter() - t0, "rollout": m["time/rollout"],
-                "old_logprobs": m.get("time/old_logprobs", 0.0), "update": m["time/update"],
-                "tokens": m["perf/student_tokens"]}
-
-    serve(conn, step)
-
-
 def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int) -> None:
     """TRL owns its training loop: a callback waits for each command at the start of a step and
     answers at its end. The driver sends exactly `total_steps` step commands, then "stop"."""
@@ -97,7 +88,7 @@ def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from alternate import PROFILE_ROWS
+    from alternate import top_ops
     from zppo_fast.prompts import with_closing
     from zppo_fast.reward import final_answer
 
@@ -112,7 +103,11 @@ def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int
     class Stepper(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             self.profiler = None
-            if conn.recv() == "profile":
+            command = conn.recv()
+            if command == "stop":  # the driver gave up early (an error elsewhere): end without training on
+                conn.send("stopped")
+                raise SystemExit(0)
+            if command == "profile":
                 self.profiler = profile(activities=[ProfilerActivity.CPU])
                 self.profiler.__enter__()
             self.t0 = time.perf_counter()
@@ -121,8 +116,7 @@ def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int
             out = {"step": time.perf_counter() - self.t0}
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
-                out["profile"] = self.profiler.key_averages().table(sort_by="self_cpu_time_total",
-                                                                    row_limit=PROFILE_ROWS)
+                out["profile"] = top_ops(self.profiler)
             conn.send(out)
 
     n = settings["prompts"] * settings["group"]
@@ -154,7 +148,7 @@ def table(timed: dict[str, list[dict]]) -> str:
     trl, zppo = timed["TRL GRPOTrainer"], timed["zppo_fast"]
     t, z = median(trl, "step"), median(zppo, "step")
     phases = {k: median(zppo, k) for k in ("rollout", "old_logprobs", "update")}
-    other = z - sum(phases.values())
+    other = statistics.median(r["step"] - sum(r.get(k, 0.0) for k in phases) for r in zppo)  # per step, then median
     rng = lambda rows: f"{min(r['step'] for r in rows):.2f}-{max(r['step'] for r in rows):.2f}"  # noqa: E731
     return "\n".join([
         "| trainer | step (s), median | range | rollout | old log-probs | update | other | ratio to TRL |",
@@ -194,15 +188,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         tmp = Path(tmp)
         folder = tmp / "model"
-        params = build_model_folder(folder, args.hidden)
-        qa = questions(args.prompts)
-        data_file = tmp / "train.jsonl"
-        data_file.write_text("".join(json.dumps({"id": str(i), "question": q, "answer": a}) + "\n"
-                                     for i, (q, a) in enumerate(qa)))
-        prompt_tokens = len(chat_prompt_ids(load_tokenizer(folder), qa[0][0]))
+        params, overrides = write_setting(tmp, args.hidden, args.prompts, args.group, args.new_tokens)
+        overrides += ["--run.cpu_threads", str(args.threads), "--run.out_dir", str(tmp / "zppo")]
+        prompt_tokens = len(chat_prompt_ids(load_tokenizer(folder), questions(1)[0][0]))
         total = args.warmup + args.steps + args.profile
         workers = [StepWorker("TRL GRPOTrainer", trl_worker, str(folder), str(tmp / "trl"), settings, total),
-                   StepWorker("zppo_fast", zppo_worker, str(folder), str(data_file), str(tmp / "zppo"), settings)]
+                   StepWorker("zppo_fast", trainer_worker, overrides)]
         try:
             timed = alternate(workers, args.warmup, args.steps)
             profiles = {w.name: w.step(profile=True)["profile"] for w in workers} if args.profile else {}
@@ -224,10 +215,7 @@ def main() -> None:
         f"(rollout includes grading; other = advantages + weight push).\n")
     text = header + "\n" + table(timed)
     print(text)
-    for name, prof in profiles.items():
-        print(f"\nprofile of one {name} step (top ops by self CPU time):\n{prof}")
-    if args.profile_out:
-        Path(args.profile_out).write_text("".join(f"## {n}\n\n{p}\n\n" for n, p in profiles.items()))
+    print_profiles(profiles, args.profile_out)
     if args.record:
         record_section("End to end against TRL's GRPOTrainer (CPU)", text)
 
