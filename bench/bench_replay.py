@@ -23,7 +23,6 @@ import argparse
 import datetime
 import mmap
 import os
-import platform
 import random
 import re
 import threading
@@ -35,6 +34,8 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
+
+from results import cpu_name
 
 from zppo_fast import _replay
 from zppo_fast.replay import PromptReplayBuffer
@@ -301,16 +302,6 @@ def first_touch_us_per_page(megabytes: int = 32) -> float:
         seconds = time.perf_counter() - t0
         del fresh
     return seconds / ((megabytes << 20) // 4096) * 1e6
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def record(text: str, path: Path) -> None:

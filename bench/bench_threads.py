@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from alternate import StepWorker, alternate, median, trainer_worker
-from bench_vs_trl import cpu_name, write_setting
+from bench_vs_trl import write_setting
+from results import cpu_name
 from bench_zppo_vs_grpo import QUICK, warm_up
 
 

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 from alternate import StepWorker, alternate, median, print_profiles, trainer_worker
-from results import record_section
+from results import cpu_name, record_section
 
 CHAR_VOCAB = 3 + 256  # the tokenizer's special tokens + the byte alphabet: no merges
 PAIRS = [(3, 4), (12, 30), (7, 8), (25, 17), (9, 9), (41, 6), (5, 38), (16, 23)]  # a+b, the prompts' operands
@@ -134,16 +133,6 @@ def trl_worker(conn, folder: str, run_dir: str, settings: dict, total_steps: int
 
 
 # ----------------------------------------------------------------------------- the driver
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(timed: dict[str, list[dict]]) -> str:
     trl, zppo = timed["TRL GRPOTrainer"], timed["zppo_fast"]
     t, z = median(trl, "step"), median(zppo, "step")

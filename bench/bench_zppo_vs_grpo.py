@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from alternate import StepWorker, alternate, median, print_profiles, trainer_worker
-from bench_vs_trl import cpu_name
+from results import cpu_name
 from results import record_section
 
 ALGOS = ("grpo", "zppo")

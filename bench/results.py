@@ -1,12 +1,14 @@
-"""bench/RESULTS.md: each benchmark owns one `## Title` section and rewrites only that one.
+"""bench/RESULTS.md: each benchmark owns one `## Title` section and rewrites only that one; and the
+device line every section starts with (`cpu_name`).
 
     record_section("Versus TRL", text)   # replace the section (from its heading to the next `## `), or append it
 
-Used by bench/bench_vs_trl.py and bench/bench_zppo_vs_grpo.py.
+Used by bench/bench_vs_trl.py, bench/bench_zppo_vs_grpo.py, bench/bench_threads.py and bench/bench_replay.py.
 """
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -23,3 +25,14 @@ def record_section(title: str, text: str, path: Path = RESULTS) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + section
     path.write_text(new.rstrip("\n") + "\n")
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for a section's device line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
