@@ -13,14 +13,14 @@ layers) with random weights; times depend on the shapes, not on what was learned
 alternated within each repeat and the median is reported.
 
     python bench/bench_shared_prefix.py [--groups 8] [--group-size 8] [--prompt-len 230]
-                                        [--response-len 24] [--repeats 3] [--threads 1]
+                                        [--response-len 24] [--repeats 3] [--threads 1] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
-import platform
 import random
 import statistics
 import sys
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--response-len", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--record", action="store_true", help="write the table to bench/RESULTS.md")
     args = parser.parse_args()
 
     import torch
@@ -103,18 +104,26 @@ def main() -> None:
             times.setdefault(name, []).append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
 
-    device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {args.threads} thread(s)"
-    print(f"device: {device}; {args.groups} groups x {args.group_size} samples, prompts of {args.prompt_len} tokens, "
-          f"responses of 1..{args.response_len}; medians of {args.repeats}")
-    print("| phase | layout | seconds | x of the unshared |")
-    print("|---|---|---|---|")
+    from results import cpu_name
+
+    command = "python bench/bench_shared_prefix.py " + " ".join(sys.argv[1:])
+    lines = [f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only, {args.threads} thread(s). "
+             f"Date: {datetime.date.today().isoformat()}. Command: `{command.strip()}`. {args.groups} groups x "
+             f"{args.group_size} samples, prompts of {args.prompt_len} tokens, responses of 1..{args.response_len}; "
+             f"update = old log-probs of mini-batches 2..I + I = 4 AdamW steps; medians of {args.repeats}.", "",
+             "| phase | layout | seconds | shared / unshared |", "|---|---|---:|---|"]
     for phase, shared, others in (("update", "update shared", ("update packed", "update padded")),
                                   ("generate", "generate prefill once", ("generate every sample",))):
         for k in (shared, *others):
-            ratio = ("1" if k != shared else
-                     " / ".join(f"{med[shared] / med[o]:.2f} vs {o.split(' ', 1)[1]}" for o in others))
-            print(f"| {phase} | {k.split(' ', 1)[1]} | {med[k]:.3f} | {ratio} |")
+            ratio = ("" if k != shared else
+                     ", ".join(f"{med[shared] / med[o]:.2f}x vs {o.split(' ', 1)[1]}" for o in others))
+            lines.append(f"| {phase} | {k.split(' ', 1)[1]} | {med[k]:.3f} | {ratio} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        from results import record_section
 
+        record_section("Shared prefix: each group's prompt computed once (CPU)", text)
 
 if __name__ == "__main__":
     main()
