@@ -287,7 +287,7 @@ class RunConfig:
     checkpoint_every: Count = 10  # steps between checkpoints (and one at the end)
     keep_last: NonNegativeInt = 2  # complete checkpoints kept; older ones are deleted; 0 keeps all
     eval_every: NonNegativeInt = 5  # steps between held-out evaluations; 0: none
-    eval_size: Count = 128  # arithmetic task: held-out questions, greedy, one sample each
+    eval_size: Count = 128  # embedded task: held-out questions per set (testbed: per family), greedy, one sample each
     # data.heldout files: the decoding (the paper's evaluation defaults); responses capped at
     # rollout.max_new_tokens, as in training. eval_samples: K samples per question; the reported
     # pass@1 is the mean over questions of each one's fraction of correct samples (K > 1 lowers its

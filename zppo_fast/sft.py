@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,14 +112,35 @@ def ensure_warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConf
 
 def prepare_warm_starts(cfg: Config, teacher: bool = True, progress: bool = True) -> tuple[Path, Path | None]:
     """The cached warm-ups a run of `cfg` on the embedded task starts from, trained first where absent:
-    (the student's folder, the tiny teacher's folder or None without `teacher`). The teacher comes
-    first: for a task whose roles share their data its run also leaves the student, as a snapshot."""
-    teacher_dir = None
-    if teacher:
-        shared = embedded_task(cfg.task).shared_warmup
-        teacher_dir = ensure_warm_start(cfg.model, cfg.task, replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
-                                        TEACHER, progress, snapshots=(cfg.sft.steps,) if shared else ())
-    return ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress), teacher_dir
+    (the student's folder, the tiny teacher's folder or None without `teacher`).
+
+    For a task whose roles share their data the teacher's run also leaves the student, as a snapshot.
+    Otherwise two absent warm-ups are independent: with a second core the teacher's trains in a child
+    process (at `run.cpu_threads`, as the student's) while this one trains the student's."""
+    teacher_sft = replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps)
+    if not teacher:
+        return ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress), None
+    if embedded_task(cfg.task).shared_warmup:
+        teacher_dir = ensure_warm_start(cfg.model, cfg.task, teacher_sft, TEACHER, progress,
+                                        snapshots=(cfg.sft.steps,))
+        return ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress), teacher_dir
+    missing = [role for role, sft in ((STUDENT, cfg.sft), (TEACHER, teacher_sft))
+               if not (cache_path(cfg.model, cfg.task, sft, role) / "config.json").is_file()]
+    if len(missing) == 2 and (os.cpu_count() or 1) > 1:
+        if progress:
+            tqdm.write(f"zppo_fast: the teacher's warm-up ({teacher_sft.steps} steps) trains in a child process "
+                       "beside the student's (one progress bar: the student's)")
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            child = pool.submit(_child_warm_start, cfg.model, cfg.task, teacher_sft, cfg.run.cpu_threads)
+            student_dir = ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress)
+            return student_dir, child.result()
+    return (ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress),
+            ensure_warm_start(cfg.model, cfg.task, teacher_sft, TEACHER, progress))
+
+
+def _child_warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, threads: int) -> Path:
+    torch.set_num_threads(threads)
+    return ensure_warm_start(model_cfg, task_cfg, sft, TEACHER, progress=False)
 
 
 def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, role: str = STUDENT,

@@ -183,28 +183,47 @@ class TestbedTask:
             return p.id, p.question, p.solution
         fact = self.facts[EASY][index]
         if rng.random() < 0.7:
-            return p.id, prompts.build_bcq(p.question, p.solution, self.wrong_solution(fact, rng), rng), p.solution
-        wrong = [self.wrong_solution(fact, rng) for _ in range(rng.randint(1, 3))]
-        answers = [w.rsplit("{", 1)[1].rstrip("}") for w in wrong]
-        return p.id, prompts.build_ncq(p.question, wrong, answers), p.solution
+            correct, wrong = self.reading_pair(fact, rng)
+            return p.id, prompts.build_bcq(p.question, correct, wrong, rng), correct
+        pairs = [self.reading_pair(fact, rng) for _ in range(rng.randint(1, 3))]
+        wrong = [w for _, w in pairs]
+        return p.id, prompts.build_ncq(p.question, wrong, [boxed(w) for w in wrong]), pairs[0][0]
 
     @staticmethod
-    def wrong_solution(fact: Fact, rng: random.Random) -> str:
-        """A wrong worked solution of one of the kinds a student writes: a wrong result, the wrong
-        operation, or the step skipped (the starting number given as the answer)."""
-        kind = rng.choice(("result", "operation", "skipped"))
-        if kind == "skipped" or not fact[1]:
-            return solution_text(str(fact[0]), fact[0])
-        value, steps = fact[0], []
-        for op, b in fact[1]:
-            if kind == "operation":
-                op = "+" if op == "-" else "-"
-            nxt = (value + b if op == "+" else value - b) + (rng.choice((-2, -1, 1, 2)) if kind == "result" else 0)
-            steps.append(f"{value}{op}{b}={nxt}")
-            value = nxt
-        if value == chain(fact)[1]:  # an off-by-k that cancelled, or a "- 0" turned "+ 0": still right
-            return solution_text(str(fact[0]), fact[0]) if fact[0] != value else solution_text(", ".join(steps), value + 1)
-        return solution_text(", ".join(steps), value)
+    def reading_pair(fact: Fact, rng: random.Random) -> tuple[str, str]:
+        """(a correct, a wrong) worked solution of an easy fact, as candidates.
+
+        Half of the correct ones (where the operand is 2 or more) are worked in two steps, the operand
+        split in two ("14+3": "14+1=15, 15+2=17"), so that following a candidate means following its
+        steps, however many; the plain warm-up's solutions always take one. The wrong ones are of
+        the kinds a student writes: a wrong result, the wrong operation, the step skipped (the
+        starting number as the answer), and, for a two-step solution, stopping after the first step.
+        """
+        start, ((op, b),) = fact
+        answer = chain(fact)[1]
+        other = "-" if op == "+" else "+"
+        apply = {"+": lambda x, y: x + y, "-": lambda x, y: x - y}
+        if b >= 2 and rng.random() < 0.5:
+            b1 = rng.randint(1, b - 1)
+            middle = apply[op](start, b1)
+            correct = solution_text(f"{start}{op}{b1}={middle}, {middle}{op}{b - b1}={answer}", answer)
+            kind = rng.choice(("stopped", "result", "operation"))
+            if kind == "stopped":
+                return correct, solution_text(f"{start}{op}{b1}={middle}", middle)
+        else:
+            correct = solution_text(chain(fact)[0], answer)
+            kind = rng.choice(("skipped", "result", "operation"))
+            if kind == "skipped" and start != answer:  # "+ 0" / "- 0": skipping is right; a wrong result instead
+                return correct, solution_text(str(start), start)
+        wrong = apply[other](start, b) if kind == "operation" else answer + rng.choice((-2, -1, 1, 2))
+        if wrong == answer or wrong < 0:  # "+ 0" as "- 0", or below zero: off by one instead
+            wrong = answer + 1
+        return correct, solution_text(f"{start}{other if kind == 'operation' else op}{b}={wrong}", wrong)
+
+
+def boxed(solution: str) -> str:
+    """The answer inside a worked solution's \\boxed{}."""
+    return solution.rsplit("\\boxed{", 1)[1].rstrip("}")
 
 
 def embedded_task(cfg) -> TestbedTask | ArithmeticTask:

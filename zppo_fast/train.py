@@ -127,7 +127,7 @@ from zppo_fast.model import (
 )
 from zppo_fast.parallelize import load_full_state, parallelize
 from zppo_fast.replay import PromptReplayBuffer
-from zppo_fast.report import write_report
+from zppo_fast.report import format_table, write_report
 from zppo_fast.reward import final_answer
 from zppo_fast.sft import prepare_warm_starts
 from zppo_fast.task import ArithmeticTask, Problem
@@ -916,7 +916,8 @@ class Trainer:
         if main_rank:
             self.metrics.close()
             if self.buffer is not None and history:
-                write_report(self.run_dir)
+                say(f"replay buffer, by accuracy at admission ({self.run_dir / 'report.json'}):\n"
+                    + format_table(write_report(self.run_dir)))
         return history
 
 

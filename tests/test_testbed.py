@@ -1,0 +1,116 @@
+"""The testbed (zppo_fast/testbed.py): its families, its splits, and what each warm-up may see."""
+
+import random
+import re
+
+import pytest
+
+from zppo_fast import prompts
+from zppo_fast.config import load_config
+from zppo_fast.data import tokenizer_corpus
+from zppo_fast.reward import grade
+from zppo_fast import testbed
+from zppo_fast.testbed import EASY, HARD, STUDENT, TEACHER, WORDINGS, embedded_task
+
+
+@pytest.fixture(scope="module")
+def task():
+    return embedded_task(load_config().task)
+
+
+def hard_texts(task: testbed.TestbedTask) -> tuple[set[str], set[str]]:
+    """Every hard question (all wordings of all facts, both splits) and every hard worked solution."""
+    questions, solutions = set(), set()
+    for f in range(len(task.facts[HARD])):
+        for w in range(len(WORDINGS)):
+            p = task.problem(task._id(HARD, f, w))
+            questions.add(p.question)
+            solutions.add(p.solution)
+    return questions, solutions
+
+
+def test_the_default_task_is_the_testbed(task):
+    assert isinstance(task, testbed.TestbedTask)
+
+
+def test_every_hard_step_is_an_easy_fact_and_the_answers_check_out(task):
+    easy = {(start, steps[0]) for start, steps in task.facts[EASY]}
+    for start, steps in task.facts[HARD]:
+        value = start
+        for step in steps:
+            assert (value, step) in easy
+            value = value + step[1] if step[0] == "+" else value - step[1]
+    rng = random.Random(0)
+    for qid in rng.sample(range(len(task)), 300):
+        p = task.problem(qid)
+        assert p.family == task.family(qid)
+        assert grade(p.solution, p.answer) == 1.0
+        assert len(re.findall(r"\d+[+-]\d+=\d+", p.solution)) == (1 if p.family == EASY else 2)
+
+
+def test_splits_are_by_fact_and_disjoint(task):
+    def fact(qid):
+        return task.family(qid), task.problem(qid).question.split(",", 1)[1].split(".")[0], \
+            task.problem(qid).question.split(" has ")[1].split(" ")[0]
+
+    train = set(task.train_ids())
+    for family in (EASY, HARD):
+        held = task.heldout_ids(family)
+        assert held and not train & set(held)
+        assert {task.family(q) for q in held} == {family}
+        assert {fact(q) for q in held}.isdisjoint({fact(q) for q in train if task.family(q) == family})
+    families = [task.family(q) for q in train]
+    assert 0.35 < families.count(HARD) / len(families) < 0.65  # the stream is about even
+
+
+def test_heldout_sets_cover_distinct_facts_first(task):
+    sets = task.heldout_sets(200)
+    assert set(sets) == {EASY, HARD}
+    for family, ids in sets.items():
+        facts = len(task.heldout_ids(family)) // len(WORDINGS)
+        assert len(ids) == 200
+        assert len({task.problem(q).answer + task.problem(q).solution for q in ids}) == min(200, facts)
+
+
+def test_the_students_warm_up_holds_no_hard_question(task):
+    """By id and by text: no hard question, worked solution, or hard question inside a candidate prompt."""
+    questions, solutions = hard_texts(task)
+    rng = random.Random(1)
+    kinds = set()
+    for _ in range(3000):
+        qid, text, target = task.warmup_example(STUDENT, rng, reading_share=0.5)
+        assert task.family(qid) == EASY
+        question = text.split("\n\n", 1)[0]
+        assert question == task.problem(qid).question and question not in questions
+        assert target not in solutions and not any(line in solutions for line in text.split("</candidate>"))
+        kinds.add(prompts.BCQ_INSTRUCTION in text and "bcq" or "Below are the incorrect" in text and "ncq" or "plain")
+    assert kinds == {"plain", "bcq", "ncq"}
+    corpus = "\n".join(tokenizer_corpus(task))
+    assert not any(q in corpus for q in random.Random(2).sample(sorted(questions), 2000))
+
+
+def test_the_teachers_warm_up_holds_both_families(task):
+    rng = random.Random(3)
+    seen = {task.family(task.warmup_example(TEACHER, rng)[0]) for _ in range(50)}
+    assert seen == {EASY, HARD}
+    with pytest.raises(ValueError, match="role"):
+        task.warmup_example("judge", rng)
+
+
+def test_reading_examples_target_the_correct_candidate(task):
+    rng = random.Random(4)
+    for _ in range(500):
+        qid, text, target = task.warmup_example(STUDENT, rng, reading_share=1.0)
+        answer = task.problem(qid).answer
+        assert grade(target, answer) == 1.0
+        candidates = re.findall(r"<candidate>\n(.*?)\n</candidate>", text, re.DOTALL)
+        assert candidates
+        if prompts.BCQ_INSTRUCTION in text:
+            assert sorted(grade(c, answer) for c in candidates) == [0.0, 1.0] and target in candidates
+        else:
+            assert all(grade(c, answer) == 0.0 for c in candidates)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="max_value"):
+        testbed.TestbedTask(max_value=0)
