@@ -9,17 +9,16 @@ Every (algo, seed) is one `python -m zppo_fast.train` process (`--jobs` at a tim
 thread each) into OUT/ALGO/seedK, its output in OUT/ALGO/seedK.log. Every run starts from the same
 student and teacher: the warm-ups are pinned to `--sft.seed 0` (not the run's seed) and trained
 once, up front, by `zppo_fast.sft.prepare_warm_starts`, so parallel runs never race to write them.
-Runs differ only in `rl.algo` and `run.seed` (which drives the question order, the rollouts' samples
-and the held-out sample); the budget is the same number of rollout steps for every algo. The main
-algos (grpo, grpo_replay, zppo) get `--seeds` seeds, every other algo `--ablation-seeds`; seed K of
-one algo and seed K of another see the same held-out questions, which is what the paired difference
-pairs. A run that finished (a `done` file in its folder, written after it exited 0 with its last
+Runs differ only in `rl.algo` and `run.seed` (the question order, the rollouts' samples); the budget
+is the same number of rollout steps for every algo. The main algos (grpo, grpo_replay, zppo) get
+`--seeds` seeds, every other algo `--ablation-seeds`; seed K of one algo and seed K of another start
+alike (same student, same seed), which is what the paired difference pairs. A run that finished (a `done` file in its folder, written after it exited 0 with its last
 step logged, recording its command) is reused when the study is rerun with the same settings, so an
 interrupted study loses only its runs in flight. `--section.key VALUE` overrides go to every run.
 
 Measured per run (from RUN_DIR/metrics.jsonl and, for algos with a replay buffer, RUN_DIR/report.json):
   hard / easy acc, start and final: greedy held-out accuracy on each testbed family at step 0 (before
-    RL; identical for every algo of one seed) and at the last step (`eval/hard_acc`, `eval/easy_acc`);
+    RL: the same warm-up student for every algo) and at the last step (`eval/hard_acc`, `eval/easy_acc`);
     gain = final - start. The curves (accuracy at every evaluation) go into the figure.
   hard / easy se: the standard error the trainer reports with each final accuracy (`eval/*_se`): the
     noise of one run's number, which the table's note bounds.
@@ -353,7 +352,7 @@ def note(results: dict[str, dict[int, dict]], cfg) -> str:
     se = ", ".join(f"{fam} {max(v):.3f}" for fam, v in ses.items() if v) or "not logged"
     return (f"Mean over seeds [95% t-interval]. Every algo starts from the same warm-up student and teacher and "
             f"runs {cfg.run.steps} rollout steps of {cfg.rl.batch_size} new questions x {cfg.rl.group_size}; "
-            f"seed K of every algo evaluates the same held-out questions. Accuracy: greedy, held out, at step 0 "
+            f"paired differences match seed K of one algo with seed K of the other. Accuracy: greedy, held out, at step 0 "
             f"(start) and step {cfg.run.steps} (final); the largest standard error of one run's final accuracy: "
             f"{se}. 0-of-G graduated: share of the questions admitted to the replay buffer at accuracy 0 of "
             f"{cfg.rl.group_size} that graduated by the end; graduated / exits: graduations over graduations + "
@@ -397,7 +396,7 @@ def plot_graduation(stats: dict[str, dict[str, dict]], path: Path, group_size: i
         algos = [a for a, per in stats.items() if per[key]["mean"] is not None]
         cis = [stats[a][key] for a in algos]
         x = range(len(algos))
-        # no bar for an interval of one seed: its error bar is absent, not zero
+        # one seed has no interval: no error bar (drawn as zero length)
         err = [[c["mean"] - c["low"] if c["half"] is not None else 0.0 for c in cis],
                [c["high"] - c["mean"] if c["half"] is not None else 0.0 for c in cis]]
         ax.bar(x, [c["mean"] for c in cis], yerr=err, capsize=4, color="tab:green")
@@ -424,7 +423,7 @@ def record(study: dict, out: Path) -> None:
     for name in ("effect_curves.png", "effect_graduation.png"):
         shutil.copyfile(out / name, ROOT / "bench" / name)
     lines = [
-        f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only, {study['jobs']} run(s) at a time, one "
+        f"Device: {study['device']}, CPU only, {study['jobs']} run(s) at a time, one "
         f"intra-op thread each. Date: {study['date']}. Commit: {study['commit']}. torch {study['torch']}. "
         f"Wall time: {study['wall_s']:.0f} s.",
         f"Command: `{study['command']}`",
