@@ -12,9 +12,10 @@ once, up front, by `zppo_fast.sft.prepare_warm_starts`, so parallel runs never r
 Runs differ only in `rl.algo` and `run.seed` (the question order, the rollouts' samples); the budget
 is the same number of rollout steps for every algo. The main algos (grpo, grpo_replay, zppo) get
 `--seeds` seeds, every other algo `--ablation-seeds`; seed K of one algo and seed K of another start
-alike (same student, same seed), which is what the paired difference pairs. A run that finished (a `done` file in its folder, written after it exited 0 with its last
-step logged, recording its command) is reused when the study is rerun with the same settings, so an
-interrupted study loses only its runs in flight. `--section.key VALUE` overrides go to every run.
+alike (same student, same seed), which is what the paired difference pairs. A run that finished (a
+`done` file in its folder, written after it exited 0 with its last step logged, recording its
+command) is reused when the study is rerun with the same settings, so an interrupted study loses
+only its runs in flight. `--section.key VALUE` overrides go to every run.
 
 Measured per run (from RUN_DIR/metrics.jsonl and, for algos with a replay buffer, RUN_DIR/report.json):
   hard / easy acc, start and final: greedy held-out accuracy on each testbed family at step 0 (before
@@ -352,8 +353,8 @@ def note(results: dict[str, dict[int, dict]], cfg) -> str:
     se = ", ".join(f"{fam} {max(v):.3f}" for fam, v in ses.items() if v) or "not logged"
     return (f"Mean over seeds [95% t-interval]. Every algo starts from the same warm-up student and teacher and "
             f"runs {cfg.run.steps} rollout steps of {cfg.rl.batch_size} new questions x {cfg.rl.group_size}; "
-            f"paired differences match seed K of one algo with seed K of the other. Accuracy: greedy, held out, at step 0 "
-            f"(start) and step {cfg.run.steps} (final); the largest standard error of one run's final accuracy: "
+            f"paired differences match seed K of one algo with seed K of the other. Accuracy: greedy, held out, "
+            f"at step 0 (start) and step {cfg.run.steps} (final); the largest standard error of one run's final accuracy: "
             f"{se}. 0-of-G graduated: share of the questions admitted to the replay buffer at accuracy 0 of "
             f"{cfg.rl.group_size} that graduated by the end; graduated / exits: graduations over graduations + "
             f"evictions. Tokens: sampled over the run. s / step: median over steps, evaluations excluded.")
