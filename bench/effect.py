@@ -354,8 +354,8 @@ def note(results: dict[str, dict[int, dict]], cfg) -> str:
     return (f"Mean over seeds [95% t-interval]. Every algo starts from the same warm-up student and teacher and "
             f"runs {cfg.run.steps} rollout steps of {cfg.rl.batch_size} new questions x {cfg.rl.group_size}; "
             f"paired differences match seed K of one algo with seed K of the other. Accuracy: greedy, held out, "
-            f"at step 0 (start) and step {cfg.run.steps} (final); the largest standard error of one run's final accuracy: "
-            f"{se}. 0-of-G graduated: share of the questions admitted to the replay buffer at accuracy 0 of "
+            f"at step 0 (start) and step {cfg.run.steps} (final); the largest standard error of one run's final "
+            f"accuracy: {se}. 0-of-G graduated: share of the questions admitted to the replay buffer at accuracy 0 of "
             f"{cfg.rl.group_size} that graduated by the end; graduated / exits: graduations over graduations + "
             f"evictions. Tokens: sampled over the run. s / step: median over steps, evaluations excluded.")
 
