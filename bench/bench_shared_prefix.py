@@ -69,13 +69,13 @@ def main() -> None:
     from zppo_fast.data import tokenizer_corpus
     from zppo_fast.engine import SamplingParams, TransformersEngine
     from zppo_fast.model import build_tiny_model, save_model
-    from zppo_fast.task import ArithmeticTask
+    from zppo_fast.testbed import embedded_task
     from zppo_fast.tokenizer import build_tokenizer
     from zppo_fast.train import Trainer
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_shared_prefix_"))
-    tokenizer = build_tokenizer(tokenizer_corpus(ArithmeticTask(**vars(TaskConfig()))),
+    tokenizer = build_tokenizer(tokenizer_corpus(embedded_task(TaskConfig())),
                                 vocab_size=ModelConfig().vocab_size)
     model = build_tiny_model(ModelConfig(), tokenizer)
     save_model(model, tokenizer, tmp / "model")

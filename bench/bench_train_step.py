@@ -96,11 +96,11 @@ def main() -> None:
     from zppo_fast.config import ModelConfig, TaskConfig
     from zppo_fast.data import tokenizer_corpus
     from zppo_fast.model import build_tiny_model, save_model
-    from zppo_fast.task import ArithmeticTask
+    from zppo_fast.testbed import embedded_task
     from zppo_fast.tokenizer import build_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
-    tokenizer = build_tokenizer(tokenizer_corpus(ArithmeticTask(**vars(TaskConfig()))), vocab_size=ModelConfig().vocab_size)
+    tokenizer = build_tokenizer(tokenizer_corpus(embedded_task(TaskConfig())), vocab_size=ModelConfig().vocab_size)
     save_model(build_tiny_model(ModelConfig(), tokenizer), tokenizer, tmp / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     rows = []

@@ -42,18 +42,14 @@ QUICK = ["--model.hidden_size", "32", "--task.max_operand", "2", "--task.num_fac
 def warm_up(overrides: list[str]) -> None:
     """Train the cached student and teacher warm-ups now, as the trainer would (one run, the student an
     early snapshot of it), so that neither worker's first step pays for them."""
-    from dataclasses import replace
-
     import torch
 
     from zppo_fast.config import load_config
-    from zppo_fast.sft import ensure_warm_start
+    from zppo_fast.sft import prepare_warm_starts
 
     cfg = load_config(None, overrides)
     torch.set_num_threads(cfg.run.cpu_threads)  # as `python -m zppo_fast.sft` does: torch's default is every core
-    ensure_warm_start(cfg.model, cfg.task, replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps), cfg.run.seed,
-                      progress=False, snapshots=(cfg.sft.steps,))
-    ensure_warm_start(cfg.model, cfg.task, cfg.sft, cfg.run.seed, progress=False)
+    prepare_warm_starts(cfg, progress=False)
 
 
 def per_token(rows: list[dict]) -> float:

@@ -1,7 +1,8 @@
 """Shared fixtures: the tiny student and teacher, warmed up once per test session.
 
-They follow the embedded default's recipe at toy size (hidden 64, operands up to 2): one
-supervised warm-up whose early snapshot is the student and whose end is the stronger teacher.
+They follow the arithmetic task's recipe at toy size (hidden 64, operands up to 2): one supervised
+warm-up whose early snapshot is the student and whose end is the stronger teacher. (The testbed, the
+embedded default, has tests of its own: tests/test_testbed.py.)
 """
 
 import os
@@ -22,6 +23,7 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 TINY_OVERRIDES = [
+    "--task.kind", "arithmetic",
     "--model.hidden_size", "64",
     "--task.max_operand", "2",
     "--sft.steps", "60",
@@ -46,15 +48,11 @@ TINY_OVERRIDES = [
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """An SFT cache folder holding the tiny student (60 steps) and teacher (120 steps)."""
-    from dataclasses import replace
-
     from zppo_fast.config import load_config
-    from zppo_fast.sft import warm_start
+    from zppo_fast.sft import prepare_warm_starts
 
     cache = str(tmp_path_factory.mktemp("sft"))
-    cfg = load_config(None, TINY_OVERRIDES + ["--sft.cache_dir", cache])
-    warm_start(cfg.model, cfg.task, replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps), progress=False,
-               snapshots=(cfg.sft.steps,))
+    prepare_warm_starts(load_config(None, TINY_OVERRIDES + ["--sft.cache_dir", cache]), progress=False)
     return cache
 
 

@@ -36,7 +36,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was built before the bad value was rejected")
 
     monkeypatch.setattr("zppo_fast.train.Trainer", built)
-    monkeypatch.setattr("zppo_fast.sft.warm_start", built)
+    monkeypatch.setattr("zppo_fast.sft.prepare_warm_starts", built)
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -175,7 +175,7 @@ def test_trains_from_a_hugging_face_folder(tiny_config, tmp_path):
     from zppo_fast.sft import cache_path
 
     folder = tmp_path / "bf16_model"
-    save_model(*load_model(cache_path(cfg.model, cfg.task, cfg.sft, cfg.run.seed), "bfloat16"), folder)
+    save_model(*load_model(cache_path(cfg.model, cfg.task, cfg.sft), "bfloat16"), folder)
     assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
     trainer = Trainer(tiny_config("--run.steps", "1", "--model.path", str(folder)), progress=False)
     (metrics,) = trainer.fit()

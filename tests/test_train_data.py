@@ -203,7 +203,7 @@ def tiny_vlm_folder(tmp_path):
 def test_vlm_student_trains_two_steps_with_images(tiny_config, tiny_vlm_folder, tmp_path):
     folder, data = tiny_vlm_folder
     base = tiny_config()
-    teacher = cache_path(base.model, base.task, replace(base.sft, steps=base.zppo.teacher_sft_steps), base.run.seed)
+    teacher = cache_path(base.model, base.task, replace(base.sft, steps=base.zppo.teacher_sft_steps), "teacher")
     trainer = Trainer(tiny_config("--run.steps", "2", "--model.path", str(folder), "--data.train", str(data),
                                   "--data.grader", "test_recording", "--rl.algo", "zppo",
                                   "--zppo.teacher_path", str(teacher), "--rl.weight_decay", "0",

@@ -100,10 +100,20 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    max_operand: Count = 9  # operands in [0, max_operand]
-    num_terms: Annotated[int, Bounds(2)] = 2  # operands per question
-    heldout_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.1  # share of the facts held out (all their wordings)
-    num_facts: Count = 2048  # distinct questions (each in several wordings)
+    """The embedded task (used when `[data] train` is empty): the testbed's easy and hard families
+    (zppo_fast/testbed.py: the paper's premise at toy scale, the default), or the older one-family
+    arithmetic task (zppo_fast/task.py)."""
+
+    kind: Literal["testbed", "arithmetic"] = "testbed"
+    max_operand: Count = 9  # operands in [0, max_operand] (testbed: of each step after the first number)
+    max_value: Count = 19  # testbed: every partial result and answer in [0, max_value]
+    num_terms: Annotated[int, Bounds(2)] = 2  # arithmetic: operands per question
+    # share of the facts held out (all their wordings); testbed: of the hard family's facts
+    heldout_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.15
+    easy_heldout_fraction: Annotated[float, Bounds(0, 1, low_open=True, high_open=True)] = 0.3  # testbed
+    # testbed: easy training facts the student's warm-up shows only inside BCQ / NCQ prompts
+    reading_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.3
+    num_facts: Count = 2048  # arithmetic: distinct questions (each in several wordings)
     seed: int = 0  # of the question generator
 
 
@@ -143,9 +153,14 @@ class DataConfig:
 class SFTConfig:
     """The supervised warm-up that gives RL a student which earns some reward."""
 
-    steps: NonNegativeInt = 250  # the student; the teacher is the same warm-up at zppo.teacher_sft_steps
+    steps: NonNegativeInt = 500  # the student's (arithmetic: the teacher is the same warm-up at zppo.teacher_sft_steps)
     batch_size: Count = 32
     lr: Positive = 3e-3
+    # of the warm-ups (data order, initial weights), apart from run.seed, so runs of several seeds
+    # start from one student and one teacher
+    seed: int = 0
+    # testbed: the share of the student's warm-up examples that are BCQ / NCQ prompts (zppo_fast/testbed.py)
+    reading_share: Fraction = 0.5
     cache_dir: str = ".cache/zppo_fast"  # warm-up checkpoints, keyed by a hash of their settings
 
 
@@ -209,7 +224,7 @@ class ZPPOConfig:
     the algos that need them; names shared with `zppo_fast.baselines.GuidanceSettings` mean the same)."""
 
     teacher_path: str | None = None  # None: the tiny student architecture with a longer warm-up
-    teacher_sft_steps: NonNegativeInt = 300  # the tiny teacher's warm-up (teacher_path None)
+    teacher_sft_steps: NonNegativeInt = 800  # the tiny teacher's warm-up (teacher_path None)
     teacher_group_size: Count = 4  # G_T: fresh teacher rollouts per hard question, every visit
     teacher_temperature: NonNegative = 1.0
     teacher_top_p: OpenFraction = 1.0

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from zppo_fast import prompts
 from zppo_fast.task import ArithmeticTask
+from zppo_fast.testbed import TestbedTask
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
@@ -37,11 +38,10 @@ def _user_turn_ids(tokenizer: PreTrainedTokenizerBase, content: str, **template_
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def tokenizer_corpus(task: ArithmeticTask, size: int = 4000, seed: int = 0) -> list[str]:
-    """Text the in-process BPE is trained on: questions, solutions and every prompt template."""
-    rng = random.Random(seed)
-    ids = rng.sample(range(len(task)), min(size, len(task)))
-    corpus = [t for i in ids for t in (task.problem(i).question, task.problem(i).solution)]
+def tokenizer_corpus(task: ArithmeticTask | TestbedTask, size: int = 4000, seed: int = 0) -> list[str]:
+    """Text the in-process BPE is trained on: questions and solutions of the task (`size` of them,
+    `task.tokenizer_texts`) and every prompt template."""
+    corpus = task.tokenizer_texts(size, seed)
     templates = [prompts.CLOSING_INSTRUCTION, prompts.COMPRESSION_TEMPLATE, prompts.BCQ_INSTRUCTION,
                  prompts.NCQ_HEADER, "<candidate>\n</candidate>\n<summary>\n</summary>\n<response>\n</response>",
                  "user\nassistant\nsystem\n"]

@@ -2,8 +2,9 @@
 
 Two entry points:
 
-* `accuracy(engine, tokenizer, problems, params)` -- the trainer's quick held-out number on the
-  embedded task's `Problem`s (boxed grader, one generate call).
+* `heldout_accuracy(engine, tokenizer, sets, params)` -- the trainer's quick held-out numbers on the
+  embedded task's `Problem`s (boxed grader, one generate call): accuracy and standard error per set
+  (`accuracy` for one set).
 * `evaluate_files(engine, tokenizer, datasets, params, samples, out_dir)` -- the data-file
   evaluation the CLI runs and the trainer can call every N steps: each file streams through
   `zppo_fast.datasets.DatasetFile` (validation, the 4,096-token prompt limit), every question is
@@ -28,8 +29,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -56,9 +58,23 @@ def accuracy(
     engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], params: SamplingParams
 ) -> float:
     """Mean reward over `params.n` samples of each problem (greedy when temperature is 0)."""
-    samples = engine.generate([chat_prompt_ids(tokenizer, p.question) for p in problems], params)
-    rewards = [grade(s.text, p.answer) for p, group in zip(problems, samples) for s in group]
-    return sum(rewards) / max(len(rewards), 1)
+    return heldout_accuracy(engine, tokenizer, {"set": problems}, params)["eval/set_acc"]
+
+
+def heldout_accuracy(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, sets: Mapping[str, Sequence[Problem]],
+                     params: SamplingParams) -> dict[str, float]:
+    """Accuracy of each named set of problems, generated in one call: `eval/<name>_acc`, and its
+    standard error over the set's questions, sqrt(acc (1 - acc) / n), as `eval/<name>_se`."""
+    problems = [p for ps in sets.values() for p in ps]
+    samples = iter(engine.generate([chat_prompt_ids(tokenizer, p.question) for p in problems], params)) if problems \
+        else iter(())
+    out = {}
+    for name, ps in sets.items():
+        rewards = [grade(s.text, p.answer) for p in ps for s in next(samples)]
+        acc = sum(rewards) / max(len(rewards), 1)
+        out[f"eval/{name}_acc"] = acc
+        out[f"eval/{name}_se"] = math.sqrt(acc * (1 - acc) / max(len(rewards), 1))
+    return out
 
 
 def eval_sampling_params(samples: int = 1, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,

@@ -87,6 +87,9 @@ class FileTask:
         """None: held-out data lives in its own files (`[data] heldout`)."""
         return []
 
+    def heldout_sets(self, size: int, seed: int = 0) -> dict[str, list[int]]:
+        return {}
+
     def record(self, qid: int) -> Record:
         if not 0 <= qid < len(self.records):
             raise KeyError(f"question id {qid} is outside the data's range [0, {len(self.records)})")

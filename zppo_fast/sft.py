@@ -20,49 +20,53 @@ from tqdm import tqdm
 
 from zppo_fast import ownership
 from zppo_fast.cli import Parser
-from zppo_fast.config import ModelConfig, SFTConfig, TaskConfig
+from zppo_fast.config import Config, ModelConfig, SFTConfig, TaskConfig
 from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
 from zppo_fast.engine import SamplingParams, TransformersEngine
-from zppo_fast.eval import accuracy
+from zppo_fast.eval import heldout_accuracy
 from zppo_fast.model import build_tiny_model, load_model, save_model
-from zppo_fast.task import ArithmeticTask
+from zppo_fast.testbed import STUDENT, TEACHER, embedded_task
 from zppo_fast.tokenizer import build_tokenizer
 
-CACHE_VERSION = 1  # bump when the warm-up's recipe changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when the warm-up's recipe changes, so stale caches are not reused
 
 
-def cache_path(model: ModelConfig, task: TaskConfig, sft: SFTConfig, seed: int = 0) -> Path:
-    settings = {"v": CACHE_VERSION, "seed": seed, "model": vars(model), "task": vars(task),
+def cache_path(model: ModelConfig, task: TaskConfig, sft: SFTConfig, role: str = STUDENT) -> Path:
+    """The cache entry of `role`'s warm-up. A task whose two roles see the same data (the arithmetic
+    task) keys both as one warm-up, so the teacher's run leaves the student as its early snapshot."""
+    shared = embedded_task(task).shared_warmup
+    settings = {"v": CACHE_VERSION, "role": "shared" if shared else role, "model": vars(model), "task": vars(task),
                 "sft": {k: v for k, v in vars(sft).items() if k != "cache_dir"}}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return Path(sft.cache_dir) / f"sft-{key}"
 
 
-def _sequence(tokenizer, question: str, solution: str) -> tuple[list[int], int]:
-    prompt = chat_prompt_ids(tokenizer, question)
-    answer = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def _sequence(tokenizer, text: str, target: str) -> tuple[list[int], int]:
+    prompt = chat_prompt_ids(tokenizer, text)
+    answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt + answer, len(prompt)
 
 
-def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True,
-              snapshots: tuple[int, ...] = ()):
-    """Build tokenizer and model, then `sft.steps` AdamW steps of response-only cross-entropy.
+def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, role: str = STUDENT,
+              progress: bool = True, snapshots: tuple[int, ...] = ()):
+    """Build tokenizer and model, then `sft.steps` AdamW steps of response-only cross-entropy on
+    `role`'s warm-up data (`task.warmup_example`: zppo_fast/testbed.py says what each role sees).
 
     After each step count in `snapshots` the model is cached as if a run of that many steps had
-    been asked for (the data order does not depend on the total), so one warm-up yields both
-    the CPU demo's student (early snapshot) and its stronger teacher (the full run).
+    been asked for (the data order does not depend on the total): for a task whose roles share
+    their data, one warm-up yields both the student (early snapshot) and its stronger teacher.
     """
     torch.set_flush_denormal(True)  # Gated-DeltaNet decay products underflow into slow denormals
-    task = ArithmeticTask(**vars(task_cfg))
-    tokenizer = build_tokenizer(tokenizer_corpus(task, seed=seed), vocab_size=model_cfg.vocab_size)
-    model = build_tiny_model(model_cfg, tokenizer, seed=seed)
+    task = embedded_task(task_cfg)
+    tokenizer = build_tokenizer(tokenizer_corpus(task, seed=sft.seed), vocab_size=model_cfg.vocab_size)
+    model = build_tiny_model(model_cfg, tokenizer, seed=sft.seed)
     optim = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0)
-    train_ids, rng = task.train_ids(), random.Random(seed)
+    rng = random.Random(sft.seed)
     model.train()
-    bar = tqdm(range(sft.steps), desc="sft", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(sft.steps), desc=f"sft ({role})", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        batch = [_sequence(tokenizer, p.question, p.solution)
-                 for p in (task.problem(q) for q in rng.sample(train_ids, sft.batch_size))]
+        batch = [_sequence(tokenizer, text, target) for _, text, target in
+                 (task.warmup_example(role, rng, sft.reading_share) for _ in range(sft.batch_size))]
         width = max(len(s) for s, _ in batch)
         # Right padding: with causal attention, pads after a sequence cannot affect its tokens.
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
@@ -78,7 +82,7 @@ def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed
         optim.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step + 1 in snapshots:
-            _save_atomically(model, tokenizer, cache_path(model_cfg, task_cfg, replace(sft, steps=step + 1), seed))
+            _save_atomically(model, tokenizer, cache_path(model_cfg, task_cfg, replace(sft, steps=step + 1), STUDENT))
     return model, tokenizer
 
 
@@ -93,20 +97,32 @@ def _save_atomically(model, tokenizer, path: Path) -> None:
     ownership.replace(tmp, path)
 
 
-def ensure_warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0,
+def ensure_warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, role: str = STUDENT,
                       progress: bool = True, snapshots: tuple[int, ...] = ()) -> Path:
-    """The folder of the cached warm-up for these settings, training it first if absent."""
-    path = cache_path(model_cfg, task_cfg, sft, seed)
+    """The folder of the cached warm-up of `role` for these settings, training it first if absent."""
+    path = cache_path(model_cfg, task_cfg, sft, role)
     if not (path / "config.json").is_file():
-        model, tokenizer = train_sft(model_cfg, task_cfg, sft, seed=seed, progress=progress, snapshots=snapshots)
+        model, tokenizer = train_sft(model_cfg, task_cfg, sft, role, progress=progress, snapshots=snapshots)
         _save_atomically(model, tokenizer, path)
     return path
 
 
-def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, seed: int = 0, progress: bool = True,
-               snapshots: tuple[int, ...] = ()):
-    """Return (model, tokenizer, path) of the cached warm-up for these settings, training it if absent."""
-    path = ensure_warm_start(model_cfg, task_cfg, sft, seed, progress, snapshots)
+def prepare_warm_starts(cfg: Config, teacher: bool = True, progress: bool = True) -> tuple[Path, Path | None]:
+    """The cached warm-ups a run of `cfg` on the embedded task starts from, trained first where absent:
+    (the student's folder, the tiny teacher's folder or None without `teacher`). The teacher comes
+    first: for a task whose roles share their data its run also leaves the student, as a snapshot."""
+    teacher_dir = None
+    if teacher:
+        shared = embedded_task(cfg.task).shared_warmup
+        teacher_dir = ensure_warm_start(cfg.model, cfg.task, replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
+                                        TEACHER, progress, snapshots=(cfg.sft.steps,) if shared else ())
+    return ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress), teacher_dir
+
+
+def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, role: str = STUDENT,
+               progress: bool = True, snapshots: tuple[int, ...] = ()):
+    """Return (model, tokenizer, path) of the cached warm-up of `role`, training it if absent."""
+    path = ensure_warm_start(model_cfg, task_cfg, sft, role, progress, snapshots)
     model, tokenizer = load_model(path, model_cfg.dtype)
     return model, tokenizer, path
 
@@ -116,13 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = parser.load_config(args.config, args.overrides)
     torch.set_num_threads(cfg.run.cpu_threads)
-    model, tokenizer, path = warm_start(cfg.model, cfg.task, cfg.sft, seed=cfg.run.seed)
-    task = ArithmeticTask(**vars(cfg.task))
-    ids = task.heldout_ids()
-    heldout = [task.problem(q) for q in random.Random(cfg.run.seed).sample(ids, min(cfg.run.eval_size, len(ids)))]
-    acc = accuracy(TransformersEngine(model, tokenizer), tokenizer, heldout,
-                   SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens))
-    print(f"warm-up model at {path}: held-out greedy accuracy {acc:.3f} on {len(heldout)} questions")
+    task = embedded_task(cfg.task)
+    params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
+    student, teacher = prepare_warm_starts(cfg, teacher=True)
+    for role, path in ((STUDENT, student), (TEACHER, teacher)):
+        model, tokenizer = load_model(path, cfg.model.dtype)
+        sets = {name: [task.problem(q) for q in ids] for name, ids in task.heldout_sets(cfg.run.eval_size).items()}
+        acc = heldout_accuracy(TransformersEngine(model, tokenizer), tokenizer, sets, params)
+        print(f"{role} warm-up at {path}: greedy held-out accuracy " + ", ".join(
+            f"{name} {acc[f'eval/{name}_acc']:.3f} +- {acc[f'eval/{name}_se']:.3f} ({len(ps)} questions)"
+            for name, ps in sets.items()))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class Problem:
     images: tuple[str | bytes, ...] = ()  # paths or encoded bytes (zppo_fast.datasets.Record.images)
     choices: tuple[str, ...] = ()  # multiple choice: the options, already lettered in `question`
     grader: str | None = None  # a data file row's own grader (its grader column), read by the "auto" grader
+    family: str = ""  # the testbed's "easy" | "hard" (zppo_fast/testbed.py); "" elsewhere
 
 
 class ArithmeticTask:
@@ -50,6 +51,7 @@ class ArithmeticTask:
         # function of its content, so a repeat lands in the same split).
         self.num_facts = num_facts
         self._facts = [self._make_fact(i) for i in range(self.num_facts)]
+        self._train_ids = self.train_ids()
 
     def _make_fact(self, index: int) -> tuple[tuple[str, int], ...]:
         rng = random.Random(f"{self.seed}:{self.max_operand}:{self.num_terms}:{index}")
@@ -75,6 +77,14 @@ class ArithmeticTask:
     def __len__(self) -> int:
         return self.num_facts * self._wordings
 
+    shared_warmup = True  # the student's and the teacher's warm-ups see the same data (zppo_fast/sft.py)
+
+    def heldout_sets(self, size: int, seed: int = 0) -> dict[str, list[int]]:
+        """The trainer's held-out evaluation: `size` seeded held-out ids (a sample, not a prefix, as
+        consecutive ids are one fact in its wordings), sorted."""
+        ids = self.heldout_ids()
+        return {"heldout": sorted(random.Random(seed).sample(ids, min(size, len(ids))))}
+
     def problem(self, qid: int) -> Problem:
         if not 0 <= qid < len(self):
             raise KeyError(f"question id {qid} is outside the task's range [0, {len(self)})")
@@ -87,3 +97,15 @@ class ArithmeticTask:
         expr = f"{start}" + "".join(f"{op}{b}" for op, b in fact[1:])
         answer = str(eval(expr))
         return Problem(qid, question, answer, f"<think>{expr}={answer}</think>\n\\boxed{{{answer}}}")
+
+    def tokenizer_texts(self, size: int = 4000, seed: int = 0) -> list[str]:
+        """Questions and worked solutions of `size` seeded ids, for the in-process tokenizer's corpus."""
+        ids = random.Random(seed).sample(range(len(self)), min(size, len(self)))
+        return [t for i in ids for t in (self.problem(i).question, self.problem(i).solution)]
+
+    def warmup_example(self, role: str, rng: random.Random, reading_share: float = 0.0) -> tuple[int, str, str]:
+        """One supervised example `(question id, question, worked solution)`: the same data for the
+        student and the teacher (whose longer warm-up continues the student's); `reading_share` is the
+        testbed's (zppo_fast/testbed.py) and has no meaning here."""
+        p = self.problem(rng.choice(self._train_ids))
+        return p.id, p.question, p.solution

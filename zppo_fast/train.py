@@ -104,7 +104,7 @@ from zppo_fast.engine import (
     check_push_took_effect,
 )
 from zppo_fast.engine_process import EngineProcess
-from zppo_fast.eval import accuracy, eval_sampling_params, evaluate_files, pair_graders
+from zppo_fast.eval import eval_sampling_params, evaluate_files, heldout_accuracy, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
 from zppo_fast.graders import CountingGrader, get_grader
 from zppo_fast.kernels import (
@@ -129,8 +129,9 @@ from zppo_fast.parallelize import load_full_state, parallelize
 from zppo_fast.replay import PromptReplayBuffer
 from zppo_fast.report import write_report
 from zppo_fast.reward import final_answer
-from zppo_fast.sft import ensure_warm_start
+from zppo_fast.sft import prepare_warm_starts
 from zppo_fast.task import ArithmeticTask, Problem
+from zppo_fast.testbed import TestbedTask, embedded_task
 from zppo_fast.vlm import VLMPolicy, VLMPrompt, is_vlm, load_processor, vlm_prompt
 from zppo_fast.weight_sync import iter_weight_buckets, weight_names, weight_shapes
 from zppo_fast.zppo import ALGOS, Reformulator, aug_cap, grader_scores, replay_count
@@ -239,24 +240,24 @@ class Trainer:
                 get_grader(name)
         # "auto" may call the judge (its free-form rows): the teacher is loaded for it, and called only for them.
         judge = bool({"judge", "auto"} & {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])})
-        teacher_dir = None
+        tiny_teacher = (self.algo.teacher or judge) and not cfg.zppo.teacher_path
+        student_dir, teacher_dir = (self.warm_starts(tiny_teacher) if tiny_teacher or not (checkpoint or cfg.model.path)
+                                    else (None, None))
         if self.algo.teacher or judge:
-            teacher_dir = cfg.zppo.teacher_path or self.warm_start(replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps),
-                                                                   snapshots=(cfg.sft.steps,))
-        source = checkpoint or Path(cfg.model.path or self.warm_start(cfg.sft))
+            teacher_dir = cfg.zppo.teacher_path or teacher_dir
+        source = checkpoint or Path(cfg.model.path or student_dir)
         self.tokenizer = load_tokenizer(source)
 
         # 3. The questions, before any model is built (the data files need only the tokenizer): the
         #    user's files, validated in one pass now, or the arithmetic task; the stream of training
-        #    ids, which must hold enough for a step of distinct questions; the held-out set (arithmetic:
-        #    a seeded sample, not a prefix, as consecutive ids are one fact in its 24 wordings; files:
-        #    checked to exist at the start of __init__).
+        #    ids, which must hold enough for a step of distinct questions; the embedded task's held-out
+        #    sets (testbed: "easy" and "hard"; arithmetic: "heldout"; files: checked to exist at the start
+        #    of __init__, and evaluated by zppo_fast.eval).
         self.task = self.make_task()
         self.check_data_size()
         self.stream = QuestionStream(self.task.train_ids(), seed=cfg.run.seed)
-        heldout = self.task.heldout_ids()
-        self.heldout = [self.task.problem(q) for q in
-                        sorted(random.Random(cfg.run.seed).sample(heldout, min(cfg.run.eval_size, len(heldout))))]
+        self.heldout = {name: [self.task.problem(q) for q in ids]
+                        for name, ids in self.task.heldout_sets(cfg.run.eval_size, cfg.run.seed).items()}
         self.heldout_sets = pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
 
         # 4. The frozen teacher's engine (algos with one, and the judge), a full copy on every rank
@@ -417,21 +418,21 @@ class Trainer:
             model = load_model(folder, self.cfg.model.dtype)[0].to(self.device).eval().requires_grad_(False)
         return (VLMPolicy if is_vlm(model) else Policy)(model)  # a VLM teacher reads image rows with their images
 
-    def warm_start(self, sft, snapshots: tuple[int, ...] = ()) -> Path:
-        """The cached warm-up folder for `sft`; rank 0 trains it if absent while the others wait."""
-        cfg = self.cfg
+    def warm_starts(self, teacher: bool) -> tuple[Path, Path | None]:
+        """The cached warm-up folders (student, tiny teacher or None); rank 0 trains what is absent
+        while the others wait (zppo_fast.sft.prepare_warm_starts)."""
         if self.dist.is_main:
-            ensure_warm_start(cfg.model, cfg.task, sft, cfg.run.seed, self.progress, snapshots)
+            prepare_warm_starts(self.cfg, teacher, self.progress)
         self.dist.barrier()
-        return ensure_warm_start(cfg.model, cfg.task, sft, cfg.run.seed, progress=False)
+        return prepare_warm_starts(self.cfg, teacher, progress=False)
 
-    def make_task(self) -> ArithmeticTask | FileTask:
-        """The arithmetic task, or the `[data] train` files' records. Every rank reads the files
+    def make_task(self) -> TestbedTask | ArithmeticTask | FileTask:
+        """The embedded task ([task]), or the `[data] train` files' records. Every rank reads the files
         (the same pass gives the same ids, checked here); rank 0 reports the counts."""
         cfg = self.cfg
         self.data_counts: dict[str, float] = {}
         if not cfg.data.train:
-            return ArithmeticTask(**vars(cfg.task))
+            return embedded_task(cfg.task)
         task = FileTask(cfg.data.train, tokenizer=self.tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
                         skip_bad_rows=cfg.data.skip_bad_rows, columns=self.columns())
         if len(set(self.dist.all_gather(task.fingerprint))) > 1:
@@ -455,7 +456,7 @@ class Trainer:
         if usable < cfg.rl.batch_size + replayed:
             where = (f"the [data] train files ({', '.join(cfg.data.train)}: "
                      + ", ".join(f"{k[5:]} {int(v)}" for k, v in self.data_counts.items()) + ")"
-                     if cfg.data.train else "the arithmetic task's training split ([task])")
+                     if cfg.data.train else f"the {cfg.task.kind} task's training split ([task])")
             need = f"rl.batch_size {cfg.rl.batch_size}" + (
                 f" + {replayed} replayed (zppo.rho_replay {cfg.zppo.rho_replay}, rl.algo {cfg.rl.algo})"
                 if replayed else "")
@@ -496,6 +497,12 @@ class Trainer:
         rewards = [[r.reward for r in batch.rollouts[i * g_s : (i + 1) * g_s]] for i in range(len(problems))]
         accuracy = [sum(r) / g_s for r in rewards]
         t["time/rollout"] = time.perf_counter() - t0
+        # Plain accuracy per testbed family, and on the replayed questions (do guided prompts transfer?).
+        for name, accs in (*((f, [a for p, a in zip(problems, accuracy) if p.family == f])
+                             for f in sorted({p.family for p in problems} - {""})),
+                           ("replayed", accuracy[len(new):])):
+            if accs:
+                m[f"reward/{name}_mean"] = sum(accs) / len(accs)
 
         # 3. The teacher's part. Guided prompts (BCQ / NCQ, or Hint / Prefix) on the hard questions,
         #    and the student's rollouts on them as groups of their own (a Prefix rollout continues the
@@ -830,13 +837,12 @@ class Trainer:
         """Held-out accuracy metrics. `[data] heldout` files: pass@1 over `run.eval_samples` samples
         with the evaluation decoding, `eval/<name>_acc` per file; every rank calls the engine with
         the same prompts (data-parallel generate), rank 0 writes RUN_DIR/eval/step_N. Otherwise the
-        arithmetic task's held-out sample, greedy: `eval/heldout_acc` ({} with neither)."""
+        embedded task's held-out sets, greedy: `eval/<set>_acc` and its standard error `eval/<set>_se`
+        (testbed: easy and hard; arithmetic: heldout; {} with neither)."""
         cfg, run = self.cfg, self.cfg.run
         if not self.heldout_sets:
-            if not self.heldout:
-                return {}
             params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
-            return {"eval/heldout_acc": accuracy(self.engine, self.tokenizer, self.heldout, params)}
+            return heldout_accuracy(self.engine, self.tokenizer, self.heldout, params)
         params = eval_sampling_params(run.eval_samples, cfg.rollout.max_new_tokens, run.eval_temperature,
                                       run.eval_top_p, run.eval_top_k, seed=run.seed * 1_000_003 + self.step_idx,
                                       presence_penalty=run.eval_presence_penalty)

@@ -1,0 +1,215 @@
+"""The testbed: an easy and a hard family of word problems, built so that ZPPO's premise holds on a CPU.
+
+The paper's claims concern the zone of proximal development: questions the student fails on its own
+(0 of 8) but can learn from when a teacher's candidate answers are in its prompt. This task makes
+that situation at toy scale, with every piece a fair analog of the paper's setting:
+
+* easy family: one step, "Ann has 12 pens, loses 5. How many pens does Ann have now?", solved as
+  `<think>12-5=7</think>\\n\\boxed{7}`;
+* hard family: two steps, "Ann has 12 pens, loses 5, gets 3 more. ...", solved as the chain
+  `<think>12-5=7, 7+3=10</think>\\n\\boxed{10}`. Every step of a hard chain is itself an easy fact
+  (each step adds or takes at most `max_operand`, and every partial result lies in [0, max_value]),
+  so what the hard family needs beyond the easy one is the procedure -- carry the result on and
+  take the next step -- not new arithmetic;
+* the student's warm-up (`warmup_example(STUDENT, ...)`) holds easy questions only: plain ones, and
+  candidate-reading ones -- BCQ and NCQ prompts built by `zppo_fast.prompts` exactly as the trainer
+  builds them, from an easy question, its worked solution and wrong traces of the kinds a student
+  writes (a wrong result, the wrong operation, the step skipped) -- whose target is the correct
+  solution. This is the analog of instruction tuning: the student learns to read candidates on a
+  distribution disjoint from the hard family. Part of the easy training facts appear only inside
+  candidate prompts (`reading_fraction`), so that reading the candidate, not recalling the fact, is
+  what those examples reward. No hard question, answer or worked solution is ever in the student's
+  warm-up (tests/test_testbed.py checks ids and texts), nor in the tokenizer's corpus;
+* the teacher is stronger on the hard family because its warm-up (`warmup_example(TEACHER, ...)`)
+  holds both families' training questions, as a larger model's pre-training would.
+
+Ids: the easy facts' questions (fact-major, `len(WORDINGS)` wordings each), then the hard facts'.
+A fact's split is a function of its content (a hash), so a held-out fact is never trained on under
+another wording. Training ids: every wording of the easy training facts and one seeded wording per hard
+training fact (the two families come out about even). Held-out ids per family: every held-out fact's
+wordings, interleaved fact by fact, so an evaluation of the first n covers as many facts as it can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from zppo_fast import prompts
+from zppo_fast.task import ITEMS, NAMES, ArithmeticTask, Problem
+
+EASY, HARD = "easy", "hard"
+STUDENT, TEACHER = "student", "teacher"
+WORDINGS = [(name, item) for name in NAMES for item in ITEMS]
+Fact = tuple[int, tuple[tuple[str, int], ...]]  # (start, ((op, operand), ...))
+
+
+def _facts(steps: int, max_value: int, max_operand: int) -> list[Fact]:
+    """Every fact of `steps` steps whose partial results all lie in [0, max_value], in a fixed order."""
+    facts: list[Fact] = []
+
+    def extend(start: int, value: int, done: tuple[tuple[str, int], ...]) -> None:
+        if len(done) == steps:
+            facts.append((start, done))
+            return
+        for op in "+-":
+            for b in range(max_operand + 1):
+                nxt = value + b if op == "+" else value - b
+                if 0 <= nxt <= max_value:
+                    extend(start, nxt, done + ((op, b),))
+
+    for start in range(max_value + 1):
+        extend(start, start, ())
+    return facts
+
+
+def _unit(key: str) -> float:
+    """A deterministic number in [0, 1) for `key` (the same on every machine and Python)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
+
+
+def chain(fact: Fact) -> tuple[str, int]:
+    """The worked steps of a fact, "12-5=7, 7+3=10", and its answer."""
+    value, steps = fact[0], []
+    for op, b in fact[1]:
+        nxt = value + b if op == "+" else value - b
+        steps.append(f"{value}{op}{b}={nxt}")
+        value = nxt
+    return ", ".join(steps), value
+
+
+def solution_text(thinking: str, answer: int | str) -> str:
+    """The closing instruction's format: the reasoning in <think>, the answer in \\boxed{}."""
+    return f"<think>{thinking}</think>\n\\boxed{{{answer}}}"
+
+
+class TestbedTask:
+    """Easy (one step) and hard (two steps) word problems; `problem(id)` gives any question by id."""
+
+    def __init__(self, max_value: int = 19, max_operand: int = 9, heldout_fraction: float = 0.15,
+                 easy_heldout_fraction: float = 0.3, reading_fraction: float = 0.3, seed: int = 0):
+        if max_value < 1 or max_operand < 1 or not (0 < heldout_fraction < 1 and 0 < easy_heldout_fraction < 1
+                                                    and 0 <= reading_fraction < 1):
+            raise ValueError(f"bad testbed settings: max_value={max_value} (>= 1), max_operand={max_operand} (>= 1), "
+                             f"heldout_fraction={heldout_fraction} and easy_heldout_fraction={easy_heldout_fraction} "
+                             f"(in (0, 1)), reading_fraction={reading_fraction} (in [0, 1))")
+        self.seed = seed
+        self.facts = {EASY: _facts(1, max_value, max_operand), HARD: _facts(2, max_value, max_operand)}
+        fraction = {EASY: easy_heldout_fraction, HARD: heldout_fraction}
+        self._heldout = {fam: [i for i, f in enumerate(fs) if _unit(f"{seed}:split:{f}") < fraction[fam]]
+                         for fam, fs in self.facts.items()}
+        self._train = {fam: [i for i, f in enumerate(fs) if _unit(f"{seed}:split:{f}") >= fraction[fam]]
+                       for fam, fs in self.facts.items()}
+        # Easy training facts the student's warm-up shows only inside candidate prompts.
+        self._reading = {i for i in self._train[EASY] if _unit(f"{seed}:reading:{self.facts[EASY][i]}")
+                         < reading_fraction}
+        self._offset = {EASY: 0, HARD: len(self.facts[EASY]) * len(WORDINGS)}
+
+    def __len__(self) -> int:
+        return (len(self.facts[EASY]) + len(self.facts[HARD])) * len(WORDINGS)
+
+    def _id(self, family: str, fact: int, wording: int) -> int:
+        return self._offset[family] + fact * len(WORDINGS) + wording
+
+    def _locate(self, qid: int) -> tuple[str, int, int]:
+        if not 0 <= qid < len(self):
+            raise KeyError(f"question id {qid} is outside the testbed's range [0, {len(self)})")
+        family = EASY if qid < self._offset[HARD] else HARD
+        fact, wording = divmod(qid - self._offset[family], len(WORDINGS))
+        return family, fact, wording
+
+    def family(self, qid: int) -> str:
+        return self._locate(qid)[0]
+
+    def problem(self, qid: int) -> Problem:
+        family, index, wording = self._locate(qid)
+        fact = self.facts[family][index]
+        name, item = WORDINGS[wording]
+        steps = ", ".join(f"gets {b} more" if op == "+" else f"loses {b}" for op, b in fact[1])
+        question = f"{name} has {fact[0]} {item}, {steps}. How many {item} does {name} have now?"
+        thinking, answer = chain(fact)
+        return Problem(qid, question, str(answer), solution_text(thinking, answer), family=family)
+
+    def train_ids(self) -> list[int]:
+        easy = [self._id(EASY, f, w) for f in self._train[EASY] for w in range(len(WORDINGS))]
+        hard = [self._id(HARD, f, random.Random(f"{self.seed}:wording:{f}").randrange(len(WORDINGS)))
+                for f in self._train[HARD]]
+        return easy + hard
+
+    def heldout_ids(self, family: str | None = None) -> list[int]:
+        """Held-out questions of one family (both: easy then hard), interleaved fact by fact."""
+        families = [family] if family is not None else [EASY, HARD]
+        ids = []
+        for fam in families:
+            orders = [random.Random(f"{self.seed}:heldout:{f}").sample(range(len(WORDINGS)), len(WORDINGS))
+                      for f in self._heldout[fam]]
+            ids += [self._id(fam, f, order[k]) for k in range(len(WORDINGS)) for f, order in
+                    zip(self._heldout[fam], orders)]
+        return ids
+
+    shared_warmup = False  # the student's and the teacher's warm-ups see different data
+
+    def heldout_sets(self, size: int, seed: int = 0) -> dict[str, list[int]]:
+        """The trainer's held-out evaluation: the first `size` held-out ids of each family (as many
+        facts as `size` allows; `seed` is unused: the sets are fixed by the task)."""
+        return {fam: self.heldout_ids(fam)[:size] for fam in (HARD, EASY)}
+
+    def tokenizer_texts(self, size: int = 4000, seed: int = 0) -> list[str]:
+        """Questions and solutions of `size` seeded easy training ids, for the in-process tokenizer's
+        corpus (nothing of the hard family: the student's tokenizer is part of its warm-up)."""
+        easy = [self._id(EASY, f, w) for f in self._train[EASY] for w in range(len(WORDINGS))]
+        ids = random.Random(seed).sample(easy, min(size, len(easy)))
+        return [t for i in ids for t in (self.problem(i).question, self.problem(i).solution)]
+
+    # ------------------------------------------------------------------ warm-up data
+    def warmup_example(self, role: str, rng: random.Random, reading_share: float = 0.5) -> tuple[int, str, str]:
+        """One supervised example `(question id, user text, target)` of `role`'s warm-up; the user text
+        is what `zppo_fast.data.chat_prompt_ids` wraps (the closing instruction is added there).
+
+        teacher: a plain question of either family. student: an easy question, plain or (with
+        probability `reading_share`, always for the reading-only facts) inside a BCQ / NCQ prompt.
+        """
+        if role == TEACHER:
+            family = rng.choice((EASY, HARD))
+            p = self.problem(self._id(family, rng.choice(self._train[family]), rng.randrange(len(WORDINGS))))
+            return p.id, p.question, p.solution
+        if role != STUDENT:
+            raise ValueError(f"warm-up role must be {STUDENT!r} or {TEACHER!r}, got {role!r}")
+        reading = rng.random() < reading_share
+        pool = self._train[EASY] if reading else [i for i in self._train[EASY] if i not in self._reading]
+        index = rng.choice(pool)
+        p = self.problem(self._id(EASY, index, rng.randrange(len(WORDINGS))))
+        if not reading:
+            return p.id, p.question, p.solution
+        fact = self.facts[EASY][index]
+        if rng.random() < 0.7:
+            return p.id, prompts.build_bcq(p.question, p.solution, self.wrong_solution(fact, rng), rng), p.solution
+        wrong = [self.wrong_solution(fact, rng) for _ in range(rng.randint(1, 3))]
+        answers = [w.rsplit("{", 1)[1].rstrip("}") for w in wrong]
+        return p.id, prompts.build_ncq(p.question, wrong, answers), p.solution
+
+    @staticmethod
+    def wrong_solution(fact: Fact, rng: random.Random) -> str:
+        """A wrong worked solution of one of the kinds a student writes: a wrong result, the wrong
+        operation, or the step skipped (the starting number given as the answer)."""
+        kind = rng.choice(("result", "operation", "skipped"))
+        if kind == "skipped" or not fact[1]:
+            return solution_text(str(fact[0]), fact[0])
+        value, steps = fact[0], []
+        for op, b in fact[1]:
+            if kind == "operation":
+                op = "+" if op == "-" else "-"
+            nxt = (value + b if op == "+" else value - b) + (rng.choice((-2, -1, 1, 2)) if kind == "result" else 0)
+            steps.append(f"{value}{op}{b}={nxt}")
+            value = nxt
+        if value == chain(fact)[1]:  # an off-by-k that cancelled, or a "- 0" turned "+ 0": still right
+            return solution_text(str(fact[0]), fact[0]) if fact[0] != value else solution_text(", ".join(steps), value + 1)
+        return solution_text(", ".join(steps), value)
+
+
+def embedded_task(cfg) -> TestbedTask | ArithmeticTask:
+    """The embedded task a `zppo_fast.config.TaskConfig` asks for (`kind`), with its settings."""
+    if cfg.kind == "testbed":
+        return TestbedTask(cfg.max_value, cfg.max_operand, cfg.heldout_fraction, cfg.easy_heldout_fraction,
+                           cfg.reading_fraction, cfg.seed)
+    return ArithmeticTask(cfg.max_operand, cfg.num_terms, cfg.heldout_fraction, cfg.num_facts, cfg.seed)
