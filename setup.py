@@ -135,11 +135,13 @@ setup(
         # tests/test_columns.py; mathruler, pylatexenc: tests/test_reward_agreement.py's reference.
         # pytest-timeout: the per-test limit of pyproject.toml (a hang fails). cmake: `make test`'s
         # C++ tests run the venv's cmake / ctest (no system CMake needed). packaging:
-        # tests/test_metadata.py reads the requirement specifiers.
+        # tests/test_metadata.py reads the requirement specifiers. scipy: bench/effect.py's t-intervals,
+        # run by tests/test_bench_smoke.py and checked against scipy's own in tests/test_bench_effect.py.
         "test": ["pytest", "pytest-timeout", "hypothesis", "liger-kernel", "trl", "wandb", "datasets", "mathruler",
-                 "pylatexenc", "sympy", "cmake>=3.18", "packaging"],
-        # bench/bench_vs_trl.py: TRL's GRPOTrainer (and its datasets) beside zppo_fast; not needed by `make test`.
-        "bench": ["trl", "datasets"],
+                 "pylatexenc", "sympy", "cmake>=3.18", "packaging", "scipy"],
+        # bench/bench_vs_trl.py: TRL's GRPOTrainer (and its datasets) beside zppo_fast; bench/effect.py: scipy
+        # (t quantiles); not needed by `make test`.
+        "bench": ["trl", "datasets", "scipy"],
         "tensorboard": ["tensorboard"],
         # run.wandb = true (zppo_fast/metrics.py): offline unless WANDB_MODE=online.
         "wandb": ["wandb"],

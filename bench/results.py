@@ -3,7 +3,8 @@ device line every section starts with (`cpu_name`).
 
     record_section("Versus TRL", text)   # replace the section (from its heading to the next `## `), or append it
 
-Used by bench/bench_vs_trl.py, bench/bench_zppo_vs_grpo.py, bench/bench_threads.py and bench/bench_replay.py.
+Used by bench/bench_vs_trl.py, bench/bench_zppo_vs_grpo.py, bench/bench_threads.py, bench/bench_replay.py and
+bench/effect.py.
 """
 
 from __future__ import annotations
