@@ -1,8 +1,8 @@
 """The embedded default's ZPPO and GRPO rollout steps side by side: seconds per step and per trained student token.
 
-Both run `zppo_fast.train.Trainer` on the embedded default (the config's defaults: the arithmetic
-task, the tiny Qwen3.5 student after its cached supervised warm-up, the longer warm-up as the
-teacher, 16 questions x 8 samples, 4 mini-batches), `--rl.algo zppo` against `--rl.algo grpo`, each
+Both run `zppo_fast.train.Trainer` on the embedded default (the config's defaults: the testbed,
+the tiny Qwen3.5 student and teacher after their cached supervised warm-ups, 16 questions x 8
+samples, 4 mini-batches), `--rl.algo zppo` against `--rl.algo grpo`, each
 in a process of its own (bench/alternate.py), steps alternated; after `--warmup` untimed steps each,
 medians of `--steps` steps. ZPPO trains more student tokens per step by design (replayed questions,
 BCQ / NCQ groups with long prompts), so the cost is given both per step and per trained student
@@ -34,14 +34,14 @@ from results import record_section
 ALGOS = ("grpo", "zppo")
 PHASES = ("rollout", "teacher", "old_logprobs", "update")
 # --quick: the tests' toy recipe (tests/conftest.py) at smaller sizes, its warm-ups in a temporary cache
-QUICK = ["--model.hidden_size", "32", "--task.max_operand", "2", "--task.num_facts", "64", "--sft.steps", "10", "--zppo.teacher_sft_steps", "20",
+QUICK = ["--model.hidden_size", "32", "--task.kind", "arithmetic", "--task.max_operand", "2", "--task.num_facts", "64", "--sft.steps", "10", "--zppo.teacher_sft_steps", "20",
          "--zppo.teacher_max_new_tokens", "8", "--rollout.max_new_tokens", "8", "--rl.batch_size", "4",
          "--rl.group_size", "4", "--zppo.teacher_group_size", "2"]
 
 
 def warm_up(overrides: list[str]) -> None:
-    """Train the cached student and teacher warm-ups now, as the trainer would (one run, the student an
-    early snapshot of it), so that neither worker's first step pays for them."""
+    """Train the cached student and teacher warm-ups now, as the trainer would, so that neither worker's
+    first step pays for them."""
     import torch
 
     from zppo_fast.config import load_config

@@ -19,14 +19,10 @@ def task():
 
 
 def hard_texts(task: testbed.TestbedTask) -> tuple[set[str], set[str]]:
-    """Every hard question (all wordings of all facts, both splits) and every hard worked solution."""
-    questions, solutions = set(), set()
-    for f in range(len(task.facts[HARD])):
-        for w in range(len(WORDINGS)):
-            p = task.problem(task._id(HARD, f, w))
-            questions.add(p.question)
-            solutions.add(p.solution)
-    return questions, solutions
+    """Every hard question (all wordings of all facts, both splits) and every hard chain of steps."""
+    questions = {task.problem(task._id(HARD, f, w)).question
+                 for f in range(len(task.facts[HARD])) for w in range(len(WORDINGS))}
+    return questions, {testbed.chain(fact)[0] for fact in task.facts[HARD]}
 
 
 def test_the_default_task_is_the_testbed(task):
@@ -73,8 +69,9 @@ def test_heldout_sets_cover_distinct_facts_first(task):
 
 
 def test_the_students_warm_up_holds_no_hard_question(task):
-    """By id and by text: no hard question, worked solution, or hard question inside a candidate prompt."""
-    questions, solutions = hard_texts(task)
+    """By id and by text: no hard question, and no hard worked solution (its chain of steps) anywhere
+    in a warm-up example, its candidates included, nor in the tokenizer's corpus."""
+    questions, chains = hard_texts(task)
     rng = random.Random(1)
     kinds = set()
     for _ in range(3000):
@@ -82,11 +79,13 @@ def test_the_students_warm_up_holds_no_hard_question(task):
         assert task.family(qid) == EASY
         question = text.split("\n\n", 1)[0]
         assert question == task.problem(qid).question and question not in questions
-        assert target not in solutions and not any(line in solutions for line in text.split("</candidate>"))
-        kinds.add(prompts.BCQ_INSTRUCTION in text and "bcq" or "Below are the incorrect" in text and "ncq" or "plain")
+        steps = re.findall(r"\d+[+-]\d+=\d+(?:, \d+[+-]\d+=\d+)*", text + target)
+        assert steps and not chains & set(steps)
+        kinds.add("bcq" if prompts.BCQ_INSTRUCTION in text else "ncq" if "<candidate>" in text else "plain")
     assert kinds == {"plain", "bcq", "ncq"}
     corpus = "\n".join(tokenizer_corpus(task))
     assert not any(q in corpus for q in random.Random(2).sample(sorted(questions), 2000))
+    assert not any(c in corpus for c in chains)
 
 
 def test_the_teachers_warm_up_holds_both_families(task):

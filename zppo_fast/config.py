@@ -111,8 +111,6 @@ class TaskConfig:
     # share of the facts held out (all their wordings); testbed: of the hard family's facts
     heldout_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.15
     easy_heldout_fraction: Annotated[float, Bounds(0, 1, low_open=True, high_open=True)] = 0.3  # testbed
-    # testbed: easy training facts the student's warm-up shows only inside BCQ / NCQ prompts
-    reading_fraction: Annotated[float, Bounds(0, 1, high_open=True)] = 0.3
     num_facts: Count = 2048  # arithmetic: distinct questions (each in several wordings)
     seed: int = 0  # of the question generator
 
@@ -175,7 +173,7 @@ class RolloutConfig:
     teacher_mem_fraction: OpenFraction = 0.35
     temperature: NonNegative = 1.0  # of the rollouts; 0 is greedy
     top_p: OpenFraction = 1.0
-    max_new_tokens: Count = 24  # per rollout
+    max_new_tokens: Count = 32  # per rollout (a hard testbed solution takes 25 tokens)
     batch_size: Count = 256  # sequences generated together
     # The transformers engine in the trainer's process, or in a child process of its own with the
     # weights pushed through shared memory: the process architecture every SGLang engine has
@@ -228,7 +226,7 @@ class ZPPOConfig:
     teacher_group_size: Count = 4  # G_T: fresh teacher rollouts per hard question, every visit
     teacher_temperature: NonNegative = 1.0
     teacher_top_p: OpenFraction = 1.0
-    teacher_max_new_tokens: Count = 24
+    teacher_max_new_tokens: Count = 32
     # teacher: the paper's summary prompt (GPU configs) | none: the raw candidate text (the CPU
     # default: a tiny teacher cannot follow the summary instruction, and its rollouts are one line)
     compression: Literal["teacher", "none"] = "none"
@@ -287,7 +285,7 @@ class RunConfig:
     checkpoint_every: Count = 10  # steps between checkpoints (and one at the end)
     keep_last: NonNegativeInt = 2  # complete checkpoints kept; older ones are deleted; 0 keeps all
     eval_every: NonNegativeInt = 5  # steps between held-out evaluations; 0: none
-    eval_size: Count = 128  # embedded task: held-out questions per set (testbed: per family), greedy, one sample each
+    eval_size: Count = 256  # embedded task: held-out questions per set (testbed: per family), greedy, one sample each
     # data.heldout files: the decoding (the paper's evaluation defaults); responses capped at
     # rollout.max_new_tokens, as in training. eval_samples: K samples per question; the reported
     # pass@1 is the mean over questions of each one's fraction of correct samples (K > 1 lowers its

@@ -16,10 +16,12 @@ that situation at toy scale, with every piece a fair analog of the paper's setti
   builds them, from an easy question, its worked solution and wrong traces of the kinds a student
   writes (a wrong result, the wrong operation, the step skipped) -- whose target is the correct
   solution. This is the analog of instruction tuning: the student learns to read candidates on a
-  distribution disjoint from the hard family. Part of the easy training facts appear only inside
-  candidate prompts (`reading_fraction`), so that reading the candidate, not recalling the fact, is
-  what those examples reward. No hard question, answer or worked solution is ever in the student's
-  warm-up (tests/test_testbed.py checks ids and texts), nor in the tokenizer's corpus;
+  distribution disjoint from the hard family. To make following a candidate differ from recalling
+  the fact, half the correct candidates work the easy fact in two steps ("14+1=15; 15+2=17"), and
+  the target follows them; the wrong ones beside them mostly stop after the first step. No hard
+  question, answer or worked solution is ever in the student's warm-up (tests/test_testbed.py
+  checks ids and texts: a hard chain joins its steps with ", ", a split easy one with "; "), nor in
+  the tokenizer's corpus;
 * the teacher is stronger on the hard family because its warm-up (`warmup_example(TEACHER, ...)`)
   holds both families' training questions, as a larger model's pre-training would.
 
@@ -87,12 +89,11 @@ class TestbedTask:
     """Easy (one step) and hard (two steps) word problems; `problem(id)` gives any question by id."""
 
     def __init__(self, max_value: int = 19, max_operand: int = 9, heldout_fraction: float = 0.15,
-                 easy_heldout_fraction: float = 0.3, reading_fraction: float = 0.3, seed: int = 0):
-        if max_value < 1 or max_operand < 1 or not (0 < heldout_fraction < 1 and 0 < easy_heldout_fraction < 1
-                                                    and 0 <= reading_fraction < 1):
+                 easy_heldout_fraction: float = 0.3, seed: int = 0):
+        if max_value < 1 or max_operand < 1 or not (0 < heldout_fraction < 1 and 0 < easy_heldout_fraction < 1):
             raise ValueError(f"bad testbed settings: max_value={max_value} (>= 1), max_operand={max_operand} (>= 1), "
                              f"heldout_fraction={heldout_fraction} and easy_heldout_fraction={easy_heldout_fraction} "
-                             f"(in (0, 1)), reading_fraction={reading_fraction} (in [0, 1))")
+                             "(in (0, 1))")
         self.seed = seed
         self.facts = {EASY: _facts(1, max_value, max_operand), HARD: _facts(2, max_value, max_operand)}
         fraction = {EASY: easy_heldout_fraction, HARD: heldout_fraction}
@@ -100,9 +101,6 @@ class TestbedTask:
                          for fam, fs in self.facts.items()}
         self._train = {fam: [i for i, f in enumerate(fs) if _unit(f"{seed}:split:{f}") >= fraction[fam]]
                        for fam, fs in self.facts.items()}
-        # Easy training facts the student's warm-up shows only inside candidate prompts.
-        self._reading = {i for i in self._train[EASY] if _unit(f"{seed}:reading:{self.facts[EASY][i]}")
-                         < reading_fraction}
         self._offset = {EASY: 0, HARD: len(self.facts[EASY]) * len(WORDINGS)}
 
     def __len__(self) -> int:
@@ -167,7 +165,7 @@ class TestbedTask:
         is what `zppo_fast.data.chat_prompt_ids` wraps (the closing instruction is added there).
 
         teacher: a plain question of either family. student: an easy question, plain or (with
-        probability `reading_share`, always for the reading-only facts) inside a BCQ / NCQ prompt.
+        probability `reading_share`) inside a BCQ (70%) or NCQ (30%) prompt.
         """
         if role == TEACHER:
             family = rng.choice((EASY, HARD))
@@ -175,11 +173,9 @@ class TestbedTask:
             return p.id, p.question, p.solution
         if role != STUDENT:
             raise ValueError(f"warm-up role must be {STUDENT!r} or {TEACHER!r}, got {role!r}")
-        reading = rng.random() < reading_share
-        pool = self._train[EASY] if reading else [i for i in self._train[EASY] if i not in self._reading]
-        index = rng.choice(pool)
+        index = rng.choice(self._train[EASY])
         p = self.problem(self._id(EASY, index, rng.randrange(len(WORDINGS))))
-        if not reading:
+        if rng.random() >= reading_share:
             return p.id, p.question, p.solution
         fact = self.facts[EASY][index]
         if rng.random() < 0.7:
@@ -194,7 +190,7 @@ class TestbedTask:
         """(a correct, a wrong) worked solution of an easy fact, as candidates.
 
         Half of the correct ones (where the operand is 2 or more) are worked in two steps, the operand
-        split in two ("14+3": "14+1=15, 15+2=17"), so that following a candidate means following its
+        split in two ("14+3": "14+1=15; 15+2=17"), so that following a candidate means following its
         steps, however many; the plain warm-up's solutions always take one. The wrong ones are of
         the kinds a student writes: a wrong result, the wrong operation, the step skipped (the
         starting number as the answer), and, for a two-step solution, stopping after the first step.
@@ -206,8 +202,10 @@ class TestbedTask:
         if b >= 2 and rng.random() < 0.5:
             b1 = rng.randint(1, b - 1)
             middle = apply[op](start, b1)
-            correct = solution_text(f"{start}{op}{b1}={middle}, {middle}{op}{b - b1}={answer}", answer)
-            kind = rng.choice(("stopped", "result", "operation"))
+            # "; " where a hard chain has ", ": no text of the warm-up is ever a hard worked solution
+            correct = solution_text(f"{start}{op}{b1}={middle}; {middle}{op}{b - b1}={answer}", answer)
+            # Mostly stopped early: the wrong trace a student writes beside a chain it cannot finish.
+            kind = "stopped" if rng.random() < 0.6 else rng.choice(("result", "operation"))
             if kind == "stopped":
                 return correct, solution_text(f"{start}{op}{b1}={middle}", middle)
         else:
@@ -229,6 +227,5 @@ def boxed(solution: str) -> str:
 def embedded_task(cfg) -> TestbedTask | ArithmeticTask:
     """The embedded task a `zppo_fast.config.TaskConfig` asks for (`kind`), with its settings."""
     if cfg.kind == "testbed":
-        return TestbedTask(cfg.max_value, cfg.max_operand, cfg.heldout_fraction, cfg.easy_heldout_fraction,
-                           cfg.reading_fraction, cfg.seed)
+        return TestbedTask(cfg.max_value, cfg.max_operand, cfg.heldout_fraction, cfg.easy_heldout_fraction, cfg.seed)
     return ArithmeticTask(cfg.max_operand, cfg.num_terms, cfg.heldout_fraction, cfg.num_facts, cfg.seed)
