@@ -130,10 +130,15 @@ def prepare_warm_starts(cfg: Config, teacher: bool = True, progress: bool = True
         if progress:
             tqdm.write(f"zppo_fast: the teacher's warm-up ({teacher_sft.steps} steps) trains in a child process "
                        "beside the student's (one progress bar: the student's)")
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            child = pool.submit(_child_warm_start, cfg.model, cfg.task, teacher_sft, cfg.run.cpu_threads)
-            student_dir = ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress)
-            return student_dir, child.result()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.run.cpu_threads)  # two processes, each at the run's thread count
+        try:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                child = pool.submit(_child_warm_start, cfg.model, cfg.task, teacher_sft, cfg.run.cpu_threads)
+                student_dir = ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress)
+                return student_dir, child.result()
+        finally:
+            torch.set_num_threads(threads)
     return (ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress),
             ensure_warm_start(cfg.model, cfg.task, teacher_sft, TEACHER, progress))
 
