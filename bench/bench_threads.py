@@ -1,7 +1,7 @@
 """Seconds per rollout step at several `run.cpu_threads` values, for choosing the CPU default.
 
 Two settings: "demo", the embedded default (`python -m zppo_fast.train` with no options: ZPPO on
-the tiny arithmetic student, its cached warm-ups in `sft.cache_dir`), and "trl", the model and
+the testbed, its cached warm-ups in `sft.cache_dir`), and "trl", the model and
 prompts of bench/bench_vs_trl.py (hidden 128, character tokenizer, ~240-token prompts, GRPO, one
 optimizer step per rollout step). For each setting one worker per thread count (bench/alternate.py),
 steps alternated, medians of `--steps` after `--warmup`; the ratio is to the first thread count.

@@ -118,8 +118,8 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     """Training and held-out questions from the user's files (zppo_fast/file_task.py). With no
-    `train` files (the default, or `--data.train []`) the run uses the embedded arithmetic task
-    ([task]) and its warm-up. Every named file is checked to exist before any model loads."""
+    `train` files (the default, or `--data.train []`) the run uses the embedded task ([task], the
+    testbed by default) and its warm-ups. Every named file is checked to exist before any model loads."""
 
     train: list[str] = field(default_factory=list)  # .jsonl / .parquet files or datasets folders
     heldout: list[str] = field(default_factory=list)  # evaluated every run.eval_every steps

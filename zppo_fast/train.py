@@ -40,7 +40,9 @@ step, read top to bottom in `Trainer.step`:
                  its memory after the rollouts and takes it back around the push; the teacher's is
                  resumed only for step 3 (zppo_fast/sglang_engine.py, `step_order`).
 
-Questions: the embedded arithmetic task (zppo_fast/task.py), or the user's files (`[data] train`,
+Questions: the embedded task (the testbed, zppo_fast/testbed.py: held-out accuracy per family as
+`eval/hard_acc` and `eval/easy_acc` with standard errors; or the arithmetic task, zppo_fast/task.py),
+or the user's files (`[data] train`,
 zppo_fast/file_task.py: validated in one pass at startup, bad rows skipped and counted). Held-out
 files (`[data] heldout`) are evaluated every `run.eval_every` steps through the student's engine
 (`zppo_fast.eval.evaluate_files`: per-file accuracy as `eval/<name>_acc`, responses under
@@ -174,7 +176,7 @@ class Trainer:
         if cfg.run.wandb:
             import_wandb()  # a missing package fails now, not after the models have loaded
         # The data files must exist (and be of a known format) before any model loads: a GPU recipe
-        # run without its data stops here, naming the file, and never trains on the arithmetic task,
+        # run without its data stops here, naming the file, and never trains on the embedded task,
         # which only an empty data.train asks for.
         for path in [*cfg.data.train, *cfg.data.heldout]:
             DatasetFile(path)
@@ -249,7 +251,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(source)
 
         # 3. The questions, before any model is built (the data files need only the tokenizer): the
-        #    user's files, validated in one pass now, or the arithmetic task; the stream of training
+        #    user's files, validated in one pass now, or the embedded task; the stream of training
         #    ids, which must hold enough for a step of distinct questions; the embedded task's held-out
         #    sets (testbed: "easy" and "hard"; arithmetic: "heldout"; files: checked to exist at the start
         #    of __init__, and evaluated by zppo_fast.eval).
