@@ -113,3 +113,31 @@ def test_reading_examples_target_the_correct_candidate(task):
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="max_value"):
         testbed.TestbedTask(max_value=0)
+
+
+def test_the_warm_ups_length_halves_give_the_padded_batchs_gradient(task):
+    """sft.py computes a batch's mean token loss in two halves by length; the gradient must be the
+    one padded batch's, within float32 reordering error (tests/numerics.py)."""
+    import torch
+
+    from numerics import reorder_tol
+    from zppo_fast.config import ModelConfig
+    from zppo_fast.model import build_tiny_model
+    from zppo_fast.sft import _sequence, _token_loss_sum
+    from zppo_fast.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(tokenizer_corpus(task, size=200), vocab_size=400)
+    model = build_tiny_model(ModelConfig(hidden_size=32), tokenizer, seed=0)
+    rng = random.Random(5)
+    batch = sorted((_sequence(tokenizer, text, target) for _, text, target in
+                    (task.warmup_example(STUDENT, rng) for _ in range(9))), key=lambda item: len(item[0]))
+    targets = sum(len(seq) - n for seq, n in batch)
+    grads = []
+    for parts in ([batch], [batch[:4], batch[4:]]):
+        model.zero_grad()
+        for part in parts:
+            (_token_loss_sum(model, part, tokenizer.pad_token_id) / targets).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert len({len(s) for s, _ in batch}) > 1  # the halves differ in width, so padding differs
+    scale = grads[0].abs().max().item()
+    assert torch.allclose(grads[1], grads[0], rtol=0, atol=reorder_tol(targets, scale))

@@ -70,23 +70,36 @@ def train_sft(model_cfg: ModelConfig, task_cfg: TaskConfig, sft: SFTConfig, role
     for step in bar:
         batch = [_sequence(tokenizer, text, target) for _, text, target in
                  (task.warmup_example(role, rng, sft.reading_share) for _ in range(sft.batch_size))]
-        width = max(len(s) for s, _ in batch)
-        # Right padding: with causal attention, pads after a sequence cannot affect its tokens.
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        for i, (seq, n_prompt) in enumerate(batch):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
-        logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
-        loss.backward()
+        # The batch's mean token loss, in two halves by length: the short (plain) sequences are not
+        # padded to the long (candidate) ones' width. The same gradient as one padded batch.
+        batch.sort(key=lambda item: len(item[0]))
+        targets = sum(len(seq) - n_prompt for seq, n_prompt in batch)
+        total = 0.0
+        for half in (batch[: len(batch) // 2], batch[len(batch) // 2 :]):
+            if half:
+                loss = _token_loss_sum(model, half, tokenizer.pad_token_id) / targets
+                loss.backward()
+                total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{total:.3f}")
         if step + 1 in snapshots:
             _save_atomically(model, tokenizer, cache_path(model_cfg, task_cfg, replace(sft, steps=step + 1), STUDENT))
     return model, tokenizer
+
+
+def _token_loss_sum(model, batch: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
+    """Summed cross-entropy of the response tokens of `batch` ((ids, prompt length) pairs), right-padded
+    (with causal attention, pads after a sequence cannot affect its tokens)."""
+    width = max(len(seq) for seq, _ in batch)
+    ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    for i, (seq, n_prompt) in enumerate(batch):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+    logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum")
 
 
 def _save_atomically(model, tokenizer, path: Path) -> None:
