@@ -30,6 +30,11 @@ Measured per run (from RUN_DIR/metrics.jsonl and, for algos with a replay buffer
     Fig. 5: 26.6% vs 14.3%).
   BCQ / NCQ acc: the student's accuracy on its rollouts of BCQ / NCQ prompts, mean over the steps that
     built any (`zppo/bcq_acc`, `zppo/ncq_acc`; the paper: 69% BCQ at 0.8B, about 1% NCQ).
+  BCQ / NCQ acc, steps 1-5: the same over the first five steps: can the warm-up student use candidates?
+  hard plain acc, steps 1-5 / last 5 steps: the student's accuracy on its plain rollouts of the hard
+    training questions it drew (`reward/hard_mean`), early and late: does guided learning reach plain prompts?
+  replayed plain acc: its accuracy on the replayed questions, asked plainly (`reward/replayed_mean`).
+  admitted to buffer: questions admitted over the run (report.json), the buffer's churn with the exits.
   student / teacher tokens: response tokens sampled over the run, by the student (`perf/student_tokens`)
     and by the teacher (every `*/teacher_tokens` key).
   s / step: the median over steps of a step's seconds (the sum of its `time/*` phases; the
@@ -112,6 +117,14 @@ QUANTITIES = (
     ("grad_exit_share", "graduated / exits", ".1%"),
     ("bcq_acc", "BCQ acc", ".3f"),
     ("ncq_acc", "NCQ acc", ".3f"),
+    # Where the mechanism could break: can the student use candidates from the start, does its plain
+    # accuracy on the hard training questions move, and how do the replayed questions fare asked plainly.
+    ("bcq_first", "BCQ acc, steps 1-5", ".3f"),
+    ("ncq_first", "NCQ acc, steps 1-5", ".3f"),
+    ("hard_plain_first", "hard plain acc, steps 1-5", ".3f"),
+    ("hard_plain_last", "hard plain acc, last 5 steps", ".3f"),
+    ("replayed_acc", "replayed plain acc", ".3f"),
+    ("admitted", "admitted to buffer", ",.0f"),
     ("student_tokens", "student tokens", ",.0f"),
     ("teacher_tokens", "teacher tokens", ",.0f"),
     ("step_s", "s / step", ".2f"),
@@ -201,14 +214,20 @@ def summarize_run(run_dir: Path, last_step: int, algo_replay: bool) -> dict:
 
     train = [by_step[s] for s in sorted(by_step) if s > 0]
 
-    def mean_of(key: str) -> float | None:
-        vals = [rec[key] for rec in train if rec.get(key) is not None]
+    def mean_of(key: str, steps: list[dict] = train) -> float | None:
+        vals = [rec[key] for rec in steps if rec.get(key) is not None]
         return statistics.fmean(vals) if vals else None
 
     teacher_keys = sorted({k for rec in train for k in rec if k.endswith("/teacher_tokens")})
     out.update(
         bcq_acc=mean_of("zppo/bcq_acc"),
         ncq_acc=mean_of("zppo/ncq_acc"),
+        bcq_first=mean_of("zppo/bcq_acc", train[:5]),
+        ncq_first=mean_of("zppo/ncq_acc", train[:5]),
+        hard_plain_first=mean_of("reward/hard_mean", train[:5]),
+        hard_plain_last=mean_of("reward/hard_mean", train[-5:]),
+        replayed_acc=mean_of("reward/replayed_mean"),
+        admitted=None,
         student_tokens=float(sum(rec.get("perf/student_tokens", 0) for rec in train)),
         teacher_tokens=float(sum(rec.get(k, 0) for rec in train for k in teacher_keys)) if teacher_keys else None,
         step_s=statistics.median(step_seconds(rec) for rec in train) if train else None,
@@ -223,7 +242,8 @@ def summarize_run(run_dir: Path, last_step: int, algo_replay: bool) -> dict:
         bucket, total = report["per_bucket"][zero], report["total"]
         out.update(grad0_admitted=bucket["admitted"], grad0_graduated=bucket["graduated"],
                    grad0_share=bucket["graduated"] / bucket["admitted"] if bucket["admitted"] else None,
-                   grad_exit_share=total["graduated_share"], exits=total["graduated"] + total["evicted"])
+                   grad_exit_share=total["graduated_share"], exits=total["graduated"] + total["evicted"],
+                   admitted=total["admitted"])
     return out
 
 
