@@ -7,19 +7,21 @@ optimizer step per rollout step). For each setting one worker per thread count (
 steps alternated, medians of `--steps` after `--warmup`; the ratio is to the first thread count.
 Run it on an otherwise idle machine: other processes on the cores penalize more threads most.
 
-    python bench/bench_threads.py [--threads 1,2,4] [--settings demo,trl] [--steps 5] [--warmup 1]
+    python bench/bench_threads.py [--threads 1,2,4] [--settings demo,trl] [--steps 5] [--warmup 1] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 from alternate import StepWorker, alternate, median, trainer_worker
 from bench_vs_trl import write_setting
-from results import cpu_name
+from results import cpu_name, git_commit, record_section
 from bench_zppo_vs_grpo import QUICK, warm_up
 
 
@@ -46,14 +48,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke test: toy sizes, 1 warm-up + 1 step")
+    ap.add_argument("--record", action="store_true", help="write the table to bench/RESULTS.md")
     args = ap.parse_args()
     threads = list(dict.fromkeys(int(t) for t in args.threads.split(",")))
     if args.quick:
         args.steps, args.warmup = 1, 1
-    print(f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only. Medians of {args.steps} steps after "
-          f"{args.warmup} warm-up step(s), thread counts alternated step by step.\n\n"
-          f"| setting | threads | step (s), median | range | ratio to {threads[0]} thread(s) |\n"
-          "|---|---:|---:|---:|---:|", flush=True)
+    lines = [f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only. Date: {datetime.date.today().isoformat()}. "
+             f"Commit: {git_commit()}. Load average at start: {os.getloadavg()[0]:.2f}.",
+             f"Command: `python bench/bench_threads.py {' '.join(sys.argv[1:])}`. Medians of {args.steps} steps after "
+             f"{args.warmup} warm-up step(s), thread counts alternated step by step.", "",
+             f"| setting | threads | step (s), median | range | ratio to {threads[0]} thread(s) |",
+             "|---|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_threads_") as tmp:
         for name, overrides in settings(Path(tmp), args.settings.split(","), args.quick).items():
             workers = [StepWorker(f"{name}, {t} thread(s)", trainer_worker, overrides + [
@@ -66,8 +72,11 @@ def main() -> None:
             base = median(timed[workers[0].name], "step")
             for t, w in zip(threads, workers):
                 rows = timed[w.name]
-                print(f"| {name} | {t} | {median(rows, 'step'):.3f} | {min(r['step'] for r in rows):.2f}-"
-                      f"{max(r['step'] for r in rows):.2f} | {median(rows, 'step') / base:.2f} |", flush=True)
+                lines.append(f"| {name} | {t} | {median(rows, 'step'):.3f} | {min(r['step'] for r in rows):.2f}-"
+                             f"{max(r['step'] for r in rows):.2f} | {median(rows, 'step') / base:.2f} |")
+                print(lines[-1], flush=True)
+    if args.record:
+        record_section("CPU threads per run (run.cpu_threads)", "\n".join(lines))
 
 
 if __name__ == "__main__":

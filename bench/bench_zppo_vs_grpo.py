@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from alternate import StepWorker, alternate, median, print_profiles, trainer_worker
-from results import cpu_name
+from results import cpu_name, git_commit
 from results import record_section
 
 ALGOS = ("grpo", "zppo")
@@ -108,7 +108,7 @@ def main() -> None:
     command = "python bench/bench_zppo_vs_grpo.py " + " ".join(sys.argv[1:])
     header = (
         f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only, {cfg.run.cpu_threads} intra-op thread(s) each. "
-        f"Date: {datetime.date.today().isoformat()}.\n"
+        f"Date: {datetime.date.today().isoformat()}. Commit: {git_commit()}.\n"
         f"Command: `{command.strip()}`. Student hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers; "
         f"{cfg.rl.batch_size} questions x {cfg.rl.group_size} samples, at most {cfg.rollout.max_new_tokens} new "
         f"tokens, {cfg.rl.num_minibatches} mini-batches. Each algo in its own process, steps alternated; medians of "

@@ -78,7 +78,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from results import cpu_name, record_section  # noqa: E402
+from results import cpu_name, git_commit, record_section  # noqa: E402
 from scipy.stats import t as student_t  # noqa: E402
 
 from zppo_fast.config import AlgoName, ConfigError, load_config  # noqa: E402
@@ -430,16 +430,6 @@ def plot_graduation(stats: dict[str, dict[str, dict]], path: Path, group_size: i
                title=title)
         ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, format="png", dpi=120)
-
-
-def git_commit() -> str:
-    """The short commit, with "+ uncommitted changes" when tracked files differ from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if head.returncode != 0:
-        return "unknown (not a git checkout)"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
 def record(study: dict, out: Path) -> None:

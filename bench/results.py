@@ -3,14 +3,15 @@ device line every section starts with (`cpu_name`).
 
     record_section("Versus TRL", text)   # replace the section (from its heading to the next `## `), or append it
 
-Used by bench/bench_vs_trl.py, bench/bench_zppo_vs_grpo.py, bench/bench_threads.py, bench/bench_replay.py and
-bench/effect.py.
+`git_commit()` is the commit every section names. Used by bench/bench_vs_trl.py,
+bench/bench_zppo_vs_grpo.py, bench/bench_threads.py, bench/bench_replay.py and bench/effect.py.
 """
 
 from __future__ import annotations
 
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -37,3 +38,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """The short commit of this checkout, with "+ uncommitted changes" when tracked files differ from it."""
+    root = RESULTS.parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
