@@ -247,6 +247,66 @@ def summarize_run(run_dir: Path, last_step: int, algo_replay: bool) -> dict:
     return out
 
 
+# --- the premise, before any RL ----------------------------------------------------------------
+
+
+def premise(cfg, student_dir: Path, teacher_dir: Path, questions: int = 256, samples: int = 8) -> dict:
+    """The testbed's premise, measured on the warm-ups before any RL, on the first `questions` held-out
+    hard questions at the rollout settings (`samples` each): the student's plain accuracy and the share
+    of questions it gets 0 of `samples`; the teacher's accuracy; the student's accuracy on the BCQ prompt
+    the trainer would build (a teacher-correct and a student-wrong sample, raw, in a seeded order) for
+    the questions that have both; and the student's easy-family accuracy."""
+    import random
+
+    from zppo_fast.data import chat_prompt_ids
+    from zppo_fast.engine import SamplingParams, TransformersEngine
+    from zppo_fast.model import load_model
+    from zppo_fast.prompts import build_bcq
+    from zppo_fast.reward import grade
+    from zppo_fast.testbed import embedded_task
+
+    task = embedded_task(cfg.task)
+    params = SamplingParams(n=samples, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                            seed=cfg.sft.seed)
+    engines = {role: TransformersEngine(*load_model(path, cfg.model.dtype)) for role, path in
+               (("student", student_dir), ("teacher", teacher_dir))}
+    tokenizer = engines["student"].tokenizer
+
+    def sample(role: str, texts: list[str]) -> list[list[str]]:
+        return [[s.text for s in group] for group in
+                engines[role].generate([chat_prompt_ids(tokenizer, t) for t in texts], params)]
+
+    def scores(groups: list[list[str]], problems) -> list[list[float]]:
+        return [[grade(text, p.answer) for text in group] for group, p in zip(groups, problems)]
+
+    hard = [task.problem(q) for q in task.heldout_ids("hard")[:questions]]
+    easy = [task.problem(q) for q in task.heldout_ids("easy")[:questions]]
+    student, teacher = sample("student", [p.question for p in hard]), sample("teacher", [p.question for p in hard])
+    s_scores, t_scores = scores(student, hard), scores(teacher, hard)
+    rng = random.Random(cfg.sft.seed)
+    guided = [(build_bcq(p.question, t[ts.index(1.0)], s[ss.index(0.0)], rng), p)
+              for p, s, t, ss, ts in zip(hard, student, teacher, s_scores, t_scores) if 1.0 in ts and 0.0 in ss]
+    b_scores = scores(sample("student", [text for text, _ in guided]), [p for _, p in guided])
+
+    def mean(rows: list[list[float]]) -> float | None:
+        flat = [x for row in rows for x in row]
+        return sum(flat) / len(flat) if flat else None
+
+    return {"questions": len(hard), "samples": samples,
+            "student_hard_acc": mean(s_scores), "student_hard_zero_share": sum(max(r) == 0 for r in s_scores) / len(hard),
+            "teacher_hard_acc": mean(t_scores), "bcq_questions": len(guided), "student_bcq_hard_acc": mean(b_scores),
+            "student_easy_acc": mean(scores(sample("student", [p.question for p in easy]), easy))}
+
+
+def premise_text(p: dict) -> str:
+    return (f"The premise, before RL ({p['questions']} held-out hard questions x {p['samples']} samples at the rollout "
+            f"temperature): the student's plain accuracy {p['student_hard_acc']:.3f}, 0 of {p['samples']} on "
+            f"{p['student_hard_zero_share']:.0%} of them; the teacher's accuracy {p['teacher_hard_acc']:.3f}; the student "
+            f"on BCQ prompts (a teacher-correct and a student-wrong candidate, {p['bcq_questions']} questions) "
+            f"{p['student_bcq_hard_acc']:.3f}; the student on {p['questions']} easy held-out questions "
+            f"{p['student_easy_acc']:.3f}.")
+
+
 # --- running ----------------------------------------------------------------------------------
 
 
@@ -439,8 +499,12 @@ def record(study: dict, out: Path) -> None:
     lines = [
         f"Device: {study['device']}, CPU only, {study['jobs']} run(s) at a time, one "
         f"intra-op thread each. Date: {study['date']}. Commit: {study['commit']}. torch {study['torch']}. "
-        f"Wall time: {study['wall_s']:.0f} s.",
+        f"Wall time: {study['wall_s']:.0f} s"
+        + (f" ({study['reused']} of the runs reused from an earlier invocation; every run's own time summed, "
+           f"divided by the runs at a time: {study['runs_wall_s'] / study['jobs']:.0f} s)." if study['reused'] else "."),
         f"Command: `{study['command']}`",
+        "",
+        study["premise_text"],
         "",
         study["table"],
         "",
@@ -537,8 +601,11 @@ def main(argv: list[str] | None = None) -> int:
 
     last = base.run.steps
     t_start = time.perf_counter()
-    prepare_warm_starts(base)  # before any run, so parallel runs read the cache and never write it
+    student_dir, teacher_dir = prepare_warm_starts(base)  # before any run: parallel runs only read the cache
     print(f"[effect] warm-ups ready in {base.sft.cache_dir} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    torch.set_num_threads(base.run.cpu_threads)
+    check = premise(base, student_dir, teacher_dir, questions=16 if args.quick else 256)
+    print(f"[effect] {premise_text(check)}", flush=True)
 
     results: dict[str, dict[int, dict]] = {a: {} for a in algos}
     todo = [r for r in runs if not finished(r, last)]
@@ -578,11 +645,14 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "wall_s": wall, "config": base.to_dict(),
         "runs": {a: {str(s): r for s, r in sorted(results[a].items())} for a in algos},
         "stats": stats, "paired": diffs, "paired_text": paired_lines(diffs), "verdict": verdict(diffs),
-        "table": md, "note": text,
+        "table": md, "note": text, "premise": check, "premise_text": premise_text(check),
+        "runs_wall_s": sum(json.loads((r.run_dir / "done").read_text())["wall_s"] for r in runs),
+        "reused": len(runs) - len(todo),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "effect.json").write_text(json.dumps(study, indent=1) + "\n")
-    (out / "effect.md").write_text("\n\n".join(filter(None, [md, text, study["paired_text"], study["verdict"]])) + "\n")
+    (out / "effect.md").write_text("\n\n".join(filter(None, [study["premise_text"], md, text, study["paired_text"],
+                                                           study["verdict"]])) + "\n")
     plot_curves(results, out / "effect_curves.png")
     plot_graduation(stats, out / "effect_graduation.png", base.rl.group_size)
     print()
