@@ -593,6 +593,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # The study folder is ours (a marker), kept across invocations so finished runs are reused; a
+    # non-empty folder of the user's is refused, untouched.
+    from zppo_fast import ownership
+
+    if ownership.kind_of(out) != "study":
+        try:
+            ownership.check_claim(out, "study")
+        except ownership.NotOursError as e:
+            print(f"error: --out {out}: {e}", file=sys.stderr)
+            return 2
+        ownership.mark(out, "study")
 
     import torch
 

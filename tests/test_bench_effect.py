@@ -121,3 +121,12 @@ def test_figures_and_table(tmp_path):
     lines = effect.table(results, stat).splitlines()
     assert lines[2].startswith("| grpo_replay | 3 | 0.100 [0.100, 0.100] | 0.300 [0.300, 0.300] |")
     assert lines[3].startswith("| zppo | 1 | 0.100 | 0.300 |")
+
+
+def test_a_study_folder_of_the_users_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "effect.json").write_text("the user's file")
+    assert effect.main(["--quick", "--out", str(out)]) == 2
+    assert "effect.json" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["effect.json"] and (out / "effect.json").read_text() == "the user's file"
