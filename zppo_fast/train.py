@@ -70,9 +70,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
