@@ -299,12 +299,15 @@ def premise(cfg, student_dir: Path, teacher_dir: Path, questions: int = 256, sam
 
 
 def premise_text(p: dict) -> str:
+    def f(x: float | None) -> str:  # None: no sample to average (e.g. no question had both BCQ candidates)
+        return "-" if x is None else f"{x:.3f}"
+
     return (f"The premise, before RL ({p['questions']} held-out hard questions x {p['samples']} samples at the rollout "
-            f"temperature): the student's plain accuracy {p['student_hard_acc']:.3f}, 0 of {p['samples']} on "
-            f"{p['student_hard_zero_share']:.0%} of them; the teacher's accuracy {p['teacher_hard_acc']:.3f}; the student "
+            f"temperature): the student's plain accuracy {f(p['student_hard_acc'])}, 0 of {p['samples']} on "
+            f"{p['student_hard_zero_share']:.0%} of them; the teacher's accuracy {f(p['teacher_hard_acc'])}; the student "
             f"on BCQ prompts (a teacher-correct and a student-wrong candidate, {p['bcq_questions']} questions) "
-            f"{p['student_bcq_hard_acc']:.3f}; the student on {p['questions']} easy held-out questions "
-            f"{p['student_easy_acc']:.3f}.")
+            f"{f(p['student_bcq_hard_acc'])}; the student on {p['questions']} easy held-out questions "
+            f"{f(p['student_easy_acc'])}.")
 
 
 # --- running ----------------------------------------------------------------------------------

@@ -130,3 +130,10 @@ def test_a_study_folder_of_the_users_is_refused_untouched(tmp_path, capsys):
     assert effect.main(["--quick", "--out", str(out)]) == 2
     assert "effect.json" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["effect.json"] and (out / "effect.json").read_text() == "the user's file"
+
+
+def test_premise_text_without_bcq_questions():
+    p = {"questions": 16, "samples": 8, "student_hard_acc": 0.0, "student_hard_zero_share": 1.0,
+         "teacher_hard_acc": 0.0, "bcq_questions": 0, "student_bcq_hard_acc": None, "student_easy_acc": 0.25}
+    text = effect.premise_text(p)
+    assert "(a teacher-correct and a student-wrong candidate, 0 questions) -;" in text and "0.250" in text

@@ -23,7 +23,7 @@ from pathlib import Path
 from zppo_fast.config import ConfigError
 
 MARKER = ".zppo_fast"
-KINDS = ("run", "checkpoint", "export", "sft_cache", "eval")
+KINDS = ("run", "checkpoint", "export", "sft_cache", "eval", "study")
 
 
 class NotOursError(ConfigError):
