@@ -82,6 +82,7 @@ from results import cpu_name, git_commit, record_section  # noqa: E402
 from scipy.stats import t as student_t  # noqa: E402
 
 from zppo_fast.config import AlgoName, ConfigError, load_config  # noqa: E402
+from zppo_fast.report import ReportError, read_jsonl  # noqa: E402
 
 MAIN_ALGOS = ("grpo", "grpo_replay", "zppo")
 ABLATIONS = ("grpo_both", "grpo_replay_bcq", "grpo_replay_ncq")  # the paper's Table 3
@@ -169,18 +170,11 @@ def paired_difference(a: dict[int, float | None], b: dict[int, float | None], le
 
 def read_metrics(path: Path) -> dict[int, dict]:
     """metrics.jsonl as {step: record}; a step logged twice (a resumed run) keeps its last line."""
-    by_step: dict[int, dict] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StudyError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if "step" not in rec:
-            raise StudyError(f"{path}:{lineno}: a record without 'step'")
-        by_step[rec["step"]] = rec
-    return by_step
+    try:  # the report's reader: a bad line or a record without an int "step" is named by file and line
+        records = read_jsonl(path, {"step": int})
+    except ReportError as e:
+        raise StudyError(str(e)) from None
+    return {rec["step"]: rec for rec in records}
 
 
 def step_seconds(rec: dict) -> float:
