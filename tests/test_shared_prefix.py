@@ -109,6 +109,22 @@ def test_no_response_reads_another():
             assert (now[3] - base[3]).abs().max() > 1e-2  # the edit itself is seen
 
 
+def test_full_attention_runs_group_by_group(monkeypatch):
+    """On the SDPA path each group's attention covers that group's positions only, never the whole row."""
+    groups = random_groups(0)
+    mb = pack_shared(groups)
+    lengths = [len(p) + sum(map(len, rs)) for p, rs in groups]
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((k.shape[-2], attn_mask.shape[-2:]))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    policy()(mb)
+    assert seen == [(n, (n, n)) for n in lengths]  # one full-attention layer, one call per group
+
+
 def test_microbatches_keep_a_prompt_with_its_responses():
     """Rows sharing a prompt go to one micro-batch with the prompt once, split only past the cap;
     every rank runs as many micro-batches; targets follow the micro-batch's rows."""

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from zppo_fast.config import ModelConfig
-from zppo_fast.packing import MicroBatch, segment_linear_attention
+from zppo_fast.packing import MicroBatch, segment_mixers
 
 # The reference (non-CUDA) Gated DeltaNet path is the right one on a CPU; one warning per kernel
 # on every run would only be noise.
@@ -205,7 +205,7 @@ class Policy(nn.Module):
     def __init__(self, lm: PreTrainedModel):
         super().__init__()
         self.lm = lm
-        segment_linear_attention(lm)
+        segment_mixers(lm)
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         """(N, H) hidden states of the positions that predict `mb.targets`."""

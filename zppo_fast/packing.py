@@ -11,7 +11,7 @@ Attention must not cross sequence boundaries. How each layer kind gets that:
   GPUs without flash-linear-attention) cannot keep packed sequences apart — told the boundaries
   (`cu_seq_lens_*`) it refuses, and given only restarting position ids its causal conv and its
   recurrence run across them, leaking one sequence's state into the next. So
-  `segment_linear_attention` makes each such mixer unpack its row into right-padded sequences,
+  `segment_mixers` makes each such mixer unpack its row into right-padded sequences,
   run them as a batch with the padding mask, and re-pack the output. Projections, MLPs and full
   attention stay packed; only these mixers compute on padding (reported by `linear_padding`).
   We do this even when the fla kernels are installed: their varlen support is not reached
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zppo_fast.shared_prefix import SharedLayout, block_mask, build_layout, dense_mask, shared_linear_attention
+from zppo_fast.shared_prefix import (SharedLayout, block_mask, build_layout, shared_full_attention,
+                                     shared_linear_attention)
 
 
 @dataclass
@@ -59,9 +60,9 @@ class MicroBatch:
         (the shared-prefix layout's mask depends on it)."""
         kw = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
         if self.shared is not None:
-            # One mask per layer type: the full-attention layers' (a block mask for FlexAttention,
-            # dense for SDPA), and the layout itself for the Gated-DeltaNet mixers' wrapper.
-            full = block_mask(self.shared) if attention == "flex_attention" else dense_mask(self.shared)
+            # One mask per layer type: a block mask for FlexAttention; otherwise the layout itself,
+            # which the wrapped mixers of both kinds (`segment_mixers`) turn into their own masks.
+            full = block_mask(self.shared) if attention == "flex_attention" else self.shared
             kw["attention_mask"] = {"full_attention": full, "linear_attention": self.shared}
         elif self.cu_seqlens is not None:
             longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
@@ -168,16 +169,30 @@ def _segmented(forward):
     return run
 
 
-def segment_linear_attention(model: nn.Module) -> int:
-    """Make every Gated-DeltaNet mixer of `model` packing-safe; returns how many were wrapped.
+def _grouped(forward):
+    """Wrap a full-attention layer's forward so a shared-prefix row runs group by group."""
+
+    @functools.wraps(forward)
+    def run(hidden_states: torch.Tensor, position_embeddings, attention_mask, *args, **kwargs):
+        if isinstance(attention_mask, SharedLayout):
+            return shared_full_attention(forward, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        return forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+
+    return run
+
+
+def segment_mixers(model: nn.Module) -> int:
+    """Make every Gated-DeltaNet mixer of `model` packing-safe, and every full-attention layer run a
+    shared-prefix row group by group; returns how many modules were wrapped.
 
     The module tree and parameter names are unchanged (only the instances' forward is wrapped),
     so checkpoints, FSDP2 and weight sync see the model as transformers built it.
     """
     n = 0
     for name, module in model.named_modules():
-        if name.endswith("linear_attn") and not getattr(module, "_zppo_segmented", False):
-            module.forward = _segmented(module.forward)
+        wrap = _segmented if name.endswith("linear_attn") else _grouped if name.endswith("self_attn") else None
+        if wrap is not None and not getattr(module, "_zppo_segmented", False):
+            module.forward = wrap(module.forward)
             module._zppo_segmented = True
             n += 1
     return n

@@ -15,9 +15,11 @@ its prompt alone).
 
 How each layer kind gets it (`zppo_fast.packing.MicroBatch.model_kwargs` passes transformers a
 mask per layer type):
-* Full attention: the predicate as a dense bool mask for SDPA (`dense_mask`, the CPU path), or
-  as a FlexAttention block mask (`block_mask`, the CUDA path, where the student runs
-  flex_attention; the same predicate, so the two layouts share every piece of layout code).
+* Full attention: the predicate as dense bool masks for SDPA (the CPU path: `shared_full_attention`
+  runs the layer group by group, each with its own `dense_mask`, as no group reads another), or as
+  one FlexAttention block mask over the row (`block_mask`, the CUDA path, where the student runs
+  flex_attention and skips the masked blocks itself; the same predicate, so the two layouts share
+  every piece of layout code).
 * Gated DeltaNet: `shared_linear_attention` runs the mixer twice: on the prompts (left-padded, so
   the final recurrent state is exact: zero inputs keep a zero state at zero), then on the responses
   (right-padded) with their prompt's final recurrent state and convolution tail as the initial
@@ -86,9 +88,15 @@ def allowed(layout: SharedLayout, q: torch.Tensor, k: torch.Tensor) -> torch.Ten
     return (k <= q) & ((seg[k] == seg[q]) | (seg[k] == layout.owner[q]))
 
 
-def dense_mask(layout: SharedLayout) -> torch.Tensor:
-    """(1, 1, T, T) bool mask, True where allowed, for SDPA."""
-    pos = torch.arange(layout.segment.numel(), device=layout.segment.device)
+def group_spans(layout: SharedLayout) -> list[tuple[int, int]]:
+    """(start, end) of each group's positions: its prompt and its responses, which no other group reads."""
+    starts = [s for s, _ in layout.prompts] + [layout.segment.numel()]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def dense_mask(layout: SharedLayout, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """(1, 1, L, L) bool mask of positions [start, end) (default: the whole row), True where allowed."""
+    pos = torch.arange(start, layout.segment.numel() if end is None else end, device=layout.segment.device)
     return allowed(layout, pos[:, None], pos[None, :])[None, None]
 
 
@@ -144,6 +152,18 @@ def _gather(x: torch.Tensor, spans: list[tuple[int, int]], left: bool
     index = torch.where(mask, starts + offset, x.shape[0])  # the extra zero row below for padding
     padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[index]
     return padded, mask, index[mask]
+
+
+def shared_full_attention(forward, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                          layout: SharedLayout, **kwargs) -> tuple[torch.Tensor, None]:
+    """One full-attention layer (`forward`, transformers') over a shared-prefix row (1, T, H), group by
+    group with each group's dense mask: SDPA on the CPU computes every entry of a dense mask, so one
+    (T, T) mask over a row of many groups would cost T^2 where the groups need the sum of their squares."""
+    cos, sin = position_embeddings  # (1, T, rotary dim) each
+    kwargs.pop("position_ids", None)  # already in the rotary embeddings; a whole row's would not fit a group
+    out = [forward(hidden_states[:, a:b], (cos[:, a:b], sin[:, a:b]), dense_mask(layout, a, b), **kwargs)[0]
+           for a, b in group_spans(layout)]
+    return torch.cat(out, dim=1), None
 
 
 def shared_linear_attention(forward, hidden_states: torch.Tensor, layout: SharedLayout, **kwargs) -> torch.Tensor:
