@@ -41,6 +41,7 @@ TINY_OVERRIDES = [
     "--rl.algo", "grpo",
     "--run.eval_every", "0",
     "--run.tensorboard", "false",
+    "--run.cpu_threads", "1",  # as above (the suite runs 2-rank tests and C++ threads beside it)
     "--parallel.packing", "true",  # the GPU layout; the CPU default (padded) is tested beside it
     "--parallel.share_prefix", "false",  # likewise; tests/test_shared_prefix.py turns it on
 ]

@@ -177,3 +177,15 @@ def test_a_world_size_that_does_not_divide_the_batch_fails_before_any_step(tiny_
     assert proc.returncode != 0
     assert "rl.batch_size 3 is not divisible by the world size 2" in out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cpu_threads_split_the_cores_among_local_processes(monkeypatch):
+    from zppo_fast.distributed import cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads(2) == 2 and cpu_threads(16) == 8  # never more threads than cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's ranks on this machine share them
+    assert cpu_threads(16) == 2 and cpu_threads(1) == 1
+    assert cpu_threads(16, processes=16) == 1  # at least one each
+    assert cpu_threads(16, processes=3) == 2

@@ -298,9 +298,10 @@ class RunConfig:
     # top-k / top-p; SGLang's presence_penalty); the paper's 1.5. 0: off.
     eval_presence_penalty: NonNegative = 1.5
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible
-    # Intra-op threads on the CPU. The tiny default's ops are small: with more than one thread,
-    # OpenMP hand-offs (and any other process on the cores) cost more than the work itself.
-    cpu_threads: Count = 1
+    # Intra-op threads per process on the CPU, at most its share of the cores (processes: the ranks
+    # on this machine; the two warm-ups when they train side by side). 2 from bench/bench_threads.py
+    # on an idle 2-core machine (bench/RESULTS.md): both settings faster than at 1 thread.
+    cpu_threads: Count = 2
     tensorboard: bool = True  # used when the tensorboard package is installed
     # Weights & Biases beside metrics.jsonl: offline (files under RUN_DIR/wandb, `wandb sync` them later)
     # unless the environment sets WANDB_MODE=online; needs `pip install wandb` (an error when missing)

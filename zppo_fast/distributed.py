@@ -21,6 +21,15 @@ import torch.distributed as torch_dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
+def cpu_threads(requested: int, processes: int | None = None) -> int:
+    """Intra-op threads for one of `processes` processes sharing this machine's cores (default: the
+    ranks torchrun starts on it): `requested`, but no more than its share of the cores it may run on,
+    since threads beyond the cores wait on each other (OpenMP hand-offs) instead of working."""
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(requested, cores // max(processes, 1)))
+
+
 @dataclass
 class Distributed:
     rank: int

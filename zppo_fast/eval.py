@@ -40,9 +40,10 @@ from transformers import PreTrainedTokenizerBase
 
 from zppo_fast import ownership
 from zppo_fast.cli import Parser, checked
-from zppo_fast.config import ConfigError, Count, GraderName, NonNegative, NonNegativeInt, OpenFraction
+from zppo_fast.config import ConfigError, Count, GraderName, NonNegative, NonNegativeInt, OpenFraction, RunConfig
 from zppo_fast.data import chat_prompt_ids
 from zppo_fast.datasets import DEFAULT_MAX_PROMPT_TOKENS, Columns, DatasetError, DatasetFile, Record
+from zppo_fast.distributed import cpu_threads
 from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.graders import GradeItem, Grader, get_grader
 from zppo_fast.reward import grade
@@ -287,7 +288,8 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     ap.add_argument("--batch-questions", type=checked(Count), default=32, help="questions per engine call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--cpu-threads", type=checked(Count), default=1, help="torch intra-op threads on a CPU")
+    ap.add_argument("--cpu-threads", type=checked(Count), default=RunConfig().cpu_threads,
+                    help="torch intra-op threads on a CPU (at most the cores)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
         columns = dataclasses.replace(columns, id=None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        torch.set_num_threads(args.cpu_threads)
+        torch.set_num_threads(cpu_threads(args.cpu_threads))
     model, tokenizer = load_model(args.model, args.dtype)
     engine = TransformersEngine(model.to(device), tokenizer)
     judge_engine = judge_tokenizer = None

@@ -25,6 +25,7 @@ from zppo_fast import ownership
 from zppo_fast.cli import Parser
 from zppo_fast.config import Config, ModelConfig, SFTConfig, TaskConfig
 from zppo_fast.data import chat_prompt_ids, tokenizer_corpus
+from zppo_fast.distributed import cpu_threads
 from zppo_fast.engine import SamplingParams, TransformersEngine
 from zppo_fast.eval import heldout_accuracy
 from zppo_fast.model import build_tiny_model, load_model, save_model
@@ -129,7 +130,7 @@ def prepare_warm_starts(cfg: Config, teacher: bool = True, progress: bool = True
 
     For a task whose roles share their data the teacher's run also leaves the student, as a snapshot.
     Otherwise two absent warm-ups are independent: with a second core the teacher's trains in a child
-    process (at `run.cpu_threads`, as the student's) while this one trains the student's."""
+    process while this one trains the student's, each at its share of `run.cpu_threads` and the cores."""
     teacher_sft = replace(cfg.sft, steps=cfg.zppo.teacher_sft_steps)
     if not teacher:
         return ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress), None
@@ -143,11 +144,11 @@ def prepare_warm_starts(cfg: Config, teacher: bool = True, progress: bool = True
         if progress:
             tqdm.write(f"zppo_fast: the teacher's warm-up ({teacher_sft.steps} steps) trains in a child process "
                        "beside the student's (one progress bar: the student's)")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.run.cpu_threads)  # two processes, each at the run's thread count
+        threads, each = torch.get_num_threads(), cpu_threads(cfg.run.cpu_threads, processes=2)
+        torch.set_num_threads(each)
         try:
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                child = pool.submit(_child_warm_start, cfg.model, cfg.task, teacher_sft, cfg.run.cpu_threads)
+                child = pool.submit(_child_warm_start, cfg.model, cfg.task, teacher_sft, each)
                 student_dir = ensure_warm_start(cfg.model, cfg.task, cfg.sft, STUDENT, progress)
                 return student_dir, child.result()
         finally:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = Parser("zppo_fast.sft", __doc__, config=True)
     args = parser.parse_args(argv)
     cfg = parser.load_config(args.config, args.overrides)
-    torch.set_num_threads(cfg.run.cpu_threads)
+    torch.set_num_threads(cpu_threads(cfg.run.cpu_threads))
     task = embedded_task(cfg.task)
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
     student, teacher = prepare_warm_starts(cfg, teacher=True)

@@ -94,7 +94,7 @@ from zppo_fast.config import Config, ConfigError, check_config
 from zppo_fast.data import QuestionStream, chat_prompt_ids
 from zppo_fast.data_parallel import DataParallelEngine
 from zppo_fast.datasets import Columns, DatasetError, DatasetFile
-from zppo_fast.distributed import destroy_distributed, init_distributed
+from zppo_fast.distributed import cpu_threads, destroy_distributed, init_distributed
 from zppo_fast.engine import (
     KV_CACHE,
     PUSH_CHECK_TOLERANCE,
@@ -190,7 +190,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         torch.set_flush_denormal(True)  # Gated-DeltaNet decay products underflow into slow denormals
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.run.cpu_threads)
+            torch.set_num_threads(cpu_threads(cfg.run.cpu_threads))
         try:  # the loss and log-prob kernels' backend, and why: printed now and kept in config.json
             self.kernel_backend, why = describe_backend(cfg.parallel.kernel_backend, self.device)
         except RuntimeError as e:
