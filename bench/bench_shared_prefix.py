@@ -13,7 +13,7 @@ layers) with random weights; times depend on the shapes, not on what was learned
 alternated within each repeat and the median is reported.
 
     python bench/bench_shared_prefix.py [--groups 8] [--group-size 8] [--prompt-len 230]
-                                        [--response-len 24] [--repeats 3] [--threads 1] [--record]
+                                        [--response-len 24] [--repeats 3] [--threads N] [--record]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from zppo_fast.config import RunConfig  # noqa: E402  (after the path: runnable from a checkout)
 
 LAYOUTS = {"shared": ("--parallel.share_prefix", "true"), "packed": ("--parallel.share_prefix", "false",
                                                                      "--parallel.packing", "true"),
@@ -59,7 +61,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=230)
     parser.add_argument("--response-len", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=RunConfig().cpu_threads,
+                        help="intra-op threads (default: zppo_fast's run.cpu_threads default)")
     parser.add_argument("--record", action="store_true", help="write the table to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -104,11 +107,12 @@ def main() -> None:
             times.setdefault(name, []).append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
 
-    from results import cpu_name
+    from results import cpu_name, git_commit
 
     command = "python bench/bench_shared_prefix.py " + " ".join(sys.argv[1:])
     lines = [f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only, {args.threads} thread(s). "
-             f"Date: {datetime.date.today().isoformat()}. Command: `{command.strip()}`. {args.groups} groups x "
+             f"Date: {datetime.date.today().isoformat()}. Commit: {git_commit()}. Command: `{command.strip()}`. "
+             f"{args.groups} groups x "
              f"{args.group_size} samples, prompts of {args.prompt_len} tokens, responses of 1..{args.response_len}; "
              f"update = old log-probs of mini-batches 2..I + I = 4 AdamW steps; medians of {args.repeats}.", "",
              "| phase | layout | seconds | shared / unshared |", "|---|---|---:|---|"]

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from alternate import StepWorker, alternate, median, print_profiles, trainer_worker
-from results import cpu_name, record_section
+from results import cpu_name, git_commit, record_section
 
 CHAR_VOCAB = 3 + 256  # the tokenizer's special tokens + the byte alphabet: no merges
 PAIRS = [(3, 4), (12, 30), (7, 8), (25, 17), (9, 9), (41, 6), (5, 38), (16, 23)]  # a+b, the prompts' operands
@@ -195,7 +195,8 @@ def main() -> None:
     command = "python bench/bench_vs_trl.py " + " ".join(sys.argv[1:])
     header = (
         f"Device: {cpu_name()} ({os.cpu_count()} cores), CPU only, {args.threads} intra-op thread(s) each. "
-        f"Date: {datetime.date.today().isoformat()}. torch {torch.__version__}, TRL {trl.__version__}.\n"
+        f"Date: {datetime.date.today().isoformat()}. Commit: {git_commit()}. torch {torch.__version__}, "
+        f"TRL {trl.__version__}.\n"
         f"Command: `{command.strip()}`. Tiny Qwen3.5 (hidden {args.hidden}, 4 layers, {params / 1e6:.2f}M "
         f"parameters, character tokenizer), {args.prompts} prompts x {args.group} completions, at most "
         f"{args.new_tokens} new tokens, prompts of {prompt_tokens} tokens; one optimizer step per rollout step, "

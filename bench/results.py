@@ -41,11 +41,13 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """The short commit of this checkout, with "+ uncommitted changes" when tracked files differ from it."""
+    """The short commit of this checkout, with "+ uncommitted changes" when tracked files other than
+    RESULTS.md (which the `--record` runs themselves edit) differ from it."""
     root = RESULTS.parent.parent
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     if head.returncode != 0:
         return "unknown (not a git checkout)"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            f":(exclude){RESULTS.relative_to(root).as_posix()}"], cwd=root,
                            capture_output=True, text=True).stdout.strip()
     return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
