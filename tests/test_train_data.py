@@ -201,14 +201,16 @@ def tiny_vlm_folder(tmp_path):
     return folder, write_jsonl(tmp_path / "images.jsonl", rows)
 
 
-def test_vlm_student_trains_two_steps_with_images(tiny_config, tiny_vlm_folder, tmp_path):
+@pytest.mark.parametrize("share_prefix", ["false", "true"])
+def test_vlm_student_trains_two_steps_with_images(tiny_config, tiny_vlm_folder, tmp_path, share_prefix):
     folder, data = tiny_vlm_folder
     base = tiny_config()
     teacher = cache_path(base.model, base.task, replace(base.sft, steps=base.zppo.teacher_sft_steps), "teacher")
     trainer = Trainer(tiny_config("--run.steps", "2", "--model.path", str(folder), "--data.train", str(data),
                                   "--data.grader", "test_recording", "--rl.algo", "zppo",
                                   "--zppo.teacher_path", str(teacher), "--rl.weight_decay", "0",
-                                  "--rollout.max_new_tokens", "8", *FAST), progress=False)
+                                  "--rollout.max_new_tokens", "8", "--parallel.share_prefix", share_prefix, *FAST),
+                      progress=False)
     assert isinstance(trainer.policy, VLMPolicy) and trainer.processor is not None
     image_token = trainer.processor.image_token_id
 
@@ -232,9 +234,11 @@ def test_vlm_student_trains_two_steps_with_images(tiny_config, tiny_vlm_folder, 
     guided = [c for c in calls if any("<candidate>" in trainer.tokenizer.decode(p) for p in c[0])]
     assert guided and any(ims for _, images in guided for ims in images)
     assert sum(h.get("zppo/ncq_built", 0) + h.get("zppo/bcq_built", 0) for h in history) >= 1
-    # The training forward ran right-padded image micro-batches through the vision tower.
+    # The training forward ran image micro-batches through the vision tower: right-padded, or with
+    # each group's prompt and images once.
     image_mbs = [mb for mb in forwards if isinstance(mb, ImageMicroBatch) and mb.pixel_values is not None]
     assert image_mbs and all(mb.cu_seqlens is None for mb in image_mbs)
+    assert all((mb.shared is not None) == (share_prefix == "true") for mb in image_mbs)
     # With no weight decay only a gradient moves a weight: the vision tower learned, and the push
     # carried it into the engine's copy.
     after = vision()

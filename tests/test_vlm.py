@@ -24,6 +24,7 @@ from zppo_fast.vlm import (
     is_vlm,
     load_vlm,
     record_prompt,
+    shared_image_micro_batch,
     vision_token_ids,
     vlm_hidden,
     vlm_prompt,
@@ -181,6 +182,63 @@ def test_training_step_reaches_the_vision_tower(world):
                  "lm_head.weight"):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     model.zero_grad()
+
+
+def shared_groups(processor, paths, seed):
+    """Image groups (one and two images, G = 1, 2, 3) and a text group, random responses of 1..12 tokens."""
+    rng = random.Random(seed)
+    response = lambda: [rng.randrange(3, 250) for _ in range(rng.randint(1, 12))]
+    prompts_ = [vlm_prompt(processor, "What is 2 + 3?", [paths["red"]]),
+                vlm_prompt(processor, "What is 1 + 1?"),
+                vlm_prompt(processor, "What is 9 + 9?", [paths["wide"], paths["blue"]])]
+    return [(p, [response() for _ in range(g)]) for p, g in zip(prompts_, (2, 1, 3))]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prefix_image_groups_equal_each_sequence_alone(world, seed):
+    """Image groups in the shared-prefix layout (each prompt and its images once): log-probs and
+    gradients within fp32 tolerance of float64 weights running every sequence alone (padded layout)."""
+    tokenizer, _, processor, paths, _ = world
+    groups = shared_groups(processor, paths, seed)
+    # Fresh models: the fixture's has been wrapped by VLMPolicy, whose wrapped forwards a deep copy would share.
+    shared, reference = VLMPolicy(build_tiny_vlm(tokenizer, seed=0)[0]), VLMPolicy(build_tiny_vlm(tokenizer, seed=0)[0].double())
+    mb = shared_image_micro_batch(groups)
+    assert mb.input_ids.shape[0] == 1 and mb.image_counts == [1, 0, 2]
+    got = linear_logprobs(shared(mb), shared.lm_head, mb.targets)
+    want = []
+    for p, rs in groups:
+        for r in rs:
+            one = image_micro_batch([p], [r], pad_id=0)
+            one.pixel_values = None if one.pixel_values is None else one.pixel_values.double()
+            h = reference(one)
+            want.append((h @ reference.lm_head.T).log_softmax(-1).gather(-1, one.targets[:, None])[:, 0])
+    want = torch.cat(want)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+    weights = torch.randn(len(want), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (got.double() * weights).sum().backward()
+    (want * weights).sum().backward()
+    for (name, a), b in zip(shared.named_parameters(), reference.parameters()):
+        scale = b.grad.abs().max().item()
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=2e-4 * max(scale, 1.0), msg=name)
+
+
+def test_shared_prefix_encodes_each_groups_images_once(world, monkeypatch):
+    """The vision tower sees each group's patches once, however many responses the group has; the
+    trainer's micro-batches put image groups in that layout."""
+    _, model, processor, paths, _ = world
+    groups = shared_groups(processor, paths, 2)
+    seen = []
+    tower = model.model.get_image_features
+    monkeypatch.setattr(model.model, "get_image_features", lambda px, grid, **kw: seen.append(len(px)) or tower(px, grid, **kw))
+    from zppo_fast.batch import Rollout, RolloutBatch
+
+    batch = RolloutBatch([Rollout(p.input_ids, r, 0.0, g, p.images) for g, (p, rs) in enumerate(groups) for r in rs])
+    mbs = batch.microbatches(list(range(len(batch))), 0, 1, 4096, share_prefix=True)
+    with torch.no_grad():
+        for mb in mbs:
+            VLMPolicy(model)(mb)
+    assert sum(seen) == sum(p.images.pixel_values.shape[0] for p, _ in groups if p.images is not None)
+    assert all(mb.shared is not None for mb in mbs)
 
 
 def test_text_only_micro_batch_still_packs(world):

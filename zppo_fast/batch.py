@@ -13,7 +13,8 @@ micro-batches with no loss tokens make up the difference: FSDP2's collectives mu
 
 Rollouts of image questions (a VLM student) carry their prompt's encoded images. They are never
 packed (Qwen3.5's 3-D image positions are per sequence, see zppo_fast/vlm.py): a rank's image rows
-form right-padded `ImageMicroBatch`es of their own, its text rows the configured layout.
+form `ImageMicroBatch`es of their own, right-padded, or with `share_prefix` in the shared-prefix
+layout with each prompt's images encoded once; its text rows the configured layout.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zppo_fast.packing import MicroBatch, pack, pack_shared
-from zppo_fast.vlm import EncodedImages, VLMPrompt, image_micro_batch
+from zppo_fast.vlm import EncodedImages, VLMPrompt, image_micro_batch, shared_image_micro_batch
 
 
 @dataclass
@@ -150,17 +151,18 @@ class RolloutBatch:
                      share_prefix: bool = False, pad_id: int = 0) -> list[MicroBatch]:
         """This rank's micro-batches of `rows`, padded with fillers to the most any rank has: text
         rows in the `packed` layout (or, `share_prefix`, the shared-prefix one: each prompt once, its
-        responses after it, zppo_fast/shared_prefix.py), then image rows right-padded with their
-        images (images are encoded per rollout: Qwen3.5's 3-D image positions are per sequence)."""
+        responses after it, zppo_fast/shared_prefix.py), then image rows with their images: right-padded
+        (encoded per rollout), or with `share_prefix` shared as text rows are (encoded once per group)."""
         r = self.rollouts
-        text = [i for i in rows if r[i].images is None]
-        units = self.prefix_units(text, max_tokens) if share_prefix else [[i] for i in text]
-        units += [[i] for i in rows if r[i].images is not None]
+        text, image = [i for i in rows if r[i].images is None], [i for i in rows if r[i].images is not None]
+        units = (self.prefix_units(text, max_tokens) + self.prefix_units(image, max_tokens) if share_prefix
+                 else [[i] for i in text + image])
 
         def chunks(share: list[list[int]]) -> tuple[list[list[list[int]]], list[list[list[int]]]]:
             text = [u for u in share if r[u[0]].images is None]
             image = [u for u in share if r[u[0]].images is not None]
-            return self._chunks(text, max_tokens, packed or share_prefix), self._chunks(image, max_tokens, packed=False)
+            return (self._chunks(text, max_tokens, packed or share_prefix),
+                    self._chunks(image, max_tokens, packed=share_prefix))
 
         shares = self._deal(units, world_size)
         counts = [sum(map(len, chunks(s))) for s in shares]
@@ -173,8 +175,13 @@ class RolloutBatch:
             else:
                 out.append(pack([r[i].prompt_ids + r[i].response_ids for i in flat],
                                 [len(r[i].prompt_ids) for i in flat], flat, packed=packed, pad_id=pad_id))
-        out += [image_micro_batch([VLMPrompt(r[i].prompt_ids, r[i].images) for u in chunk for i in u],
-                                  [r[i].response_ids for u in chunk for i in u], pad_id, [i for u in chunk for i in u])
-                for chunk in image]
+        for chunk in image:
+            flat = [i for u in chunk for i in u]
+            if share_prefix:
+                out.append(shared_image_micro_batch([(VLMPrompt(r[u[0]].prompt_ids, r[u[0]].images),
+                                                      [r[i].response_ids for i in u]) for u in chunk], flat))
+            else:
+                out.append(image_micro_batch([VLMPrompt(r[i].prompt_ids, r[i].images) for i in flat],
+                                             [r[i].response_ids for i in flat], pad_id, flat))
         filler = pack([[pad_id, pad_id]], [1], [], packed=packed or share_prefix, pad_id=pad_id, loss=False)
         return out + [filler] * (max(counts) - len(out))

@@ -209,12 +209,16 @@ class Policy(nn.Module):
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         """(N, H) hidden states of the positions that predict `mb.targets`."""
+        h = self.lm.get_decoder()(**mb.model_kwargs(self.attention(mb))).last_hidden_state  # (B, T, H)
+        return h.reshape(-1, h.shape[-1])[mb.hidden_index]
+
+    def attention(self, mb: MicroBatch) -> str:
+        """The model's attention kernel, which must take `mb`'s layout."""
         kernel = self.lm.config._attn_implementation
         if mb.shared is not None and kernel not in SHARED_PREFIX_ATTENTION:
             raise ValueError(f"a shared-prefix micro-batch needs attention {' or '.join(SHARED_PREFIX_ATTENTION)} "
                              f"(its mask is not causal), the model runs {kernel!r}: set parallel.attention")
-        h = self.lm.get_decoder()(**mb.model_kwargs(kernel)).last_hidden_state  # (B, T, H)
-        return h.reshape(-1, h.shape[-1])[mb.hidden_index]
+        return kernel
 
     @property
     def lm_head(self) -> torch.Tensor:

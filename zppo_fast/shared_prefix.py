@@ -30,9 +30,9 @@ mask per layer type):
 Only response positions predict targets: the prompt's last position predicts every response's
 first token (`zppo_fast.packing.pack_shared`).
 
-Image prompts (VLM students) are not shared: their rows keep the padded layout with their images
-encoded per rollout (Qwen3.5's 3-D image positions are computed per sequence, zppo_fast/vlm.py);
-text rows of the same step are shared.
+Image prompts (VLM students) are shared the same way, in micro-batches of their own: the vision
+tower encodes each prompt's images once, and each prompt's 3-D rotary positions are computed for
+the prompt alone (`zppo_fast.vlm.vlm_shared_hidden`).
 """
 
 from __future__ import annotations

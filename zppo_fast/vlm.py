@@ -20,6 +20,12 @@ recomputed per segment and a varlen vision path, so image micro-batches use the 
 layout of `pack(..., packed=False)`, and `VLMPolicy` refuses a packed micro-batch that carries
 images. Text-only micro-batches of a VLM student still go through `Policy`'s packed path.
 
+With `parallel.share_prefix` an image group is laid out as a text group is (zppo_fast/shared_prefix.py:
+its prompt once, then its G responses), and its images go through the vision tower once
+(`shared_image_micro_batch`, `vlm_shared_hidden`): each prompt's 3-D positions come from
+`get_rope_index` on that prompt alone, and each response continues from its prompt's last position,
+where it would sit after its prompt alone (a prompt ends in text, whose three coordinates are equal).
+
 On a CPU without torchvision, transformers cannot build Qwen-VL processors (their video processor
 needs it). `ImageTextProcessor` is the same processor with images only; `build_tiny_vlm` uses it,
 and `load_vlm` falls back to it when torchvision is missing.
@@ -42,7 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3VLProces
 
 from zppo_fast.datasets import Record
 from zppo_fast.model import DTYPES, ModelLoadError, Policy, _model_folder, from_folder
-from zppo_fast.packing import MicroBatch, pack
+from zppo_fast.packing import MicroBatch, pack, pack_shared
 from zppo_fast.prompts import with_closing
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -341,11 +347,12 @@ class ImageMicroBatch(MicroBatch):
 
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    image_counts: list[int] | None = None  # shared-prefix layout: images per prompt, in row order
 
     def to(self, device: torch.device) -> ImageMicroBatch:
         images = {k: None if t is None else t.to(device, non_blocking=True)
                   for k, t in (("pixel_values", self.pixel_values), ("image_grid_thw", self.image_grid_thw))}
-        return ImageMicroBatch(**vars(MicroBatch.to(self, device)), **images)
+        return ImageMicroBatch(**vars(MicroBatch.to(self, device)), **images, image_counts=self.image_counts)
 
 
 def image_micro_batch(prompts: Sequence[VLMPrompt], responses: Sequence[Sequence[int]], pad_id: int,
@@ -359,6 +366,53 @@ def image_micro_batch(prompts: Sequence[VLMPrompt], responses: Sequence[Sequence
     pixel_values = torch.cat([e.pixel_values for e in present]) if present else None
     grid = torch.cat([e.image_grid_thw for e in present]) if present else None
     return ImageMicroBatch(**vars(mb), pixel_values=pixel_values, image_grid_thw=grid)
+
+
+def shared_image_micro_batch(groups: Sequence[tuple[VLMPrompt, Sequence[Sequence[int]]]],
+                             rows: list[int] | None = None) -> ImageMicroBatch:
+    """Groups [(prompt, [response ids, ...])] in the shared-prefix layout (`pack_shared`: each prompt
+    once, then its responses), with each prompt's images once."""
+    mb = pack_shared([(list(p.input_ids), [list(r) for r in rs]) for p, rs in groups], rows)
+    present = [p.images for p, _ in groups if p.images is not None]
+    return ImageMicroBatch(**vars(mb), pixel_values=torch.cat([e.pixel_values for e in present]) if present else None,
+                           image_grid_thw=torch.cat([e.image_grid_thw for e in present]) if present else None,
+                           image_counts=[0 if p.images is None else len(p.images.image_grid_thw) for p, _ in groups])
+
+
+def shared_positions(model: PreTrainedModel, mb: ImageMicroBatch) -> torch.Tensor:
+    """(3, 1, T) rotary positions (time, row, column) of a shared-prefix image row: each prompt's as
+    `get_rope_index` gives them for the prompt alone, each response's continuing from its prompt's end."""
+    body, ids = model.model, mb.input_ids[0]
+    positions = torch.empty(3, ids.numel(), dtype=torch.long, device=ids.device)
+    grids = (mb.image_grid_thw.split(mb.image_counts) if mb.image_grid_thw is not None
+             else [None] * len(mb.image_counts))
+    for (start, n), grid in zip(mb.shared.prompts, grids):
+        prompt = ids[start : start + n][None]  # (1, n)
+        if grid is not None and len(grid):
+            types = (prompt == model.config.image_token_id).int()
+            positions[:, start : start + n] = body.get_rope_index(prompt, types, image_grid_thw=grid)[0][:, 0]
+        else:
+            positions[:, start : start + n] = torch.arange(n, device=ids.device)
+    for start, n, k in mb.shared.responses:
+        p_start, p_len = mb.shared.prompts[k]
+        last = positions[:, p_start + p_len - 1 : p_start + p_len]  # (3, 1)
+        positions[:, start : start + n] = last + torch.arange(1, n + 1, device=ids.device)
+    return positions[:, None]
+
+
+def vlm_shared_hidden(model: PreTrainedModel, mb: ImageMicroBatch, attention: str = "sdpa") -> torch.Tensor:
+    """(N, H) final hidden states predicting `mb.targets` for a shared-prefix image micro-batch
+    (`shared_image_micro_batch`): the vision tower runs once per prompt's images, their outputs fill
+    the prompt's placeholders, and the decoder runs the row under the shared-prefix masks."""
+    body = model.model
+    embeds = body.get_input_embeddings()(mb.input_ids)  # (1, T, H)
+    if mb.pixel_values is not None:
+        features = body.get_image_features(mb.pixel_values, mb.image_grid_thw, return_dict=True).pooler_output
+        slots = (mb.input_ids == model.config.image_token_id)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(slots, torch.cat(features).to(embeds.dtype))
+    h = body.language_model(inputs_embeds=embeds, position_ids=shared_positions(model, mb), use_cache=False,
+                            attention_mask=mb.model_kwargs(attention)["attention_mask"]).last_hidden_state
+    return h.reshape(-1, h.shape[-1])[mb.hidden_index]
 
 
 def vlm_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -384,6 +438,8 @@ class VLMPolicy(Policy):
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         """(N, H) hidden states of the positions that predict `mb.targets`."""
+        if isinstance(mb, ImageMicroBatch) and mb.shared is not None:
+            return vlm_shared_hidden(self.lm, mb, self.attention(mb))
         if isinstance(mb, ImageMicroBatch) and mb.pixel_values is not None:
             if mb.cu_seqlens is not None:
                 raise ValueError("a packed micro-batch with images: image sequences use the padded layout "
