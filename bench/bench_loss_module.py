@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_policy_loss import _proc_status_kb, device_name, load_kernels  # noqa: E402
+from bench_policy_loss import device_name, load_kernels  # noqa: E402
+from results import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 K = load_kernels()
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +73,11 @@ def child(name, shape, threads):
     module = build(name)
     step(module, inputs)  # warm-up
     inputs[0].grad = inputs[1].grad = None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_status_kb("VmRSS")
+    base = reset_peak_rss()
     t0 = time.perf_counter()
     loss = step(module, inputs)
     ms = 1e3 * (time.perf_counter() - t0)
-    peak = (_proc_status_kb("VmHWM") - base) / 1024
+    peak = peak_rss_mb(base)
     print("RESULT " + json.dumps({"ms": ms, "peak_mb": peak, "loss": loss}))
 
 
@@ -109,7 +108,7 @@ def main():
                 raise SystemExit(f"{name} failed:\n{out.stderr[-2000:]}")
             rows[name].append(json.loads(line[-1][7:]))
     b, t, h, v = shape
-    print(f"| B | T | H | V | variant | peak extra MB (each round) | fwd+bwd s (each round) | loss |")
+    print("| B | T | H | V | variant | peak extra MB (each round) | fwd+bwd s (each round) | loss |")
     print("|---|---|---|---|---|---|---|---|")
     for name in VARIANTS:
         r = rows[name]

@@ -53,6 +53,7 @@ def load_kernels():
 
 K = load_kernels()
 from zppo_fast.kernels.linear_logprobs import addmm_, choose_chunk_rows, gemm_operand, mm_f32
+from results import peak_rss_mb, reset_peak_rss  # noqa: E402  (bench/ is on the path: run as a script)
 
 EPS_LOW, EPS_HIGH, DUAL = 0.2, 0.28, 10.0
 SEQ = 1024  # tokens per sequence for Liger, which takes [B, T] tensors and per-sequence advantages
@@ -203,9 +204,7 @@ def measure(name, inputs, device, reps, warmup):
         sync(device)
         if device != "cuda":
             inputs[0].grad = inputs[1].grad = None
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            base = _proc_status_kb("VmRSS")
+            base = reset_peak_rss()
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -222,17 +221,9 @@ def measure(name, inputs, device, reps, warmup):
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = (_proc_status_kb("VmHWM") - base) / 1024
+        peak = peak_rss_mb(base)
     times.sort()
     return {"ms": 1e3 * times[len(times) // 2], "peak_mb": peak}
-
-
-def _proc_status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 def child_main(args):

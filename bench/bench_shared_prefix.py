@@ -7,13 +7,16 @@ computing the prompt for every sample, as ratios.
            (`parallel.share_prefix`), packed and padded (every sequence whole).
   generate the transformers engine's `generate` (n = group size, `--response-len` new tokens) with
            `prefill_once` on and off, same seed (so the same samples: the same decode work).
+  memory   the peak resident memory one update (as above, the first in its process) adds, in a fresh
+           process per layout and round: Linux's VmHWM, reset once the trainer and the batch are built.
 
 The model is the embedded default's architecture (Qwen3.5: 3 Gated DeltaNet + 1 full attention
 layers) with random weights; times depend on the shapes, not on what was learned. Layouts are
 alternated within each repeat and the median is reported.
 
     python bench/bench_shared_prefix.py [--groups 8] [--group-size 8] [--prompt-len 230]
-                                        [--response-len 24] [--repeats 3] [--threads N] [--record]
+                                        [--response-len 24] [--repeats 3] [--memory-rounds 2] [--threads N]
+                                        [--record]
 """
 
 from __future__ import annotations
@@ -54,6 +57,59 @@ def synthetic_batch(vocab: int, args, seed: int = 0):
     return RolloutBatch(rollouts)
 
 
+def make_trainer(layout: str, model_dir: Path, out_dir: Path, args):
+    """A GRPO trainer on the model folder with `layout`'s flags (`LAYOUTS`)."""
+    from zppo_fast.config import load_config
+    from zppo_fast.train import Trainer
+
+    base = ["--model.path", str(model_dir), "--rl.algo", "grpo", "--run.tensorboard", "false",
+            "--run.eval_every", "0", "--run.overwrite", "true", "--run.cpu_threads", str(args.threads),
+            "--rl.group_size", str(args.group_size), "--run.out_dir", str(out_dir)]
+    return Trainer(load_config(None, base + list(LAYOUTS[layout])), progress=False)
+
+
+def update(trainer, batch, adv) -> None:
+    """What the update phase runs: old log-probs of mini-batches 2..I, then I optimizer steps."""
+    old, _ = trainer.logprobs(batch, skip_first=True)
+    trainer.update(batch, old, adv)
+
+
+def memory_child(args) -> None:
+    """One layout's first update in this fresh process: print its peak extra resident MB."""
+    import json
+
+    import torch
+
+    from results import peak_rss_mb, reset_peak_rss
+
+    torch.set_num_threads(args.threads)
+    trainer = make_trainer(args.memory_child, Path(args.model_dir), Path(tempfile.mkdtemp(prefix="bench_sp_mem_")), args)
+    batch = synthetic_batch(len(trainer.tokenizer), args)
+    adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
+    base = reset_peak_rss()
+    update(trainer, batch, adv)
+    print("RESULT " + json.dumps({"peak_mb": peak_rss_mb(base)}))
+
+
+def peak_memory(model_dir: Path, args) -> dict[str, list[float]]:
+    """Peak extra MB of each layout's update, one fresh process per layout and round, alternated."""
+    import json
+    import subprocess
+
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}"
+             for k in ("groups", "group_size", "prompt_len", "response_len", "threads")]
+    peaks: dict[str, list[float]] = {}
+    for _ in range(args.memory_rounds):
+        for layout in LAYOUTS:
+            run = subprocess.run([sys.executable, __file__, "--memory-child", layout, "--model-dir", str(model_dir),
+                                  *flags], capture_output=True, text=True)
+            results = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+            if run.returncode != 0 or not results:
+                raise RuntimeError(f"the {layout} memory run failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+            peaks.setdefault(layout, []).append(json.loads(results[-1][7:])["peak_mb"])
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, default=8)
@@ -61,20 +117,24 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=230)
     parser.add_argument("--response-len", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-rounds", type=int, default=2, help="fresh processes per layout for the peak memory")
     parser.add_argument("--threads", type=int, default=RunConfig().cpu_threads,
                         help="intra-op threads (default: zppo_fast's run.cpu_threads default)")
     parser.add_argument("--record", action="store_true", help="write the table to bench/RESULTS.md")
+    parser.add_argument("--memory-child", choices=LAYOUTS, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args)
 
     import torch
 
-    from zppo_fast.config import ModelConfig, TaskConfig, load_config
+    from zppo_fast.config import ModelConfig, TaskConfig
     from zppo_fast.data import tokenizer_corpus
     from zppo_fast.engine import SamplingParams, TransformersEngine
     from zppo_fast.model import build_tiny_model, save_model
     from zppo_fast.testbed import embedded_task
     from zppo_fast.tokenizer import build_tokenizer
-    from zppo_fast.train import Trainer
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_shared_prefix_"))
@@ -82,11 +142,7 @@ def main() -> None:
                                 vocab_size=ModelConfig().vocab_size)
     model = build_tiny_model(ModelConfig(), tokenizer)
     save_model(model, tokenizer, tmp / "model")
-    base = ["--model.path", str(tmp / "model"), "--rl.algo", "grpo", "--run.tensorboard", "false",
-            "--run.eval_every", "0", "--run.overwrite", "true", "--run.cpu_threads", str(args.threads),
-            "--rl.group_size", str(args.group_size)]
-    trainers = {name: Trainer(load_config(None, base + ["--run.out_dir", str(tmp / name), *flags]), progress=False)
-                for name, flags in LAYOUTS.items()}
+    trainers = {name: make_trainer(name, tmp / "model", tmp / name, args) for name in LAYOUTS}
     batch = synthetic_batch(len(tokenizer), args)
     adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
     prompts = [batch.rollouts[g * args.group_size].prompt_ids for g in range(args.groups)]
@@ -97,8 +153,7 @@ def main() -> None:
     for rep in range(args.repeats + 1):  # the first round warms up allocators and caches
         for name, trainer in trainers.items():
             t0 = time.perf_counter()
-            old, _ = trainer.logprobs(batch, skip_first=True)
-            trainer.update(batch, old, adv)
+            update(trainer, batch, adv)
             times.setdefault(f"update {name}", []).append(time.perf_counter() - t0)
         for on, engine in engines.items():
             t0 = time.perf_counter()
@@ -106,6 +161,7 @@ def main() -> None:
             name = f"generate {'prefill once' if on else 'every sample'}"
             times.setdefault(name, []).append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    peaks = peak_memory(tmp / "model", args)
 
     from results import cpu_name, git_commit
 
@@ -114,7 +170,9 @@ def main() -> None:
              f"Date: {datetime.date.today().isoformat()}. Commit: {git_commit()}. Command: `{command.strip()}`. "
              f"{args.groups} groups x "
              f"{args.group_size} samples, prompts of {args.prompt_len} tokens, responses of 1..{args.response_len}; "
-             f"update = old log-probs of mini-batches 2..I + I = 4 AdamW steps; medians of {args.repeats}.", "",
+             f"update = old log-probs of mini-batches 2..I + I = 4 AdamW steps; medians of {args.repeats}. "
+             f"Peak memory: what one update adds to the resident memory (VmHWM), the first in a fresh "
+             f"process per layout, each of {args.memory_rounds} round(s).", "",
              "| phase | layout | seconds | shared / unshared |", "|---|---|---:|---|"]
     for phase, shared, others in (("update", "update shared", ("update packed", "update padded")),
                                   ("generate", "generate prefill once", ("generate every sample",))):
@@ -122,6 +180,10 @@ def main() -> None:
             ratio = ("" if k != shared else
                      ", ".join(f"{med[shared] / med[o]:.2f}x vs {o.split(' ', 1)[1]}" for o in others))
             lines.append(f"| {phase} | {k.split(' ', 1)[1]} | {med[k]:.3f} | {ratio} |")
+    lines += ["", "| layout | update peak extra MB (each round) | shared / this (worst shared over best) |", "|---|---|---:|"]
+    for layout, mb in peaks.items():
+        ratio = "" if layout == "shared" else f"{max(peaks['shared']) / min(mb):.2f}x"
+        lines.append(f"| {layout} | {', '.join(f'{x:.0f}' for x in mb)} | {ratio} |")
     text = "\n".join(lines)
     print(text)
     if args.record:

@@ -3,7 +3,8 @@ device line every section starts with (`cpu_name`).
 
     record_section("Versus TRL", text)   # replace the section (from its heading to the next `## `), or append it
 
-`git_commit()` is the commit every section names. Used by bench/bench_vs_trl.py,
+`git_commit()` is the commit every section names; `reset_peak_rss()` / `peak_rss_mb(base)` measure
+the peak resident memory a piece of CPU work adds. Used by bench/bench_vs_trl.py,
 bench/bench_zppo_vs_grpo.py, bench/bench_threads.py, bench/bench_replay.py and bench/effect.py.
 """
 
@@ -51,3 +52,24 @@ def git_commit() -> str:
                             f":(exclude){RESULTS.relative_to(root).as_posix()}"], cwd=root,
                            capture_output=True, text=True).stdout.strip()
     return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> int:
+    """Set this process's peak resident memory (Linux VmHWM) to its current size and return that
+    size in KiB: the base of `peak_rss_mb`."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kb("VmRSS")
+
+
+def peak_rss_mb(base_kb: int) -> float:
+    """MB by which the peak resident memory rose above `base_kb` (from `reset_peak_rss`) since then."""
+    return (_proc_status_kb("VmHWM") - base_kb) / 1024
