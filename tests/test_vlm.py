@@ -95,6 +95,37 @@ def test_rollout_with_images_matches_the_training_forward(world):
             torch.testing.assert_close(torch.tensor(s.logprobs), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_engine_prefills_each_image_prompt_once(world, monkeypatch):
+    """Prefill once with images: the vision tower encodes each prompt's images once for its n
+    samples, and the samples equal (same seed) those of every copy prefilling itself, image and
+    text prompts in one batch; so do a text-only call's after it (its positions are its own, not
+    the image batch's)."""
+    _, model, processor, paths, _ = world
+    prompts_ = [vlm_prompt(processor, "What is 12 + 7?", [paths["red"]]), vlm_prompt(processor, "What is 3 + 4?"),
+                vlm_prompt(processor, "What is 9 + 9?", [paths["wide"], paths["blue"]])]
+    images = [[paths["red"]], [], [paths["wide"], paths["blue"]]]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=4)
+    seen, tower = [], model.model.get_image_features
+
+    def spy(pixel_values, image_grid_thw=None, **kwargs):  # generate looks the argument names up
+        seen.append(len(pixel_values))
+        return tower(pixel_values, image_grid_thw, **kwargs)
+
+    monkeypatch.setattr(model.model, "get_image_features", spy)
+    runs = {}
+    for once in (True, False):
+        engine = TransformersEngine(model, processor.tokenizer, processor=processor, prefill_once=once)
+        seen.clear()
+        runs[once] = (engine.generate([p.input_ids for p in prompts_], params, images=images),
+                      engine.generate([p.input_ids for p in prompts_[1:2]] * 2, params))
+        patches = sum(p.images.pixel_values.shape[0] for p in prompts_ if p.images is not None)
+        assert sum(seen) == (patches if once else params.n * patches)
+    for a, b in zip(*(runs[once][0] + runs[once][1] for once in (True, False))):
+        assert [s.token_ids for s in a] == [s.token_ids for s in b]
+        for s, t in zip(a, b):
+            torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(t.logprobs), rtol=0, atol=1e-5)
+
+
 def full_logprobs(model, prompt, response, temperature):
     """(T, V) float64 log-softmax at `temperature` of the model's own logits (its lm_head hooks included)
     at the positions predicting `response`, with the prompt's images."""

@@ -34,6 +34,8 @@ import torch
 if TYPE_CHECKING:  # transformers and the model code load where an engine is built, not where one is used
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from zppo_fast.vlm import EncodedImages
+
 # Memory kinds an engine can release and resume separately; the strings are SGLang's tags.
 WEIGHTS, KV_CACHE = "weights", "kv_cache"
 MEMORY_TAGS = (WEIGHTS, KV_CACHE)
@@ -240,12 +242,13 @@ class TransformersEngine:
     values, Gated-DeltaNet recurrent and convolution states) is expanded to the n copies before
     `generate` continues from the last prompt token. The samples are the same as without it (same
     random draws, same order) up to the rounding of a differently padded prefill. Without it (and
-    for n = 1, image prompts, or a one-token prompt) every copy prefills its prompt itself.
+    for n = 1 or a one-token prompt) every copy prefills its prompt itself.
 
     Vision-language models (`zppo_fast.vlm`) also take a `processor`; `generate(..., images=)` then
     feeds each prompt's images through its image processor. The prompt ids must already hold the
-    expanded image placeholders, as `zppo_fast.vlm.vlm_prompt` builds them. Their vision special
-    tokens are never sampled (`SuppressTokens`, the module docstring).
+    expanded image placeholders, as `zppo_fast.vlm.vlm_prompt` builds them. With prefill once, the
+    vision tower encodes each prompt's images once, in the prefill. Their vision special tokens are
+    never sampled (`SuppressTokens`, the module docstring).
     """
 
     name = "transformers engine"
@@ -257,8 +260,9 @@ class TransformersEngine:
         self.timings = Timings()
         from zppo_fast.vlm import is_vlm, vision_token_ids
 
+        self.vlm = is_vlm(model)
         # Token ids a response must not hold: a VLM's image / video placeholders and their delimiters.
-        self.forbidden = vision_token_ids(model.config.to_dict(), self.name) if is_vlm(model) else []
+        self.forbidden = vision_token_ids(model.config.to_dict(), self.name) if self.vlm else []
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  images: Sequence[Sequence[Any]] | None = None) -> list[list[Sample]]:
@@ -321,7 +325,7 @@ class TransformersEngine:
         was_training = self.model.training
         self.model.eval()
         # Whole prompts per batch (their n copies together), so a prompt's cache is expanded in place.
-        share = (self.prefill_once and params.n > 1 and images is None and min(map(len, prompts), default=2) > 1)
+        share = self.prefill_once and params.n > 1 and min(map(len, prompts), default=2) > 1
         step = max(1, self.batch_size // params.n) * params.n if share else self.batch_size
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(params.seed)
@@ -329,10 +333,11 @@ class TransformersEngine:
                 chunk = flat[start : start + step]
                 ids, mask = left_padded(chunk, pad)
                 vision, cache = {}, {}
-                if flat_images is not None:
+                if share:  # the images, if any, are in the prefilled cache
+                    cache = {"cache": self._prefill(chunk[:: params.n], params.n, pad, device, None if flat_images is None
+                                                    else flat_images[start : start + step : params.n])}
+                elif flat_images is not None:
                     vision = vision_inputs(self.model, ids, flat_images[start : start + step], device)
-                if share:
-                    cache = {"cache": self._prefill(chunk[:: params.n], params.n, pad, device)}
                 # The penalty first: the mask's record of the vision tokens' mass is then of the penalized logits.
                 processors = [PresencePenalty(params.presence_penalty, ids.shape[1])] if params.presence_penalty else []
                 suppress = SuppressTokens(self.forbidden, params.temperature or 1.0) if self.forbidden else None
@@ -376,14 +381,30 @@ class TransformersEngine:
         self.model.train(was_training)
         return [out[i : i + params.n] for i in range(0, len(out), params.n)]
 
-    def _prefill(self, prompts: list[list[int]], n: int, pad: int, device: torch.device):
+    def _prefill(self, prompts: list[list[int]], n: int, pad: int, device: torch.device,
+                 images: Sequence[EncodedImages | None] | None = None):
         """The cache of `prompts` without their last token (left-padded to the columns they take
-        in the full batch), each expanded to its `n` consecutive copies."""
+        in the full batch), each expanded to its `n` consecutive copies. `images[i]`: prompts[i]'s
+        encoded images (a VLM's prompts), each run through the vision tower once here."""
+        from zppo_fast.vlm import vision_inputs
+
         ids, mask = left_padded([p[:-1] for p in prompts], pad)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
+        vision, copies = {}, torch.arange(len(prompts)).repeat_interleave(n)
+        if self.vlm:
+            # A VLM's rotary positions are (text, time, row, column), the last three laid out around
+            # the images; generate continues each row at its text position plus the model's stored
+            # offset (`rope_deltas`), which must therefore be this batch's, one per copy.
+            vision = vision_inputs(self.model, ids, images or [], device)
+            grid = vision.get("image_grid_thw")
+            rope, deltas = self.model.model.get_rope_index(
+                ids, (ids == self.model.config.image_token_id).int(), attention_mask=mask,
+                image_grid_thw=None if grid is None else grid.cpu())
+            positions = torch.cat([positions[None], rope])
+            self.model.model.rope_deltas = deltas[copies].to(device)
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                         use_cache=True, logits_to_keep=1)
-        out.cache.reorder_cache(torch.arange(len(prompts), device=device).repeat_interleave(n))
+                         use_cache=True, logits_to_keep=1, **vision)
+        out.cache.reorder_cache(copies.to(device))
         return out.cache
 
 
