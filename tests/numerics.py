@@ -47,3 +47,16 @@ def reorder_tol(terms: int, scale: float) -> float:
     term sums over the positions before it (attention, the linear-attention recurrence): terms =
     loss tokens * the longest sequence; the tensor's largest entry stands for the size of its terms."""
     return 16 * EPS32 * math.sqrt(terms) * scale
+
+
+def assert_matches_float64(got, want, model, reference, seed: int) -> None:
+    """fp32 per-token log-probs `got` (from `model`) within fp32 tolerance of the float64 `want`
+    (from `reference`, the same weights in float64), and the gradients of one random weighted sum
+    of each within fp32 tolerance of each other, parameter by parameter (in the same order)."""
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+    weights = torch.randn(len(want), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (got.double() * weights).sum().backward()
+    (want * weights).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        scale = b.grad.abs().max().item()
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=2e-4 * max(scale, 1.0), msg=name)
