@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from numerics import assert_matches_float64
+from numerics import assert_matches_float64, reorder_tol
 from test_train import full_grads
 
 from zppo_fast.batch import Rollout, RolloutBatch
@@ -169,7 +169,11 @@ def test_optimizer_step_gradient_equals_the_unshared_layout(tiny_config, checkpo
         trainer.backward_minibatch(batch, rows, old, adv)
         grads.append(full_grads(trainer))
     assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+    # fp32 sums in another order, and the Gated-DeltaNet's fp32 chunks starting elsewhere (a response's
+    # at the response, from the prompt's state): the whole gradient's largest entry is the size of the
+    # terms, as the decay parameters' small gradients are differences of large ones (tests/numerics.py).
+    tol = reorder_tol(batch.response_tokens() * max(map(len, batch.rollouts)), grads[0].abs().max().item())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bench/gpu_check.sh runs it")
