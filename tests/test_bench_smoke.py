@@ -1,6 +1,6 @@
 """The end-to-end benchmarks still run: bench/bench_vs_trl.py and bench/bench_zppo_vs_grpo.py with
---quick (toy sizes, one warm-up and one timed step of each trainer), both at once, the first also with
---profile (one more step of each under torch.profiler). Their numbers are not checked (no timing
+--quick (toy sizes, one warm-up and one timed step of each trainer), the first also with --profile (one
+more step of each under torch.profiler), and bench/bench_shared_prefix.py at toy sizes, all at once. Their numbers are not checked (no timing
 assertions); their tables must be complete. bench/effect.py --quick: the study's pipeline end to end."""
 
 import json
@@ -17,7 +17,9 @@ NUMBER = r"\d+\.\d+"
 
 def test_bench_scripts_run_quick():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    scripts = {"bench_vs_trl.py": ["--quick", "--profile"], "bench_zppo_vs_grpo.py": ["--quick"]}
+    scripts = {"bench_vs_trl.py": ["--quick", "--profile"], "bench_zppo_vs_grpo.py": ["--quick"],
+               "bench_shared_prefix.py": ["--groups", "2", "--group-size", "2", "--prompt-len", "12",
+                                          "--response-len", "4", "--repeats", "1", "--memory-rounds", "1"]}
     runs = {s: subprocess.Popen([sys.executable, str(ROOT / "bench" / s), *flags], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for s, flags in scripts.items()}
@@ -38,6 +40,12 @@ def test_bench_scripts_run_quick():
         assert re.search(rf"^\| {algo} \| {NUMBER} \| \d+ \| {NUMBER} \|( -?{NUMBER} \|){{5}}$", algos,
                          re.MULTILINE), algos[-2000:]
     assert re.search(rf"ZPPO / GRPO: {NUMBER}x per step, {NUMBER}x per trained student token", algos), algos[-2000:]
+    shared = out["bench_shared_prefix.py"]
+    for phase, layout in [("update", "shared"), ("update", "packed"), ("update", "padded"),
+                          ("generate", "prefill once"), ("generate", "every sample")]:
+        assert re.search(rf"^\| {phase} \| {layout} \| {NUMBER} \|", shared, re.MULTILINE), shared[-2000:]
+    for layout in ("shared", "packed", "padded"):  # each layout's peak memory, from its own process
+        assert re.search(rf"^\| {layout} \| -?\d+ \|", shared, re.MULTILINE), shared[-2000:]
 
 
 def test_effect_quick(tmp_path):
