@@ -122,7 +122,7 @@ def test_prefill_once_gives_the_same_samples_and_the_trainers_logprobs(engine):
         each = TransformersEngine(eng.model, eng.tokenizer, batch_size=8, prefill_once=False).generate(prompts, params)
     finally:
         hook.remove()
-    assert first == (2, max(map(len, prompts[:2])) - 1)  # 8 // 4 prompts per batch, their last token left out
+    assert first == (2, max(map(len, prompts[:2])))  # 8 // 4 prompts per batch, each once
     assert [[s.token_ids for s in g] for g in out] == [[s.token_ids for s in g] for g in each]
     for g, h in zip(out, each):
         for s, t in zip(g, h):

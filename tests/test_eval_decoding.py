@@ -8,20 +8,26 @@ from PIL import Image
 
 from zppo_fast.config import DataConfig
 from zppo_fast.data import tokenizer_corpus
-from zppo_fast.engine import PresencePenalty, SamplingParams, TransformersEngine
+from zppo_fast.engine import SamplingParams, TransformersEngine
+from zppo_fast.sampling import processed
 from zppo_fast.task import ArithmeticTask
 from zppo_fast.tokenizer import build_tokenizer
 from zppo_fast.vlm import build_tiny_vlm, encode_images, set_image_pixels
 
 
 def test_presence_penalty_hand_computed():
-    scores = torch.tensor([[0.5, 1.0, -2.0, 3.0, 0.0, 2.5, 1.25, -0.75]] * 2)
-    ids = torch.tensor([[6, 1, 3, 5, 3],  # prompt 6, 1 (not penalized); generated 3, 5, 3
-                        [2, 2, 0, 0, 0]])  # generated 0 three times: penalized once, not three times
-    out = PresencePenalty(1.5, prompt_width=2)(ids, scores)
-    assert out.tolist() == [[0.5, 1.0, -2.0, 1.5, 0.0, 1.0, 1.25, -0.75],
-                            [-1.0, 1.0, -2.0, 3.0, 0.0, 2.5, 1.25, -0.75]]
-    assert PresencePenalty(1.5, prompt_width=5)(ids, scores).equal(scores)  # nothing generated yet
+    logits = torch.tensor([[0.5, 1.0, -2.0, 3.0, 0.0, 2.5, 1.25, -0.75]] * 2)
+    generated = [[3, 5, 3], [0, 0, 0]]  # row 1 holds 0 three times: penalized once, not three times
+    seen = torch.zeros(2, 8, dtype=torch.bool)
+    for row, ids in enumerate(generated):
+        seen[row, ids] = True
+    params = SamplingParams(presence_penalty=1.5)
+    logp, _ = processed(logits, params, seen)
+    expected = torch.tensor([[0.5, 1.0, -2.0, 1.5, 0.0, 1.0, 1.25, -0.75],
+                             [-1.0, 1.0, -2.0, 3.0, 0.0, 2.5, 1.25, -0.75]]).log_softmax(-1)
+    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(processed(logits, params, torch.zeros_like(seen))[0], logits.log_softmax(-1),
+                               rtol=0, atol=1e-6)  # nothing generated yet
 
 
 @pytest.fixture(scope="module")

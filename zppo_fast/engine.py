@@ -9,7 +9,7 @@ trainer's.
 
 Vision-language engines never sample the vision special tokens (`zppo_fast.vlm.vision_token_ids`:
 an `<|image_pad|>` in a response has no image behind it and the training forward fails on it).
-The transformers engine masks them (`SuppressTokens`) and still reports each token's log-prob with
+The transformers engine masks them (`zppo_fast.sampling`) and still reports each token's log-prob with
 their probability in the normalizer, as the trainer computes it over the full vocabulary: the
 push check stays exact however much mass the model puts on them. SGLang (`logit_bias`) reports
 the masked distribution's, higher by -log(1 - P(vision tokens)) per token, ~0 for a trained VLM.
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from zppo_fast.sampling import next_tokens
 
 if TYPE_CHECKING:  # transformers and the model code load where an engine is built, not where one is used
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -52,48 +54,6 @@ class SamplingParams:
     # Subtracted from the raw logit of every token the completion already holds, before temperature,
     # top-k and top-p (OpenAI / SGLang / vLLM semantics; prompt tokens are not counted). 0: off.
     presence_penalty: float = 0.0
-
-
-class PresencePenalty:
-    """A transformers logits processor: `penalty` off the logit of every token id that occurs in
-    the generated part of its row (columns `prompt_width`: of the left-padded batch).
-
-    input_ids (B, L) with L >= prompt_width; scores (B, V) -> (B, V). Runs before the sampling
-    warpers (transformers appends temperature / top-k / top-p after custom processors), as SGLang
-    applies its penalizers to the raw logits.
-    """
-
-    def __init__(self, penalty: float, prompt_width: int):
-        self.penalty, self.prompt_width = float(penalty), prompt_width
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_width :]
-        if generated.shape[1] == 0:
-            return scores
-        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
-        return scores - self.penalty * seen.to(scores.dtype)
-
-
-class SuppressTokens:
-    """A transformers logits processor: -inf on the logits of `ids`, so they are never sampled.
-
-    Like `PresencePenalty` it runs before temperature / top-k / top-p, so the nucleus is taken
-    among the other tokens. It records per step kept[t] (B,): the log of the probability the other
-    tokens hold at `temperature` before the mask (logsumexp over them minus logsumexp over all, no
-    cancellation however small). log_softmax of the processed scores plus kept[t] is the log-prob
-    with the masked tokens' mass back in the normalizer: without top-k / top-p exactly the
-    trainer's log p(token) at that temperature. scores (B, V) -> (B, V).
-    """
-
-    def __init__(self, ids: Sequence[int], temperature: float):
-        self.ids, self.temperature = torch.tensor(list(ids), dtype=torch.long), temperature
-        self.kept: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        ids = self.ids.to(scores.device)
-        tempered = scores.float() / self.temperature
-        self.kept.append(tempered.index_fill(1, ids, float("-inf")).logsumexp(-1) - tempered.logsumexp(-1))
-        return scores.index_fill(1, ids, float("-inf"))
 
 
 @dataclass
@@ -231,24 +191,26 @@ class Timings:
 
 
 class TransformersEngine:
-    """Batched `model.generate` with KV cache and left padding; stops at EOS.
+    """Batched sampling with the model's cache and left padding; stops at EOS.
 
-    Sequences are generated `batch_size` at a time; a seeded generator makes the samples a
-    function of (weights, prompts, params) only. `model` is the engine's own module: the trainer
-    passes a separate copy and pushes its weights into it with `update_weights`.
+    Prompts are generated `batch_size` samples at a time (whole prompts); a generator seeded per
+    call makes the samples a function of (weights, prompts, params) only, and leaves the process's
+    random state alone. `model` is the engine's own module: the trainer passes a separate copy and
+    pushes its weights into it with `update_weights`. The decoding loop is ours, not
+    `model.generate`: a row that has its EOS leaves the batch, and tokens are drawn by
+    `zppo_fast.sampling` (one uniform number per row and step).
 
     Each prompt is computed once for its n samples (`prefill_once`, on by default): the prompts of
-    a batch, but their last token, run through the model once, and the cache (full-attention keys /
-    values, Gated-DeltaNet recurrent and convolution states) is expanded to the n copies before
-    `generate` continues from the last prompt token. The samples are the same as without it (same
-    random draws, same order) up to the rounding of a differently padded prefill. Without it (and
-    for n = 1 or a one-token prompt) every copy prefills its prompt itself.
+    a batch run through the model once, and the cache (full-attention keys / values, Gated-DeltaNet
+    recurrent and convolution states) and the next-token logits are expanded to the n copies. The
+    samples are the same as without it (same random draws, same order) up to the rounding of a
+    differently shaped prefill. Without it (and for n = 1) every copy prefills its prompt itself.
 
     Vision-language models (`zppo_fast.vlm`) also take a `processor`; `generate(..., images=)` then
     feeds each prompt's images through its image processor. The prompt ids must already hold the
-    expanded image placeholders, as `zppo_fast.vlm.vlm_prompt` builds them. With prefill once, the
-    vision tower encodes each prompt's images once, in the prefill. Their vision special tokens are
-    never sampled (`SuppressTokens`, the module docstring).
+    expanded image placeholders, as `zppo_fast.vlm.vlm_prompt` builds them. The vision tower encodes
+    each prompt's images once per prefilled row. Their vision special tokens are never sampled
+    (the module docstring).
     """
 
     name = "transformers engine"
@@ -305,107 +267,125 @@ class TransformersEngine:
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], params: SamplingParams,
                   images: Sequence[Sequence[Any]] | None) -> list[list[Sample]]:
-        from zppo_fast.vlm import check_image_engine, encode_images, vision_inputs
+        from zppo_fast.vlm import check_image_engine, encode_images
 
         if (params.temperature < 0 or not 0 < params.top_p <= 1 or params.n < 1 or params.max_new_tokens < 1
                 or (params.top_k is not None and params.top_k < 0)):
             raise ValueError(f"invalid sampling parameters: {params}")
-        flat = [p for p in prompts for _ in range(params.n)]
-        flat_images = None
+        encoded = None
         if images is not None:
             check_image_engine(self.model, self.processor, len(prompts), len(images))
             # Each prompt's images are processed once, then shared by its n copies.
             encoded = [encode_images(self.processor, imgs, prompt, where=f"prompt {i}")
                        for i, (prompt, imgs) in enumerate(zip(prompts, images))]
-            flat_images = [e for e in encoded for _ in range(params.n)]
         device = next(self.model.parameters()).device
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        greedy = params.temperature == 0
-        out: list[Sample] = []
+        generator = torch.Generator(device).manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
+        out: list[Sample] = []
         # Whole prompts per batch (their n copies together), so a prompt's cache is expanded in place.
-        share = self.prefill_once and params.n > 1 and min(map(len, prompts), default=2) > 1
-        step = max(1, self.batch_size // params.n) * params.n if share else self.batch_size
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(params.seed)
-            for start in range(0, len(flat), step):
-                chunk = flat[start : start + step]
-                ids, mask = left_padded(chunk, pad)
-                vision, cache = {}, {}
-                if share:  # the images, if any, are in the prefilled cache
-                    cache = {"cache": self._prefill(chunk[:: params.n], params.n, pad, device, None if flat_images is None
-                                                    else flat_images[start : start + step : params.n])}
-                elif flat_images is not None:
-                    vision = vision_inputs(self.model, ids, flat_images[start : start + step], device)
-                # The penalty first: the mask's record of the vision tokens' mass is then of the penalized logits.
-                processors = [PresencePenalty(params.presence_penalty, ids.shape[1])] if params.presence_penalty else []
-                suppress = SuppressTokens(self.forbidden, params.temperature or 1.0) if self.forbidden else None
-                processors += [suppress] if suppress else []
-                gen = self.model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    **vision,
-                    **cache,
-                    do_sample=not greedy,
-                    temperature=None if greedy else params.temperature,
-                    top_p=None if greedy else params.top_p,
-                    # An explicit None: left out, transformers would apply its default top-k of 50.
-                    top_k=None if greedy or not params.top_k else params.top_k,
-                    max_new_tokens=params.max_new_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    logits_processor=processors or None,
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                )
-                new = gen.sequences[:, ids.shape[1] :]  # (B, T)
-                # scores[t] are the processed logits the sampler drew token t from: (B, V) each,
-                # reduced one step at a time so no (B, T, V) tensor is built.
-                token_logp = torch.stack(
-                    [sc.float().log_softmax(-1).gather(-1, new[:, t : t + 1]).squeeze(-1)
-                     for t, sc in enumerate(gen.scores)], 1).cpu()  # (B, T)
-                if suppress is not None:  # the masked tokens' mass back in the normalizer
-                    token_logp += torch.stack(suppress.kept, 1).cpu()
-                new = new.cpu()
-                for row, row_logp in zip(new.tolist(), token_logp.tolist()):
-                    n = row.index(eos) + 1 if eos in row else len(row)
-                    out.append(
-                        Sample(
-                            token_ids=row[:n],
-                            text=self.tokenizer.decode(row[:n], skip_special_tokens=True),
-                            finish_reason="stop" if eos in row[:n] else "length",
-                            logprobs=row_logp[:n],
-                        )
-                    )
-        self.model.train(was_training)
+        step = max(1, self.batch_size // params.n)
+        try:
+            for start in range(0, len(prompts), step):
+                chunk = slice(start, start + step)
+                state = self._prefill(prompts[chunk], params.n, device, None if encoded is None else encoded[chunk])
+                out += [Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True),
+                               "stop" if ids[-1] == self.tokenizer.eos_token_id else "length", logps)
+                        for ids, logps in self._decode(state, params, generator)]
+        finally:
+            self.model.train(was_training)
         return [out[i : i + params.n] for i in range(0, len(out), params.n)]
 
-    def _prefill(self, prompts: list[list[int]], n: int, pad: int, device: torch.device,
-                 images: Sequence[EncodedImages | None] | None = None):
-        """The cache of `prompts` without their last token (left-padded to the columns they take
-        in the full batch), each expanded to its `n` consecutive copies. `images[i]`: prompts[i]'s
-        encoded images (a VLM's prompts), each run through the vision tower once here."""
+    def _prefill(self, prompts: list[list[int]], n: int, device: torch.device,
+                 images: Sequence[EncodedImages | None] | None = None) -> DecodeState:
+        """The decode state of `prompts`, each repeated for its `n` samples (consecutive rows). With
+        `prefill_once` (and n > 1) each prompt runs through the model once and its cache is expanded
+        to its n copies; without, every copy runs. `images[i]`: prompts[i]'s encoded images (a VLM's
+        prompts), through the vision tower once per prompt computed."""
         from zppo_fast.vlm import vision_inputs
 
-        ids, mask = left_padded([p[:-1] for p in prompts], pad)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
-        vision, copies = {}, torch.arange(len(prompts)).repeat_interleave(n)
+        once = self.prefill_once and n > 1
+        copies = torch.arange(len(prompts)).repeat_interleave(n)
+        rows = copies[:: n] if once else copies
+        ids, mask = left_padded([prompts[i] for i in rows.tolist()], self.tokenizer.pad_token_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # the pads' positions are masked out
+        vision, deltas = {}, None
         if self.vlm:
             # A VLM's rotary positions are (text, time, row, column), the last three laid out around
-            # the images; generate continues each row at its text position plus the model's stored
-            # offset (`rope_deltas`), which must therefore be this batch's, one per copy.
-            vision = vision_inputs(self.model, ids, images or [], device)
+            # the images; a generated token's are its text position plus the prompt's offset (`deltas`).
+            vision = vision_inputs(self.model, ids, [images[i] for i in rows.tolist()] if images else [], device)
             grid = vision.get("image_grid_thw")
             rope, deltas = self.model.model.get_rope_index(
                 ids, (ids == self.model.config.image_token_id).int(), attention_mask=mask,
                 image_grid_thw=None if grid is None else grid.cpu())
             positions = torch.cat([positions[None], rope])
-            self.model.model.rope_deltas = deltas[copies].to(device)
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                          use_cache=True, logits_to_keep=1, **vision)
-        out.cache.reorder_cache(copies.to(device))
-        return out.cache
+        state = DecodeState(out.logits[:, -1], out.cache, mask.to(device), mask.sum(-1).to(device),
+                            None if deltas is None else deltas[:, 0].to(device))
+        if once:
+            state.keep(copies.to(device))
+        return state
+
+    def _decode(self, state: DecodeState, params: SamplingParams,
+                generator: torch.Generator) -> list[tuple[list[int], list[float]]]:
+        """Sample until every row has its EOS or max_new_tokens: (token ids, log-probs) per row.
+        A row that ends leaves the batch (and the cache) at the next step, so the model runs on the
+        live rows only."""
+        eos, rows = self.tokenizer.eos_token_id, state.logits.shape[0]
+        device = state.logits.device
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logps: list[list[float]] = [[] for _ in range(rows)]
+        live = list(range(rows))  # the row each batch entry samples for
+        suppress = torch.tensor(self.forbidden, dtype=torch.long, device=device) if self.forbidden else None
+        seen = torch.zeros_like(state.logits, dtype=torch.bool) if params.presence_penalty else None
+        for t in range(params.max_new_tokens):
+            new, logp = next_tokens(state.logits, params, generator, seen, suppress)
+            for row, token, lp in zip(live, new.tolist(), logp.tolist()):
+                tokens[row].append(token)
+                logps[row].append(lp)
+            if seen is not None:
+                seen.scatter_(1, new[:, None], True)
+            going = [i for i, row in enumerate(live) if tokens[row][-1] != eos]
+            if not going or t + 1 == params.max_new_tokens:
+                break
+            if len(going) < len(live):
+                index = torch.tensor(going, device=device)
+                state.keep(index)
+                new, live = new[index], [live[i] for i in going]
+                seen = None if seen is None else seen[index]
+            state.advance(self.model, new)
+        return list(zip(tokens, logps))
+
+
+@dataclass
+class DecodeState:
+    """What the next decoding step of a batch needs. logits (B, V): the next token's; mask (B, W):
+    1 on the columns the cache holds a token for (prompts are left-padded); position (B,): the next
+    token's text position; deltas (B,): a VLM's rotary offset of each row (None for text models)."""
+
+    logits: torch.Tensor
+    cache: Any
+    mask: torch.Tensor
+    position: torch.Tensor
+    deltas: torch.Tensor | None
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) the rows `index` (B',), in that order."""
+        self.cache.reorder_cache(index)
+        self.logits, self.mask, self.position = self.logits[index], self.mask[index], self.position[index]
+        self.deltas = None if self.deltas is None else self.deltas[index]
+
+    def advance(self, model: PreTrainedModel, tokens: torch.Tensor) -> None:
+        """Feed tokens (B,) through `model`, one step past the cache."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        position = self.position[:, None]
+        if self.deltas is not None:  # (text, time, row, column): every generated token at text + offset
+            rope = (position + self.deltas[:, None])[None].expand(3, -1, -1)
+            position = torch.cat([position[None], rope])
+        out = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=position, cache=self.cache,
+                    use_cache=True)
+        self.logits, self.cache, self.position = out.logits[:, -1], out.cache, self.position + 1
 
 
 def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
