@@ -6,7 +6,9 @@ computing the prompt for every sample, as ratios.
            group, responses of 1..`--response-len` tokens), in three layouts: shared prefix
            (`parallel.share_prefix`), packed and padded (every sequence whole).
   generate the transformers engine's `generate` (n = group size, `--response-len` new tokens) with
-           `prefill_once` on and off, same seed (so the same samples: the same decode work).
+           `prefill_once` on and off, same seed (so the same samples: the same decode work), and
+           what a user would otherwise call: transformers' `model.generate` on the same left-padded
+           prompts (num_return_sequences = n, sampling at temperature 1 without top-k, sequences only).
   memory   the peak resident memory one update (as above, the first in its process) adds, in a fresh
            process per layout and round: Linux's VmHWM, reset once the trainer and the batch are built.
 
@@ -131,7 +133,7 @@ def main() -> None:
 
     from zppo_fast.config import ModelConfig, TaskConfig
     from zppo_fast.data import tokenizer_corpus
-    from zppo_fast.engine import SamplingParams, TransformersEngine
+    from zppo_fast.engine import SamplingParams, TransformersEngine, left_padded
     from zppo_fast.model import build_tiny_model, save_model
     from zppo_fast.testbed import embedded_task
     from zppo_fast.tokenizer import build_tokenizer
@@ -148,6 +150,13 @@ def main() -> None:
     prompts = [batch.rollouts[g * args.group_size].prompt_ids for g in range(args.groups)]
     params = SamplingParams(n=args.group_size, max_new_tokens=args.response_len, seed=1)
     engines = {on: TransformersEngine(model, tokenizer, prefill_once=on) for on in (True, False)}
+    ids, mask = left_padded(prompts, tokenizer.pad_token_id)
+
+    def transformers_generate():
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=None, top_p=None,
+                           num_return_sequences=args.group_size, max_new_tokens=args.response_len,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
     times: dict[str, list[float]] = {}
     for rep in range(args.repeats + 1):  # the first round warms up allocators and caches
@@ -160,6 +169,9 @@ def main() -> None:
             engine.generate(prompts, params)
             name = f"generate {'prefill once' if on else 'every sample'}"
             times.setdefault(name, []).append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        transformers_generate()
+        times.setdefault("generate model.generate", []).append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     peaks = peak_memory(tmp / "model", args)
 
@@ -175,7 +187,7 @@ def main() -> None:
              f"process per layout, each of {args.memory_rounds} round(s).", "",
              "| phase | layout | seconds | shared / unshared |", "|---|---|---:|---|"]
     for phase, shared, others in (("update", "update shared", ("update packed", "update padded")),
-                                  ("generate", "generate prefill once", ("generate every sample",))):
+                                  ("generate", "generate prefill once", ("generate every sample", "generate model.generate"))):
         for k in (shared, *others):
             ratio = ("" if k != shared else
                      ", ".join(f"{med[shared] / med[o]:.2f}x vs {o.split(' ', 1)[1]}" for o in others))
