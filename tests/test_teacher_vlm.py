@@ -197,8 +197,16 @@ def test_distillation_with_a_vlm_student(tiny_config, vlm_data, tokenizer, tmp_p
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_vlm_student_distillation_needs_a_vlm_teacher(tiny_config, vlm_data):
+def test_vlm_student_distillation_needs_a_vlm_teacher(tiny_config, tiny_cache, vlm_data):
+    """Without zppo.teacher_path the refusal comes before the (text) warm-up teacher is trained; a text
+    teacher folder given is named."""
+    from pathlib import Path
+
     folder, data = vlm_data
-    with pytest.raises(ConfigError, match="vision-language teacher"):
-        Trainer(tiny_config("--run.steps", "1", "--model.path", str(folder), "--data.train", str(data),
-                            "--rl.algo", "on_distill", *FAST), progress=False)
+    run = ["--run.steps", "1", "--model.path", str(folder), "--data.train", str(data), "--rl.algo", "on_distill", *FAST]
+    with pytest.raises(ConfigError, match="vision-language teacher.*set zppo.teacher_path"):
+        Trainer(tiny_config(*run, "--sft.cache_dir", str(Path(tiny_cache) / "never")), progress=False)
+    assert not (Path(tiny_cache) / "never").exists()  # no warm-up was trained
+    text_teacher = next(p.parent for p in Path(tiny_cache).glob("*/config.json"))
+    with pytest.raises(ConfigError, match=f"vision-language teacher.*{text_teacher} has no vision tower"):
+        Trainer(tiny_config(*run, "--zppo.teacher_path", str(text_teacher)), progress=False)

@@ -242,6 +242,12 @@ class Trainer:
         # "auto" may call the judge (its free-form rows): the teacher is loaded for it, and called only for them.
         judge = bool({"judge", "auto"} & {self.train_grader, *([self.heldout_grader] if cfg.data.heldout else [])})
         tiny_teacher = (self.algo.teacher or judge) and not cfg.zppo.teacher_path
+        if (self.algo.distill and tiny_teacher and cfg.model.path
+                and is_vlm(model_from_config(cfg.model.path, cfg.model.dtype, meta=True))):
+            # Known before the teacher's warm-up is trained (minutes): the warm-up teacher is a text model.
+            raise ConfigError(f"rl.algo = {cfg.rl.algo} with a vision-language student needs a vision-language "
+                              "teacher to score its image questions; set zppo.teacher_path (the embedded warm-up "
+                              "teacher has no vision tower)")
         student_dir, teacher_dir = (self.warm_starts(tiny_teacher) if tiny_teacher or not (checkpoint or cfg.model.path)
                                     else (None, None))
         if self.algo.teacher or judge:
