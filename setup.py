@@ -112,7 +112,10 @@ setup(
         # older. 2.13 is the release the suite runs on (Makefile) and the one sglang 0.5.19 pins.
         "torch>=2.13",
         "triton; sys_platform == 'linux'",
-        "transformers>=5.0",
+        # Below 5.25: 5.25 makes the PyPI package `kernels` a dependency and imports it as its models
+        # load, and with the checkout's root on sys.path (python -m from the root, bench scripts) the
+        # top-level kernels/ folder (zppo_fast.kernels) is found under that name first.
+        "transformers>=5.0,<5.25",
         "tokenizers",
         "safetensors",
         "numpy",
