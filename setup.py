@@ -112,10 +112,9 @@ setup(
         # older. 2.13 is the release the suite runs on (Makefile) and the one sglang 0.5.19 pins.
         "torch>=2.13",
         "triton; sys_platform == 'linux'",
-        # Below 5.25: 5.25 makes the PyPI package `kernels` a dependency and imports it as its models
-        # load, and with the checkout's root on sys.path (python -m from the root, bench scripts) the
-        # top-level kernels/ folder (zppo_fast.kernels) is found under that name first.
-        "transformers>=5.0,<5.25",
+        # 5.25 and later depend on the PyPI package `kernels` and import it as their models load;
+        # kernels/__init__.py hands that import over when the checkout's root is on sys.path.
+        "transformers>=5.0",
         "tokenizers",
         "safetensors",
         "numpy",

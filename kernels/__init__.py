@@ -12,14 +12,33 @@ Dispatch: Triton on CUDA; chunked PyTorch on CPU (``backend="triton"`` on CPU ru
 interpreter, for tests).
 """
 
-from ._triton_utils import HAVE_TRITON, describe_backend
-from .advantages import MODES as ADVANTAGE_MODES
-from .advantages import advantages_reference, normalize_advantages
-from .distill_loss import DISTILL_STAT_NAMES, fused_linear_jsd, fused_linear_jsd_reference
-from .fused_linear_policy_loss import fused_linear_policy_loss, fused_linear_policy_loss_reference
-from .linear_logprobs import linear_logprobs, linear_logprobs_reference
-from .policy_loss import STAT_NAMES, policy_loss, policy_loss_reference
-from .policy_loss_module import LOSS_TYPES, FusedLinearPolicyLoss
+if __name__ == "kernels":
+    # This folder is zppo_fast.kernels. It is found as the bare `kernels` only when the checkout's root
+    # is on sys.path (python -m from the root, the bench scripts); that name is a PyPI package which
+    # transformers imports as its models load. Hand the import that package, from the rest of sys.path.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ImportError(f"{os.path.dirname(os.path.abspath(__file__))} is zppo_fast.kernels: import it under "
+                          "that name (no other package named kernels is installed)")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # what the import statement hands out once this file has run
+    _spec.loader.exec_module(_module)
+else:
+    from ._triton_utils import HAVE_TRITON, describe_backend
+    from .advantages import MODES as ADVANTAGE_MODES
+    from .advantages import advantages_reference, normalize_advantages
+    from .distill_loss import DISTILL_STAT_NAMES, fused_linear_jsd, fused_linear_jsd_reference
+    from .fused_linear_policy_loss import fused_linear_policy_loss, fused_linear_policy_loss_reference
+    from .linear_logprobs import linear_logprobs, linear_logprobs_reference
+    from .policy_loss import STAT_NAMES, policy_loss, policy_loss_reference
+    from .policy_loss_module import LOSS_TYPES, FusedLinearPolicyLoss
 
 __all__ = [
     "ADVANTAGE_MODES",

@@ -73,3 +73,25 @@ def test_license_and_build_requirements():
     assert "cmake" in build and "pybind11" in build
     test_extra = [Requirement(r).name for r in setup_kwargs()["extras_require"]["test"]]
     assert "pytest-timeout" in test_extra and "cmake" in test_extra
+
+
+def test_bare_kernels_from_the_checkout_root_is_the_pypi_package(tmp_path):
+    """From the checkout's root (python -m, the bench scripts) the folder kernels/ is found first under
+    the bare name `kernels`, which is a PyPI package transformers 5.25 imports as its models load: the
+    folder hands that import over to the package, and stays zppo_fast.kernels."""
+    import os
+    import subprocess
+
+    pypi = tmp_path / "site" / "kernels"  # stands for the PyPI package, found after the root
+    pypi.mkdir(parents=True)
+    (pypi / "__init__.py").write_text("from .layer import CUDAProperties\n")
+    (pypi / "layer.py").write_text("class CUDAProperties:\n    pass\n")
+    code = ("import kernels, zppo_fast.kernels as ours; "
+            "print(kernels.CUDAProperties.__module__, ours.policy_loss.__module__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert run.stdout.split() == ["kernels.layer", "zppo_fast.kernels.policy_loss"], run.stderr[-2000:]
+    # With no such package (no site-packages at all: -S), the error names what the folder is.
+    run = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode != 0 and "is zppo_fast.kernels: import it under that name" in run.stderr, run.stderr[-2000:]
