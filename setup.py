@@ -112,9 +112,11 @@ setup(
         # older. 2.13 is the release the suite runs on (Makefile) and the one sglang 0.5.19 pins.
         "torch>=2.13",
         "triton; sys_platform == 'linux'",
-        # 5.25 and later depend on the PyPI package `kernels` and import it as their models load;
-        # kernels/__init__.py hands that import over when the checkout's root is on sys.path.
-        "transformers>=5.0",
+        # Below 5.25: 5.25 rewrote the Gated-DeltaNet layer's calls into its cache
+        # (get_recurrent_states_to_keep, ...), which zppo_fast/shared_prefix.py's state handover
+        # answers as 5.24 asks. (5.25 also depends on the PyPI package `kernels`: kernels/__init__.py
+        # hands that name over when the checkout's root is on sys.path.)
+        "transformers>=5.0,<5.25",
         "tokenizers",
         "safetensors",
         "numpy",
