@@ -12,24 +12,36 @@ Dispatch: Triton on CUDA; chunked PyTorch on CPU (``backend="triton"`` on CPU ru
 interpreter, for tests).
 """
 
-if __name__ == "kernels":
-    # This folder is zppo_fast.kernels. It is found as the bare `kernels` only when the checkout's root
-    # is on sys.path (python -m from the root, the bench scripts); that name is a PyPI package which
-    # transformers imports as its models load. Hand the import that package, from the rest of sys.path.
+
+def _package_elsewhere():
+    """The spec of another package named `kernels` on sys.path when this folder is imported under that
+    bare name, else None.
+
+    This folder is zppo_fast.kernels. It is found as the bare `kernels` only when the checkout's root is
+    on sys.path (python -m from the root, the bench scripts), and that name is a PyPI package which
+    transformers imports as its models load (a dependency from 5.25 on, and GPU users install it for
+    transformers' hub kernels): that import gets the package. Without one, transformers still probes
+    the name and finds this folder, which then imports as itself, as it always has.
+    """
+    if __name__ != "kernels":
+        return None
     import importlib.machinery
-    import importlib.util
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _spec = importlib.machinery.PathFinder.find_spec(
-        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
-    if _spec is None:
-        raise ImportError(f"{os.path.dirname(os.path.abspath(__file__))} is zppo_fast.kernels: import it under "
-                          "that name (no other package named kernels is installed)")
-    _module = importlib.util.module_from_spec(_spec)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != root])
+
+
+_elsewhere = _package_elsewhere()
+if _elsewhere is not None:
+    import importlib.util
+    import sys
+
+    _module = importlib.util.module_from_spec(_elsewhere)
     sys.modules["kernels"] = _module  # what the import statement hands out once this file has run
-    _spec.loader.exec_module(_module)
+    _elsewhere.loader.exec_module(_module)
 else:
     from ._triton_utils import HAVE_TRITON, describe_backend
     from .advantages import MODES as ADVANTAGE_MODES

@@ -91,7 +91,9 @@ def test_bare_kernels_from_the_checkout_root_is_the_pypi_package(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert run.stdout.split() == ["kernels.layer", "zppo_fast.kernels.policy_loss"], run.stderr[-2000:]
-    # With no such package (no site-packages at all: -S), the error names what the folder is.
-    run = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=ROOT, capture_output=True, text=True,
+    # With no such package (-S: no site-packages) the folder imports as itself, as transformers' probe of
+    # the name expects: it gets as far as its own first import, torch, which -S leaves out.
+    code = "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print(e.name)"
+    run = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert run.returncode != 0 and "is zppo_fast.kernels: import it under that name" in run.stderr, run.stderr[-2000:]
+    assert run.stdout.split() == ["torch"], run.stdout + run.stderr[-2000:]
