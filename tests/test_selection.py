@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zppo_fast.selection import aug_cap, replay_count, select_reformulations
+from zppo_fast.selection import aug_cap, replay_count, select_reformulations, teacher_questions
 
 T, F = True, False
 
@@ -57,6 +57,14 @@ def test_single_kind_ablations():
     assert select_reformulations(accs, eligible, 3, kinds=("ncq", "bcq")) == (
         select_reformulations(accs, eligible, 3)
     )
+
+
+def test_teacher_is_asked_about_the_pre_cap_questions_only_when_ncq_is_on():
+    accs = [0.25, 0.0, 0.75, 0.125, 0.0, 0.375]  # hard: 1, 4 (0.0), 3, 0, 5; 2 is easy
+    assert teacher_questions(accs, 3) == [1, 4, 3]
+    assert teacher_questions(accs, 3, kinds=("ncq",)) == [1, 4, 3]
+    assert teacher_questions(accs, 3, kinds=("bcq",)) == [1, 4, 3, 0, 5]  # eligibility decides pre-cap
+    assert teacher_questions(accs, 0) == [] and teacher_questions([0.5, 1.0], 4) == []
 
 
 def test_bad_arguments():
@@ -116,3 +124,14 @@ def test_selection_properties(qs, cap, kinds):
     for j in candidates:
         if j not in taken:
             assert all((accs[i], i) < (accs[j], j) for i in taken)
+
+
+@settings(max_examples=300, deadline=None)
+@given(questions, st.integers(0, 30), st.sampled_from([("bcq", "ncq"), ("bcq",), ("ncq",)]))
+def test_asking_the_teacher_only_what_can_be_used_builds_the_same_instances(qs, cap, kinds):
+    accs = [a for a, _ in qs]
+    eligible = [e for _, e in qs]
+    asked = set(teacher_questions(accs, cap, kinds))
+    # A question the teacher was not asked about has no teacher-correct rollout: not BCQ-eligible.
+    known = [e and i in asked for i, e in enumerate(eligible)]
+    assert select_reformulations(accs, known, cap, kinds=kinds) == select_reformulations(accs, eligible, cap, kinds=kinds)

@@ -94,6 +94,21 @@ def test_ncq_lists_the_wrong_answers_as_written(tokenizer):
     assert "all WRONG: \\boxed{\\frac{1}{2} \\text{ cm}}, \\boxed{Paris}. Below" in ncq.text
 
 
+def test_the_teacher_is_asked_only_about_questions_pre_cap_keeps(tokenizer):
+    problems = [Problem(i, f"Q{i} what is it?", str(i), "") for i in range(4)]
+    teacher = ScriptedTeacher(tokenizer, {f"Q{i} ": [f"\\boxed{{{i}}}"] * 2 for i in range(4)})
+    rewards = [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]  # hard: 1, 3 (0/3), 0 (1/3)
+    texts = [["\\boxed{9}"] * 3] * 4
+    cfg = ZPPOConfig(teacher_group_size=2, compression="none")
+    out, m = Reformulator(teacher, tokenizer, cfg, kinds=("bcq", "ncq"))(problems, texts, rewards, cap=2, step=1)
+    assert [(r.question, r.kind) for r in out] == [(1, "bcq"), (1, "ncq")]
+    assert [c.split(" what")[0][-2:] for c in teacher.calls] == ["Q1", "Q3"] and m["zppo/teacher_questions"] == 2
+    teacher.calls.clear()  # BCQ alone: every hard question is asked, eligibility decides what is kept
+    out, m = Reformulator(teacher, tokenizer, cfg, kinds=("bcq",))(problems, texts, rewards, cap=2, step=1)
+    assert sorted(c.split(" what")[0][-2:] for c in teacher.calls) == ["Q0", "Q1", "Q3"]
+    assert [(r.question, r.kind) for r in out] == [(1, "bcq"), (3, "bcq")]
+
+
 def test_bcq_needs_a_correct_teacher_rollout_and_cap_zero(tokenizer):
     problems = [Problem(0, "Q0 x?", "3", "")]
     teacher = ScriptedTeacher(tokenizer, {"Q0 ": ["\\boxed{4}"] * 4})

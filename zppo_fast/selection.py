@@ -21,6 +21,10 @@ Choices the paper leaves open, made here:
   `cap` lowest-accuracy hard questions that can yield at least one instance of an enabled
   kind, so a BCQ-only run does not spend slots on questions without a teacher-correct
   rollout. With NCQ enabled every hard question qualifies, which is exactly steps 2-4 above.
+* The teacher is asked only about the hard questions whose rollouts can be used
+  (`teacher_questions`): with NCQ enabled, the `cap` kept ones. Algorithm 1 asks about every hard
+  question; the instances built are the same, and the teacher's work drops from every hard question
+  to at most `cap` of them.
 * Rounding of the fractions: `round(rho * B_new)` in the paper; Python's `round` rounds
   halves to even (round(2.5) == 2), so `replay_count` / `aug_cap` round halves UP instead:
   floor(rho * B_new + 0.5).
@@ -92,16 +96,33 @@ def select_reformulations(
     def instances(i: int) -> list[str]:
         return [k for k in KINDS if k in enabled and (k == "ncq" or bcq_eligible[i])]
 
-    # Pre-cap: the `cap` lowest-accuracy hard questions that yield anything. sorted() is
-    # stable and indices ascend, so equal accuracies stay in index order.
-    hard = [i for i, acc in enumerate(accuracies) if acc < hard_threshold and instances(i)]
-    kept = sorted(hard, key=lambda i: accuracies[i])[:cap]
-
     # Post-cap: BCQ then NCQ per question, stopping at the cap.
     selected: list[tuple[int, str]] = []
-    for i in kept:
+    for i in _precap(accuracies, lambda i: bool(instances(i)), cap, hard_threshold):
         for kind in instances(i):
             if len(selected) == cap:
                 return selected
             selected.append((i, kind))
     return selected
+
+
+def teacher_questions(accuracies: Sequence[float], cap: int, kinds: Sequence[str] = KINDS,
+                      hard_threshold: float = HARD_THRESHOLD) -> list[int]:
+    """The hard questions whose teacher rollouts can reach an instance `select_reformulations` builds,
+    ascending in r̄_x (ties by index).
+
+    Algorithm 1 draws teacher rollouts for every hard question. With NCQ enabled, though, every hard
+    question yields an instance whatever its teacher rollouts hold, so pre-cap is settled before the
+    teacher runs: only the `cap` questions it keeps can have a BCQ built, and the rollouts of the
+    others would be discarded unread. Drawing them for the kept ones alone builds the same
+    instances, from candidates of the same distribution. BCQ alone: eligibility decides pre-cap,
+    so every hard question needs its rollouts.
+    """
+    return _precap(accuracies, lambda i: True, cap if "ncq" in kinds else len(accuracies), hard_threshold)
+
+
+def _precap(accuracies: Sequence[float], yields, cap: int, hard_threshold: float) -> list[int]:
+    """The `cap` lowest-accuracy hard questions for which `yields(i)`. sorted() is stable and indices
+    ascend, so equal accuracies stay in index order."""
+    hard = [i for i, acc in enumerate(accuracies) if acc < hard_threshold and yields(i)]
+    return sorted(hard, key=lambda i: accuracies[i])[:cap]

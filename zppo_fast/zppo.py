@@ -65,7 +65,7 @@ from zppo_fast.engine import RolloutEngine, Sample, SamplingParams
 from zppo_fast.file_task import grade_item
 from zppo_fast.graders import Grader
 from zppo_fast.reward import boxed_answer, final_answer, grade
-from zppo_fast.selection import aug_cap, replay_count, select_reformulations  # noqa: F401 (public here)
+from zppo_fast.selection import aug_cap, replay_count, select_reformulations, teacher_questions  # noqa: F401 (public here)
 from zppo_fast.task import Problem
 from zppo_fast.vlm import VLMPrompt, vlm_prompt
 
@@ -165,22 +165,25 @@ class Reformulator:
         hard = [i for i, a in enumerate(accuracy) if a < cfg.hard_threshold]
         metrics = {"zppo/hard_frac": len(hard) / max(len(problems), 1), "zppo/teacher_tokens": 0.0}
 
-        # Fresh teacher rollouts for every hard question, graded by the same verifier.
-        teacher_correct: dict[int, list[str]] = {i: [] for i in hard}
-        if hard:
+        # Fresh teacher rollouts, graded by the same verifier, for the hard questions whose candidates
+        # can be used: with NCQ on, the ones pre-cap keeps (selection.teacher_questions).
+        asked = teacher_questions(accuracy, cap, self.kinds, cfg.hard_threshold)
+        metrics["zppo/teacher_questions"] = float(len(asked))
+        teacher_correct: dict[int, list[str]] = {i: [] for i in asked}
+        if asked:
             params = SamplingParams(n=cfg.teacher_group_size, temperature=cfg.teacher_temperature,
                                     top_p=cfg.teacher_top_p, max_new_tokens=cfg.teacher_max_new_tokens,
                                     seed=self.seed * 1_000_003 + step)
-            _, groups, right = teacher_rollouts(self.teacher, self.tokenizer, [problems[i] for i in hard], params,
+            _, groups, right = teacher_rollouts(self.teacher, self.tokenizer, [problems[i] for i in asked], params,
                                                 self.processor, self.grade_fn)
             n_right = 0
-            for i, group, ok in zip(hard, groups, right):
+            for i, group, ok in zip(asked, groups, right):
                 for s, r in zip(group, ok):
                     metrics["zppo/teacher_tokens"] += len(s.token_ids)
                     if r:
                         teacher_correct[i].append(s.text)
                         n_right += 1
-            metrics["zppo/teacher_acc_on_hard"] = n_right / (len(hard) * cfg.teacher_group_size)
+            metrics["zppo/teacher_acc_on_hard"] = n_right / (len(asked) * cfg.teacher_group_size)  # over those asked
 
         wrong = [[t for t, r in zip(texts, rewards) if r < 1.0] for texts, rewards in zip(student_texts, student_rewards)]
         eligible = [bool(teacher_correct.get(i)) and bool(wrong[i]) for i in range(len(problems))]
