@@ -22,7 +22,8 @@ defines the baselines: X_aug is the `cap` hard questions of lowest accuracy (tie
 as in `zppo_fast.selection`), chosen BEFORE the teacher runs; the teacher is asked only for those,
 and a question of X_aug whose teacher rollouts are all wrong is skipped (counted in
 `<kind>/skipped_teacher_wrong`), its slot not refilled from further down the list. (ZPPO instead
-asks the teacher for every hard question and fills its cap from what it gets back.)
+fills its cap from what the teacher gets back; with NCQ on, its pre-cap questions are also known
+before the teacher runs, and only they are asked: `zppo_fast.selection.teacher_questions`.)
 
 Choices the paper leaves open, made here:
 
