@@ -374,12 +374,12 @@ class Trainer:
         if cfg.engine == "transformers":
             if cfg.engine_process == "inline":
                 engine = build_transformers_engine(str(folder), role, self.cfg.model.dtype, str(self.device),
-                                                   cfg.batch_size, processor_path, self.image_pixels)
+                                                   cfg.batch_size, processor_path, self.image_pixels, dist.is_main)
                 return DataParallelEngine(engine, dist)
             # In its own process the engine sees this rank's GPU only, as cuda:0.
             cuda = self.device.type == "cuda"
             factory = partial(build_transformers_engine, str(folder), role, self.cfg.model.dtype,
-                              "cuda" if cuda else "cpu", cfg.batch_size, processor_path, self.image_pixels)
+                              "cuda" if cuda else "cpu", cfg.batch_size, processor_path, self.image_pixels, dist.is_main)
             return DataParallelEngine(EngineProcess(factory, f"transformers {role} engine (rank {dist.rank})",
                                                     gpus=[dist.local_rank] if cuda else None, log_path=log_path), dist)
         from zppo_fast.sglang_engine import SGLangEngineConfig, import_sglang, start_sglang_engine, teacher_placement
