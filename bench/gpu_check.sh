@@ -247,7 +247,7 @@ fi
 
 step tests 120 "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 tests/test_kernels_policy_loss.py \
     tests/test_kernels_advantages.py tests/test_kernels_linear.py tests/test_kernels_distill.py \
-    tests/test_shared_prefix.py -k "cuda or bad_inputs"
+    tests/test_shared_prefix.py tests/test_qwen35_decode.py -k "cuda or bad_inputs"
 
 TRAIN_ARGS=(--run.steps 2 --run.eval_every 0 --run.tensorboard false --run.overwrite true --run.device cuda
     --sft.cache_dir "$OUTDIR/sft_cache")

@@ -131,6 +131,8 @@ def test_no_step_past_the_room_it_was_given():
 def test_cuda_bfloat16_steps_match_the_models_forward():
     layers, hidden, attn, linear, rotary = SHAPES[0]
     model = tiny_qwen(layers, hidden, attn, linear, rotary, seed=7).cuda()
+    if unsupported(model):  # flash-linear-attention installed: the engine keeps the model's forward there
+        pytest.skip(unsupported(model))
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 97, (n,), generator=gen).tolist() for n in (5, 30, 12)]
     ids, mask = (t.cuda() for t in left_padded(prompts, pad=0))
