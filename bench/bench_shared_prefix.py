@@ -6,9 +6,11 @@ computing the prompt for every sample, as ratios.
            group, responses of 1..`--response-len` tokens), in three layouts: shared prefix
            (`parallel.share_prefix`), packed and padded (every sequence whole).
   generate the transformers engine's `generate` (n = group size, `--response-len` new tokens) with
-           `prefill_once` on and off, same seed (so the same samples: the same decode work), and
-           what a user would otherwise call: transformers' `model.generate` on the same left-padded
-           prompts (num_return_sequences = n, sampling at temperature 1 without top-k, sequences only).
+           `prefill_once` on and off, and with its steps through the model's forward instead of the
+           lean Qwen3.5 step (`lean_decode` off), same seed (so the same samples: the same decode
+           work), and what a user would otherwise call: transformers' `model.generate` on the same
+           left-padded prompts (num_return_sequences = n, sampling at temperature 1 without top-k,
+           sequences only).
   memory   the peak resident memory one update (as above, the first in its process) adds, in a fresh
            process per layout and round: Linux's VmHWM, reset once the trainer and the batch are built.
 
@@ -149,7 +151,9 @@ def main() -> None:
     adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
     prompts = [batch.rollouts[g * args.group_size].prompt_ids for g in range(args.groups)]
     params = SamplingParams(n=args.group_size, max_new_tokens=args.response_len, seed=1)
-    engines = {on: TransformersEngine(model, tokenizer, prefill_once=on) for on in (True, False)}
+    engines = {"prefill once": TransformersEngine(model, tokenizer),
+               "every sample": TransformersEngine(model, tokenizer, prefill_once=False),
+               "model forward": TransformersEngine(model, tokenizer, lean_decode=False)}
     ids, mask = left_padded(prompts, tokenizer.pad_token_id)
 
     def transformers_generate():
@@ -164,11 +168,10 @@ def main() -> None:
             t0 = time.perf_counter()
             update(trainer, batch, adv)
             times.setdefault(f"update {name}", []).append(time.perf_counter() - t0)
-        for on, engine in engines.items():
+        for name, engine in engines.items():
             t0 = time.perf_counter()
             engine.generate(prompts, params)
-            name = f"generate {'prefill once' if on else 'every sample'}"
-            times.setdefault(name, []).append(time.perf_counter() - t0)
+            times.setdefault(f"generate {name}", []).append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         transformers_generate()
         times.setdefault("generate model.generate", []).append(time.perf_counter() - t0)
@@ -187,7 +190,8 @@ def main() -> None:
              f"process per layout, each of {args.memory_rounds} round(s).", "",
              "| phase | layout | seconds | shared / unshared |", "|---|---|---:|---|"]
     for phase, shared, others in (("update", "update shared", ("update packed", "update padded")),
-                                  ("generate", "generate prefill once", ("generate every sample", "generate model.generate"))):
+                                  ("generate", "generate prefill once",
+                                   ("generate every sample", "generate model forward", "generate model.generate"))):
         for k in (shared, *others):
             ratio = ("" if k != shared else
                      ", ".join(f"{med[shared] / med[o]:.2f}x vs {o.split(' ', 1)[1]}" for o in others))

@@ -42,7 +42,7 @@ def test_bench_scripts_run_quick():
     assert re.search(rf"ZPPO / GRPO: {NUMBER}x per step, {NUMBER}x per trained student token", algos), algos[-2000:]
     shared = out["bench_shared_prefix.py"]
     for phase, layout in [("update", "shared"), ("update", "packed"), ("update", "padded"),
-                          ("generate", "prefill once"), ("generate", "every sample"),
+                          ("generate", "prefill once"), ("generate", "every sample"), ("generate", "model forward"),
                           ("generate", "model.generate")]:
         assert re.search(rf"^\| {phase} \| {layout} \| {NUMBER} \|", shared, re.MULTILINE), shared[-2000:]
     for layout in ("shared", "packed", "padded"):  # each layout's peak memory, from its own process

@@ -57,8 +57,9 @@ def reference_steps(model, ids, mask, tokens_per_step, keep_at):
     return logits
 
 
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "separate"])
 @pytest.mark.parametrize("shape", range(len(SHAPES)))
-def test_steps_match_the_models_forward_with_rows_kept_and_repeated(shape):
+def test_steps_match_the_models_forward_with_rows_kept_and_repeated(shape, stack):
     layers, hidden, attn, linear, rotary = SHAPES[shape]
     model = tiny_qwen(layers, hidden, attn, linear, rotary, seed=shape)
     gen = torch.Generator().manual_seed(10 + shape)
@@ -72,7 +73,7 @@ def test_steps_match_the_models_forward_with_rows_kept_and_repeated(shape):
         fp32 = reference_steps(model.float(), ids, mask, steps, (5, keep))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    lean, position = Qwen35Decoder(model, out.cache, mask, room=len(steps)), mask.sum(-1)
+    lean, position = Qwen35Decoder(model, out.cache, mask, room=len(steps), stack=stack), mask.sum(-1)
     got = [out.logits[:, -1]]
     for t, tokens in enumerate(steps):
         if t == 5:

@@ -65,10 +65,14 @@ class Qwen35Decoder:
 
     `cache`: the prefill's transformers cache; `mask` (B, W) 0/1: the prefill's columns that hold a
     token (left padding is 0); `room`: how many tokens may still be decoded. The model must be in
-    eval mode and must not change shape; its weights may change between steps.
+    eval mode. Its weights are read when the decoder is made (the engine makes one per prefill and
+    pushes weights between calls): on the CPU each layer's input projections are stacked into one
+    matrix, since there a matmul's fixed cost outweighs its arithmetic at these sizes; elsewhere a
+    stacked copy would hold accelerator memory, and each projection runs on its own (`stack`
+    chooses either on any device).
     """
 
-    def __init__(self, model: PreTrainedModel, cache, mask: torch.Tensor, room: int):
+    def __init__(self, model: PreTrainedModel, cache, mask: torch.Tensor, room: int, stack: bool | None = None):
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"Qwen35Decoder: {reason}")
@@ -78,6 +82,13 @@ class Qwen35Decoder:
         self.mask = torch.zeros(rows, width + room, dtype=torch.bool, device=mask.device)
         self.mask[:, :width] = mask.bool()
         self.state: list[list[torch.Tensor]] = []
+        stack = mask.device.type == "cpu" if stack is None else stack
+        self.mlp_in = [_Projection([layer.mlp.gate_proj, layer.mlp.up_proj], stack) for layer in model.model.layers]
+        self.mixer_in = [_Projection([layer.linear_attn.in_proj_qkv, layer.linear_attn.in_proj_z,
+                                      layer.linear_attn.in_proj_b, layer.linear_attn.in_proj_a], stack)
+                         if layer.block_type == "linear_attention" else
+                         _Projection([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], stack)
+                         for layer in model.model.layers]
         for i, kind in enumerate(self.config.layer_types):
             if kind == "linear_attention":
                 # (B, C, K) the last K convolution inputs; (B, heads, dk, dv) float32
@@ -107,24 +118,24 @@ class Qwen35Decoder:
         x = lm.embed_tokens(tokens)  # (B, H)
         cos = (angles.cos() * rope.attention_scaling).to(x.dtype)
         sin = (angles.sin() * rope.attention_scaling).to(x.dtype)
-        for layer, state in zip(lm.layers, self.state):
+        for layer, state, mixer_in, mlp_in in zip(lm.layers, self.state, self.mixer_in, self.mlp_in):
             h = _norm(x, layer.input_layernorm.weight, eps)
             if layer.block_type == "linear_attention":
-                x = x + self._delta_net(layer.linear_attn, h, state)
+                x = x + self._delta_net(layer.linear_attn, mixer_in(h), state)
             else:
-                x = x + self._attention(layer.self_attn, h, state, cos, sin)
-            h = _norm(x, layer.post_attention_layernorm.weight, eps)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+                x = x + self._attention(layer.self_attn, mixer_in(h), state, cos, sin)
+            gate, up = mlp_in(_norm(x, layer.post_attention_layernorm.weight, eps))
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
         self.width += 1
         return self.model.lm_head(_norm(x, lm.norm.weight, eps))
 
     @staticmethod
-    def _delta_net(g, h: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
-        """One Gated-DeltaNet token: h (B, H) -> (B, H); updates the convolution window and the
-        recurrent state in `state`."""
-        rows, dtype = h.shape[0], h.dtype
-        window = torch.cat([state[0][:, :, 1:], g.in_proj_qkv(h)[:, :, None].to(state[0].dtype)], -1)
+    def _delta_net(g, projected: list[torch.Tensor], state: list[torch.Tensor]) -> torch.Tensor:
+        """One Gated-DeltaNet token from its input projections (qkv, z, b, a of (B, ·)) -> (B, H);
+        updates the convolution window and the recurrent state in `state`."""
+        qkv, z, b, a = projected
+        rows, dtype = qkv.shape[0], qkv.dtype
+        window = torch.cat([state[0][:, :, 1:], qkv[:, :, None].to(state[0].dtype)], -1)
         state[0] = window  # (B, C, K)
         mixed = F.silu((window.to(g.conv1d.weight.dtype) * g.conv1d.weight[:, 0]).sum(-1)).to(dtype)
         q, k, v = mixed.float().split([g.key_dim, g.key_dim, g.value_dim], -1)
@@ -136,8 +147,8 @@ class Qwen35Decoder:
         if g.num_v_heads != g.num_k_heads:  # each query / key head serves consecutive value heads
             q = q.repeat_interleave(g.num_v_heads // g.num_k_heads, 1)
             k = k.repeat_interleave(g.num_v_heads // g.num_k_heads, 1)
-        beta = g.in_proj_b(h).sigmoid().float()
-        decay = (-g.A_log.float().exp() * F.softplus(g.in_proj_a(h).float() + g.dt_bias)).exp()
+        beta = b.sigmoid().float()
+        decay = (-g.A_log.float().exp() * F.softplus(a.float() + g.dt_bias)).exp()
         s = state[1].float() * decay[..., None, None]  # (B, heads, dk, dv)
         # products summed over dk, as transformers' torch path does (at dk = 16 on a CPU, 1.7x faster
         # than batched (1, dk) x (dk, dv) matmuls)
@@ -146,19 +157,21 @@ class Qwen35Decoder:
         state[1] = s
         out = (s * q[..., :, None]).sum(-2).to(dtype)  # (B, heads, dv)
         # gated RMSNorm: normalized in float32, scaled in the model's dtype, gated by silu(z) in float32
-        z = g.in_proj_z(h).view(rows, g.num_v_heads, g.head_v_dim)
+        z = z.view(rows, g.num_v_heads, g.head_v_dim)
         n = out.float()
         n = g.norm.weight * (n * torch.rsqrt(n.pow(2).mean(-1, keepdim=True) + g.norm.variance_epsilon)).to(dtype)
         return g.out_proj((n * F.silu(z.float())).to(dtype).reshape(rows, -1))
 
-    def _attention(self, a, h: torch.Tensor, state: list[torch.Tensor], cos: torch.Tensor,
+    def _attention(self, a, projected: list[torch.Tensor], state: list[torch.Tensor], cos: torch.Tensor,
                    sin: torch.Tensor) -> torch.Tensor:
-        """One full-attention token: h (B, H) -> (B, H); writes its key and value into `state`."""
-        rows, d, eps = h.shape[0], a.head_dim, self.config.rms_norm_eps
-        q, gate = a.q_proj(h).view(rows, -1, 2 * d).split(d, -1)
+        """One full-attention token from its input projections (q with its gate, k, v of (B, ·))
+        -> (B, H); writes its key and value into `state`."""
+        qg, k, v = projected
+        rows, d, eps = qg.shape[0], a.head_dim, self.config.rms_norm_eps
+        q, gate = qg.view(rows, -1, 2 * d).split(d, -1)
         q = _norm(q, a.q_norm.weight, eps)
-        k = _norm(a.k_proj(h).view(rows, -1, d), a.k_norm.weight, eps)
-        v = a.v_proj(h).view(rows, -1, d)
+        k = _norm(k.view(rows, -1, d), a.k_norm.weight, eps)
+        v = v.view(rows, -1, d)
         q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
         state[0][:, :, self.width], state[1][:, :, self.width] = k, v
         end = self.width + 1
@@ -166,6 +179,27 @@ class Qwen35Decoder:
                                              attn_mask=self.mask[:, None, None, :end], scale=a.scaling,
                                              enable_gqa=True)
         return a.o_proj(out[:, :, 0].reshape(rows, -1) * gate.reshape(rows, -1).sigmoid())
+
+
+class _Projection:
+    """Linear maps of one input (B, H) -> their outputs: one matmul over their stacked weights
+    (`stack`, read now), or one per map over the live weights."""
+
+    def __init__(self, linears: list[torch.nn.Linear], stack: bool):
+        self.sizes = [m.out_features for m in linears]
+        if not stack:
+            self.parts = [(m.weight, m.bias) for m in linears]
+            return
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.detach()
+                              for m in linears])
+        self.parts = [(torch.cat([m.weight.detach() for m in linears]), bias)]
+
+    def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
+        if len(self.parts) == 1:
+            return list(F.linear(h, *self.parts[0]).split(self.sizes, -1))
+        return [F.linear(h, w, b) for w, b in self.parts]
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
