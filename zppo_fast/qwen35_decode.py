@@ -4,8 +4,9 @@ A decoding step of a small model is mostly fixed cost: transformers' forward bui
 mask, rotary tables for three position axes, output-capture and deprecation wrappers, and a
 growing key/value cache by concatenation, and its Gated-DeltaNet layer runs its one-token
 convolution as a grouped `conv1d` and its recurrence through a general T-step loop. On a CPU that
-is half of a step at 16 rows (5.0 against 10.4 ms for the embedded default's student, 10.9 against
-18.0 at 160 rows), and ZPPO pays it in three dependent decoding loops (plain, teacher, guided).
+is about half of a step of the embedded default's student (bench/bench_shared_prefix.py's "model
+forward" row against "prefill once"), and ZPPO pays it in three dependent decoding loops (plain,
+teacher, guided).
 
 `Qwen35Decoder` takes over after the prefill, which stays the model's own forward: it reads the
 prefill's cache once into tensors of its own (full-attention keys and values in buffers with room
