@@ -55,10 +55,13 @@ def unsupported(model: PreTrainedModel) -> str | None:
     return None
 
 
-def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen3.5's zero-centred RMSNorm (scale 1 + weight), in float32."""
-    h = x.float()
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).type_as(x)
+def _norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3.5's zero-centred RMSNorm in float32; `scale` = 1 + its weight, in float32."""
+    return F.rms_norm(x.float(), scale.shape, scale, eps).type_as(x)
+
+
+def _scale(norm: torch.nn.Module) -> torch.Tensor:
+    return 1.0 + norm.weight.detach().float()
 
 
 class Qwen35Decoder:
@@ -83,6 +86,15 @@ class Qwen35Decoder:
         self.mask = torch.zeros(rows, width + room, dtype=torch.bool, device=mask.device)
         self.mask[:, :width] = mask.bool()
         self.state: list[list[torch.Tensor]] = []
+        lm = model.model
+        # What a step reads of the weights besides the projections: norm scales (1 + weight), the
+        # Gated-DeltaNets' decay rates -exp(A_log).
+        self.norm_scales = [(_scale(layer.input_layernorm), _scale(layer.post_attention_layernorm))
+                            for layer in lm.layers]
+        self.mixer_consts = [-layer.linear_attn.A_log.detach().float().exp() if layer.block_type == "linear_attention"
+                             else (_scale(layer.self_attn.q_norm), _scale(layer.self_attn.k_norm))
+                             for layer in lm.layers]
+        self.final_scale = _scale(lm.norm)
         stack = mask.device.type == "cpu" if stack is None else stack
         self.mlp_in = [_Projection([layer.mlp.gate_proj, layer.mlp.up_proj], stack) for layer in model.model.layers]
         self.mixer_in = [_Projection([layer.linear_attn.in_proj_qkv, layer.linear_attn.in_proj_z,
@@ -119,21 +131,23 @@ class Qwen35Decoder:
         x = lm.embed_tokens(tokens)  # (B, H)
         cos = (angles.cos() * rope.attention_scaling).to(x.dtype)
         sin = (angles.sin() * rope.attention_scaling).to(x.dtype)
-        for layer, state, mixer_in, mlp_in in zip(lm.layers, self.state, self.mixer_in, self.mlp_in):
-            h = _norm(x, layer.input_layernorm.weight, eps)
+        for layer, state, mixer_in, consts, (pre, post), mlp_in in zip(
+                lm.layers, self.state, self.mixer_in, self.mixer_consts, self.norm_scales, self.mlp_in):
+            h = mixer_in(_norm(x, pre, eps))
             if layer.block_type == "linear_attention":
-                x = x + self._delta_net(layer.linear_attn, mixer_in(h), state)
+                x = x + self._delta_net(layer.linear_attn, h, consts, state)
             else:
-                x = x + self._attention(layer.self_attn, mixer_in(h), state, cos, sin)
-            gate, up = mlp_in(_norm(x, layer.post_attention_layernorm.weight, eps))
+                x = x + self._attention(layer.self_attn, h, consts, state, cos, sin)
+            gate, up = mlp_in(_norm(x, post, eps))
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
         self.width += 1
-        return self.model.lm_head(_norm(x, lm.norm.weight, eps))
+        return self.model.lm_head(_norm(x, self.final_scale, eps))
 
     @staticmethod
-    def _delta_net(g, projected: list[torch.Tensor], state: list[torch.Tensor]) -> torch.Tensor:
-        """One Gated-DeltaNet token from its input projections (qkv, z, b, a of (B, ·)) -> (B, H);
-        updates the convolution window and the recurrent state in `state`."""
+    def _delta_net(g, projected: list[torch.Tensor], rate: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
+        """One Gated-DeltaNet token from its input projections (qkv, z, b, a of (B, ·)) -> (B, H),
+        with decay rates `rate` = -exp(A_log) (heads,); updates the convolution window and the
+        recurrent state in `state`."""
         qkv, z, b, a = projected
         rows, dtype = qkv.shape[0], qkv.dtype
         window = torch.cat([state[0][:, :, 1:], qkv[:, :, None].to(state[0].dtype)], -1)
@@ -142,14 +156,16 @@ class Qwen35Decoder:
         q, k, v = mixed.float().split([g.key_dim, g.key_dim, g.value_dim], -1)
         q, k = q.view(rows, g.num_k_heads, g.head_k_dim), k.view(rows, g.num_k_heads, g.head_k_dim)
         v = v.view(rows, g.num_v_heads, g.head_v_dim)
-        # l2-normalized as in transformers (rsqrt of the sum of squares plus 1e-6), queries also by sqrt(dk)
-        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / g.head_k_dim**0.5
-        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+        # l2-normalized as transformers does, x * rsqrt(sum(x^2) + 1e-6), which is the RMS norm with
+        # eps 1e-6 / dk over sqrt(dk); queries are also divided by sqrt(dk)
+        dk = g.head_k_dim
+        q = F.rms_norm(q, (dk,), eps=1e-6 / dk) / dk
+        k = F.rms_norm(k, (dk,), eps=1e-6 / dk) / dk**0.5
         if g.num_v_heads != g.num_k_heads:  # each query / key head serves consecutive value heads
             q = q.repeat_interleave(g.num_v_heads // g.num_k_heads, 1)
             k = k.repeat_interleave(g.num_v_heads // g.num_k_heads, 1)
         beta = b.sigmoid().float()
-        decay = (-g.A_log.float().exp() * F.softplus(a.float() + g.dt_bias)).exp()
+        decay = (rate * F.softplus(a.float() + g.dt_bias)).exp()
         s = state[1].float() * decay[..., None, None]  # (B, heads, dk, dv)
         # products summed over dk, as transformers' torch path does (at dk = 16 on a CPU, 1.7x faster
         # than batched (1, dk) x (dk, dv) matmuls)
@@ -159,19 +175,18 @@ class Qwen35Decoder:
         out = (s * q[..., :, None]).sum(-2).to(dtype)  # (B, heads, dv)
         # gated RMSNorm: normalized in float32, scaled in the model's dtype, gated by silu(z) in float32
         z = z.view(rows, g.num_v_heads, g.head_v_dim)
-        n = out.float()
-        n = g.norm.weight * (n * torch.rsqrt(n.pow(2).mean(-1, keepdim=True) + g.norm.variance_epsilon)).to(dtype)
+        n = g.norm.weight * F.rms_norm(out.float(), (g.head_v_dim,), eps=g.norm.variance_epsilon).to(dtype)
         return g.out_proj((n * F.silu(z.float())).to(dtype).reshape(rows, -1))
 
-    def _attention(self, a, projected: list[torch.Tensor], state: list[torch.Tensor], cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
+    def _attention(self, a, projected: list[torch.Tensor], scales: tuple[torch.Tensor, torch.Tensor],
+                   state: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One full-attention token from its input projections (q with its gate, k, v of (B, ·))
-        -> (B, H); writes its key and value into `state`."""
+        and its q / k norm scales -> (B, H); writes its key and value into `state`."""
         qg, k, v = projected
         rows, d, eps = qg.shape[0], a.head_dim, self.config.rms_norm_eps
         q, gate = qg.view(rows, -1, 2 * d).split(d, -1)
-        q = _norm(q, a.q_norm.weight, eps)
-        k = _norm(k.view(rows, -1, d), a.k_norm.weight, eps)
+        q = _norm(q, scales[0], eps)
+        k = _norm(k.view(rows, -1, d), scales[1], eps)
         v = v.view(rows, -1, d)
         q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
         state[0][:, :, self.width], state[1][:, :, self.width] = k, v
