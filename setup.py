@@ -112,11 +112,12 @@ setup(
         # older. 2.13 is the release the suite runs on (Makefile) and the one sglang 0.5.19 pins.
         "torch>=2.13",
         "triton; sys_platform == 'linux'",
-        # Below 5.25: 5.25 rewrote the Gated-DeltaNet layer's calls into its cache
-        # (get_recurrent_states_to_keep, ...), which zppo_fast/shared_prefix.py's state handover
-        # answers as 5.24 asks. (5.25 also depends on the PyPI package `kernels`: kernels/__init__.py
-        # hands that name over when the checkout's root is on sys.path.)
-        "transformers>=5.0,<5.25",
+        # Below 5.26, the newest release the suite has passed on: zppo_fast/shared_prefix.py's state
+        # handover and zppo_fast/qwen35_decode.py read transformers' Gated-DeltaNet cache, whose
+        # calls 5.25 changed (get_recurrent_states_to_keep, ...). (5.25 also depends on the PyPI
+        # package `kernels`: kernels/__init__.py hands that name over when the checkout's root is on
+        # sys.path.)
+        "transformers>=5.0,<5.26",
         "tokenizers",
         "safetensors",
         "numpy",

@@ -127,6 +127,9 @@ class _StateHandover:
     def is_recording_past(self, layer_idx: int) -> bool:
         return True  # never the single-token path, which updates the conv state in place
 
+    def get_recurrent_states_to_keep(self, layer_idx: int) -> int:
+        return 0  # transformers >= 5.25 asks how many per-token states to keep (for rollbacks): none
+
     def update_conv_state(self, x: torch.Tensor, layer_idx: int, conv_kernel_size: int | None = None, **kwargs):
         """x: (B, C, L) this call's pre-convolution features; returns them behind the given tail."""
         full = x if self.conv is None else torch.cat([self.conv.to(x.dtype), x], dim=-1)
