@@ -11,7 +11,9 @@ teacher, guided).
 `Qwen35Decoder` takes over after the prefill, which stays the model's own forward: it reads the
 prefill's cache once into tensors of its own (full-attention keys and values in buffers with room
 for every new token, Gated-DeltaNet convolution windows and recurrent states) and then computes
-each step with the model's own weights, so a weight push into the model is seen at the next step.
+each step. What it derives from the weights (stacked projections, norm scales, decay rates) is read
+when it is made; the engine makes one per prefill and pushes weights between its calls, so each
+call decodes with the weights pushed last.
 The arithmetic is transformers' (the same casts: norms, gates and the recurrence in float32, the
 rest in the model's dtype); `tests/test_qwen35_decode.py` holds it to the model's forward.
 
@@ -96,12 +98,12 @@ class Qwen35Decoder:
                              for layer in lm.layers]
         self.final_scale = _scale(lm.norm)
         stack = mask.device.type == "cpu" if stack is None else stack
-        self.mlp_in = [_Projection([layer.mlp.gate_proj, layer.mlp.up_proj], stack) for layer in model.model.layers]
+        self.mlp_in = [_Projection([layer.mlp.gate_proj, layer.mlp.up_proj], stack) for layer in lm.layers]
         self.mixer_in = [_Projection([layer.linear_attn.in_proj_qkv, layer.linear_attn.in_proj_z,
                                       layer.linear_attn.in_proj_b, layer.linear_attn.in_proj_a], stack)
                          if layer.block_type == "linear_attention" else
                          _Projection([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], stack)
-                         for layer in model.model.layers]
+                         for layer in lm.layers]
         for i, kind in enumerate(self.config.layer_types):
             if kind == "linear_attention":
                 # (B, C, K) the last K convolution inputs; (B, heads, dk, dv) float32
