@@ -215,7 +215,7 @@ class TransformersEngine:
 
     After the prefill, Qwen3.5 text models decode through `zppo_fast.qwen35_decode` (`lean_decode`,
     on by default), which computes the same step without transformers' per-call machinery, about
-    twice as fast on a CPU at these sizes; other models, and `lean_decode=False`, decode through the
+    twice as fast per step on a CPU at these sizes; other models, and `lean_decode=False`, decode through the
     model's forward. `decoding` says which path runs and why.
 
     Vision-language models (`zppo_fast.vlm`) also take a `processor`; `generate(..., images=)` then
@@ -340,7 +340,8 @@ class TransformersEngine:
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                          use_cache=True, logits_to_keep=1, **vision)
         lean = Qwen35Decoder(self.model, out.cache, mask.to(device), room) if self.lean else None
-        state = DecodeState(out.logits[:, -1], out.cache, mask.to(device), mask.sum(-1).to(device),
+        # the lean step copied what it needs: transformers' cache is let go rather than held twice
+        state = DecodeState(out.logits[:, -1], None if lean else out.cache, mask.to(device), mask.sum(-1).to(device),
                             None if deltas is None else deltas[:, 0].to(device), lean)
         if once:
             state.keep(copies.to(device))
@@ -388,7 +389,7 @@ class DecodeState:
     mask: torch.Tensor
     position: torch.Tensor
     deltas: torch.Tensor | None
-    lean: Qwen35Decoder | None = None  # set: the steps run through it, and `cache` / `mask` rest
+    lean: Qwen35Decoder | None = None  # set: the steps run through it (`cache` is None, `mask` unused)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep (and repeat) the rows `index` (B',), in that order."""
