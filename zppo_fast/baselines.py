@@ -66,7 +66,7 @@ from zppo_fast import prompts
 from zppo_fast.data import chat_prompt_ids, instruction_prompt_ids
 from zppo_fast.engine import RolloutEngine, SamplingParams
 from zppo_fast.reward import grade, normalize_answer
-from zppo_fast.selection import HARD_THRESHOLD
+from zppo_fast.selection import HARD_THRESHOLD, hardest
 from zppo_fast.task import Problem
 from zppo_fast.zppo import GradeFn, boxed_grade, teacher_rollouts
 
@@ -221,9 +221,9 @@ class HintPrefixBuilder:
         hard = [i for i, a in enumerate(accuracy) if a < cfg.hard_threshold]
         metrics = {f"{k}/hard_frac": len(hard) / max(len(problems), 1), f"{k}/teacher_tokens": 0.0}
 
-        # X_aug: the `cap` hardest questions (sorted() is stable: ties stay in batch order), and
+        # X_aug: the `cap` hardest questions (ties stay in batch order, as pre-cap), and
         # fresh teacher rollouts for those only (same seeds as zppo.Reformulator).
-        aug = sorted(hard, key=lambda i: accuracy[i])[:cap]
+        aug = hardest(accuracy, cap, cfg.hard_threshold)
         correct: dict[int, list[str]] = {i: [] for i in aug}
         if aug:
             params = SamplingParams(

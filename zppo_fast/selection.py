@@ -33,7 +33,7 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 HARD_THRESHOLD = 0.5  # the paper's; runs read zppo.hard_threshold
 KINDS = ("bcq", "ncq")
@@ -98,7 +98,7 @@ def select_reformulations(
 
     # Post-cap: BCQ then NCQ per question, stopping at the cap.
     selected: list[tuple[int, str]] = []
-    for i in _precap(accuracies, lambda i: bool(instances(i)), cap, hard_threshold):
+    for i in hardest(accuracies, cap, hard_threshold, lambda i: bool(instances(i))):
         for kind in instances(i):
             if len(selected) == cap:
                 return selected
@@ -118,11 +118,12 @@ def teacher_questions(accuracies: Sequence[float], cap: int, kinds: Sequence[str
     instances, from candidates of the same distribution. BCQ alone: eligibility decides pre-cap,
     so every hard question needs its rollouts.
     """
-    return _precap(accuracies, lambda i: True, cap if "ncq" in kinds else len(accuracies), hard_threshold)
+    return hardest(accuracies, cap if "ncq" in kinds else len(accuracies), hard_threshold)
 
 
-def _precap(accuracies: Sequence[float], yields, cap: int, hard_threshold: float) -> list[int]:
-    """The `cap` lowest-accuracy hard questions for which `yields(i)`. sorted() is stable and indices
-    ascend, so equal accuracies stay in index order."""
+def hardest(accuracies: Sequence[float], cap: int, hard_threshold: float = HARD_THRESHOLD,
+            yields: Callable[[int], bool] = lambda i: True) -> list[int]:
+    """The `cap` lowest-accuracy hard questions (for which `yields(i)`), ascending: pre-cap, and the
+    baselines' X_aug. sorted() is stable and indices ascend, so equal accuracies stay in index order."""
     hard = [i for i, acc in enumerate(accuracies) if acc < hard_threshold and yields(i)]
     return sorted(hard, key=lambda i: accuracies[i])[:cap]
