@@ -110,6 +110,32 @@ def test_reading_examples_target_the_correct_candidate(task):
             assert all(grade(c, answer) == 0.0 for c in candidates)
 
 
+def test_detours_can_only_be_written_by_following_the_candidate(task):
+    """Three in four correct candidates (where the fact allows) take a detour: two steps whose first is
+    not the question's own step; every step of a correct candidate is right arithmetic within the
+    task's bounds, and the wrong candidate beside a detour shares its first step or stops there."""
+    rng = random.Random(5)
+    detours = one_step = 0
+    for fact in task.facts[EASY] * 3:
+        correct, wrong = task.reading_pair(fact, rng)
+        answer = testbed.chain(fact)[1]
+        steps = re.findall(r"(\d+)([+-])(\d+)=(\d+)", correct)
+        assert grade(correct, str(answer)) == 1.0 and grade(wrong, str(answer)) == 0.0
+        assert steps[0][0] == str(fact[0]) and steps[-1][3] == str(answer)
+        for a, op, b, c in steps:
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert 0 <= int(c) <= task.max_value and int(b) <= task.max_operand
+        if len(steps) == 2:
+            detours += 1
+            assert "; " in correct and (steps[0][1], int(steps[0][2])) != fact[1][0]
+            assert steps[1][0] == steps[0][3]
+            assert wrong.startswith(correct.split("; ")[0].split("</think>")[0])
+        else:
+            one_step += 1
+            assert correct == testbed.solution_text(*testbed.chain(fact))
+    assert 0.65 < detours / (detours + one_step) < 0.8
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="max_value"):
         testbed.TestbedTask(max_value=0)

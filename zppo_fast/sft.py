@@ -32,7 +32,7 @@ from zppo_fast.model import build_tiny_model, load_model, save_model
 from zppo_fast.testbed import STUDENT, TEACHER, embedded_task
 from zppo_fast.tokenizer import build_tokenizer
 
-CACHE_VERSION = 2  # bump when the warm-up's recipe changes, so stale caches are not reused
+CACHE_VERSION = 3  # bump when the warm-up's recipe changes, so stale caches are not reused
 
 
 def cache_path(model: ModelConfig, task: TaskConfig, sft: SFTConfig, role: str = STUDENT) -> Path:

@@ -17,10 +17,13 @@ that situation at toy scale, with every piece a fair analog of the paper's setti
   writes (a wrong result, the wrong operation, the step skipped) -- whose target is the correct
   solution. This is the analog of instruction tuning: the student learns to read candidates on a
   distribution disjoint from the hard family. To make following a candidate differ from recalling
-  the fact, half the correct candidates work the easy fact in two steps ("14+1=15; 15+2=17"), and
-  the target follows them; the wrong ones beside them mostly stop after the first step. No hard
-  question, answer or worked solution is ever in the student's warm-up (tests/test_testbed.py
-  checks ids and texts: a hard chain joins its steps with ", ", a split easy one with "; "), nor in
+  the fact, three in four correct candidates take a detour the plain warm-up never writes ("14+3":
+  "14-2=12; 12+5=17"), and the target follows it; the wrong ones beside them mostly stop after the
+  first step. (An earlier recipe split the operand, "14+1=15; 15+2=17": the student learned to copy
+  the first step and derive the second from the question, and on hard BCQ prompts it scored 0.10
+  against 0.08 plain -- it could not use candidates, the method's premise.) No hard question,
+  answer or worked solution is ever in the student's warm-up (tests/test_testbed.py checks ids and
+  texts: a hard chain joins its steps with ", ", a detour "; "), nor in
   the tokenizer's corpus;
 * the teacher is stronger on the hard family because its warm-up (`warmup_example(TEACHER, ...)`)
   holds both families' training questions, as a larger model's pre-training would.
@@ -94,7 +97,7 @@ class TestbedTask:
             raise ValueError(f"bad testbed settings: max_value={max_value} (>= 1), max_operand={max_operand} (>= 1), "
                              f"heldout_fraction={heldout_fraction} and easy_heldout_fraction={easy_heldout_fraction} "
                              "(in (0, 1))")
-        self.seed = seed
+        self.seed, self.max_value, self.max_operand = seed, max_value, max_operand
         self.facts = {EASY: _facts(1, max_value, max_operand), HARD: _facts(2, max_value, max_operand)}
         fraction = {EASY: easy_heldout_fraction, HARD: heldout_fraction}
         self._heldout = {fam: [i for i, f in enumerate(fs) if _unit(f"{seed}:split:{f}") < fraction[fam]]
@@ -185,38 +188,57 @@ class TestbedTask:
         wrong = [w for _, w in pairs]
         return p.id, prompts.build_ncq(p.question, wrong, [boxed(w) for w in wrong]), pairs[0][0]
 
-    @staticmethod
-    def reading_pair(fact: Fact, rng: random.Random) -> tuple[str, str]:
+    def reading_pair(self, fact: Fact, rng: random.Random) -> tuple[str, str]:
         """(a correct, a wrong) worked solution of an easy fact, as candidates.
 
-        Half of the correct ones (where the operand is 2 or more) are worked in two steps, the operand
-        split in two ("14+3": "14+1=15; 15+2=17"), so that following a candidate means following its
-        steps, however many; the plain warm-up's solutions always take one. The wrong ones are of
-        the kinds a student writes: a wrong result, the wrong operation, the step skipped (the
-        starting number as the answer), and, for a two-step solution, stopping after the first step.
+        Three in four correct ones (where the fact allows) take a detour: a first step of either
+        operation and any operand, then the step from there to the answer ("14+3": "14-2=12;
+        12+5=17"). The plain warm-up never writes a detour, so the only way to write one is to
+        follow the candidate, both of its steps. The wrong ones are of the kinds a student writes:
+        for a detour, stopping after the first step (mostly), a wrong last result or the wrong last
+        operation; for one step, a wrong result, the wrong operation or the step skipped (the
+        starting number as the answer).
         """
         start, ((op, b),) = fact
         answer = chain(fact)[1]
-        other = "-" if op == "+" else "+"
-        apply = {"+": lambda x, y: x + y, "-": lambda x, y: x - y}
-        if b >= 2 and rng.random() < 0.5:
-            b1 = rng.randint(1, b - 1)
-            middle = apply[op](start, b1)
-            # "; " where a hard chain has ", ": no text of the warm-up is ever a hard worked solution
-            correct = solution_text(f"{start}{op}{b1}={middle}; {middle}{op}{b - b1}={answer}", answer)
-            # Mostly stopped early: the wrong trace a student writes beside a chain it cannot finish.
-            kind = "stopped" if rng.random() < 0.6 else rng.choice(("result", "operation"))
-            if kind == "stopped":
-                return correct, solution_text(f"{start}{op}{b1}={middle}", middle)
-        else:
-            correct = solution_text(chain(fact)[0], answer)
-            kind = rng.choice(("skipped", "result", "operation"))
-            if kind == "skipped" and start != answer:  # "+ 0" / "- 0": skipping is right; a wrong result instead
-                return correct, solution_text(str(start), start)
-        wrong = apply[other](start, b) if kind == "operation" else answer + rng.choice((-2, -1, 1, 2))
-        if wrong == answer or wrong < 0:  # "+ 0" as "- 0", or below zero: off by one instead
-            wrong = answer + 1
-        return correct, solution_text(f"{start}{other if kind == 'operation' else op}{b}={wrong}", wrong)
+        if rng.random() < 0.75:
+            detours = [(op1, b1, middle) for op1 in "+-" for b1 in range(1, self.max_operand + 1)
+                       if (op1, b1) != (op, b) and 0 <= (middle := _apply(op1, start, b1)) <= self.max_value
+                       and 1 <= abs(answer - middle) <= self.max_operand]
+            if detours:
+                op1, b1, middle = rng.choice(detours)
+                op2, b2 = ("+" if answer > middle else "-"), abs(answer - middle)
+                # "; " where a hard chain has ", ": no text of the warm-up is ever a hard worked solution
+                first = f"{start}{op1}{b1}={middle}"
+                correct = solution_text(f"{first}; {middle}{op2}{b2}={answer}", answer)
+                kind = "stopped" if rng.random() < 0.6 else rng.choice(("result", "operation"))
+                if kind == "stopped":
+                    return correct, solution_text(first, middle)
+                last_op = _OTHER[op2] if kind == "operation" else op2
+                wrong = _wrong_result(answer, _apply(last_op, middle, b2) if kind == "operation" else None, rng)
+                return correct, solution_text(f"{first}; {middle}{last_op}{b2}={wrong}", wrong)
+        correct = solution_text(chain(fact)[0], answer)
+        kind = rng.choice(("skipped", "result", "operation"))
+        if kind == "skipped" and start != answer:  # "+ 0" / "- 0": skipping is right; a wrong result instead
+            return correct, solution_text(str(start), start)
+        last_op = _OTHER[op] if kind == "operation" else op
+        wrong = _wrong_result(answer, _apply(last_op, start, b) if kind == "operation" else None, rng)
+        return correct, solution_text(f"{start}{last_op}{b}={wrong}", wrong)
+
+
+_OTHER = {"+": "-", "-": "+"}
+
+
+def _apply(op: str, x: int, y: int) -> int:
+    return x + y if op == "+" else x - y
+
+
+def _wrong_result(answer: int, result: int | None, rng: random.Random) -> int:
+    """`result` (the wrong operation's) where it is wrong and not negative, else the answer off by
+    one or two ("+ 0" as "- 0" is right: off by one instead)."""
+    if result is None:
+        result = answer + rng.choice((-2, -1, 1, 2))
+    return result if result != answer and result >= 0 else answer + 1
 
 
 def boxed(solution: str) -> str:
