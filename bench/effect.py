@@ -26,6 +26,9 @@ Measured per run (from RUN_DIR/metrics.jsonl and, for algos with a replay buffer
   0-of-G graduated: of the questions admitted to the replay buffer at accuracy 0 of G, the share that
     graduated by the end (report.json, bucket "0/G"; the paper's Fig. 4: 28% ZPPO vs 4% GRPO with
     replay, 2B student). "-" for algos without a buffer or without such admissions.
+  0-of-G graduated / visited: the same over those of them replayed at least once. A short run replays
+    few of its admissions (rho_replay x batch a step against about half the batch admitted), so the
+    share above mixes what a visit teaches with how many questions were visited at all.
   graduated / exits: graduations as a share of all buffer exits, graduated + evicted (the paper's
     Fig. 5: 26.6% vs 14.3%).
   BCQ / NCQ acc: the student's accuracy on its rollouts of BCQ / NCQ prompts, mean over the steps that
@@ -82,7 +85,7 @@ from results import cpu_name, git_commit, record_section  # noqa: E402
 from scipy.stats import t as student_t  # noqa: E402
 
 from zppo_fast.config import AlgoName, ConfigError, load_config  # noqa: E402
-from zppo_fast.report import ReportError, read_jsonl  # noqa: E402
+from zppo_fast.report import ReportError, read_jsonl, write_report  # noqa: E402
 
 MAIN_ALGOS = ("grpo", "grpo_replay", "zppo")
 ABLATIONS = ("grpo_both", "grpo_replay_bcq", "grpo_replay_ncq")  # the paper's Table 3
@@ -115,6 +118,8 @@ QUANTITIES = (
     ("easy_final", "easy acc final", ".3f"),
     ("easy_gain", "easy gain", "+.3f"),
     ("grad0_share", "0-of-G graduated", ".1%"),
+    # of the 0-of-G admissions replayed at least once: a 30-step run visits about a third of them
+    ("grad0_visited_share", "0-of-G graduated / visited", ".1%"),
     ("grad_exit_share", "graduated / exits", ".1%"),
     ("bcq_acc", "BCQ acc", ".3f"),
     ("ncq_acc", "NCQ acc", ".3f"),
@@ -225,17 +230,21 @@ def summarize_run(run_dir: Path, last_step: int, algo_replay: bool) -> dict:
         student_tokens=float(sum(rec.get("perf/student_tokens", 0) for rec in train)),
         teacher_tokens=float(sum(rec.get(k, 0) for rec in train for k in teacher_keys)) if teacher_keys else None,
         step_s=statistics.median(step_seconds(rec) for rec in train) if train else None,
-        grad0_admitted=None, grad0_graduated=None, grad0_share=None, grad_exit_share=None,
+        grad0_admitted=None, grad0_graduated=None, grad0_share=None, grad0_visited=None, grad0_visited_share=None,
+        grad_exit_share=None,
     )
     if algo_replay:
         report_path = run_dir / "report.json"
         if not report_path.is_file():
             raise StudyError(f"{report_path}: missing (the trainer writes it at the end of a run with a replay buffer)")
         report = json.loads(report_path.read_text())
+        if "visited" not in report["total"]:  # written before zppo_fast.report counted visits: read the run again
+            report = write_report(run_dir)
         zero = report["buckets"][0]  # "0/G": admitted at accuracy 0 of G
         bucket, total = report["per_bucket"][zero], report["total"]
         out.update(grad0_admitted=bucket["admitted"], grad0_graduated=bucket["graduated"],
                    grad0_share=bucket["graduated"] / bucket["admitted"] if bucket["admitted"] else None,
+                   grad0_visited=bucket["visited"], grad0_visited_share=bucket["graduated_per_visited"],
                    grad_exit_share=total["graduated_share"], exits=total["graduated"] + total["evicted"],
                    admitted=total["admitted"])
     return out
@@ -436,7 +445,7 @@ def note(results: dict[str, dict[int, dict]], cfg) -> str:
             f"paired differences match seed K of one algo with seed K of the other. Accuracy: greedy, held out, "
             f"at step 0 (start) and step {cfg.run.steps} (final); the largest standard error of one run's final "
             f"accuracy: {se}. 0-of-G graduated: share of the questions admitted to the replay buffer at accuracy 0 of "
-            f"{cfg.rl.group_size} that graduated by the end; graduated / exits: graduations over graduations + "
+            f"{cfg.rl.group_size} that graduated by the end; / visited: of those replayed at least once; graduated / exits: graduations over graduations + "
             f"evictions. Tokens: sampled over the run. s / step: median over steps, evaluations excluded.")
 
 

@@ -72,6 +72,8 @@ def write_run(run_dir: Path) -> None:
                {"id": 2, "step_admitted": 1, "acc_admitted": 0.0, "exit_step": 2, "exit": "evicted", "visits": 1},
                {"id": 3, "step_admitted": 2, "acc_admitted": 0.25, "exit_step": 3, "exit": "graduated", "visits": 1}]
     live = [{"id": 4, "step_admitted": 3, "acc_admitted": 0.0, "visits": 0}]
+    (run_dir / "replay_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    (run_dir / "replay_live.jsonl").write_text("".join(json.dumps(r) + "\n" for r in live))
     (run_dir / "report.json").write_text(json.dumps(summarize(history, 8, live_records=live, last_step=3)))
 
 
@@ -84,10 +86,23 @@ def test_summarize_run_reads_every_quantity(tmp_path):
     assert (r["hard_final_se"], r["easy_final_se"]) == (0.019, 0.014)
     assert (r["grad0_admitted"], r["grad0_graduated"]) == (3, 1)
     assert math.isclose(r["grad0_share"], 1 / 3)
+    assert r["grad0_visited"] == 2 and r["grad0_visited_share"] == 0.5  # id 4 (live) was never visited
     assert math.isclose(r["grad_exit_share"], 2 / 3)  # 2 graduated of 3 exits, over every bucket
     assert r["bcq_acc"] == 0.375 and r["ncq_acc"] == 0.0  # over the steps that had them
     assert r["student_tokens"] == 330 and r["teacher_tokens"] == 105
     assert r["step_s"] == 3.0  # median of 3.0, 4.0, 2.0
+
+
+def test_a_report_written_before_visits_were_counted_is_read_again(tmp_path):
+    write_run(tmp_path / "run")
+    path = tmp_path / "run" / "report.json"
+    report = json.loads(path.read_text())
+    for part in [report["total"], *report["per_bucket"].values()]:
+        del part["visited"], part["graduated_per_visited"]
+    path.write_text(json.dumps(report))
+    r = effect.summarize_run(tmp_path / "run", last_step=3, algo_replay=True)
+    assert r["grad0_visited"] == 2 and r["grad0_visited_share"] == 0.5
+    assert "visited" in json.loads(path.read_text())["total"]
 
 
 def test_summarize_run_names_a_missing_final_evaluation(tmp_path):

@@ -54,6 +54,7 @@ def test_summarize_by_hand():
     assert (b0["admitted"], b0["graduated"], b0["evicted"], b0["live"]) == (3, 1, 1, 1)
     assert b0["graduated_share"] == 0.5 and b0["evicted_share"] == 0.5
     assert b0["mean_visits_to_graduate"] == 2.0 and b0["mean_steps_to_graduate"] == 2.0
+    assert b0["visited"] == 3 and b0["graduated_per_visited"] == pytest.approx(1 / 3)
     assert b0["cumulative_admitted"] == [2, 2, 2, 2, 3, 3, 3]
     assert b0["cumulative_graduated"] == [0, 0, 1, 1, 1, 1, 1]
     assert b0["cumulative_graduation_rate"] == pytest.approx([0, 0, 0.5, 0.5, 1 / 3, 1 / 3, 1 / 3])
@@ -64,6 +65,7 @@ def test_summarize_by_hand():
 
     assert (b2["admitted"], b2["graduated"], b2["evicted"], b2["live"]) == (1, 0, 0, 1)
     assert b2["graduated_share"] is None and b2["mean_visits_to_graduate"] is None
+    assert b2["visited"] == 0 and b2["graduated_per_visited"] is None  # id 7: never visited
     assert b2["cumulative_graduation_rate"] == [None] * 5 + [0, 0]
 
     assert (b3["admitted"], b3["graduated"], b3["evicted"]) == (2, 2, 0)
@@ -74,6 +76,7 @@ def test_summarize_by_hand():
     t = s["total"]
     assert (t["admitted"], t["graduated"], t["evicted"], t["live"]) == (7, 4, 1, 2)
     assert t["graduated_share"] == 0.8
+    assert t["visited"] == 6 and t["graduated_per_visited"] == pytest.approx(4 / 6)
     assert t["mean_visits_to_graduate"] == 1.5 and t["mean_steps_to_graduate"] == 1.75
     assert t["cumulative_admitted"] == [2, 4, 4, 5, 6, 7, 7]
     assert t["cumulative_graduated"] == [0, 0, 2, 3, 3, 4, 4]
@@ -149,7 +152,7 @@ def test_cli_prints_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "group size 8, steps 1..7" in out
     row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["0/8"])
-    assert row == ["0/8", "3", "1", "1", "1", "33.3%", "50.0%", "2.00"]
+    assert row == ["0/8", "3", "1", "1", "1", "33.3%", "3", "33.3%", "50.0%", "2.00"]
     assert "all" in out and "note:" not in out
 
 

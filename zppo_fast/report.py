@@ -128,6 +128,9 @@ def summarize(
         per_bucket[label] and total, each with admitted, graduated, evicted, live counts;
         graduated_share / evicted_share (of exits; None without exits);
         mean_visits_to_graduate, mean_steps_to_graduate (None without graduations);
+        visited (admissions visited at least once) and graduated_per_visited (None without
+        visits): a short run replays few of its admissions, so graduated / admitted mixes how
+        well a visit teaches with how many questions were visited at all;
         and per step: cumulative_admitted, cumulative_graduated, cumulative_graduation_rate
         (graduated / admitted so far; None before the first admission).
     """
@@ -139,10 +142,12 @@ def summarize(
     grad_waits: list[list[int]] = [[] for _ in range(n)]
     evicted = [0] * n
     live = [0] * n
+    visited = [0] * n
     for source, records in (("history", history_records), ("live", live_records)):
         for j, rec in enumerate(records):
             k = _bucket(rec["acc_admitted"], group_size, f"{source} record {j} (id {rec['id']})")
             admit_steps[k].append(rec["step_admitted"])
+            visited[k] += rec["visits"] > 0
             if source == "live":
                 live[k] += 1
             elif rec["exit"] == "graduated":
@@ -161,7 +166,7 @@ def summarize(
     )
 
     def stats(admits: list[int], grads: list[int], visits: list[int], waits: list[int],
-              n_evicted: int, n_live: int) -> dict[str, Any]:
+              n_evicted: int, n_live: int, n_visited: int) -> dict[str, Any]:
         exits = len(grads) + n_evicted
         cum_admitted = np.searchsorted(np.sort(admits), steps, side="right")
         cum_graduated = np.searchsorted(np.sort(grads), steps, side="right")
@@ -170,6 +175,8 @@ def summarize(
             "graduated": len(grads),
             "evicted": n_evicted,
             "live": n_live,
+            "visited": n_visited,
+            "graduated_per_visited": len(grads) / n_visited if n_visited else None,
             "graduated_share": len(grads) / exits if exits else None,
             "evicted_share": n_evicted / exits if exits else None,
             "mean_visits_to_graduate": float(np.mean(visits)) if visits else None,
@@ -183,11 +190,11 @@ def summarize(
 
     per_bucket = {
         labels[k]: stats(admit_steps[k], grad_steps[k], grad_visits[k], grad_waits[k],
-                         evicted[k], live[k])
+                         evicted[k], live[k], visited[k])
         for k in range(n)
     }
     total = stats(_flatten(admit_steps), _flatten(grad_steps), _flatten(grad_visits),
-                  _flatten(grad_waits), sum(evicted), sum(live))
+                  _flatten(grad_waits), sum(evicted), sum(live), sum(visited))
     return {
         "group_size": group_size,
         "buckets": labels,
@@ -200,7 +207,7 @@ def summarize(
 def format_table(summary: Mapping[str, Any]) -> str:
     """The per-bucket counts and shares as a fixed-width text table."""
     head = f"{'acc@admit':>9} {'admitted':>8} {'graduated':>9} {'evicted':>7} {'live':>6} " \
-           f"{'grad/adm':>8} {'grad share':>10} {'visits to grad':>14}"
+           f"{'grad/adm':>8} {'visited':>7} {'grad/vis':>8} {'grad share':>10} {'visits to grad':>14}"
     rows = [head, "-" * len(head)]
 
     def fmt(x: float | None, spec: str) -> str:
@@ -211,7 +218,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
         rate = s["graduated"] / s["admitted"] if s["admitted"] else None
         rows.append(
             f"{label:>9} {s['admitted']:>8} {s['graduated']:>9} {s['evicted']:>7} {s['live']:>6} "
-            f"{fmt(rate, '.1%'):>8} {fmt(s['graduated_share'], '.1%'):>10} "
+            f"{fmt(rate, '.1%'):>8} {s['visited']:>7} {fmt(s['graduated_per_visited'], '.1%'):>8} "
+            f"{fmt(s['graduated_share'], '.1%'):>10} "
             f"{fmt(s['mean_visits_to_graduate'], '.2f'):>14}"
         )
     return "\n".join(rows)
