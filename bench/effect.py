@@ -140,7 +140,10 @@ QUANTITIES = (
     ("teacher_tokens", "teacher tokens", ",.0f"),
     ("step_s", "s / step", ".2f"),
 )
-PAIRED = ("hard_final", "easy_final", "hard_gain")
+# (key, name, format) of the quantities paired seed by seed: accuracy, and the paper's signature, graduation
+PAIRED = (("hard_final", "hard acc final", "+.3f"), ("easy_final", "easy acc final", "+.3f"),
+          ("hard_gain", "hard gain", "+.3f"), ("grad0_share", "0-of-G graduated", "+.1%"),
+          ("grad0_visited_share", "0-of-G graduated / visited", "+.1%"))
 
 
 class StudyError(RuntimeError):
@@ -400,7 +403,7 @@ def paired(results: dict[str, dict[int, dict]]) -> dict[str, dict] | None:
     if a not in results or b not in results:
         return None
     return {key: paired_difference({s: r[key] for s, r in results[a].items()},
-                                   {s: r[key] for s, r in results[b].items()}) for key in PAIRED}
+                                   {s: r[key] for s, r in results[b].items()}) for key, _, _ in PAIRED}
 
 
 def verdict(diffs: dict[str, dict] | None) -> str:
@@ -436,9 +439,8 @@ def paired_lines(diffs: dict[str, dict] | None) -> str:
     if diffs is None:
         return ""
     a, b = PAIR
-    names = {"hard_final": "hard acc final", "easy_final": "easy acc final", "hard_gain": "hard gain"}
-    return "\n".join(f"- {a} - {b}, {names[key]}: {fmt_interval(d, '+.3f')} (seeds {d['seeds']}; per seed "
-                     f"{', '.join(f'{x:+.3f}' for x in d['diffs'])})" for key, d in diffs.items())
+    return "\n".join(f"- {a} - {b}, {name}: {fmt_interval(diffs[key], spec)} (seeds {diffs[key]['seeds']}; per seed "
+                     f"{', '.join(format(x, spec) for x in diffs[key]['diffs'])})" for key, name, spec in PAIRED)
 
 
 def note(results: dict[str, dict[int, dict]], cfg) -> str:
