@@ -44,8 +44,10 @@ Measured per run (from RUN_DIR/metrics.jsonl and, for algos with a replay buffer
     evaluations are not in it).
 
 Reported per algo: the mean over seeds and its 95% t-interval (mean +- t(0.975, n-1) * sd / sqrt(n));
-and the paired difference zppo - grpo_replay, seed by seed, of the final hard and easy accuracy and
-the hard gain, with its 95% t-interval. Writes OUT/effect.json (every number, the command, the
+and the paired difference zppo - grpo_replay, seed by seed, of the final hard and easy accuracy, the
+hard gain and the two 0-of-G graduation shares, with its 95% t-interval; and a paragraph on each link
+of the mechanism (can the student use candidates, does guided learning reach plain prompts, how far
+the buffer turns over). Writes OUT/effect.json (every number, the command, the
 settings, the commit, the date), OUT/effect.md (the table), OUT/effect_curves.png (held-out accuracy
 per family vs step, mean and 95% band per algo) and OUT/effect_graduation.png (per buffer algo: the
 share of 0-of-G admissions graduated and the graduation share of exits, with 95% error bars: the
@@ -309,10 +311,13 @@ def premise(cfg, student_dir: Path, teacher_dir: Path, questions: int = 256, sam
             "student_easy_acc": mean(scores(sample("student", [p.question for p in easy]), easy))}
 
 
-def premise_text(p: dict) -> str:
-    def f(x: float | None) -> str:  # None: no sample to average (e.g. no question had both BCQ candidates)
-        return "-" if x is None else f"{x:.3f}"
+def fmt_value(x: float | None) -> str:
+    """ "0.123", "-" for None (no sample to average, e.g. no question had both BCQ candidates)."""
+    return "-" if x is None else f"{x:.3f}"
 
+
+def premise_text(p: dict) -> str:
+    f = fmt_value
     return (f"The premise, before RL ({p['questions']} held-out hard questions x {p['samples']} samples at the rollout "
             f"temperature): the student's plain accuracy {f(p['student_hard_acc'])}, 0 of {p['samples']} on "
             f"{p['student_hard_zero_share']:.0%} of them; the teacher's accuracy {f(p['teacher_hard_acc'])}; the student "
@@ -426,6 +431,37 @@ def verdict(diffs: dict[str, dict] | None) -> str:
             f"which includes 0.")
 
 
+def mechanism(results: dict[str, dict[int, dict]], stats: dict[str, dict[str, dict]], check: dict, steps: int,
+              group_size: int) -> str:
+    """The paragraph --record writes on each link of ZPPO's mechanism, in numbers: can the student use
+    candidates, does what it learns on guided prompts reach plain ones, how far the buffer turns over.
+    Sentences whose algo the study did not run are left out."""
+    a, b = PAIR
+
+    def v(algo: str, key: str, spec: str = ".3f") -> str:
+        return fmt_interval(stats[algo][key], spec) if algo in stats else "-"
+
+    def visited(algo: str) -> str:  # share of the 0-of-G admissions replayed at least once
+        return fmt_interval(t_interval(r["grad0_visited"] / r["grad0_admitted"] for r in results[algo].values()
+                                       if r["grad0_admitted"]), ".0%")
+
+    parts = [f"Can the student use candidates? Before RL it solves {fmt_value(check['student_bcq_hard_acc'])} of "
+             f"hard questions on BCQ prompts against {fmt_value(check['student_hard_acc'])} plainly"]
+    if a in stats:
+        parts[0] += (f"; in {a}'s first 5 steps its BCQ rollouts score {v(a, 'bcq_first')} and its NCQ rollouts "
+                     f"{v(a, 'ncq_first')} (the paper: 69% BCQ at 0.8B, about 1% NCQ)")
+    if a in stats and b in stats:
+        parts.append(f"Does learning on guided prompts reach plain ones? The replayed questions, asked plainly: "
+                     f"{a} {v(a, 'replayed_acc')}, {b} {v(b, 'replayed_acc')}; plain accuracy on the hard training "
+                     f"questions over the last 5 steps: {a} {v(a, 'hard_plain_last')}, {b} {v(b, 'hard_plain_last')}")
+        parts.append(f"How far does the buffer turn over? In {steps} steps {a} admits {v(a, 'admitted', ',.0f')} "
+                     f"questions, replays {visited(a)} of those admitted at 0 of {group_size} at least once and "
+                     f"graduates {v(a, 'grad0_visited_share', '.1%')} of the ones it replays ({b}: "
+                     f"{v(b, 'admitted', ',.0f')}, {visited(b)}, {v(b, 'grad0_visited_share', '.1%')}); graduations "
+                     f"are {v(a, 'grad_exit_share', '.0%')} of {a}'s exits")
+    return ". ".join(parts) + "."
+
+
 def table(results: dict[str, dict[int, dict]], stats: dict[str, dict[str, dict]]) -> str:
     head = ["algo", "seeds", *(h for _, h, _ in QUANTITIES)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -530,7 +566,7 @@ def record(study: dict, out: Path) -> None:
     if study["paired_text"]:
         lines += ["", "Paired differences (same seed, same held-out questions; mean [95% t-interval]):", "",
                   study["paired_text"]]
-    lines += ["", study["verdict"]]
+    lines += ["", study["verdict"], "", study["mechanism_text"]]
     record_section(SECTION, "\n".join(lines))
 
 
@@ -670,13 +706,14 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {a: {str(s): r for s, r in sorted(results[a].items())} for a in algos},
         "stats": stats, "paired": diffs, "paired_text": paired_lines(diffs), "verdict": verdict(diffs),
         "table": md, "note": text, "premise": check, "premise_text": premise_text(check),
+        "mechanism_text": mechanism(results, stats, check, last, base.rl.group_size),
         "runs_wall_s": sum(json.loads((r.run_dir / "done").read_text())["wall_s"] for r in runs),
         "reused": len(runs) - len(todo),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "effect.json").write_text(json.dumps(study, indent=1) + "\n")
     (out / "effect.md").write_text("\n\n".join(filter(None, [study["premise_text"], md, text, study["paired_text"],
-                                                           study["verdict"]])) + "\n")
+                                                           study["verdict"], study["mechanism_text"]])) + "\n")
     plot_curves(results, out / "effect_curves.png")
     plot_graduation(stats, out / "effect_graduation.png", base.rl.group_size)
     print()
@@ -686,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     if study["paired_text"]:
         print("\n" + study["paired_text"])
     print("\n" + study["verdict"])
+    print("\n" + study["mechanism_text"])
     print(f"\n[effect] total wall time {wall:.0f} s; wrote {out / 'effect.json'}, {out / 'effect.md'}, "
           f"{out / 'effect_curves.png'}, {out / 'effect_graduation.png'}")
     if args.record:

@@ -152,3 +152,22 @@ def test_premise_text_without_bcq_questions():
          "teacher_hard_acc": 0.0, "bcq_questions": 0, "student_bcq_hard_acc": None, "student_easy_acc": 0.25}
     text = effect.premise_text(p)
     assert "(a teacher-correct and a student-wrong candidate, 0 questions) -;" in text and "0.250" in text
+
+
+def test_mechanism_paragraph_gives_each_link_its_numbers(tmp_path):
+    runs = {}
+    for seed in (0, 1):
+        write_run(tmp_path / f"run{seed}")
+        runs[seed] = effect.summarize_run(tmp_path / f"run{seed}", last_step=3, algo_replay=True)
+    runs[1] = {**runs[1], "grad0_visited": 1}  # seed 1 replayed 1 of its 3 0-of-8 admissions, seed 0 two
+    check = {"student_bcq_hard_acc": 0.225, "student_hard_acc": 0.081}
+    results = {"grpo_replay": runs, "zppo": runs}
+    text = effect.mechanism(results, effect.aggregate(results), check, steps=3, group_size=8)
+    assert "solves 0.225 of hard questions on BCQ prompts against 0.081 plainly" in text
+    assert "its BCQ rollouts score 0.375 [0.375, 0.375]" in text  # the synthetic run: BCQ 0.5 and 0.25 in steps 1-5
+    visited = effect.t_interval([2 / 3, 1 / 3])
+    assert f"replays {effect.fmt_interval(visited, '.0%')} of those admitted at 0 of 8" in text
+    # a study without grpo_replay keeps only what it measured
+    alone = effect.mechanism({"zppo": runs}, effect.aggregate({"zppo": runs}), {**check, "student_bcq_hard_acc": None},
+                             steps=3, group_size=8)
+    assert alone.startswith("Can the student use candidates? Before RL it solves - of") and "buffer" not in alone
