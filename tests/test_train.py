@@ -150,20 +150,23 @@ def test_training_accuracy_goes_up(tiny_config):
 
 
 def test_resume_reproduces_the_next_step(tiny_config, tmp_path):
-    full = Trainer(tiny_config("--run.steps", "3", "--run.checkpoint_every", "2"), progress=False)
+    full = Trainer(tiny_config("--run.steps", "3", "--run.checkpoint_every", "2", "--run.eval_every", "3"),
+                   progress=False)
     reference = full.fit()
     run_dir = full.run_dir
-    # Simulate a crash after step 2: only the step-2 checkpoint and 2 lines of metrics survive.
+    # Simulate a crash after step 2: only the step-2 checkpoint and the metrics up to step 2 survive.
     import shutil
 
     shutil.rmtree(run_dir / "checkpoints" / "step_3")
-    resumed = Trainer(tiny_config("--run.steps", "3"), resume=run_dir, progress=False)
+    resumed = Trainer(tiny_config("--run.steps", "3", "--run.eval_every", "3"), resume=run_dir, progress=False)
     assert resumed.step_idx == 2
     (step3,) = resumed.fit()
-    for key in ("reward/mean", "loss/policy", "loss/approx_kl", "rollout/response_len", "loss/grad_norm"):
+    # eval/heldout_gain pairs step 3's held-out answers with step 0's, which the checkpoint carries
+    for key in ("reward/mean", "loss/policy", "loss/approx_kl", "rollout/response_len", "loss/grad_norm",
+                "eval/heldout_acc", "eval/heldout_gain", "eval/heldout_gain_se"):
         assert step3[key] == pytest.approx(reference[2][key], rel=1e-5, abs=1e-7), key
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert [x["step"] for x in lines] == [0, 1, 2, 3]  # step 0: the first evaluation
 
 
 def test_trains_from_a_hugging_face_folder(tiny_config, tmp_path):

@@ -4,7 +4,8 @@ Two entry points:
 
 * `heldout_accuracy(engine, tokenizer, sets, params)` -- the trainer's quick held-out numbers on the
   embedded task's `Problem`s (boxed grader, one generate call): accuracy and standard error per set
-  (`accuracy` for one set).
+  (`accuracy` for one set); `heldout_rewards` and `accuracy_metrics` split it, so that the trainer
+  can report each later evaluation's gain over the first, paired by question.
 * `evaluate_files(engine, tokenizer, datasets, params, samples, out_dir)` -- the data-file
   evaluation the CLI runs and the trainer can call every N steps: each file streams through
   `zppo_fast.datasets.DatasetFile` (validation, the 4,096-token prompt limit), every question is
@@ -64,18 +65,48 @@ def accuracy(
 
 def heldout_accuracy(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, sets: Mapping[str, Sequence[Problem]],
                      params: SamplingParams) -> dict[str, float]:
-    """Accuracy of each named set of problems, generated in one call: `eval/<name>_acc`, and its
-    standard error over the set's questions, sqrt(acc (1 - acc) / n), as `eval/<name>_se`."""
+    """Accuracy of each named set of problems and its standard error (`accuracy_metrics`)."""
+    return accuracy_metrics(heldout_rewards(engine, tokenizer, sets, params))
+
+
+def heldout_rewards(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, sets: Mapping[str, Sequence[Problem]],
+                    params: SamplingParams) -> dict[str, list[float]]:
+    """Each named set's per-question reward, the mean over `params.n` samples: {name: [len(set)]}.
+    All sets go through one generate call."""
     problems = [p for ps in sets.values() for p in ps]
     samples = iter(engine.generate([chat_prompt_ids(tokenizer, p.question) for p in problems], params)) if problems \
         else iter(())
     out = {}
     for name, ps in sets.items():
-        rewards = [grade(s.text, p.answer) for p in ps for s in next(samples)]
-        acc = sum(rewards) / max(len(rewards), 1)
-        out[f"eval/{name}_acc"] = acc
-        out[f"eval/{name}_se"] = math.sqrt(acc * (1 - acc) / max(len(rewards), 1))
+        out[name] = []
+        for p in ps:
+            group = next(samples)
+            out[name].append(sum(grade(s.text, p.answer) for s in group) / max(len(group), 1))
     return out
+
+
+def accuracy_metrics(rewards: Mapping[str, Sequence[float]],
+                     start: Mapping[str, Sequence[float]] | None = None) -> dict[str, float]:
+    """`eval/<name>_acc`, the mean of a set's per-question rewards, and `eval/<name>_se`, its
+    standard error over the questions. With `start` (the same sets' rewards, question by question,
+    from an earlier evaluation): `eval/<name>_gain`, accuracy now minus then, and `eval/<name>_gain_se`,
+    the standard error of the mean per-question difference -- paired, so the questions' spread in
+    difficulty, which two independent standard errors would count, cancels."""
+    out = {}
+    for name, xs in rewards.items():
+        out[f"eval/{name}_acc"], out[f"eval/{name}_se"] = _mean_se(xs)
+        if start is not None and name in start:
+            if len(start[name]) != len(xs):
+                raise ValueError(f"set {name!r}: {len(xs)} rewards now against {len(start[name])} at the start")
+            out[f"eval/{name}_gain"], out[f"eval/{name}_gain_se"] = _mean_se([x - x0 for x, x0 in zip(xs, start[name])])
+    return out
+
+
+def _mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error, sqrt(population variance / n) (for 0/1 values sqrt(p (1 - p) / n))."""
+    n = max(len(xs), 1)
+    mean = sum(xs) / n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / n / n)
 
 
 def eval_sampling_params(samples: int = 1, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,

@@ -105,7 +105,7 @@ from zppo_fast.engine import (
     check_push_took_effect,
 )
 from zppo_fast.engine_process import EngineProcess
-from zppo_fast.eval import eval_sampling_params, evaluate_files, heldout_accuracy, pair_graders
+from zppo_fast.eval import accuracy_metrics, eval_sampling_params, evaluate_files, heldout_rewards, pair_graders
 from zppo_fast.file_task import FileTask, grade_item
 from zppo_fast.graders import CountingGrader, get_grader
 from zppo_fast.kernels import (
@@ -266,6 +266,7 @@ class Trainer:
         self.heldout = {name: [self.task.problem(q) for q in ids]
                         for name, ids in self.task.heldout_sets(cfg.run.eval_size, cfg.run.seed).items()}
         self.heldout_sets = pair_graders(cfg.data.heldout, [self.heldout_grader]) if cfg.data.heldout else []
+        self.heldout_start: dict[str, list[float]] | None = None  # per-question rewards at the first evaluation
 
         # 4. The frozen teacher's engine (algos with one, and the judge), a full copy on every rank
         #    (the folder above). An image-text-to-text teacher (its config has a vision tower) is
@@ -342,7 +343,8 @@ class Trainer:
                                              threshold=cfg.zppo.hard_threshold)
 
         # 10. On resume: data position, buffer, RNG and step, exactly as they were saved (the data
-        #    files must still hold the same records: replayed ids index them).
+        #    files must still hold the same records: replayed ids index them), and the first held-out
+        #    evaluation's per-question rewards, which later gains are paired with.
         self.step_idx = 0
         if state is not None:
             if state.get("data_fingerprint") != getattr(self.task, "fingerprint", None):
@@ -354,6 +356,7 @@ class Trainer:
                 self.buffer.load_state_dict(state["replay"])
             set_rng_state(state["rng"])
             self.step_idx = state["step"]
+            self.heldout_start = state.get("heldout_start")
         self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard, resume_step=self.step_idx if state else None,
                                      wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
                                      config=cfg.to_dict()) if dist.is_main else None
@@ -845,11 +848,16 @@ class Trainer:
         with the evaluation decoding, `eval/<name>_acc` per file; every rank calls the engine with
         the same prompts (data-parallel generate), rank 0 writes RUN_DIR/eval/step_N. Otherwise the
         embedded task's held-out sets, greedy: `eval/<set>_acc` and its standard error `eval/<set>_se`
-        (testbed: easy and hard; arithmetic: heldout; {} with neither)."""
+        (testbed: easy and hard; arithmetic: heldout; {} with neither), and after the run's first
+        evaluation `eval/<set>_gain` over it with its paired standard error `eval/<set>_gain_se`."""
         cfg, run = self.cfg, self.cfg.run
         if not self.heldout_sets:
             params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
-            return heldout_accuracy(self.engine, self.tokenizer, self.heldout, params)
+            rewards = heldout_rewards(self.engine, self.tokenizer, self.heldout, params)
+            metrics = accuracy_metrics(rewards, self.heldout_start)
+            if self.heldout_start is None:  # later evaluations report their gain over this one
+                self.heldout_start = rewards
+            return metrics
         params = eval_sampling_params(run.eval_samples, cfg.rollout.max_new_tokens, run.eval_temperature,
                                       run.eval_top_p, run.eval_top_k, seed=run.seed * 1_000_003 + self.step_idx,
                                       presence_penalty=run.eval_presence_penalty)
@@ -869,7 +877,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"data": self.stream.state_dict(), "model_config": asdict(self.cfg.model),
-                 "data_fingerprint": getattr(self.task, "fingerprint", None)}
+                 "data_fingerprint": getattr(self.task, "fingerprint", None), "heldout_start": self.heldout_start}
         if self.buffer is not None:
             state["replay"] = self.buffer.state_dict()
             if self.dist.is_main:
